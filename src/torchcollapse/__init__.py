@@ -1,0 +1,14 @@
+"""torchcollapse: induce, control and measure neural collapse in PyTorch.
+
+Neural collapse (Papyan, Han & Donoho, 2020) is the geometry a classifier reaches late in training:
+last-layer features of each class shrink to their class mean (NC1), the centred class means form a
+simplex equiangular tight frame (NC2), the classifier aligns with them (NC3) and the network decides
+like a nearest-class-centre rule (NC4). This package offers fixed-frame classifier heads, loss terms
+that induce or limit collapse, and exact streaming metrics that measure it.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,5 @@
+"""torchcollapse.functional."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+"""torchcollapse.heads."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
