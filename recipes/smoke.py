@@ -35,10 +35,10 @@ def main() -> None:
         loss = nn.functional.cross_entropy(model(features), target)
         loss.backward()
         optimizer.step()
-    accuracy = (model(features).argmax(1) == target).float().mean().item()
+    acc = (model(features).argmax(1) == target).float().mean().item()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"version": torchcollapse.__version__, "torch": torch.__version__, "accuracy": accuracy}
+    result = {"version": torchcollapse.__version__, "torch": torch.__version__, "accuracy": acc}
     (args.out / "smoke.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
 

@@ -1,0 +1,1 @@
+"""Shared testers: every component kind is tested the same way (see ``testers.py``, ``ddp.py``)."""
