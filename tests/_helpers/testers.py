@@ -251,12 +251,12 @@ def check_metric(
 ) -> MetricCheckReport:
     """Check a torchmetrics ``Metric`` against a float64 reference, the way users will run it.
 
-    For every ``dtype`` in ``dtypes`` the features are rounded once,
-    ``rounded = features.to(dtype)``; the metric receives ``rounded`` as is (float16/bfloat16
-    included) and the reference receives
-    ``rounded.double()``, so a metric that accumulates in float64 must match to ``rtol``/``atol``
-    whatever the input dtype: a metric that computes or stores anything in the input precision
-    fails. ``tolerances`` may override ``(rtol, atol)`` per dtype. Checks, in this order:
+    For every ``dtype`` in ``dtypes`` the features are rounded once, ``rounded =
+    features.to(dtype)``; the metric receives ``rounded`` as is (float16/bfloat16 included) and
+    the reference receives ``rounded.double()``, so a metric that accumulates in float64 must
+    match to ``rtol``/``atol`` whatever the input dtype: a metric that computes or stores anything
+    in the input precision fails. ``tolerances`` may override ``(rtol, atol)`` per dtype. All
+    single-process checks run for every dtype first, then the DDP check. Checks, in this order:
 
     1. ``one batch``: ``update(all data)`` then ``compute()`` equals ``reference(all data)``.
     2. ``streaming``: ``num_batches`` updates of unequal random sizes (the first holds a single
