@@ -1,5 +1,38 @@
-"""torchcollapse.losses."""
+"""Collapse-aware losses and regularizers.
+
+- Frame-targeting and classification losses: :class:`DotRegressionLoss` (Yang et al., 2022),
+  :class:`RescaledMSELoss` (Hui & Belkin, 2021), :class:`BalancedSoftmaxLoss` (Ren et al., 2020;
+  Menon et al., 2021).
+- Collapse regularizers on a batch of features and labels, each with a signed weight, computed
+  over the global batch under ``torch.distributed``: :class:`WithinClassVariabilityLoss` (NC1),
+  :class:`SimplexGeometryLoss` (NC2), :class:`SelfDualityLoss` (NC3), and their sum
+  :class:`CollapseRegularizer`, which can aim at a target level of NC1.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from torchcollapse.losses.balanced_softmax import BalancedSoftmaxLoss
+from torchcollapse.losses.collapse import CollapseRegularizer, target_penalty
+from torchcollapse.losses.dot_regression import (
+    DotRegressionLoss,
+    class_weights_from_counts,
+    dot_regression_loss,
+)
+from torchcollapse.losses.rescaled_mse import RescaledMSELoss, rescaled_mse_loss
+from torchcollapse.losses.self_duality import SelfDualityLoss
+from torchcollapse.losses.simplex_geometry import SimplexGeometryLoss
+from torchcollapse.losses.within_class import WithinClassVariabilityLoss
+
+__all__ = [
+    "BalancedSoftmaxLoss",
+    "CollapseRegularizer",
+    "DotRegressionLoss",
+    "RescaledMSELoss",
+    "SelfDualityLoss",
+    "SimplexGeometryLoss",
+    "WithinClassVariabilityLoss",
+    "class_weights_from_counts",
+    "dot_regression_loss",
+    "rescaled_mse_loss",
+    "target_penalty",
+]

@@ -1,0 +1,248 @@
+"""Differentiable class statistics of one (global) batch, shared by the collapse regularizers.
+
+The metrics accumulate exact, detached statistics over many batches; a loss needs the same
+quantities on the current batch *with autograd*. This module computes them once per batch, over
+the **global** batch under ``torch.distributed`` (features and labels gathered with
+:func:`torchcollapse._distributed.gather_with_grad`), with the conventions of the formula sheet in
+``DESIGN.md`` (Papyan, Han & Donoho, 2020):
+
+- classes absent from the batch are left out of every quantity (never divided by); ``K`` counts
+  the present classes;
+- class mean ``mu_c``; global mean ``mu_G`` = unweighted mean of the present class means;
+- ``tr Sigma_W = 1/N sum_i ||h_i - mu_{y_i}||^2`` (two-pass: residuals to the batch class means);
+- ``tr Sigma_B = 1/K sum_c ||mu_c - mu_G||^2``.
+
+Everything is computed in at least float32 with autocast disabled, so float16/bfloat16 features
+(or an autocast region) do not lose the statistics. No host-device synchronisation happens here
+except the one of the gather itself (its sizes) and the optional label-range check.
+
+Reference: V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal
+phase of deep learning training", PNAS 2020.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from torchcollapse._distributed import gather_with_grad, is_distributed
+
+__all__ = [
+    "BatchClassStatistics",
+    "batch_class_statistics",
+    "check_classifier_shape",
+    "check_features_target",
+    "compute_dtype",
+    "count_classes",
+    "global_sum",
+    "resolve_weight",
+    "where_valid",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: ``dtype`` promoted to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_features_target(
+    features: Tensor, target: Tensor, num_classes: int | None, validate_args: bool
+) -> None:
+    """Validate a ``(N, d)`` float feature batch and its ``(N,)`` integer labels.
+
+    Shapes and dtypes are always checked (no synchronisation); the label range only when
+    ``validate_args`` is true (it reads the labels on the host) and not under ``torch.compile``.
+    """
+    if not isinstance(features, Tensor):
+        raise TypeError(
+            f"Expected argument `features` to be a tensor, but got {type(features).__name__}."
+        )
+    if not isinstance(target, Tensor):
+        raise TypeError(
+            f"Expected argument `target` to be a tensor, but got {type(target).__name__}."
+        )
+    if features.ndim != 2:
+        raise ValueError(
+            "Expected argument `features` to be a 2-D tensor, but got shape "
+            f"{tuple(features.shape)}."
+        )
+    if not features.is_floating_point():
+        raise TypeError(
+            "Expected argument `features` to be a floating-point tensor, but got dtype "
+            f"{features.dtype}."
+        )
+    if target.ndim != 1:
+        raise ValueError(
+            f"Expected argument `target` to be a 1-D tensor, but got shape {tuple(target.shape)}."
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"Expected argument `target` to be an integer tensor, but got dtype {target.dtype}."
+        )
+    if target.shape[0] != features.shape[0]:
+        raise ValueError(
+            "Expected arguments `features` and `target` to have the same number of samples, but "
+            f"got {features.shape[0]} and {target.shape[0]}."
+        )
+    check_range = validate_args and not torch.compiler.is_compiling()
+    if check_range and num_classes is not None and target.numel() > 0:
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"Expected argument `target` to hold labels in [0, {num_classes - 1}], but got "
+                f"labels in [{low}, {high}]."
+            )
+
+
+def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> Tensor:
+    """The ``(K, d)`` weight of a classifier given as a tensor or as a module with ``.weight``."""
+    weight = classifier if isinstance(classifier, Tensor) else getattr(classifier, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise TypeError(
+            f"Expected argument `{name}` to be a (num_classes, in_features) tensor or a module "
+            f"with a `weight` tensor, but got {type(classifier).__name__}."
+        )
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"Expected argument `{name}` to have a 2-D floating-point weight (num_classes, "
+            f"in_features), but got shape {tuple(weight.shape)} and dtype {weight.dtype}."
+        )
+    return weight
+
+
+def check_classifier_shape(weight: Tensor, num_classes: int, in_features: int) -> None:
+    """Raise unless ``weight`` has shape ``(num_classes, in_features)``."""
+    if tuple(weight.shape) != (num_classes, in_features):
+        raise ValueError(
+            f"Expected argument `classifier` to have a weight of shape ({num_classes}, "
+            f"{in_features}) (`num_classes`, feature dimension), but got {tuple(weight.shape)}."
+        )
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradients over ranks as well."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def global_sum(tensor: Tensor, *, sync_dist: bool = True, group: Any = None) -> Tensor:
+    """Sum of a per-rank partial sum over all ranks, differentiably.
+
+    Every rank gets the global sum. As with :func:`gather_with_grad`, the backward pass sums the
+    gradient over ranks, so that a loss computed identically on every rank from the result gets,
+    after ``DistributedDataParallel`` averages the gradients, the single-process gradient.
+    Without an initialised process group (or with ``sync_dist=False``) it is the identity.
+    """
+    if not (sync_dist and is_distributed(group)):
+        return tensor
+    out: Tensor = _AllReduceSum.apply(tensor, group)
+    return out
+
+
+def count_classes(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``(num_classes,)`` label counts in ``dtype``; a static output shape, unlike bincount."""
+    ones = torch.ones(target.shape, dtype=dtype, device=target.device)
+    return torch.zeros(num_classes, dtype=dtype, device=target.device).index_add(0, target, ones)
+
+
+def where_valid(valid: Tensor, value: Tensor) -> Tensor:
+    """``value`` where ``valid`` else zero, keeping the graph connected.
+
+    The zero still has a ``grad_fn`` that reaches every input of ``value`` (with zero gradient), so
+    ``DistributedDataParallel`` does not see unused parameters on a degenerate batch. ``value``
+    must be finite and have a finite backward on invalid batches (callers use safe denominators).
+    """
+    return torch.where(valid, value, torch.zeros_like(value))
+
+
+class BatchClassStatistics(NamedTuple):
+    """Class statistics of one batch, differentiable with respect to the features.
+
+    Attributes:
+        counts: ``(K_total,)`` samples per class, in the compute dtype.
+        present: ``(K_total,)`` boolean mask of the classes with at least one sample.
+        num_present: scalar, the number ``K`` of present classes (compute dtype).
+        num_samples: scalar, the number ``N`` of samples (compute dtype).
+        means: ``(K_total, d)`` class means; rows of absent classes are zero.
+        centered_means: ``(K_total, d)`` rows ``mu_c - mu_G`` for present classes, zero otherwise.
+        trace_within: ``tr Sigma_W``.
+        trace_between: ``tr Sigma_B``.
+        valid: boolean scalar, true when at least two classes are present.
+    """
+
+    counts: Tensor
+    present: Tensor
+    num_present: Tensor
+    num_samples: Tensor
+    means: Tensor
+    centered_means: Tensor
+    trace_within: Tensor
+    trace_between: Tensor
+    valid: Tensor
+
+
+def batch_class_statistics(
+    features: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    sync_dist: bool = True,
+    group: Any = None,
+) -> BatchClassStatistics:
+    """Differentiable class statistics of the global batch.
+
+    Args:
+        features: ``(N_local, d)`` features (any floating dtype; computed in >= float32).
+        target: ``(N_local,)`` integer labels in ``[0, num_classes)`` (not validated here).
+        num_classes: total number of classes ``K_total``.
+        sync_dist: gather features and labels from all ranks when ``torch.distributed`` is
+            initialised, so the statistics are those of the concatenated batch.
+        group: process group to gather over (default: the world).
+
+    Returns:
+        A :class:`BatchClassStatistics`.
+    """
+    if sync_dist and is_distributed(group):
+        features = gather_with_grad(features, group)
+        target = gather_with_grad(target, group)
+    dtype = compute_dtype(features.dtype)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        h = features.to(dtype)
+        target = target.long()
+        counts = count_classes(target, num_classes, dtype)
+        present = counts > 0
+        present_f = present.to(dtype)
+        sums = h.new_zeros((num_classes, h.shape[1])).index_add(0, target, h)
+        means = sums / counts.clamp_min(1.0).unsqueeze(1)
+        num_present = present_f.sum()
+        num_samples = counts.sum()
+        global_mean = means.sum(0) / num_present.clamp_min(1.0)
+        centered = (means - global_mean) * present_f.unsqueeze(1)
+        residual = h - means.index_select(0, target)
+        trace_within = residual.pow(2).sum() / num_samples.clamp_min(1.0)
+        trace_between = centered.pow(2).sum() / num_present.clamp_min(1.0)
+    return BatchClassStatistics(
+        counts=counts,
+        present=present,
+        num_present=num_present,
+        num_samples=num_samples,
+        means=means,
+        centered_means=centered,
+        trace_within=trace_within,
+        trace_between=trace_between,
+        valid=num_present >= 2,
+    )

@@ -1,0 +1,100 @@
+"""Balanced softmax / logit-adjusted cross-entropy, the standard long-tail baseline.
+
+Under a long-tailed training distribution, cross-entropy learns logits biased towards frequent
+classes. Adding the log class priors to the logits inside the loss (but not at prediction time)
+corrects for it: ``loss = CE(logits + tau * log pi, y)`` with ``pi_c = n_c / sum_j n_j``. With
+``tau = 1`` this is the balanced softmax of Ren et al. (2020) and the logit-adjusted loss of Menon
+et al. (2021), whose ``tau`` it exposes. The imbalance study compares it with a fixed ETF trained
+with dot regression.
+
+References:
+    J. Ren, C. Yu, S. Sheng, X. Ma, H. Zhao, S. Yi, H. Li, "Balanced meta-softmax for long-tailed
+    visual recognition", NeurIPS 2020.
+    A. K. Menon, S. Jayasumana, A. S. Rawat, H. Jain, A. Veit, S. Kumar, "Long-tail learning via
+    logit adjustment", ICLR 2021.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchcollapse.losses._batch import check_features_target, compute_dtype
+
+__all__ = ["BalancedSoftmaxLoss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class BalancedSoftmaxLoss(nn.Module):
+    """Cross-entropy on logits shifted by the log class priors (balanced softmax).
+
+    ``forward(logits, target)`` returns ``F.cross_entropy(logits + tau * log_prior, target)`` with
+    ``log_prior = log(n_c / sum_j n_j)`` from the class counts given at construction (a buffer,
+    saved in the ``state_dict``). Predict with the plain ``logits``. Like
+    ``nn.CrossEntropyLoss`` it is per process. The loss is computed in at least float32.
+
+    Args:
+        class_counts: ``K`` positive class counts of the training set.
+        tau: scale of the adjustment (1 is the balanced softmax).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        validate_args: check the label range (one host read of the labels per call).
+        device: device of the ``log_prior`` buffer.
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.losses import BalancedSoftmaxLoss
+        >>> loss_fn = BalancedSoftmaxLoss([900, 90, 10])   # a long-tailed training set
+        >>> logits, target = torch.zeros(1, 3), torch.tensor([2])
+        >>> loss_fn(logits, target)            # -log(10 / 1000): a rare class costs more
+        tensor(4.6052)
+    """
+
+    log_prior: Tensor
+
+    def __init__(
+        self,
+        class_counts: Tensor | Sequence[float],
+        *,
+        tau: float = 1.0,
+        reduction: Literal["mean", "sum", "none"] = "mean",
+        validate_args: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"Expected argument `reduction` to be one of {_REDUCTIONS}, but got {reduction!r}."
+            )
+        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        if counts.ndim != 1 or counts.numel() < 2 or not bool((counts > 0).all()):
+            raise ValueError(
+                "Expected argument `class_counts` to be a 1-D sequence of at least two positive "
+                f"counts, but got {class_counts!r}."
+            )
+        log_prior = (counts / counts.sum()).log().float()
+        self.register_buffer("log_prior", log_prior.to(device))
+        self.num_classes = counts.numel()
+        self.tau = float(tau)
+        self.reduction = reduction
+        self.validate_args = validate_args
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}"
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Balanced-softmax cross-entropy of ``logits`` (``(N, K)``) against ``target``."""
+        check_features_target(logits, target, self.num_classes, self.validate_args)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"Expected argument `logits` to have {self.num_classes} columns (classes), but "
+                f"got shape {tuple(logits.shape)}."
+            )
+        dtype = compute_dtype(logits.dtype)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            adjusted = logits.to(dtype) + self.tau * self.log_prior.to(dtype)
+            return F.cross_entropy(adjusted, target.long(), reduction=self.reduction)

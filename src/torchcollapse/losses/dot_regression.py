@@ -1,0 +1,251 @@
+"""Dot-regression loss towards a fixed frame (Yang et al., 2022).
+
+With a fixed classifier frame (e.g. a simplex ETF), Yang et al. replace cross-entropy with a loss
+that only pulls each feature towards the direction of its class's frame vector ``m_y`` and, unlike
+cross-entropy, never pushes it away from the other classes' vectors, which keeps the geometry
+intact under class imbalance (no minority collapse). Per sample, with the norms *detached*
+(treated as constants in the backward pass, as in the authors' code),
+
+    ``l = 1/2 (h^T m_y - ||h|| ||m_y||)^2 / (||h|| ||m_y||)``
+    ``  = ||h|| ||m_y|| / 2 * (cos(h, m_y) - 1)^2``.
+
+On unit-norm features and a unit-norm frame (the paper's setting: normalized features, ETF of
+unit columns) it is exactly ``1/2 (cos(h, m_y) - 1)^2``; its gradient with respect to ``h`` is
+``(cos(h, m_y) - 1) m_y``. Optionally each sample is re-weighted by its class,
+``w_c = (n_mean / n_c)^p`` with ``p = 1/2`` and ``n_mean`` the mean count of the classes present:
+this is the paper's rescaling of the target lengths ``E_W`` by ``sqrt(gamma / n_c)`` with
+``gamma = N / K_present``, which multiplies the loss of class ``c`` by exactly that factor.
+
+Reference: Y. Yang, S. Chen, X. Li, L. Xie, Z. Lin, D. Tao, "Inducing neural collapse in
+imbalanced learning: do we really need a learnable classifier at the end of deep neural
+network?", NeurIPS 2022.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse.losses._batch import (
+    check_features_target,
+    compute_dtype,
+    count_classes,
+    global_sum,
+    resolve_weight,
+)
+
+__all__ = ["DotRegressionLoss", "class_weights_from_counts", "dot_regression_loss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def class_weights_from_counts(counts: Tensor, power: float = 0.5) -> Tensor:
+    """Per-class weights ``(n_mean / n_c)^power`` from class counts.
+
+    ``n_mean`` is the mean count over the classes with a non-zero count; classes with a zero count
+    get weight 1 (no sample of theirs is weighted).
+
+    Example:
+        >>> class_weights_from_counts(torch.tensor([100.0, 25.0, 0.0]))   # n_mean = 62.5
+        tensor([0.7906, 1.5811, 1.0000])
+    """
+    counts = counts.to(compute_dtype(counts.dtype) if counts.is_floating_point() else torch.float32)
+    present = counts > 0
+    mean_count = counts.sum() / present.sum().clamp_min(1)
+    ratio = mean_count / counts.clamp_min(torch.finfo(counts.dtype).tiny)
+    return torch.where(present, ratio.pow(power), torch.ones_like(counts))
+
+
+def dot_regression_loss(
+    features: Tensor,
+    target: Tensor,
+    frame: Tensor,
+    *,
+    class_weight: Tensor | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    eps: float = 1e-8,
+) -> Tensor:
+    """Dot-regression loss of Yang et al. (2022) on one process (no gathering).
+
+    Args:
+        features: ``(N, d)`` features.
+        target: ``(N,)`` integer labels.
+        frame: ``(K, d)`` frame, one row ``m_c`` per class.
+        class_weight: optional ``(K,)`` per-class weights multiplying each sample's loss.
+        reduction: ``"mean"`` (over samples, not over weights), ``"sum"`` or ``"none"``.
+        eps: lower bound of the (detached) norms.
+
+    Returns:
+        The loss in at least float32.
+
+    Example:
+        >>> frame = torch.eye(2)
+        >>> dot_regression_loss(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]),
+        ...                     frame, reduction="none")   # aligned: 0; orthogonal: 1/2 * 1 * 1
+        tensor([0.0000, 0.5000])
+    """
+    dtype = compute_dtype(torch.promote_types(features.dtype, frame.dtype))
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        h = features.to(dtype)
+        m = frame.to(dtype).index_select(0, target.long())
+        dot = (h * m).sum(1)
+        with torch.no_grad():
+            scale = torch.linalg.vector_norm(h, dim=1).clamp_min(eps) * torch.linalg.vector_norm(
+                m, dim=1
+            ).clamp_min(eps)
+        loss: Tensor = 0.5 * (dot - scale).pow(2) / scale
+        if class_weight is not None:
+            loss = loss * class_weight.to(dtype).index_select(0, target.long())
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / max(loss.shape[0], 1)
+
+
+class DotRegressionLoss(nn.Module):
+    """Dot-regression loss towards a (fixed) frame, over the global batch (Yang et al., 2022).
+
+    ``forward(features, target, frame)`` returns the mean over samples of
+
+        ``w_y * 1/2 (h^T m_y - ||h|| ||m_y||)^2 / (||h|| ||m_y||)``  (norms detached),
+
+    i.e. ``w_y * ||h|| ||m_y|| / 2 * (cos(h, m_y) - 1)^2``, which is ``1/2 (cos - 1)^2`` on unit
+    vectors; see the module docstring. ``frame`` is the ``(K, d)`` frame, a tensor or a module
+    with a ``weight`` (e.g. a ``SimplexETFHead``); ``features`` are what the head reads.
+
+    Re-weighting (``class_counts``): ``None`` (default) for none; a sequence or tensor of ``K``
+    class counts (e.g. of the training set, stored as a buffer); or ``"batch"`` to count the
+    classes of the global batch (across processes). The weight of class ``c`` is
+    ``(n_mean / n_c)^reweight_power``, ``n_mean`` the mean count of the classes present;
+    ``reweight_power=0.5`` is the paper's choice.
+
+    With ``reduction="mean"`` or ``"sum"`` and ``torch.distributed`` initialised (``sync_dist``),
+    the result is the mean (sum) over the batch concatenated across processes, equal on every rank;
+    after ``DistributedDataParallel`` averages gradients, parameter gradients equal those of one
+    process on the concatenated batch, also for ragged batch sizes. ``reduction="none"`` returns
+    the local per-sample losses (weighted with the global counts).
+
+    Args:
+        class_counts: ``None``, ``K`` class counts, or ``"batch"``.
+        reweight_power: exponent ``p`` of the class weights.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        eps: lower bound of the detached norms (keeps zero features finite).
+        sync_dist: reduce and count over all processes when ``torch.distributed`` is initialised.
+        process_group: process group for ``sync_dist`` (default: the world).
+        validate_args: check the label range (one host read of the labels per call).
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.losses import DotRegressionLoss
+        >>> frame = torch.eye(3)                          # stands for a fixed ETF head's weight
+        >>> features = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+        >>> target = torch.tensor([0, 1])
+        >>> loss = DotRegressionLoss()(features, target, frame)
+        >>> loss                                          # (0 + 2 * 1 / 2 * (0 - 1)^2) / 2
+        tensor(0.5000, grad_fn=<DivBackward0>)
+        >>> loss.backward()
+        >>> features.grad[0].abs().sum()                  # aligned: no gradient
+        tensor(0.)
+        >>> features.grad[1, 1]                           # (cos - 1) m_y / N: pulls towards m_y
+        tensor(-0.5000)
+    """
+
+    class_counts: Tensor | None
+
+    def __init__(
+        self,
+        *,
+        class_counts: Tensor | Sequence[float] | Literal["batch"] | None = None,
+        reweight_power: float = 0.5,
+        reduction: Literal["mean", "sum", "none"] = "mean",
+        eps: float = 1e-8,
+        sync_dist: bool = True,
+        process_group: Any = None,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"Expected argument `reduction` to be one of {_REDUCTIONS}, but got {reduction!r}."
+            )
+        self.batch_counts = isinstance(class_counts, str)
+        if isinstance(class_counts, str) and class_counts != "batch":
+            raise ValueError(
+                "Expected argument `class_counts` to be None, a sequence of counts or 'batch', but "
+                f"got {class_counts!r}."
+            )
+        counts: Tensor | None = None
+        if class_counts is not None and not isinstance(class_counts, str):
+            counts = torch.as_tensor(class_counts, dtype=torch.float64)
+            if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()):
+                raise ValueError(
+                    "Expected argument `class_counts` to be a 1-D sequence of non-negative "
+                    f"counts, but got {class_counts!r}."
+                )
+            counts = counts.float()
+        self.register_buffer("class_counts", counts)
+        self.reweight_power = float(reweight_power)
+        self.reduction = reduction
+        self.eps = eps
+        self.sync_dist = sync_dist
+        self.process_group = process_group
+        self.validate_args = validate_args
+
+    def extra_repr(self) -> str:
+        counts = (
+            "'batch'" if self.batch_counts else ("given" if self.class_counts is not None else None)
+        )
+        return (
+            f"class_counts={counts}, reweight_power={self.reweight_power}, "
+            f"reduction={self.reduction!r}"
+        )
+
+    def forward(self, features: Tensor, target: Tensor, frame: Tensor | nn.Module) -> Tensor:
+        """Dot-regression loss of ``features`` (``(N, d)``) towards ``frame[target]``."""
+        weight = resolve_weight(frame, "frame")
+        check_features_target(features, target, weight.shape[0], self.validate_args)
+        if weight.shape[1] != features.shape[1]:
+            raise ValueError(
+                f"Expected argument `frame` to have {features.shape[1]} columns (the feature "
+                f"dimension), but got shape {tuple(weight.shape)}."
+            )
+        sync = self.sync_dist and is_distributed(self.process_group)
+        num_classes = weight.shape[0]
+        counts: Tensor | None = None
+        if self.class_counts is not None:
+            if self.class_counts.numel() != num_classes:
+                raise ValueError(
+                    f"Expected `class_counts` to have {num_classes} entries (rows of `frame`), "
+                    f"but got {self.class_counts.numel()}."
+                )
+            counts = self.class_counts
+        elif self.batch_counts:
+            counts = count_classes(target.long(), num_classes, torch.float32)
+            if sync:
+                all_reduce_sum(counts, self.process_group)
+        dtype = compute_dtype(torch.promote_types(features.dtype, weight.dtype))
+        class_weight = (
+            None
+            if counts is None
+            else class_weights_from_counts(counts.to(dtype), self.reweight_power)
+        )
+        loss = dot_regression_loss(
+            features, target, weight, class_weight=class_weight, reduction="none", eps=self.eps
+        )
+        if self.reduction == "none":
+            return loss
+        total = global_sum(loss.sum(), sync_dist=sync, group=self.process_group)
+        if self.reduction == "sum":
+            return total
+        if self.batch_counts and counts is not None:
+            num_samples = counts.sum().to(loss.dtype)  # already global
+        else:
+            num_samples = loss.new_tensor(float(loss.shape[0]))
+            if sync:
+                all_reduce_sum(num_samples, self.process_group)
+        return total / num_samples.clamp_min(1.0)

@@ -1,0 +1,122 @@
+"""Self-duality of classifier and class means (NC3) as a loss term.
+
+NC3 (Papyan, Han & Donoho, 2020) says the classifier's rows align with the centred class means up
+to scale: ``W / ||W||_F = M / ||M||_F``. The term is the *squared* distance
+
+    ``|| W / ||W||_F - M / ||M||_F ||_F^2 = 2 - 2 <W, M> / (||W||_F ||M||_F)``,
+
+in ``[0, 4]`` (the metric reports the unsquared distance; squared is smooth at the minimum). On a
+batch, only the classes present in the (global) batch take part, rows of ``W`` included.
+
+Reference: V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal
+phase of deep learning training", PNAS 2020.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchcollapse.losses._batch import (
+    BatchClassStatistics,
+    batch_class_statistics,
+    check_classifier_shape,
+    check_features_target,
+    resolve_weight,
+    where_valid,
+)
+
+__all__ = ["SelfDualityLoss", "self_duality_distance"]
+
+
+def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor:
+    """Squared distance between the normalized classifier and the normalized centred means.
+
+    Args:
+        weight: ``(K_total, d)`` classifier weight; rows of classes absent from the batch are
+            ignored.
+        stats: batch statistics from :func:`~torchcollapse.losses._batch.batch_class_statistics`.
+
+    Returns:
+        A scalar in ``[0, 4]`` in the statistics' dtype (autocast disabled); zero, connected to
+        the graph, when fewer than two classes are present. An all-zero ``W`` or ``M`` gives 2.
+    """
+    means = stats.centered_means
+    with torch.autocast(device_type=means.device.type, enabled=False):
+        dtype = torch.promote_types(weight.dtype, means.dtype)
+        w = weight.to(dtype) * stats.present.to(dtype).unsqueeze(1)
+        m = means.to(dtype)
+        w2, m2 = w.pow(2).sum(), m.pow(2).sum()
+        w_norm = torch.where(w2 > 0, w2, torch.ones_like(w2)).sqrt()
+        m_norm = torch.where(m2 > 0, m2, torch.ones_like(m2)).sqrt()
+        value = 2.0 - 2.0 * (w * m).sum() / (w_norm * m_norm)
+        return where_valid(stats.valid, value)
+
+
+class SelfDualityLoss(nn.Module):
+    """Squared distance between the normalized classifier and the normalized class means (NC3).
+
+    ``forward(features, target, classifier)`` returns
+    ``weight * || W / ||W||_F - M / ||M||_F ||_F^2`` where ``M`` holds the centred means of the
+    classes present in the global batch and ``W`` the matching rows of the classifier weight;
+    ``classifier`` is a ``(K, d)`` tensor or a module with a ``weight`` (e.g. ``nn.Linear`` or a
+    head). Gradients flow into both the features and the classifier. A positive weight aligns
+    classifier and means, a negative one pushes them apart.
+
+    Under ``torch.distributed`` the means are those of the concatenated batch (features gathered
+    with autograd), so values and DDP-averaged gradients equal the single-process ones. With fewer
+    than two classes present the result is zero and still connected to the graph.
+
+    Args:
+        num_classes: number of classes ``K``.
+        weight: signed multiplier of the term.
+        sync_dist: compute over the global batch when ``torch.distributed`` is initialised.
+        process_group: process group for ``sync_dist`` (default: the world).
+        validate_args: check the label range (one host read of the labels per call).
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.losses import SelfDualityLoss
+        >>> reg = SelfDualityLoss(num_classes=3)
+        >>> features, target = torch.eye(3).repeat(2, 1), torch.arange(6) % 3
+        >>> head = torch.nn.Linear(3, 3, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = head.weight.copy_(5 * (torch.eye(3) - 1 / 3))   # W = 5 M: self-dual
+        >>> bool(reg(features, target, head) < 1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight: float = 1.0,
+        *,
+        sync_dist: bool = True,
+        process_group: Any = None,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
+            )
+        self.num_classes = num_classes
+        self.weight = float(weight)
+        self.sync_dist = sync_dist
+        self.process_group = process_group
+        self.validate_args = validate_args
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, weight={self.weight}"
+
+    def forward(self, features: Tensor, target: Tensor, classifier: Tensor | nn.Module) -> Tensor:
+        """Weighted NC3 term of the batch class means against ``classifier``."""
+        check_features_target(features, target, self.num_classes, self.validate_args)
+        weight = resolve_weight(classifier)
+        check_classifier_shape(weight, self.num_classes, features.shape[1])
+        stats = batch_class_statistics(
+            features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
+        )
+        return self.weight * self_duality_distance(weight, stats)

@@ -1,0 +1,152 @@
+"""Distance of the class-mean (or classifier) geometry to a simplex ETF (NC2) as a loss term.
+
+NC2 (Papyan, Han & Donoho, 2020) says the centred class means become equinorm and maximally
+equiangular: their Gram matrix ``G = M M^T`` is proportional to the simplex equiangular tight frame
+Gram ``E = (I - 11^T / K) / sqrt(K - 1)`` (unit Frobenius norm). The term is the *squared*
+Frobenius distance between the normalized Grams,
+
+    ``|| G / ||G||_F - E ||_F^2 = 2 - 2 <G, E> / ||G||_F``,
+
+in ``[0, 4]``, zero exactly at a simplex ETF (any scale, any rotation). It is squared (the metric
+reports the unsquared distance) so that it is smooth at its minimum. It is computed in closed
+form, ``<G, E> = (tr G - ||sum_c m_c||^2 / K) / sqrt(K - 1)`` and ``||G||_F = ||M^T M||_F``, so no
+``K x K`` matrix is formed when ``K > d``.
+
+On a batch, ``M`` holds the centred means of the classes present in the (global) batch and ``K``
+counts them; given a classifier, ``M`` is its weight (``K x d``, uncentred, all classes), as in
+the NC2 of the classifier.
+
+Reference: V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal
+phase of deep learning training", PNAS 2020.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchcollapse.losses._batch import (
+    batch_class_statistics,
+    check_features_target,
+    compute_dtype,
+    resolve_weight,
+    where_valid,
+)
+
+__all__ = ["SimplexGeometryLoss", "simplex_gram_distance"]
+
+
+def simplex_gram_distance(vectors: Tensor, present: Tensor | None = None) -> Tensor:
+    """Squared distance of the normalized Gram of ``vectors``' rows to the simplex ETF Gram.
+
+    Args:
+        vectors: ``(K_total, d)`` rows (centred class means, or classifier weights).
+        present: ``(K_total,)`` boolean mask of the rows that take part (default: all). Rows
+            outside the mask are ignored and ``K`` counts the rows inside.
+
+    Returns:
+        A scalar in ``[0, 4]`` (up to rounding), computed in at least float32 with autocast
+        disabled; zero, connected to the graph, when fewer than two rows take part. All-zero rows
+        give 2 (a zero Gram is as far from the ETF as an orthogonal one).
+    """
+    dtype = compute_dtype(vectors.dtype)
+    with torch.autocast(device_type=vectors.device.type, enabled=False):
+        v = vectors.to(dtype)
+        if present is None:
+            present = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
+        v = v * present.to(dtype).unsqueeze(1)
+        k = present.to(dtype).sum()
+        trace = v.pow(2).sum()
+        total = v.sum(0).pow(2).sum()
+        gram = v @ v.T if v.shape[0] <= v.shape[1] else v.T @ v
+        frob2 = gram.pow(2).sum()
+        frob = torch.where(frob2 > 0, frob2, torch.ones_like(frob2)).sqrt()
+        valid = k >= 2
+        km1 = torch.where(valid, k - 1, torch.ones_like(k))
+        inner = (trace - total / k.clamp_min(1.0)) / (frob * km1.sqrt())
+        return where_valid(valid, 2.0 - 2.0 * inner)
+
+
+class SimplexGeometryLoss(nn.Module):
+    """Squared distance of the normalized Gram of the class means (or of a classifier) to the ETF.
+
+    ``forward(features, target)`` uses the centred class means of the global batch (classes absent
+    from the batch are left out; ``K`` counts the present ones); ``forward(classifier=head)`` (or
+    ``forward(features, target, classifier=head)``) uses the classifier's weight instead, a
+    ``(K, d)`` tensor or a module with a ``weight``, all of its classes, uncentred. The value is
+    ``weight * (2 - 2 <G, E> / ||G||_F)`` with ``E`` the simplex ETF Gram of unit Frobenius norm,
+    in ``weight * [0, 4]``; see the module docstring. A positive weight pushes towards a simplex
+    ETF, a negative one away from it.
+
+    Under ``torch.distributed`` the batch means are those of the concatenated batch (features
+    gathered with autograd), so values and DDP-averaged gradients equal the single-process ones.
+    With fewer than two classes present the result is zero and still connected to the graph.
+
+    Args:
+        num_classes: number of classes ``K``.
+        weight: signed multiplier of the term.
+        sync_dist: compute over the global batch when ``torch.distributed`` is initialised.
+        process_group: process group for ``sync_dist`` (default: the world).
+        validate_args: check the label range (one host read of the labels per call).
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.losses import SimplexGeometryLoss
+        >>> reg = SimplexGeometryLoss(num_classes=3)
+        >>> etf = torch.eye(3) - 1 / 3                      # a simplex ETF of 3 classes
+        >>> float(reg(classifier=etf)) < 1e-6              # on the classifier weight: at the ETF
+        True
+        >>> features, target = torch.eye(3).repeat(4, 1), torch.arange(12) % 3
+        >>> float(reg(features, target)) < 1e-6            # orthogonal means, centred: an ETF
+        True
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight: float = 1.0,
+        *,
+        sync_dist: bool = True,
+        process_group: Any = None,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
+            )
+        self.num_classes = num_classes
+        self.weight = float(weight)
+        self.sync_dist = sync_dist
+        self.process_group = process_group
+        self.validate_args = validate_args
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, weight={self.weight}"
+
+    def forward(
+        self,
+        features: Tensor | None = None,
+        target: Tensor | None = None,
+        classifier: Tensor | nn.Module | None = None,
+    ) -> Tensor:
+        """Weighted NC2 term of the batch class means, or of ``classifier`` when given."""
+        if classifier is not None:
+            weight = resolve_weight(classifier)
+            if weight.shape[0] != self.num_classes:
+                raise ValueError(
+                    f"Expected argument `classifier` to have {self.num_classes} rows "
+                    f"(`num_classes`), but got shape {tuple(weight.shape)}."
+                )
+            return self.weight * simplex_gram_distance(weight)
+        if features is None or target is None:
+            raise ValueError(
+                "Expected arguments `features` and `target`, or `classifier`, but got neither."
+            )
+        check_features_target(features, target, self.num_classes, self.validate_args)
+        stats = batch_class_statistics(
+            features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
+        )
+        return self.weight * simplex_gram_distance(stats.centered_means, stats.present)

@@ -1,0 +1,242 @@
+"""Within-class variability (NC1) as a loss term on a batch of features.
+
+NC1 (Papyan, Han & Donoho, 2020) says the features of each class shrink to their class mean. This
+term measures that on the current (global) batch, differentiably, so that adding it to a training
+loss with a positive weight induces collapse and with a negative weight holds it back:
+
+- ``form="bounded"`` (default): ``tr Sigma_W / (tr Sigma_W + tr Sigma_B)``, in ``[0, 1]``. Being
+  bounded and scale-free, it can be pushed either way without the features blowing up.
+- ``form="ratio"``: the plain trace ratio ``tr Sigma_W / tr Sigma_B`` (unbounded above; as a
+  penalty with a negative weight it diverges by inflating the within-class spread).
+- ``form="running"``: the mean squared distance of each feature to its class's *running* mean
+  (buffers updated with momentum from the global batch, identical on every rank), the centre loss
+  of Wen et al. (2016) with exponential-average centres. For batches too small to hold several
+  samples per class. It carries the scale of the features, so weight it accordingly.
+
+Conventions follow ``DESIGN.md``: classes absent from the batch are left out, the global mean is
+the mean of the present class means, ``Sigma_W`` is normalised by the number of samples and
+``Sigma_B`` by the number of present classes. A batch with fewer than two present classes gives a
+zero (for the batch forms) that is still connected to the features in the autograd graph.
+
+References:
+    V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal phase of
+    deep learning training", PNAS 2020.
+    Y. Wen, K. Zhang, Z. Li, Y. Qiao, "A discriminative feature learning approach for deep face
+    recognition", ECCV 2016.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse.losses._batch import (
+    BatchClassStatistics,
+    batch_class_statistics,
+    check_features_target,
+    compute_dtype,
+    count_classes,
+    global_sum,
+    where_valid,
+)
+
+__all__ = ["WithinClassVariabilityLoss", "within_class_variability"]
+
+_FORMS = ("bounded", "ratio", "running")
+
+
+def within_class_variability(
+    stats: BatchClassStatistics, form: Literal["bounded", "ratio"] = "bounded"
+) -> Tensor:
+    """NC1 of a batch from its differentiable class statistics.
+
+    Args:
+        stats: statistics from :func:`torchcollapse.losses._batch.batch_class_statistics`.
+        form: ``"bounded"`` for ``tr Sigma_W / (tr Sigma_W + tr Sigma_B)`` or ``"ratio"`` for
+            ``tr Sigma_W / tr Sigma_B``.
+
+    Returns:
+        A scalar; zero (connected to the graph, with a finite zero gradient) when fewer than two
+        classes are present. The bounded form is 0 when all features are identical (0 / 0). The
+        ratio divides by ``tr Sigma_B`` clamped below at the dtype's smallest normal number, so
+        identical class means with some within-class spread give a huge value.
+    """
+    within, between = stats.trace_within, stats.trace_between
+    one = torch.ones_like(between)
+    if form == "bounded":
+        total = within + between
+        denominator = torch.where(total > 0, total, one)
+    else:
+        tiny = torch.finfo(between.dtype).tiny
+        denominator = torch.where(stats.valid, between.clamp_min(tiny), one)
+    return where_valid(stats.valid, within / denominator)
+
+
+class WithinClassVariabilityLoss(nn.Module):
+    r"""Within-class variability (NC1) of the global batch, times a signed weight.
+
+    ``forward(features, target)`` returns ``weight * nc1`` where ``nc1`` is, by ``form``:
+
+    - ``"bounded"``: :math:`\operatorname{tr}\Sigma_W / (\operatorname{tr}\Sigma_W +
+      \operatorname{tr}\Sigma_B) \in [0, 1]`;
+    - ``"ratio"``: :math:`\operatorname{tr}\Sigma_W / \operatorname{tr}\Sigma_B`;
+    - ``"running"``: :math:`\frac{1}{N}\sum_i \lVert h_i - r_{y_i} \rVert^2` with running class
+      means ``r`` (detached buffers).
+
+    A positive weight induces collapse, a negative one holds it back (use ``"bounded"`` for
+    negative weights: the features cannot blow up to lower it). Under ``torch.distributed`` the
+    statistics are those of the batch concatenated over ranks (features gathered with autograd),
+    so the value on every rank equals the single-process value and, once
+    ``DistributedDataParallel`` averages gradients, so do the parameter gradients.
+
+    Batch forms: classes absent from the batch are excluded; with fewer than two classes present
+    the result is zero, warning-free, and still connected to ``features`` in the graph (zero
+    gradient), so DDP sees every parameter used. Running form: in training, the running means of
+    the classes in the global batch are updated first (momentum, or a cumulative average with
+    ``momentum=None``; a class seen for the first time takes its batch mean), then distances are
+    taken to them; samples of classes never seen yet are excluded (zero if none is left).
+    Statistics are computed in at least float32, with autocast disabled.
+
+    Args:
+        num_classes: number of classes ``K``.
+        weight: signed multiplier of the term.
+        form: ``"bounded"``, ``"ratio"`` or ``"running"``.
+        momentum: update factor of the running means (``form="running"`` only); ``None`` for a
+            cumulative average.
+        sync_dist: compute over the global batch when ``torch.distributed`` is initialised. Set
+            to ``False`` to compute per process (e.g. when only one rank calls it).
+        process_group: process group for ``sync_dist`` (default: the world).
+        validate_args: check the label range (one host read of the labels per call).
+        in_features: feature dimension ``d``; required for ``form="running"`` (buffer shape).
+        device: device of the running buffers.
+        dtype: dtype of the running buffers (default float32).
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.losses import WithinClassVariabilityLoss
+        >>> _ = torch.manual_seed(0)
+        >>> features = torch.randn(32, 8, requires_grad=True)
+        >>> target = torch.arange(32) % 4
+        >>> reg = WithinClassVariabilityLoss(num_classes=4, weight=0.5)  # bounded NC1, weight 0.5
+        >>> loss = reg(features, target)           # a scalar in [0, 0.5]
+        >>> bool(0.0 <= loss <= 0.5)
+        True
+        >>> reg(features, torch.zeros(32, dtype=torch.long))  # one class only: zero
+        tensor(0., grad_fn=<MulBackward0>)
+    """
+
+    running_mean: Tensor
+    class_batches: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight: float = 1.0,
+        *,
+        form: Literal["bounded", "ratio", "running"] = "bounded",
+        momentum: float | None = 0.1,
+        sync_dist: bool = True,
+        process_group: Any = None,
+        validate_args: bool = True,
+        in_features: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
+            )
+        if form not in _FORMS:
+            raise ValueError(f"Expected argument `form` to be one of {_FORMS}, but got {form!r}.")
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(
+                f"Expected argument `momentum` to be in (0, 1] or None, but got {momentum}."
+            )
+        self.num_classes = num_classes
+        self.weight = float(weight)
+        self.form = form
+        self.momentum = momentum
+        self.sync_dist = sync_dist
+        self.process_group = process_group
+        self.validate_args = validate_args
+        self.in_features = in_features
+        if form == "running":
+            if not isinstance(in_features, int) or in_features < 1:
+                raise ValueError(
+                    "Expected argument `in_features` to be a positive integer when "
+                    f"`form='running'`, but got {in_features}."
+                )
+            factory: dict[str, Any] = {"device": device, "dtype": dtype or torch.float32}
+            self.register_buffer("running_mean", torch.zeros(num_classes, in_features, **factory))
+            self.register_buffer(
+                "class_batches", torch.zeros(num_classes, dtype=torch.long, device=device)
+            )
+
+    def reset_running_stats(self) -> None:
+        """Forget the running class means (``form="running"``)."""
+        if self.form == "running":
+            self.running_mean.zero_()
+            self.class_batches.zero_()
+
+    def extra_repr(self) -> str:
+        extra = f"num_classes={self.num_classes}, weight={self.weight}, form={self.form!r}"
+        if self.form == "running":
+            extra += f", in_features={self.in_features}, momentum={self.momentum}"
+        return extra
+
+    def forward(self, features: Tensor, target: Tensor) -> Tensor:
+        """Weighted NC1 term of ``features`` (``(N, d)``) with labels ``target`` (``(N,)``)."""
+        check_features_target(features, target, self.num_classes, self.validate_args)
+        if self.form == "running":
+            return self.weight * self._running(features, target)
+        stats = batch_class_statistics(
+            features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
+        )
+        return self.weight * within_class_variability(stats, self.form)
+
+    def _running(self, features: Tensor, target: Tensor) -> Tensor:
+        if features.shape[1] != self.running_mean.shape[1]:
+            raise ValueError(
+                f"Expected argument `features` to have {self.running_mean.shape[1]} columns "
+                f"(`in_features`), but got {features.shape[1]}."
+            )
+        dtype = compute_dtype(features.dtype)
+        sync = self.sync_dist and is_distributed(self.process_group)
+        target = target.long()
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            if self.training:
+                self._update(features.detach().to(dtype), target, sync)
+            h = features.to(dtype)
+            seen = self.class_batches.index_select(0, target) > 0
+            centres = self.running_mean.to(dtype).index_select(0, target)
+            distances = (h - centres).pow(2).sum(1) * seen.to(dtype)
+            total = global_sum(distances.sum(), sync_dist=sync, group=self.process_group)
+            count = seen.to(dtype).sum()
+            if sync:
+                count = all_reduce_sum(count.clone(), self.process_group)
+            return where_valid(count > 0, total / count.clamp_min(1.0))
+
+    @torch.no_grad()
+    def _update(self, h: Tensor, target: Tensor, sync: bool) -> None:
+        num_classes, dim = self.running_mean.shape
+        packed = h.new_zeros((num_classes, dim + 1))
+        packed[:, :dim].index_add_(0, target, h)
+        packed[:, dim] = count_classes(target, num_classes, h.dtype)
+        if sync:
+            all_reduce_sum(packed, self.process_group)
+        counts = packed[:, dim]
+        present = counts > 0
+        batch_mean = packed[:, :dim] / counts.clamp_min(1.0).unsqueeze(1)
+        seen = self.class_batches.to(h.dtype)
+        if self.momentum is None:
+            factor = 1.0 / (seen + 1.0)
+        else:
+            factor = torch.where(seen > 0, torch.full_like(seen, self.momentum), 1.0)
+        factor = (factor * present.to(h.dtype)).unsqueeze(1)
+        running = self.running_mean.to(h.dtype)
+        self.running_mean.copy_(running + factor * (batch_mean - running))
+        self.class_batches.add_(present.long())

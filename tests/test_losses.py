@@ -1,0 +1,610 @@
+"""torchcollapse.losses against brute-force float64 references written here.
+
+Every reference below is a plain loop over samples, classes or pairs in numpy float64, sharing no
+code with the library; NC2/NC3 are also cross-checked with the shared metric reference
+(``tests/_helpers/reference.py``), so the loss terms and the metrics agree on their conventions.
+Tolerances: float64 inputs differ from the references by summation order only (rtol 1e-10);
+float32/bfloat16 inputs are compared on the *rounded* inputs, and statistics are computed in
+float32 (rtol 1e-5 covers a few hundred ulps of float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests._helpers.reference import reference_neural_collapse
+from tests._helpers.testers import check_module
+from torchcollapse.losses import (
+    BalancedSoftmaxLoss,
+    CollapseRegularizer,
+    DotRegressionLoss,
+    RescaledMSELoss,
+    SelfDualityLoss,
+    SimplexGeometryLoss,
+    WithinClassVariabilityLoss,
+    class_weights_from_counts,
+    target_penalty,
+)
+
+RTOL64 = 1e-10  # float64 vs float64 reference: summation order only
+
+
+def make_batch(
+    n: int,
+    d: int,
+    k: int,
+    seed: int,
+    *,
+    absent: tuple[int, ...] = (),
+    singletons: tuple[int, ...] = (),
+    spread: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """A float64 Gaussian-mixture batch; ``absent`` classes have no sample, ``singletons`` one."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([c for c in range(k) if c not in absent and c not in singletons])
+    target = allowed[torch.randint(0, len(allowed), (n,), generator=g)]
+    target = torch.cat([target, torch.tensor(singletons, dtype=torch.long)])
+    centres = 3.0 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    features = centres[target] + spread * torch.randn(
+        len(target), d, generator=g, dtype=torch.float64
+    )
+    return features, target
+
+
+# ----------------------------------------------------------------------------------------------
+# brute-force references
+
+
+def ref_traces(h: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float, list[int], np.ndarray]:
+    """``tr Sigma_W``, ``tr Sigma_B``, present classes and centred means, by loops."""
+    present = [c for c in range(k) if int(np.sum(y == c)) > 0]
+    means = {c: h[y == c].sum(axis=0) / np.sum(y == c) for c in present}
+    mu_g = sum(means[c] for c in present) / len(present)
+    within = sum(float(np.dot(h[i] - means[y[i]], h[i] - means[y[i]])) for i in range(len(y)))
+    between = sum(float(np.dot(means[c] - mu_g, means[c] - mu_g)) for c in present)
+    centred = np.stack([means[c] - mu_g for c in present])
+    return within / len(y), between / len(present), present, centred
+
+
+def ref_nc1(h: np.ndarray, y: np.ndarray, k: int, form: str) -> float:
+    within, between, present, _ = ref_traces(h, y, k)
+    if len(present) < 2:
+        return 0.0
+    return within / (within + between) if form == "bounded" else within / between
+
+
+def ref_gram_distance(vectors: np.ndarray) -> float:
+    """``||G/||G||_F - (I - 11^T/K)/sqrt(K-1)||_F^2`` with the K x K Gram formed explicitly."""
+    k = vectors.shape[0]
+    gram = np.array([[float(np.dot(a, b)) for b in vectors] for a in vectors])
+    etf = (np.eye(k) - np.ones((k, k)) / k) / math.sqrt(k - 1)
+    return float(np.sum((gram / np.sqrt(np.sum(gram**2)) - etf) ** 2))
+
+
+def ref_self_duality(w: np.ndarray, m: np.ndarray) -> float:
+    return float(np.sum((w / np.sqrt(np.sum(w**2)) - m / np.sqrt(np.sum(m**2))) ** 2))
+
+
+def ref_dot_regression(
+    h: np.ndarray, y: np.ndarray, frame: np.ndarray, counts: np.ndarray | None
+) -> tuple[float, np.ndarray]:
+    """Yang et al.'s loss by a loop, and its gradient in ``h`` with the norms held constant.
+
+    Re-weighting as in the authors' ``produce_Ew``: ``E_c = sqrt(gamma / n_c)`` with ``gamma`` the
+    mean count of the classes present, multiplying the loss of class ``c``.
+    """
+    n = len(y)
+    weights = np.ones(frame.shape[0])
+    if counts is not None:
+        present = counts > 0
+        gamma = counts.sum() / present.sum()
+        weights[present] = np.sqrt(gamma / counts[present])
+    total, grad = 0.0, np.zeros_like(h)
+    for i in range(n):
+        m = frame[y[i]]
+        dot = float(np.dot(h[i], m))
+        scale = math.sqrt(float(np.dot(h[i], h[i]))) * math.sqrt(float(np.dot(m, m)))
+        total += weights[y[i]] * 0.5 * (dot - scale) ** 2 / scale
+        grad[i] = weights[y[i]] * (dot - scale) / scale * m / n
+    return total / n, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# DotRegressionLoss
+
+
+@pytest.mark.parametrize("counts_mode", [None, "batch", "given"])
+def test_dot_regression_matches_loop_value_and_detached_norm_gradient(
+    counts_mode: str | None,
+) -> None:
+    features, target = make_batch(40, 6, 5, seed=1, singletons=(4,))
+    frame = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    given = np.array([50.0, 20.0, 10.0, 5.0, 1.0])
+    if counts_mode == "given":
+        loss_fn = DotRegressionLoss(class_counts=given.tolist())
+        counts = given
+    elif counts_mode == "batch":
+        loss_fn = DotRegressionLoss(class_counts="batch")
+        counts = np.bincount(target.numpy(), minlength=5).astype(np.float64)
+    else:
+        loss_fn, counts = DotRegressionLoss(), None
+    h = features.clone().requires_grad_()
+    loss = loss_fn(h, target, frame)
+    loss.backward()
+    expected, expected_grad = ref_dot_regression(
+        features.numpy(), target.numpy(), frame.numpy(), counts
+    )
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=RTOL64)
+    # norms are detached (the paper's choice), so the gradient is (cos - 1) m_y, not the derivative
+    # of ||h|| ||m|| / 2 (cos - 1)^2: compare with that closed form, not with gradcheck.
+    np.testing.assert_allclose(h.grad.numpy(), expected_grad, rtol=1e-9, atol=1e-13)
+
+
+def test_dot_regression_is_half_squared_cosine_gap_on_unit_vectors() -> None:
+    features, target = make_batch(30, 5, 4, seed=3)
+    frame = F.normalize(torch.randn(4, 5, dtype=torch.float64), dim=1)
+    unit = F.normalize(features, dim=1)
+    per_sample = DotRegressionLoss(reduction="none")(unit, target, frame)
+    cosine = (unit * frame[target]).sum(1)
+    torch.testing.assert_close(per_sample, 0.5 * (cosine - 1) ** 2, rtol=RTOL64, atol=1e-14)
+
+
+def test_dot_regression_reductions_and_frame_module() -> None:
+    features, target = make_batch(12, 4, 3, seed=4)
+    head = nn.Linear(4, 3, bias=False).double()
+    none = DotRegressionLoss(reduction="none")(features, target, head)
+    assert none.shape == (len(target),)
+    torch.testing.assert_close(
+        DotRegressionLoss(reduction="sum")(features, target, head), none.sum()
+    )
+    torch.testing.assert_close(DotRegressionLoss()(features, target, head.weight), none.mean())
+
+
+def test_dot_regression_zero_feature_is_finite() -> None:
+    features = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    loss = DotRegressionLoss()(
+        features, torch.tensor([0, 1, 2]), torch.eye(3, 4, dtype=torch.float64)
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(features.grad).all()
+
+
+def test_class_weights_from_counts_follow_inverse_square_root() -> None:
+    counts = torch.tensor([8.0, 2.0, 0.0, 6.0])
+    weights = class_weights_from_counts(counts)
+    mean_count = 16.0 / 3.0
+    expected = [
+        math.sqrt(mean_count / 8),
+        math.sqrt(mean_count / 2),
+        1.0,
+        math.sqrt(mean_count / 6),
+    ]
+    torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        class_weights_from_counts(counts, 1.0)[1], torch.tensor(mean_count / 2)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# RescaledMSELoss and BalancedSoftmaxLoss
+
+
+@pytest.mark.parametrize(("k", "m"), [(1.0, 1.0), (15.0, 30.0), (0.5, 2.0)])
+def test_rescaled_mse_matches_loop(k: float, m: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 7, dtype=torch.float64, generator=g)
+    target = torch.randint(0, 7, (9,), generator=g)
+    expected = 0.0
+    for i in range(9):
+        c = int(target[i])
+        terms = [
+            (k * (float(logits[i, j]) - m) ** 2 if j == c else float(logits[i, j]) ** 2)
+            for j in range(7)
+        ]
+        expected += sum(terms) / 7
+    loss = RescaledMSELoss(k, m)(logits, target)
+    assert loss.item() == pytest.approx(expected / 9, rel=RTOL64)
+    if k == m == 1.0:  # the plain square loss against one-hot targets
+        torch.testing.assert_close(loss, F.mse_loss(logits, F.one_hot(target, 7).double()))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_balanced_softmax_matches_loop(tau: float) -> None:
+    counts = [500.0, 120.0, 30.0, 7.0]
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(10, 4, dtype=torch.float64, generator=g)
+    target = torch.randint(0, 4, (10,), generator=g)
+    total = sum(counts)
+    expected = 0.0
+    for i in range(10):
+        z = [float(logits[i, j]) + tau * math.log(counts[j] / total) for j in range(4)]
+        top = max(z)
+        expected += -z[int(target[i])] + top + math.log(math.fsum(math.exp(v - top) for v in z))
+    loss = BalancedSoftmaxLoss(counts, tau=tau)(logits, target)
+    assert loss.item() == pytest.approx(expected / 10, rel=1e-7)  # log_prior buffer is float32
+
+
+def test_classification_losses_pass_module_checks() -> None:
+    g = torch.Generator().manual_seed(7)
+    logits, target = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
+    check_module(lambda: RescaledMSELoss(2.0, 3.0), (logits, target), compile_backend=None)
+    check_module(lambda: BalancedSoftmaxLoss([5, 3, 2, 1]), (logits, target), compile_backend=None)
+    frame = torch.randn(4, 5, generator=g)
+    features = torch.randn(6, 5, generator=g)
+    # Norms are detached by design, so a numerical gradcheck does not apply (see the loop test).
+    check_module(
+        lambda: DotRegressionLoss(class_counts=[4, 3, 2, 1]),
+        (features, target, frame),
+        gradcheck=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# regularizers: values
+
+
+CASES = {
+    "plain": {"absent": (), "singletons": ()},
+    "absent classes": {"absent": (1, 4), "singletons": ()},
+    "single-sample classes": {"absent": (0,), "singletons": (2, 5)},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("form", ["bounded", "ratio"])
+def test_within_class_variability_matches_loop(case: str, form: str) -> None:
+    features, target = make_batch(30, 5, 6, seed=8, **CASES[case])  # type: ignore[arg-type]
+    reg = WithinClassVariabilityLoss(6, weight=-0.7, form=form)  # type: ignore[arg-type]
+    expected = -0.7 * ref_nc1(features.numpy(), target.numpy(), 6, form)
+    assert reg(features, target).item() == pytest.approx(expected, rel=RTOL64)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_simplex_geometry_and_self_duality_match_loops(case: str) -> None:
+    features, target = make_batch(30, 7, 6, seed=9, **CASES[case])  # type: ignore[arg-type]
+    weight = torch.randn(6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    _, _, present, centred = ref_traces(features.numpy(), target.numpy(), 6)
+    nc2 = SimplexGeometryLoss(6, weight=0.3)(features, target)
+    nc3 = SelfDualityLoss(6, weight=2.0)(features, target, weight)
+    nc2_weight = SimplexGeometryLoss(6)(classifier=weight)
+    assert nc2.item() == pytest.approx(0.3 * ref_gram_distance(centred), rel=RTOL64)
+    expected_nc3 = ref_self_duality(weight.numpy()[present], centred)
+    assert nc3.item() == pytest.approx(2.0 * expected_nc3, rel=RTOL64)
+    assert nc2_weight.item() == pytest.approx(ref_gram_distance(weight.numpy()), rel=RTOL64)
+    # the same conventions as the metrics: our terms are the squares of their distances
+    metrics = reference_neural_collapse(features, target, 6, weight=weight)
+    assert nc2.item() == pytest.approx(0.3 * metrics["nc2_etf_distance"] ** 2, rel=1e-9)
+    assert nc3.item() == pytest.approx(2.0 * metrics["nc3"] ** 2, rel=1e-9)
+
+
+def test_simplex_geometry_is_zero_at_any_simplex_and_large_k_uses_small_gram() -> None:
+    k, d = 9, 4  # K > d: the d x d Gram path
+    g = torch.Generator().manual_seed(11)
+    vectors = torch.randn(k, d, dtype=torch.float64, generator=g)
+    assert SimplexGeometryLoss(k)(classifier=vectors).item() == pytest.approx(
+        ref_gram_distance(vectors.numpy()), rel=RTOL64
+    )
+    rotation, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=g))
+    etf = 5.0 * (torch.eye(12, dtype=torch.float64) - 1 / 12) @ rotation  # scaled, rotated ETF
+    assert abs(SimplexGeometryLoss(12)(classifier=etf).item()) < 1e-12
+
+
+@pytest.mark.parametrize("target_mode", ["squared", "at_most", "at_least"])
+def test_collapse_regularizer_is_the_weighted_sum_with_target(target_mode: str) -> None:
+    features, target = make_batch(40, 6, 5, seed=12, absent=(3,))
+    weight = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    h, y = features.numpy(), target.numpy()
+    _, _, present, centred = ref_traces(h, y, 5)
+    nc1 = ref_nc1(h, y, 5, "bounded")
+    nc2, nc3 = ref_gram_distance(centred), ref_self_duality(weight.numpy()[present], centred)
+    reg = CollapseRegularizer(5, nc1=0.5, nc2=-0.25, nc3=2.0)
+    loss, parts = reg(features, target, weight, return_parts=True)
+    assert loss.item() == pytest.approx(0.5 * nc1 - 0.25 * nc2 + 2.0 * nc3, rel=RTOL64)
+    assert parts["nc1"].item() == pytest.approx(nc1, rel=RTOL64)
+    assert not any(p.requires_grad for p in parts.values())
+    torch.testing.assert_close(reg(features, target, weight), loss)  # default: the tensor only
+    for level in (0.5 * nc1, 2.0 * nc1):
+        aimed = CollapseRegularizer(
+            5,
+            nc1=3.0,
+            target_nc1=level,
+            target_mode=target_mode,  # type: ignore[arg-type]
+        )
+        penalty = {
+            "squared": (nc1 - level) ** 2,
+            "at_most": max(nc1 - level, 0.0),
+            "at_least": max(level - nc1, 0.0),
+        }[target_mode]
+        assert aimed(features, target).item() == pytest.approx(3.0 * penalty, rel=RTOL64, abs=1e-15)
+
+
+def test_target_penalty_modes() -> None:
+    value = torch.tensor([0.2, 0.6], dtype=torch.float64)
+    torch.testing.assert_close(
+        target_penalty(value, 0.4), torch.tensor([0.04, 0.04], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        target_penalty(value, 0.4, "at_most"), torch.tensor([0.0, 0.2], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        target_penalty(value, 0.4, "at_least"), torch.tensor([0.2, 0.0], dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="`mode`"):
+        target_penalty(value, 0.4, "hinge")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# regularizers: gradients, module contract
+
+
+def test_regularizers_gradcheck_with_absent_and_single_sample_classes() -> None:
+    features, target = make_batch(14, 4, 6, seed=14, absent=(1,), singletons=(3,))
+    weight = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    h = features.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    fns = {
+        "bounded": lambda h, w: WithinClassVariabilityLoss(6)(h, target),
+        "ratio": lambda h, w: WithinClassVariabilityLoss(6, form="ratio")(h, target),
+        "nc2": lambda h, w: SimplexGeometryLoss(6)(h, target),
+        "nc2 weight": lambda h, w: SimplexGeometryLoss(6)(classifier=w) + 0 * h.sum(),
+        "nc3": lambda h, w: SelfDualityLoss(6)(h, target, w),
+        "all, target": lambda h, w: CollapseRegularizer(
+            6, nc1=1.0, nc2=0.5, nc3=0.5, target_nc1=0.1
+        )(h, target, w),
+    }
+    for name, fn in fns.items():
+        assert torch.autograd.gradcheck(fn, (h, w)), name
+
+
+def test_regularizers_pass_module_checks() -> None:
+    features, target = make_batch(16, 5, 4, seed=16)
+    features = features.float()
+    weight = torch.randn(4, 5, generator=torch.Generator().manual_seed(17))
+    check_module(
+        lambda: WithinClassVariabilityLoss(4, 0.5), (features, target), compile_backend=None
+    )
+    check_module(
+        lambda: WithinClassVariabilityLoss(4, form="ratio"),
+        (features, target),
+        compile_backend=None,
+    )
+    check_module(lambda: SimplexGeometryLoss(4), (features, target), compile_backend=None)
+    check_module(lambda: SelfDualityLoss(4), (features, target, weight), compile_backend=None)
+    check_module(
+        lambda: CollapseRegularizer(4, nc1=1.0, nc2=0.5, nc3=0.5, target_nc1=0.2),
+        (features, target, weight),
+    )
+
+    def trained_running() -> WithinClassVariabilityLoss:
+        reg = WithinClassVariabilityLoss(4, form="running", in_features=5, momentum=0.5)
+        reg(features[:10], target[:10])  # training mode: fills the running means
+        return reg
+
+    check_module(trained_running, (features, target), compile_backend=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# running class means
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_form_matches_loop_over_steps(momentum: float | None) -> None:
+    k, d = 5, 3
+    reg = WithinClassVariabilityLoss(
+        k, weight=2.0, form="running", in_features=d, momentum=momentum
+    )
+    reg.double()
+    running = np.zeros((k, d))
+    batches_seen = np.zeros(k)
+    for step in range(3):
+        absent = (step,)  # a different class missing from each batch
+        features, target = make_batch(12, d, k, seed=20 + step, absent=absent)
+        h, y = features.numpy(), target.numpy()
+        for c in range(k):
+            rows = h[y == c]
+            if len(rows):
+                factor = (
+                    1.0
+                    if batches_seen[c] == 0
+                    else (1.0 / (batches_seen[c] + 1) if momentum is None else momentum)
+                )
+                running[c] = running[c] + factor * (rows.mean(axis=0) - running[c])
+                batches_seen[c] += 1
+        expected = 2.0 * np.mean([np.sum((h[i] - running[y[i]]) ** 2) for i in range(len(y))])
+        x = features.clone().requires_grad_()
+        loss = reg(x, target)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected, rel=RTOL64)
+        np.testing.assert_allclose(reg.running_mean.numpy(), running, rtol=RTOL64, atol=1e-13)
+        grad = 2.0 * 2.0 * (h - running[y]) / len(y)  # running means are constants
+        np.testing.assert_allclose(x.grad.numpy(), grad, rtol=1e-9, atol=1e-13)
+    reg.eval()
+    features, target = make_batch(8, d, k, seed=30)
+    before = reg.running_mean.clone()
+    reg(features, target)
+    torch.testing.assert_close(reg.running_mean, before, rtol=0, atol=0)  # no update in eval
+
+
+def test_running_form_excludes_classes_never_seen() -> None:
+    reg = WithinClassVariabilityLoss(4, form="running", in_features=2).double().eval()
+    features = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    loss = reg(features, torch.tensor([0, 1, 2, 3, 0]))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert loss.grad_fn is not None
+    assert torch.equal(features.grad, torch.zeros_like(features))
+    reg.train()
+    reg(torch.tensor([[1.0, 1.0]], dtype=torch.float64), torch.tensor([2]))
+    reg.eval()
+    value = reg(torch.tensor([[4.0, 5.0], [9.0, 9.0]], dtype=torch.float64), torch.tensor([2, 0]))
+    assert value.item() == pytest.approx(9.0 + 16.0)  # only the class-2 sample counts
+
+
+# ----------------------------------------------------------------------------------------------
+# degenerate batches and low precision
+
+
+def all_regularizers(k: int) -> dict[str, nn.Module]:
+    return {
+        "bounded": WithinClassVariabilityLoss(k),
+        "ratio": WithinClassVariabilityLoss(k, form="ratio"),
+        "nc2": SimplexGeometryLoss(k),
+        "nc3": SelfDualityLoss(k),
+        "collapse": CollapseRegularizer(k, nc1=1.0, nc2=1.0, nc3=1.0),
+        "collapse target": CollapseRegularizer(k, nc1=1.0, target_nc1=0.3),
+    }
+
+
+def call(name: str, reg: nn.Module, features: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    if name in ("nc3", "collapse"):
+        return reg(features, target, weight)
+    return reg(features, target)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_fewer_than_two_classes_give_a_connected_zero(n: int) -> None:
+    """Documented: exactly zero, no warning, and a graph reaching the inputs with zero gradient."""
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    for name, reg in all_regularizers(4).items():
+        features = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+        loss = call(name, reg, features, torch.full((n,), 2, dtype=torch.long), weight)
+        assert loss.item() == 0.0, name
+        assert loss.grad_fn is not None, name
+        (grad,) = torch.autograd.grad(loss, features)
+        assert torch.equal(grad, torch.zeros_like(features)), name
+
+
+def test_identical_features_stay_finite() -> None:
+    features = torch.ones(6, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    weight = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    for name, reg in all_regularizers(3).items():
+        loss = call(name, reg, features, target, weight)
+        grads = torch.autograd.grad(loss, [features, weight], allow_unused=True)
+        assert torch.isfinite(loss), name
+        assert all(g is None or torch.isfinite(g).all() for g in grads), name
+    assert WithinClassVariabilityLoss(3)(features, target).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_and_autocast_give_float32_statistics(dtype: torch.dtype) -> None:
+    features64, target = make_batch(48, 8, 5, seed=40, absent=(2,))
+    features = features64.to(dtype)
+    rounded = features.double()  # the reference sees the rounded inputs
+    weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(41))
+    h, y = rounded.numpy(), target.numpy()
+    _, _, present, centred = ref_traces(h, y, 5)
+    expected = {
+        "bounded": ref_nc1(h, y, 5, "bounded"),
+        "ratio": ref_nc1(h, y, 5, "ratio"),
+        "nc2": ref_gram_distance(centred),
+        "nc3": ref_self_duality(weight.double().numpy()[present], centred),
+    }
+    for name, reg in all_regularizers(5).items():
+        if name not in expected:
+            continue
+        value = call(name, reg, features, target, weight)
+        assert value.dtype == torch.float32, name
+        assert value.item() == pytest.approx(expected[name], rel=1e-5), name  # float32 statistics
+    # under autocast, a linear layer hands bfloat16 features to the loss; it stays finite and
+    # backpropagates into the layer
+    layer = nn.Linear(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(features64.float())
+        assert out.dtype == torch.bfloat16
+        loss = CollapseRegularizer(5, nc1=1.0, nc2=1.0, nc3=1.0)(out, target, weight)
+        dr = DotRegressionLoss(class_counts="batch")(out, target, weight)
+    assert loss.dtype == torch.float32
+    assert dr.dtype == torch.float32
+    (loss + dr).backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(dr)
+    assert layer.weight.grad is not None
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+
+
+def test_documented_errors() -> None:
+    features, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    reg = WithinClassVariabilityLoss(3)
+    with pytest.raises(ValueError, match="`features` to be a 2-D tensor"):
+        reg(features[None], target)
+    with pytest.raises(TypeError, match="`features` to be a floating-point tensor"):
+        reg(features.long(), target)
+    with pytest.raises(TypeError, match="`target` to be an integer tensor"):
+        reg(features, target.float())
+    with pytest.raises(ValueError, match="`target` to be a 1-D tensor"):
+        reg(features, target[None])
+    with pytest.raises(ValueError, match="same number of samples"):
+        reg(features, target[:3])
+    with pytest.raises(ValueError, match=r"labels in \[0, 2\], but got labels in \[0, 3\]"):
+        reg(features, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(TypeError, match="`features` to be a tensor"):
+        reg(features.tolist(), target)
+    with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
+        WithinClassVariabilityLoss(0)
+    with pytest.raises(ValueError, match="`form`"):
+        WithinClassVariabilityLoss(3, form="trace")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`momentum`"):
+        WithinClassVariabilityLoss(3, form="running", in_features=3, momentum=1.5)
+    with pytest.raises(ValueError, match="`in_features`"):
+        WithinClassVariabilityLoss(3, form="running")
+    with pytest.raises(ValueError, match="3 columns"):
+        WithinClassVariabilityLoss(3, form="running", in_features=3)(torch.randn(4, 2), target)
+    with pytest.raises(ValueError, match="`features` and `target`, or `classifier`"):
+        SimplexGeometryLoss(3)()
+    with pytest.raises(ValueError, match="`classifier` to have 3 rows"):
+        SimplexGeometryLoss(3)(classifier=torch.randn(4, 3))
+    with pytest.raises(TypeError, match="module with a `weight`"):
+        SelfDualityLoss(3)(features, target, nn.ReLU())
+    with pytest.raises(ValueError, match=r"weight of shape \(3, 3\)"):
+        SelfDualityLoss(3)(features, target, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="`classifier` when `nc3` is non-zero"):
+        CollapseRegularizer(3, nc3=1.0)(features, target)
+    with pytest.raises(ValueError, match="`target_nc1` to be in"):
+        CollapseRegularizer(3, target_nc1=1.5)
+    with pytest.raises(ValueError, match="`nc1` to be positive when `target_nc1`"):
+        CollapseRegularizer(3, nc1=-1.0, target_nc1=0.5)
+    with pytest.raises(ValueError, match="at least one of the arguments"):
+        CollapseRegularizer(3, nc1=0.0)
+    with pytest.raises(ValueError, match="`nc1_form`"):
+        CollapseRegularizer(3, nc1_form="running")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`target_mode`"):
+        CollapseRegularizer(3, target_nc1=0.5, target_mode="hinge")  # type: ignore[arg-type]
+
+
+def test_documented_loss_errors() -> None:
+    features, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="`frame` to have 3 columns"):
+        DotRegressionLoss()(features, target, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="`class_counts` to have 3 entries"):
+        DotRegressionLoss(class_counts=[1, 2])(features, target, torch.randn(3, 3))
+    with pytest.raises(ValueError, match="`class_counts` to be None"):
+        DotRegressionLoss(class_counts="global")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-negative counts"):
+        DotRegressionLoss(class_counts=[1, -2, 3])
+    with pytest.raises(ValueError, match="`reduction`"):
+        DotRegressionLoss(reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least two positive counts"):
+        BalancedSoftmaxLoss([3, 0, 2])
+    with pytest.raises(ValueError, match="`logits` to have 3 columns"):
+        BalancedSoftmaxLoss([3, 1, 2])(torch.randn(4, 4), target)
+    with pytest.raises(ValueError, match="`reduction`"):
+        BalancedSoftmaxLoss([3, 1, 2], reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`k` to be positive"):
+        RescaledMSELoss(k=0.0)
+    with pytest.raises(ValueError, match="`reduction`"):
+        RescaledMSELoss(reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"labels in \[0, 2\]"):
+        RescaledMSELoss()(features, torch.tensor([0, 1, 5, 0]))
