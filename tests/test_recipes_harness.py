@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import math
 import pickle
 import random
 from pathlib import Path
@@ -15,7 +17,9 @@ import torch
 from harness.config import TrainConfig, arg, load_config, parse_config, save_config
 from harness.data import ShardedBatchSampler, augment_cifar, load_cifar, load_mnist1d
 from harness.models import build_model, head_features
-from torch import nn
+from torch import Tensor, nn
+
+from tests._helpers.ddp import run_distributed
 
 
 @dataclasses.dataclass
@@ -221,3 +225,107 @@ def test_pre_logits_normalise_for_a_normalising_head() -> None:
     assert torch.equal(head_features(nn.Linear(2, 2), features), features)
     no_bn = build_model("mlp", (1, 40), 5, neck_batchnorm=False)
     assert not any(isinstance(m, nn.BatchNorm1d) for m in no_bn.neck.modules())
+
+
+# ------------------------------------------------------------------------------------ train loop
+
+
+def _gathered_bn_rank(rank: int, world_size: int, x: Tensor, split: int) -> dict[str, Tensor]:
+    from harness.train import GatheredBatchNorm
+
+    bn = GatheredBatchNorm(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    rows = slice(0, split) if rank == 0 else slice(split, None)
+    local = x[rows].clone().requires_grad_(True)
+    out = bn(local)
+    (out * torch.arange(1.0, 4.0).view(1, 3, 1)).pow(2).sum().backward()
+    assert bn.weight.grad is not None
+    return {
+        "out": out.detach(),
+        "grad": local.grad,
+        "weight_grad": bn.weight.grad,
+        "mean": bn.running_mean,
+        "var": bn.running_var,
+    }
+
+
+@pytest.mark.ddp
+def test_gathered_batchnorm_matches_batchnorm_on_the_global_batch() -> None:
+    x = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(0))
+    ranks = run_distributed(_gathered_bn_rank, 2, x, 5)  # ragged: 5 rows and 3 rows
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    whole = x.clone().requires_grad_(True)
+    out = bn(whole)
+    (out * torch.arange(1.0, 4.0).view(1, 3, 1)).pow(2).sum().backward()
+    # float32 reductions in a different order: agreement to a few ulps of the values involved
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach())
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), whole.grad)
+    # DDP averages parameter gradients; the loss of each rank covers its rows, so the sum matches
+    torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], bn.weight.grad)
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], bn.running_mean)
+        torch.testing.assert_close(r["var"], bn.running_var)
+
+
+def test_schedules_and_optimisers() -> None:
+    from harness.train import build_optimizer, build_scheduler
+
+    model = nn.Linear(2, 2)
+    for schedule, expected in (
+        ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+        ("step", lambda p: 0.1 ** ((p >= 0.5) + (p >= 0.75))),
+        ("constant", lambda p: 1.0),
+    ):
+        config = _Config(epochs=4, lr=0.2, schedule=schedule, warmup_epochs=1)
+        optimizer = build_optimizer(model, config, weight_decay=1e-3)
+        assert isinstance(optimizer, torch.optim.SGD)
+        assert optimizer.param_groups[0]["weight_decay"] == 1e-3
+        scheduler = build_scheduler(optimizer, config, steps_per_epoch=10)
+        lrs = []
+        for _ in range(40):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs[:10] == pytest.approx([0.2 * (s + 1) / 10 for s in range(10)])  # warm-up
+        assert lrs[10:] == pytest.approx([0.2 * expected((s - 10) / 30) for s in range(10, 40)])
+    adamw = build_optimizer(model, _Config(optimizer="adamw"), weight_decay=0.0)
+    assert isinstance(adamw, torch.optim.AdamW)
+
+
+# --------------------------------------------------------------------------------------- outputs
+
+
+def test_stats_tables_csv_and_plots(tmp_path: Path) -> None:
+    from harness.outputs import Panel, Stat, markdown_table, plot_panels, read_csv, summarize
+
+    values = [0.25, 0.5, 1.5]
+    stat = Stat.of(values)
+    assert stat.mean == pytest.approx(np.mean(values))
+    assert stat.std == pytest.approx(np.std(values, ddof=1))
+    assert Stat.of([2.0]).std == 0.0
+    assert Stat(1.0, 0.1, 2).separated_from(Stat(1.3, 0.1, 2))
+    assert not Stat(1.0, 0.2, 2).separated_from(Stat(1.3, 0.2, 2))
+    rows = [
+        {"run": run, "seed": seed, "epoch": epoch, "test_acc": 0.5 + 0.1 * seed + 0.01 * epoch}
+        for run in ("a", "b")
+        for seed in (0, 1)
+        for epoch in (1, 2)
+    ]
+    rows.append({"run": "a", "seed": 0, "epoch": 3, "loss": 1.0})  # not evaluated: ignored
+    path = tmp_path / "metrics.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["run", "seed", "epoch", "test_acc", "loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert read_csv(path) == rows
+    summary = summarize(read_csv(path), ["test_acc"])
+    assert list(summary) == ["a", "b"]
+    assert summary["a"]["test_acc"].mean == pytest.approx(0.57)  # epoch 2 of seeds 0 and 1
+    assert summary["a"]["test_acc"].std == pytest.approx(np.std([0.52, 0.62], ddof=1))
+    table = markdown_table(summary, {"test_acc": "test acc"}, {"a": "run A"})
+    assert table.splitlines()[2] == "| run A | 2 | 0.57 ± 0.0707 |"
+    png = plot_panels(rows, [Panel("acc", {"test_acc": ""}, log=True)], tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -90,6 +90,18 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.inputs.shape[1:])
 
+    def to(self, device: torch.device | str) -> Dataset:
+        """Both splits on ``device`` (the datasets here fit in memory, also on a GPU)."""
+        return Dataset(self.name, self.train.to(device), self.test.to(device), self.num_classes)
+
+    def preprocess(
+        self, inputs: Tensor, *, train: bool, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Float inputs for the model: CIFAR is normalised (and augmented when ``train``)."""
+        if self.name.startswith("cifar"):
+            return augment_cifar(inputs, self.name, train=train, generator=generator)
+        return inputs
+
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """``override``, else ``$TORCHCOLLAPSE_CACHE``, else ``~/.cache/torchcollapse``."""

@@ -1,0 +1,205 @@
+"""What a study leaves in its output folder: tables, plots and ``report.md``.
+
+The training loop writes ``config.json`` and ``metrics.csv`` (one row per run, seed and epoch);
+this module turns those rows into what a reader wants: the final value of each metric as
+``mean +- std`` over seeds (sample std, ``ddof=1``), curves over epochs with the spread of the seeds
+shaded, and a markdown report that embeds the plots. Matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Panel",
+    "Stat",
+    "final_rows",
+    "format_stat",
+    "markdown_table",
+    "plot_panels",
+    "read_csv",
+    "summarize",
+    "write_report",
+]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (0 for one value) and count of a metric over seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        n = len(values)
+        if n == 0:
+            return cls(math.nan, math.nan, 0)
+        mean = sum(values) / n
+        var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+        return cls(mean, math.sqrt(var), n)
+
+    def separated_from(self, other: Stat) -> bool:
+        """Whether the means differ by more than the two spreads together (a plain, strict test)."""
+        return abs(self.mean - other.mean) > self.std + other.std
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``metrics.csv``, numbers parsed (empty cells dropped)."""
+    rows: list[dict[str, Any]] = []
+    with Path(path).open(newline="") as handle:
+        for raw in csv.DictReader(handle):
+            row: dict[str, Any] = {}
+            for key, value in raw.items():
+                if value in ("", None):
+                    continue
+                try:
+                    number = float(value)
+                    row[key] = int(number) if key in ("epoch", "seed") else number
+                except ValueError:
+                    row[key] = value
+            rows.append(row)
+    return rows
+
+
+def final_rows(rows: Iterable[Mapping[str, Any]], key: str = "test_acc") -> list[Mapping[str, Any]]:
+    """The last evaluated row (holding ``key``) of each (run, seed)."""
+    last: dict[tuple[str, int], Mapping[str, Any]] = {}
+    for row in rows:
+        if key in row:
+            ident = (str(row["run"]), int(row["seed"]))
+            if ident not in last or row["epoch"] >= last[ident]["epoch"]:
+                last[ident] = row
+    return list(last.values())
+
+
+def summarize(
+    rows: Iterable[Mapping[str, Any]], metrics: Sequence[str], key: str = "test_acc"
+) -> dict[str, dict[str, Stat]]:
+    """``{run: {metric: Stat over seeds}}`` of the last evaluated rows (runs kept in order)."""
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for row in final_rows(rows, key):
+        grouped.setdefault(str(row["run"]), []).append(row)
+    return {
+        run: {m: Stat.of([float(r[m]) for r in group if m in r]) for m in metrics}
+        for run, group in grouped.items()
+    }
+
+
+def format_stat(stat: Stat, digits: int = 3) -> str:
+    """``mean +- std`` with ``digits`` significant digits (scientific below 1e-3)."""
+    if stat.n == 0:
+        return "n/a"
+
+    def fmt(x: float) -> str:
+        return f"{x:.{digits - 1}e}" if x != 0 and abs(x) < 1e-3 else f"{x:.{digits}g}"
+
+    return f"{fmt(stat.mean)} ± {fmt(stat.std)}" if stat.n > 1 else fmt(stat.mean)
+
+
+def markdown_table(
+    summary: Mapping[str, Mapping[str, Stat]],
+    columns: Mapping[str, str],
+    labels: Mapping[str, str] | None = None,
+) -> str:
+    """A markdown table: one row per run (``labels`` gives display names), ``columns`` = {metric:
+    header}; cells are ``mean ± std`` over seeds."""
+    labels = labels or {}
+    header = "| run | seeds | " + " | ".join(columns.values()) + " |"
+    rule = "|" + "---|" * (len(columns) + 2)
+    lines = [header, rule]
+    for run, stats in summary.items():
+        seeds = max((s.n for s in stats.values()), default=0)
+        cells = [format_stat(stats[m]) if m in stats else "n/a" for m in columns]
+        lines.append(f"| {labels.get(run, run)} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One subplot: curves of ``columns`` (``{column: line style label}``) per run over epochs."""
+
+    title: str
+    columns: Mapping[str, str]
+    log: bool = False
+    ylabel: str = ""
+
+
+_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_panels(
+    rows: Sequence[Mapping[str, Any]],
+    panels: Sequence[Panel],
+    path: str | Path,
+    labels: Mapping[str, str] | None = None,
+) -> Path:
+    """Save a row of subplots: for each run the mean over seeds, the seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or {}
+    runs = list(dict.fromkeys(str(r["run"]) for r in rows))
+    colours = {run: f"C{i % 10}" for i, run in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for run in runs:
+            for style, (column, name) in zip(_STYLES, panel.columns.items()):
+                by_epoch: dict[int, list[float]] = {}
+                for r in rows:
+                    if str(r["run"]) == run and column in r:
+                        value = float(r[column])
+                        if panel.log and value <= 0:
+                            continue
+                        by_epoch.setdefault(int(r["epoch"]), []).append(value)
+                if not by_epoch:
+                    continue
+                epochs = sorted(by_epoch)
+                mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+                low = [min(by_epoch[e]) for e in epochs]
+                high = [max(by_epoch[e]) for e in epochs]
+                label = f"{labels.get(run, run)}" + (f" ({name})" if name else "")
+                ax.plot(epochs, mean, style, color=colours[run], label=label, marker=".")
+                ax.fill_between(epochs, low, high, color=colours[run], alpha=0.15, linewidth=0)
+        if panel.log:
+            ax.set_yscale("log")
+        ax.set_title(panel.title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(names) - 1) // 4), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    path: str | Path,
+    title: str,
+    sections: Sequence[tuple[str, str]],
+    plots: Sequence[Path] = (),
+) -> Path:
+    """Write ``report.md``: a title, ``(heading, markdown)`` sections and the plots embedded."""
+    path = Path(path)
+    parts = [f"# {title}", ""]
+    for heading, body in sections:
+        parts += [f"## {heading}", "", body.strip(), ""]
+    if plots:
+        parts += ["## Plots", ""]
+        parts += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots]
+        parts.append("")
+    path.write_text("\n".join(parts))
+    return path
