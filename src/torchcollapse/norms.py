@@ -1,0 +1,241 @@
+"""Feature normalization layers for collapse-aware heads.
+
+- :class:`FeatureNorm`: L2 normalization of the features onto a sphere of a fixed or learnable
+  radius (learned in log space), as used before fixed-frame and cosine heads (e.g. Yang et al.,
+  2022, normalize the features before their ETF classifier; Wang et al., 2018, scale them by a
+  constant). Safe in float16/bfloat16: the norm is computed in float32.
+- :class:`FeatureCenter`: subtracts a running estimate of the global feature mean (the ``mu_G`` of
+  neural collapse, as a sample mean), with BatchNorm-like buffers averaged across processes.
+
+For centring *and* scaling with batch statistics, use ``torch.nn.BatchNorm1d(num_features,
+affine=False)`` (``torch.nn.SyncBatchNorm`` across processes): it is not re-implemented here.
+
+References:
+    Y. Yang, S. Chen, X. Li, L. Xie, Z. Lin, D. Tao, "Inducing neural collapse in imbalanced
+    learning: do we really need a learnable classifier at the end of deep neural network?",
+    NeurIPS 2022.
+    H. Wang, Y. Wang, Z. Zhou, X. Ji, D. Gong, J. Zhou, Z. Li, W. Liu, "CosFace: large margin
+    cosine loss for deep face recognition", CVPR 2018.
+    V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal phase of
+    deep learning training", PNAS 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchcollapse._distributed import all_reduce_sum, is_distributed
+
+__all__ = ["FeatureCenter", "FeatureNorm"]
+
+
+class FeatureNorm(nn.Module):
+    """L2-normalize features along ``dim`` and multiply by a scale: ``scale * h / ||h||``.
+
+    The scale is stored as its logarithm, ``log_scale``: a parameter when ``learnable`` (so the
+    learned scale stays positive and its steps are relative), a buffer otherwise. The norm is
+    computed in at least float32 and the output is cast back to the input dtype, so float16 and
+    bfloat16 inputs (or autocast) neither overflow in ``h^2`` nor divide by a rounded-to-zero
+    norm; norms below ``eps`` are clamped to ``eps``, which maps a zero vector to zero.
+
+    Args:
+        scale: the radius of the output sphere (initial value when learnable), positive.
+        learnable: learn the scale (in log space).
+        dim: the feature dimension.
+        eps: lower bound of the norm.
+        device: device of ``log_scale``.
+        dtype: dtype of ``log_scale`` (default float32).
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.norms import FeatureNorm
+        >>> norm = FeatureNorm(scale=10.0)
+        >>> norm(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))   # radius 10; zero stays zero
+        tensor([[6., 8.],
+                [0., 0.]])
+        >>> learned = FeatureNorm(scale=16.0, learnable=True)
+        >>> learned.scale                                # a positive, learned radius
+        tensor(16.0000, grad_fn=<ExpBackward0>)
+    """
+
+    log_scale: Tensor
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        learnable: bool = False,
+        *,
+        dim: int = -1,
+        eps: float = 1e-12,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not scale > 0 or not math.isfinite(scale):
+            raise ValueError(
+                f"Expected argument `scale` to be positive and finite, but got {scale}."
+            )
+        if not eps > 0:
+            raise ValueError(f"Expected argument `eps` to be positive, but got {eps}.")
+        self.learnable = learnable
+        self.dim = dim
+        self.eps = eps
+        self._init_scale = float(scale)
+        log_scale = torch.empty((), device=device, dtype=dtype or torch.float32)
+        if learnable:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set the scale back to its initial value."""
+        with torch.no_grad():
+            self.log_scale.fill_(math.log(self._init_scale))
+
+    @property
+    def scale(self) -> Tensor:
+        """The current scale, ``exp(log_scale)``."""
+        return self.log_scale.exp()
+
+    def extra_repr(self) -> str:
+        return f"scale={self._init_scale}, learnable={self.learnable}, dim={self.dim}"
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Normalize ``features`` along ``dim`` to norm ``scale``; same shape and dtype."""
+        if not isinstance(features, Tensor) or not features.is_floating_point():
+            raise TypeError(
+                "Expected argument `features` to be a floating-point tensor, but got "
+                f"{getattr(features, 'dtype', type(features).__name__)}."
+            )
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            h = features.to(dtype)
+            norm = torch.linalg.vector_norm(h, dim=self.dim, keepdim=True).clamp_min(self.eps)
+            out: Tensor = h / norm * self.log_scale.to(dtype).exp()
+        return out.to(features.dtype)
+
+
+class FeatureCenter(nn.Module):
+    """Subtract a running estimate of the global feature mean.
+
+    In training, the mean of the batch (over all leading dimensions, and over all processes when
+    ``torch.distributed`` is initialised and ``sync_dist``) updates ``running_mean``:
+    ``running_mean <- (1 - momentum) running_mean + momentum * batch_mean`` (a cumulative average
+    with ``momentum=None``), and the *updated* running mean is subtracted. The first batch sets it
+    directly (unlike ``BatchNorm``, which starts from zero). In evaluation the stored mean is
+    subtracted. The mean is a detached constant: the gradient passes through unchanged. Buffers
+    (``running_mean``, ``num_batches_tracked``) are identical on every rank, saved in the
+    ``state_dict`` and moved by ``.to()``; statistics accumulate in at least float32.
+
+    The global mean here is the *sample* mean of the features (the layer has no labels); with
+    balanced classes it is the mean of the class means of ``DESIGN.md``. For centring and scaling
+    by batch statistics use ``torch.nn.BatchNorm1d(num_features, affine=False)``.
+
+    Args:
+        num_features: size ``d`` of the last dimension.
+        momentum: update factor in ``(0, 1]``, or ``None`` for a cumulative average.
+        sync_dist: average the batch mean over processes when ``torch.distributed`` is
+            initialised.
+        process_group: process group for ``sync_dist`` (default: the world).
+        device: device of the buffers.
+        dtype: dtype of ``running_mean`` (default float32).
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.norms import FeatureCenter
+        >>> center = FeatureCenter(2, momentum=0.5)
+        >>> center(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))   # first batch: its own mean, (2, 3)
+        tensor([[-1., -1.],
+                [ 1.,  1.]])
+        >>> _ = center(torch.tensor([[4.0, 5.0]]))           # running mean -> (3, 4)
+        >>> center.running_mean
+        tensor([3., 4.])
+        >>> _ = center.eval()
+        >>> center(torch.tensor([[3.0, 4.0]]))               # evaluation: stored mean
+        tensor([[0., 0.]])
+    """
+
+    running_mean: Tensor
+    num_batches_tracked: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float | None = 0.1,
+        *,
+        sync_dist: bool = True,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(
+                "Expected argument `num_features` to be a positive integer, but got "
+                f"{num_features}."
+            )
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(
+                f"Expected argument `momentum` to be in (0, 1] or None, but got {momentum}."
+            )
+        self.num_features = num_features
+        self.momentum = momentum
+        self.sync_dist = sync_dist
+        self.process_group = process_group
+        self.register_buffer(
+            "running_mean", torch.zeros(num_features, device=device, dtype=dtype or torch.float32)
+        )
+        self.register_buffer(
+            "num_batches_tracked", torch.zeros((), dtype=torch.long, device=device)
+        )
+
+    def reset_running_stats(self) -> None:
+        """Forget the running mean."""
+        self.running_mean.zero_()
+        self.num_batches_tracked.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, momentum={self.momentum}"
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``features`` (``(..., d)``) minus the running mean; same shape and dtype."""
+        if not isinstance(features, Tensor) or not features.is_floating_point():
+            raise TypeError(
+                "Expected argument `features` to be a floating-point tensor, but got "
+                f"{getattr(features, 'dtype', type(features).__name__)}."
+            )
+        if features.ndim < 1 or features.shape[-1] != self.num_features:
+            raise ValueError(
+                f"Expected argument `features` to have last dimension {self.num_features}, but "
+                f"got shape {tuple(features.shape)}."
+            )
+        if self.training:
+            self._update(features.detach())
+        return features - self.running_mean.to(features.dtype)
+
+    @torch.no_grad()
+    def _update(self, features: Tensor) -> None:
+        dtype = torch.promote_types(
+            torch.promote_types(features.dtype, self.running_mean.dtype), torch.float32
+        )
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            flat = features.reshape(-1, self.num_features).to(dtype)
+            packed = torch.cat([flat.sum(0), flat.new_full((1,), float(flat.shape[0]))])
+            if self.sync_dist and is_distributed(self.process_group):
+                all_reduce_sum(packed, self.process_group)
+            count = packed[-1]
+            batch_mean = packed[:-1] / count.clamp_min(1.0)
+            tracked = self.num_batches_tracked.to(dtype)
+            if self.momentum is None:
+                factor = 1.0 / (tracked + 1.0)
+            else:
+                factor = torch.where(tracked > 0, torch.full_like(tracked, self.momentum), 1.0)
+            factor = torch.where(count > 0, factor, torch.zeros_like(factor))
+            running = self.running_mean.to(dtype)
+            self.running_mean.copy_(running + factor * (batch_mean - running))
+            self.num_batches_tracked.add_((count > 0).long())

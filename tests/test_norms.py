@@ -1,0 +1,197 @@
+"""FeatureNorm and FeatureCenter against loops in float64, in half precision, and across processes.
+
+Tolerances: float64 results differ from the loops by rounding only (rtol 1e-12); half-precision
+outputs are compared with the float64 result on the same (rounded) inputs to the output dtype's
+resolution (float16: 2**-11, bfloat16: 2**-8, so rtol 2e-3 / 1e-2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tests._helpers.ddp import run_distributed
+from tests._helpers.testers import check_module
+from torchcollapse.norms import FeatureCenter, FeatureNorm
+
+
+def test_feature_norm_matches_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    out = FeatureNorm(scale=3.5, dtype=torch.float64)(features)
+    for i in range(7):
+        norm = math.sqrt(sum(float(v) ** 2 for v in features[i]))
+        for j in range(5):
+            assert float(out[i, j]) == pytest.approx(3.5 * float(features[i, j]) / norm, rel=1e-12)
+
+
+def test_feature_norm_along_a_chosen_dim() -> None:
+    features = torch.randn(3, 4, 6, dtype=torch.float64)
+    out = FeatureNorm(scale=2.0, dim=1).double()(features)
+    torch.testing.assert_close(out.norm(dim=1), torch.full((3, 6), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        out / out.norm(dim=1, keepdim=True), features / features.norm(dim=1, keepdim=True)
+    )
+
+
+def test_learnable_scale_lives_in_log_space() -> None:
+    norm = FeatureNorm(scale=4.0, learnable=True, dtype=torch.float64)
+    assert isinstance(norm.log_scale, nn.Parameter)
+    assert norm.log_scale.item() == pytest.approx(math.log(4.0))
+    features = torch.randn(6, 3, dtype=torch.float64)
+    upstream = torch.randn(6, 3, dtype=torch.float64)
+    out = norm(features)
+    (out * upstream).sum().backward()
+    # d/d(log s) of sum(s * u * g) is sum(out * g)
+    assert norm.log_scale.grad.item() == pytest.approx(
+        float((out * upstream).sum().detach()), rel=1e-12
+    )
+    with torch.no_grad():
+        norm.log_scale -= 100.0  # a huge step still leaves a positive scale
+    assert norm.scale.item() > 0
+    fixed = FeatureNorm(scale=4.0)
+    assert "log_scale" in dict(fixed.named_buffers())
+    assert not list(fixed.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_feature_norm_is_safe_in_half_precision(dtype: torch.dtype) -> None:
+    rows = torch.tensor(
+        [
+            [300.0, 400.0, 0.0, 0.0],  # squares overflow float16 (max 65504)
+            [3e-4, -4e-4, 0.0, 0.0],  # squares underflow float16
+            [0.0, 0.0, 0.0, 0.0],  # the zero vector
+            [1.0, 2.0, -2.0, 4.0],
+        ]
+    ).to(dtype)
+    norm = FeatureNorm(scale=8.0)
+    out = norm(rows)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    expected = FeatureNorm(scale=8.0).double()(rows.double())
+    rtol = 2e-3 if dtype == torch.float16 else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=1e-6)
+    assert torch.equal(out[2], torch.zeros(4, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = nn.Linear(4, 4)(rows.float())
+        assert torch.isfinite(norm(features)).all()
+    leaf = rows.clone().requires_grad_()
+    norm(leaf).sum().backward()
+    assert torch.isfinite(leaf.grad[:2]).all()
+
+
+def test_feature_center_matches_loop_over_steps() -> None:
+    g = torch.Generator().manual_seed(1)
+    for momentum in (0.25, None):
+        center = FeatureCenter(3, momentum=momentum).double()
+        running = [0.0, 0.0, 0.0]
+        for step in range(4):
+            batch = torch.randn(5 + step, 3, dtype=torch.float64, generator=g) + 2.0
+            means = [
+                sum(float(batch[i, j]) for i in range(len(batch))) / len(batch) for j in range(3)
+            ]
+            factor = 1.0 if step == 0 else (1.0 / (step + 1) if momentum is None else momentum)
+            running = [r + factor * (m - r) for r, m in zip(running, means)]
+            out = center(batch)
+            expected = batch - torch.tensor(running, dtype=torch.float64)
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        assert center.num_batches_tracked.item() == 4
+        center.eval()
+        probe = torch.randn(2, 3, dtype=torch.float64, generator=g)
+        torch.testing.assert_close(
+            center(probe), probe - torch.tensor(running, dtype=torch.float64)
+        )
+        assert center.num_batches_tracked.item() == 4  # no update in evaluation
+
+
+def test_feature_center_gradient_passes_through_and_leading_dims() -> None:
+    center = FeatureCenter(4).double()
+    features = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    out = center(features)
+    torch.testing.assert_close(center.running_mean, features.detach().reshape(-1, 4).mean(0))
+    upstream = torch.randn(2, 3, 4, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(features.grad, upstream)  # the mean is a constant
+    center(torch.empty(0, 4, dtype=torch.float64))  # an empty batch changes nothing
+    assert center.num_batches_tracked.item() == 1
+    assert torch.isfinite(center.running_mean).all()
+
+
+def test_feature_center_half_inputs_accumulate_in_float32() -> None:
+    center = FeatureCenter(2)
+    features = torch.full((4096, 2), 1.0009765625, dtype=torch.float16)  # 1 + 2**-10
+    out = center(features)
+    assert out.dtype == torch.float16
+    assert center.running_mean.dtype == torch.float32
+    torch.testing.assert_close(center.running_mean, torch.full((2,), 1.0009765625))
+
+
+def test_norm_modules_pass_module_checks() -> None:
+    features = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
+    check_module(lambda: FeatureNorm(scale=2.0), (features,))
+    check_module(lambda: FeatureNorm(scale=2.0, learnable=True), (features,))
+
+    def trained_center() -> FeatureCenter:
+        center = FeatureCenter(5, momentum=0.5)
+        center(torch.randn(8, 5) + 3.0)
+        return center
+
+    check_module(trained_center, (features,))
+
+
+def test_documented_errors() -> None:
+    with pytest.raises(ValueError, match="`scale` to be positive"):
+        FeatureNorm(scale=0.0)
+    with pytest.raises(ValueError, match="`eps` to be positive"):
+        FeatureNorm(eps=0.0)
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        FeatureNorm()(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="`num_features` to be a positive integer"):
+        FeatureCenter(0)
+    with pytest.raises(ValueError, match="`momentum`"):
+        FeatureCenter(3, momentum=0.0)
+    with pytest.raises(ValueError, match="last dimension 3"):
+        FeatureCenter(3)(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        FeatureCenter(3)(torch.ones(2, 3, dtype=torch.long))
+
+
+SPLITS = ((3, 9), (10, 4))  # ragged per-rank batch sizes at two steps
+
+
+def _batches() -> list[Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(sum(s), 3, dtype=torch.float64, generator=g) * 2 + 1 for s in SPLITS]
+
+
+def _center_worker(rank: int, world_size: int) -> dict[str, Tensor]:
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        nn.Sequential(nn.Linear(3, 3), FeatureCenter(3, momentum=0.3)).double()
+    )
+    outputs = []
+    for sizes, batch in zip(SPLITS, _batches()):
+        rows = slice(0, sizes[0]) if rank == 0 else slice(sizes[0], None)
+        outputs.append(model(batch[rows]).detach())
+    return {"running_mean": model.module[1].running_mean.clone(), "output": torch.cat(outputs)}
+
+
+@pytest.mark.ddp
+def test_feature_center_averages_across_processes() -> None:
+    results = run_distributed(_center_worker, 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), FeatureCenter(3, momentum=0.3)).double()
+    outputs = [model(batch).detach() for batch in _batches()]
+    for result in results:
+        torch.testing.assert_close(
+            result["running_mean"], model[1].running_mean, rtol=1e-12, atol=1e-12
+        )
+    for step, sizes in enumerate(SPLITS):
+        rank0 = (
+            results[0]["output"][: sizes[0]] if step == 0 else results[0]["output"][SPLITS[0][0] :]
+        )
+        torch.testing.assert_close(rank0, outputs[step][: sizes[0]], rtol=1e-12, atol=1e-12)
