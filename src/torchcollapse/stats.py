@@ -1,0 +1,600 @@
+"""Class statistics: the sufficient statistics of neural collapse, accumulated exactly.
+
+Every collapse quantity (Papyan, Han & Donoho, 2020, "Prevalence of neural collapse during the
+terminal phase of deep learning training"; Galanti, Gyorgy & Hutter, 2022, "On the role of neural
+collapse in transfer learning") is a function of a few statistics of features ``h_i`` in ``R^d`` and
+labels ``y_i`` in ``{0, ..., K-1}``: the per-class counts, the per-class means, the pooled
+within-class scatter (``d x d``) and the per-class within-class sums of squares.
+:class:`ClassStatistics` owns them: built from a batch, updated in place, merged exactly with
+another one and reduced across processes.
+
+**Exactness.** A one-pass raw second moment ``sum h h^T - n mu mu^T`` cancels catastrophically late
+in training, when the within-class spread is ``1e-3`` of the features' offset. Instead, every class
+``c`` keeps a *shift* ``s_c``: one of its own samples (the first one seen). The statistics are
+accumulated about that shift, in float64:
+
+- ``counts[c] = n_c``;
+- ``sums[c] = sum_{y_i = c} (h_i - s_c)``;
+- ``sum_squares[c] = sum_{y_i = c} ||h_i - s_c||^2``;
+- ``scatter = sum_i (h_i - s_{y_i}) (h_i - s_{y_i})^T``.
+
+The centred values ``h_i - s_c`` are small (of the order of the within-class spread, whatever the
+offset) and are formed in float64, where the subtraction of two input values is exact to one
+rounding. The within-class statistics about the true class means follow with small corrections,
+``S_W = scatter - sum_c sums_c sums_c^T / n_c``, because ``s_c`` is a sample of class ``c``. Two
+statistics with different shifts merge exactly by re-expressing one about the other's shift (the
+pairwise update of Chan, Golub & LeVeque, 1979, in matrix form), which is also how statistics of
+several processes are combined.
+
+**Speed.** The ``d x d`` product is the cost of an update. It runs in float64 (a float32 product of
+a batch of ``1000`` rows already errs by ``~1e-6`` relative, the whole error budget); on CPU
+only its upper block triangle is multiplied, panel by panel, about half the flops of the full
+product, so that a float64 update stays close to the float32 Gram ``features.T @ features`` (the
+floor). On GPUs, whose float64 throughput matches float32 (H100/H200), it is one ``addmm``.
+
+``update`` does no host-device synchronisation when ``validate_args=False``: shifts are set with
+``torch.where`` on the counts, and no per-update work is proportional to ``K x d``.
+
+Example:
+    >>> import torch
+    >>> from torchcollapse.stats import ClassStatistics
+    >>> features = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    >>> target = torch.tensor([0, 0, 1, 1])
+    >>> stats = ClassStatistics.from_features(features, target, num_classes=3)
+    >>> stats.counts  # the third class has no samples
+    tensor([2., 2., 0.], dtype=torch.float64)
+    >>> stats.class_means()  # absent classes have no mean
+    tensor([[2., 0.],
+            [0., 3.],
+            [nan, nan]], dtype=torch.float64)
+    >>> stats.within_class_scatter()  # sum of (h - mu_y)(h - mu_y)^T over the samples
+    tensor([[2., 0.],
+            [0., 2.]], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from torchcollapse._distributed import is_distributed
+
+__all__ = ["ClassStatistics"]
+
+
+def _shape(tensor: Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def _check_features(features: Any, name: str = "features") -> None:
+    if not isinstance(features, Tensor):
+        raise TypeError(
+            f"Expected argument `{name}` to be a torch.Tensor, but got {type(features)}."
+        )
+    if features.ndim != 2:
+        raise ValueError(
+            f"Expected argument `{name}` to be a 2-D tensor of shape (num_samples, num_features),"
+            f" but got shape {_shape(features)}."
+        )
+    if not features.is_floating_point():
+        raise TypeError(
+            f"Expected argument `{name}` to be a floating point tensor, but got dtype"
+            f" {features.dtype}."
+        )
+
+
+def _check_num_classes(num_classes: Any) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"Expected argument `num_classes` to be a positive integer, but got {num_classes!r}."
+        )
+
+
+def _check_features_target(
+    features: Any, target: Any, num_classes: int, *, validate_args: bool = True
+) -> None:
+    """Validate a batch: shapes and dtypes always; values (finite, in range) when ``validate_args``.
+
+    The value checks read results back from the device (a host-device synchronisation); turn them
+    off with ``validate_args=False`` for a synchronisation-free update.
+    """
+    _check_features(features)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"Expected argument `target` to be a torch.Tensor, but got {type(target)}.")
+    if target.ndim != 1:
+        raise ValueError(
+            f"Expected argument `target` to be a 1-D tensor of class indices, but got shape"
+            f" {_shape(target)}."
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"Expected argument `target` to be an integer tensor of class indices, but got dtype"
+            f" {target.dtype}."
+        )
+    if target.shape[0] != features.shape[0]:
+        raise ValueError(
+            "Expected arguments `features` and `target` to have the same number of samples, but got"
+            f" {features.shape[0]} and {target.shape[0]}."
+        )
+    if target.device != features.device:
+        raise ValueError(
+            "Expected arguments `features` and `target` to be on the same device, but got"
+            f" {features.device} and {target.device}."
+        )
+    if not validate_args or target.numel() == 0:
+        return
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"Expected argument `target` to hold class indices in [0, {num_classes - 1}]"
+            f" (num_classes={num_classes}), but got values in [{low}, {high}]."
+        )
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+        raise ValueError(
+            f"Expected argument `features` to be finite, but got NaN or Inf in {bad} of"
+            f" {features.shape[0]} rows. Pass `validate_args=False` to skip this check."
+        )
+
+
+class ClassStatistics:
+    """Per-class counts, sums and sums of squares, and the pooled within-class scatter.
+
+    The statistics of features ``h_i`` (``d``-dimensional) with labels ``y_i`` in
+    ``{0, ..., K-1}``, accumulated about a per-class shift ``s_c`` (one of the class's samples)
+    so that they stay exact whatever the features' offset; see the module
+    docstring. All tensors share one dtype (float64 by default) and one device.
+
+    Args:
+        counts: ``(K,)`` number of samples per class (stored as floats).
+        shift: ``(K, d)`` the shift ``s_c`` of each class (arbitrary for classes without samples).
+        sums: ``(K, d)`` ``sum_{y_i = c} (h_i - s_c)``.
+        sum_squares: ``(K,)`` ``sum_{y_i = c} ||h_i - s_c||^2``.
+        scatter: ``(d, d)`` ``sum_i (h_i - s_{y_i})(h_i - s_{y_i})^T``.
+
+    Use :meth:`zeros`, :meth:`from_features` or :meth:`unpack` rather than the constructor.
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.stats import ClassStatistics
+        >>> _ = torch.manual_seed(0)
+        >>> features, target = torch.randn(100, 8), torch.randint(0, 4, (100,))
+        >>> stats = ClassStatistics.zeros(num_classes=4, num_features=8)
+        >>> for f, t in zip(features.split(30), target.split(30)):  # stream ragged batches
+        ...     _ = stats.update(f, t)
+        >>> whole = ClassStatistics.from_features(features, target, num_classes=4)
+        >>> torch.allclose(stats.within_class_scatter(), whole.within_class_scatter())
+        True
+        >>> half = ClassStatistics.from_features(features[:50], target[:50], num_classes=4)
+        >>> rest = ClassStatistics.from_features(features[50:], target[50:], num_classes=4)
+        >>> torch.allclose(half.merge(rest).class_means(), whole.class_means())  # exact merge
+        True
+    """
+
+    __slots__ = ("counts", "scatter", "shift", "sum_squares", "sums")
+
+    def __init__(
+        self, counts: Tensor, shift: Tensor, sums: Tensor, sum_squares: Tensor, scatter: Tensor
+    ) -> None:
+        if shift.ndim != 2:
+            raise ValueError(f"Expected argument `shift` to be 2-D, but got shape {_shape(shift)}.")
+        num_classes, num_features = shift.shape
+        expected = {
+            "counts": (num_classes,),
+            "sums": (num_classes, num_features),
+            "sum_squares": (num_classes,),
+            "scatter": (num_features, num_features),
+        }
+        given = {"counts": counts, "sums": sums, "sum_squares": sum_squares, "scatter": scatter}
+        for name, tensor in given.items():
+            if _shape(tensor) != expected[name]:
+                raise ValueError(
+                    f"Expected argument `{name}` to have shape {expected[name]}, but got"
+                    f" {_shape(tensor)}."
+                )
+            if tensor.dtype != shift.dtype or tensor.device != shift.device:
+                raise ValueError(
+                    f"Expected argument `{name}` to have dtype {shift.dtype} on {shift.device}, but"
+                    f" got {tensor.dtype} on {tensor.device}."
+                )
+        self.counts = counts
+        self.shift = shift
+        self.sums = sums
+        self.sum_squares = sum_squares
+        self.scatter = scatter
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def zeros(
+        cls,
+        num_classes: int,
+        num_features: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> ClassStatistics:
+        """Empty statistics (no samples) for ``num_classes`` classes of ``num_features`` features.
+
+        Args:
+            num_classes: number of classes ``K``.
+            num_features: feature dimension ``d``.
+            device: where the statistics live.
+            dtype: accumulation dtype; float64 (the default) is what makes them exact.
+
+        Example:
+            >>> ClassStatistics.zeros(3, 2).num_present
+            0
+        """
+        _check_num_classes(num_classes)
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(
+                f"Expected argument `num_features` to be a positive integer, but got"
+                f" {num_features!r}."
+            )
+        return cls.unpack(
+            torch.zeros(cls.packed_size(num_classes, num_features), device=device, dtype=dtype),
+            num_classes,
+        )
+
+    @classmethod
+    def from_features(
+        cls,
+        features: Tensor,
+        target: Tensor,
+        num_classes: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        validate_args: bool = True,
+    ) -> ClassStatistics:
+        """Statistics of one batch.
+
+        Args:
+            features: ``(N, d)`` floating point features (any float dtype, any device).
+            target: ``(N,)`` integer class indices in ``[0, num_classes)``.
+            num_classes: number of classes ``K``.
+            dtype: accumulation dtype (float64 by default).
+            validate_args: check that labels are in range and features finite (this reads values
+                back from the device).
+
+        The result is differentiable with respect to ``features`` when they require grad (the
+        shifts are constants); it then holds new tensors rather than views of one flat tensor.
+
+        Example:
+            >>> stats = ClassStatistics.from_features(torch.eye(3), torch.tensor([0, 1, 1]), 2)
+            >>> stats.counts
+            tensor([1., 2.], dtype=torch.float64)
+        """
+        _check_num_classes(num_classes)
+        _check_features(features)
+        stats = cls.zeros(num_classes, features.shape[1], device=features.device, dtype=dtype)
+        return stats.update(features, target, validate_args=validate_args)
+
+    # ------------------------------------------------------------------ packing
+    @staticmethod
+    def packed_size(num_classes: int, num_features: int) -> int:
+        """Length of the flat tensor that :meth:`pack` returns: ``2K + 2Kd + d^2``."""
+        return 2 * num_classes + 2 * num_classes * num_features + num_features * num_features
+
+    @staticmethod
+    def num_features_from_packed_size(size: int, num_classes: int) -> int:
+        """Invert :meth:`packed_size` for ``d`` (raises if ``size`` does not fit)."""
+        disc = num_classes * num_classes - 2 * num_classes + size
+        root = math.isqrt(disc) if disc >= 0 else -1
+        num_features = root - num_classes
+        if (
+            root < 0
+            or num_features < 1
+            or ClassStatistics.packed_size(num_classes, num_features) != size
+        ):
+            raise ValueError(
+                "Expected a packed statistics tensor of length 2K + 2Kd + d^2 for K ="
+                f" {num_classes}, but got length {size}."
+            )
+        return num_features
+
+    def pack(self) -> Tensor:
+        """One flat tensor ``[counts, sum_squares, shift, sums, scatter]`` (a copy).
+
+        Example:
+            >>> stats = ClassStatistics.from_features(torch.ones(2, 3), torch.tensor([0, 1]), 2)
+            >>> ClassStatistics.unpack(stats.pack(), num_classes=2).counts
+            tensor([1., 1.], dtype=torch.float64)
+        """
+        return torch.cat(
+            [
+                self.counts,
+                self.sum_squares,
+                self.shift.reshape(-1),
+                self.sums.reshape(-1),
+                self.scatter.reshape(-1),
+            ]
+        )
+
+    @classmethod
+    def unpack(cls, packed: Tensor, num_classes: int) -> ClassStatistics:
+        """Statistics whose tensors are *views* of the flat tensor ``packed`` (see :meth:`pack`).
+
+        In-place updates of the returned statistics (:meth:`update`) write into ``packed``.
+        """
+        if packed.ndim != 1:
+            raise ValueError(
+                f"Expected argument `packed` to be 1-D, but got shape {_shape(packed)}."
+            )
+        k = num_classes
+        d = cls.num_features_from_packed_size(packed.numel(), k)
+        bounds = [0, k, 2 * k, 2 * k + k * d, 2 * k + 2 * k * d, packed.numel()]
+        # Plain slices (not ``split``), so that the views may be updated in place under autograd.
+        counts, sum_squares, shift, sums, scatter = (
+            packed[a:b] for a, b in itertools.pairwise(bounds)
+        )
+        return cls(counts, shift.view(k, d), sums.view(k, d), sum_squares, scatter.view(d, d))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_classes(self) -> int:
+        """Number of classes ``K`` (present or not)."""
+        return int(self.shift.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        """Feature dimension ``d``."""
+        return int(self.shift.shape[1])
+
+    @property
+    def present(self) -> Tensor:
+        """``(K,)`` boolean mask of the classes with at least one sample."""
+        return self.counts > 0
+
+    @property
+    def num_present(self) -> int:
+        """Number of classes with at least one sample (reads a value from the device)."""
+        return int(self.present.sum())
+
+    @property
+    def total(self) -> Tensor:
+        """Total number of samples ``N`` (a 0-d tensor)."""
+        return self.counts.sum()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Accumulation dtype."""
+        return self.counts.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the statistics."""
+        return self.counts.device
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_classes={self.num_classes},"
+            f" num_features={self.num_features}, dtype={self.dtype}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ derived statistics
+    def class_means(self) -> Tensor:
+        """``(K, d)`` class means ``mu_c``; rows of classes without samples are NaN.
+
+        Differentiable where the statistics are.
+        """
+        present = self.present.unsqueeze(1)
+        means = self.shift + self.sums / self.counts.clamp_min(1).unsqueeze(1)
+        return torch.where(present, means, torch.full_like(means, float("nan")))
+
+    def mean_offsets(self) -> Tensor:
+        """``(K, d)`` ``mu_c - s_c``: class means relative to the shifts (0 if absent)."""
+        return self.sums / self.counts.clamp_min(1).unsqueeze(1)
+
+    def within_class_scatter(self) -> Tensor:
+        """``(d, d)`` within-class scatter ``sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T``.
+
+        Divide by :attr:`total` for the (biased) within-class covariance ``Sigma_W``.
+        """
+        scaled = self.sums / self.counts.clamp_min(1).sqrt().unsqueeze(1)
+        return self.scatter - scaled.T @ scaled
+
+    def within_class_sum_squares(self) -> Tensor:
+        """``(K,)`` ``sum_{y_i = c} ||h_i - mu_c||^2`` (0 for classes without samples)."""
+        return self.sum_squares - self.sums.square().sum(1) / self.counts.clamp_min(1)
+
+    # ------------------------------------------------------------------ accumulation
+    def update(
+        self, features: Tensor, target: Tensor, *, validate_args: bool = True
+    ) -> ClassStatistics:
+        """Add a batch to the statistics, in place, and return ``self``.
+
+        Args:
+            features: ``(B, d)`` features of any floating dtype, on the statistics' device.
+            target: ``(B,)`` integer class indices in ``[0, K)``.
+            validate_args: check label range and finiteness (reads values back from the device;
+                with ``False`` the update performs no host-device synchronisation).
+
+        A class seen for the first time takes its first sample in the batch as its shift.
+        Features are centred about their class's shift and multiplied in the accumulation dtype
+        (float64 by default): on CPU the symmetric ``d x d`` product is formed panel by panel over
+        its upper triangle (about half the flops of a full product), which keeps a float64 update
+        close to the float32 Gram ``features.T @ features``. Nothing proportional to ``K x d`` is
+        computed.
+        """
+        _check_features_target(features, target, self.num_classes, validate_args=validate_args)
+        if features.shape[1] != self.num_features:
+            raise ValueError(
+                f"Expected argument `features` to have {self.num_features} features (columns), but"
+                f" got shape {_shape(features)}."
+            )
+        if features.device != self.device:
+            raise ValueError(
+                f"Expected argument `features` to be on {self.device}, but got {features.device}."
+            )
+        if features.shape[0] == 0:
+            return self
+        target = target.long()
+        state = self.dtype
+        num_samples = features.shape[0]
+        with torch.no_grad():
+            # Index, within the batch, of the first sample of every class.
+            first = torch.full((self.num_classes,), num_samples, device=self.device)
+            positions = torch.arange(num_samples, device=self.device)
+            first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
+            candidate = features.detach().index_select(0, first.index_select(0, target))
+            new = self.counts.index_select(0, target) == 0
+            shift = torch.where(
+                new.unsqueeze(1), candidate.to(state), self.shift.index_select(0, target)
+            )
+            # Rows of one class carry identical values, so duplicate indices write the same row.
+            self.shift.index_copy_(0, target, shift)
+        ones = torch.ones(num_samples, device=self.device, dtype=state)
+        if torch.is_grad_enabled() and features.requires_grad:
+            # Out of place, so that autograd records the batch (the tensors stop being views).
+            centred = features.to(state) - shift
+            self.counts = self.counts.index_add(0, target, ones)
+            self.sums = self.sums.index_add(0, target, centred)
+            squares = torch.linalg.vecdot(centred, centred)
+            self.sum_squares = self.sum_squares.index_add(0, target, squares)
+            self.scatter = self.scatter + centred.T @ centred
+            return self
+        # Centred features, stored transposed (d, B) so that row panels are contiguous.
+        transposed = torch.empty((self.num_features, num_samples), device=self.device, dtype=state)
+        centred = torch.sub(features, shift, out=transposed.T)  # promoted to the state dtype
+        self.counts.index_add_(0, target, ones)
+        self.sums.index_add_(0, target, centred)
+        self.sum_squares.index_add_(0, target, torch.linalg.vecdot(centred, centred))
+        _add_gram_(self.scatter, transposed)
+        return self
+
+    def merge(self, other: ClassStatistics) -> ClassStatistics:
+        """Exact statistics of the union of the samples of ``self`` and ``other`` (a new object).
+
+        Classes present in both keep ``self``'s shift; ``other``'s sums are re-expressed about it
+        with ``delta = s_other - s_self``: ``sums += n delta``, ``sum_squares += 2 delta . sums +
+        n ||delta||^2`` and ``scatter += U^T D + D^T U`` with ``D`` the stacked deltas and
+        ``U = sums + n delta / 2``, computed only for the classes present in both (this reads the
+        number of such classes back from the device).
+
+        Example:
+            >>> a = ClassStatistics.from_features(torch.tensor([[0.0], [2.0]]), torch.arange(2), 2)
+            >>> b = ClassStatistics.from_features(torch.tensor([[4.0]]), torch.tensor([1]), 2)
+            >>> a.merge(b).class_means()
+            tensor([[0.],
+                    [3.]], dtype=torch.float64)
+        """
+        if not isinstance(other, ClassStatistics):
+            raise TypeError(
+                f"Expected argument `other` to be a ClassStatistics, but got {type(other)}."
+            )
+        if (other.num_classes, other.num_features) != (self.num_classes, self.num_features):
+            raise ValueError(
+                f"Expected argument `other` to have num_classes={self.num_classes} and"
+                f" num_features={self.num_features}, but got {other.num_classes} and"
+                f" {other.num_features}."
+            )
+        other = other.to(device=self.device, dtype=self.dtype)
+        mine, theirs = self.present, other.present
+        both = mine & theirs
+        shift = torch.where(mine.unsqueeze(1), self.shift, other.shift)
+        delta = torch.where(both.unsqueeze(1), other.shift - self.shift, 0.0)
+        sums = other.sums + other.counts.unsqueeze(1) * delta
+        sum_squares = (
+            other.sum_squares
+            + 2 * (delta * other.sums).sum(1)
+            + other.counts * delta.square().sum(1)
+        )
+        scatter = other.scatter.clone()
+        rows = torch.nonzero(both & (delta != 0).any(1)).squeeze(1)
+        if rows.numel() > 0:
+            d_rows = delta.index_select(0, rows)
+            u_rows = other.sums.index_select(0, rows) + 0.5 * (
+                other.counts.index_select(0, rows).unsqueeze(1) * d_rows
+            )
+            cross = u_rows.T @ d_rows
+            scatter = scatter + cross + cross.T
+        return ClassStatistics(
+            self.counts + other.counts,
+            shift,
+            self.sums + sums,
+            self.sum_squares + sum_squares,
+            self.scatter + scatter,
+        )
+
+    @classmethod
+    def merge_all(cls, statistics: Sequence[ClassStatistics]) -> ClassStatistics:
+        """Exact merge of several statistics, left to right (see :meth:`merge`)."""
+        if len(statistics) == 0:
+            raise ValueError("Expected argument `statistics` to hold at least one ClassStatistics.")
+        merged = statistics[0]
+        for other in statistics[1:]:
+            merged = merged.merge(other)
+        return merged
+
+    def reduce(self, group: Any = None) -> ClassStatistics:
+        """Exact statistics over all processes of ``group`` (a new object; not differentiable).
+
+        Gathers every process's statistics (``world_size`` times their memory) and merges them in
+        rank order, so that every process gets the same result. Without an initialised process
+        group this returns a copy of ``self``.
+        """
+        packed = self.pack().detach()
+        if not is_distributed(group):
+            return ClassStatistics.unpack(packed.clone(), self.num_classes)
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, packed.contiguous(), group=group)
+        return ClassStatistics.merge_all(
+            [ClassStatistics.unpack(g, self.num_classes) for g in gathered]
+        )
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ClassStatistics:
+        """The statistics on another device or dtype (``self`` when nothing changes)."""
+        if (device is None or torch.device(device) == self.device) and (
+            dtype is None or dtype == self.dtype
+        ):
+            return self
+        return ClassStatistics(
+            *(
+                t.to(device=device, dtype=dtype)
+                for t in (self.counts, self.shift, self.sums, self.sum_squares, self.scatter)
+            )
+        )
+
+    def clone(self) -> ClassStatistics:
+        """A copy that shares no memory with ``self``."""
+        return ClassStatistics.unpack(self.pack().clone(), self.num_classes)
+
+
+def _merge_packed(stacked: Tensor, num_classes: int) -> Tensor:
+    """Merge a ``(P, L)`` stack of packed statistics (rows from :meth:`ClassStatistics.pack`)."""
+    parts = [ClassStatistics.unpack(row, num_classes) for row in stacked.unbind(0)]
+    return ClassStatistics.merge_all(parts).pack()
+
+
+def _gram_panel(num_features: int, device: torch.device) -> int:
+    """Rows per panel of the blocked symmetric product (the whole matrix on accelerators)."""
+    if device.type != "cpu" or num_features <= 128:
+        return num_features
+    return max(64, num_features // 8)
+
+
+def _add_gram_(scatter: Tensor, transposed: Tensor) -> None:
+    """``scatter += X^T X`` for ``transposed = X^T`` of shape ``(d, B)`` (row-contiguous).
+
+    On CPU only the upper block triangle is multiplied, panel by panel, and mirrored: about half
+    the flops of the full product, which makes float64 about as fast as a float32 Gram. Exactly
+    symmetric on CPU.
+    """
+    num_features = transposed.shape[0]
+    panel = _gram_panel(num_features, transposed.device)
+    if panel >= num_features:
+        scatter.addmm_(transposed, transposed.T)
+        return
+    for start in range(0, num_features, panel):
+        stop = min(num_features, start + panel)
+        scatter[start:stop, start:].addmm_(transposed[start:stop], transposed[start:].T)
+        if stop < num_features:
+            scatter[stop:, start:stop].copy_(scatter[start:stop, stop:].T)

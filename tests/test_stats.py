@@ -1,0 +1,209 @@
+"""ClassStatistics: exact streaming, exact merge, packing, cross-process reduction, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests._helpers.ddp import run_distributed
+from tests._helpers.reference import reference_statistics
+from torchcollapse.stats import ClassStatistics
+
+
+def _data(
+    n: int = 600,
+    d: int = 12,
+    k: int = 7,
+    *,
+    spread: float = 0.5,
+    offset: float = 0.0,
+    seed: int = 0,
+    empty: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    target = torch.randint(0, k, (n,), generator=g)
+    if empty is not None:
+        target[target == empty] = (empty + 1) % k
+    features = offset + means[target] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return features, target
+
+
+def _assert_matches_reference(
+    stats: ClassStatistics, features: torch.Tensor, target: torch.Tensor, rtol: float
+) -> None:
+    ref = reference_statistics(features, target, stats.num_classes)
+    np.testing.assert_array_equal(stats.counts.numpy(), ref["counts"])
+    present = ref["counts"] > 0
+    np.testing.assert_allclose(
+        stats.class_means().numpy()[present], ref["means"][present], rtol=rtol, atol=0
+    )
+    assert np.isnan(stats.class_means().numpy()[~present]).all()
+    scale = np.abs(ref["within_scatter"]).max()
+    np.testing.assert_allclose(
+        stats.within_class_scatter().numpy(), ref["within_scatter"], rtol=0, atol=rtol * scale
+    )
+    np.testing.assert_allclose(
+        stats.within_class_sum_squares().numpy(),
+        ref["within_sum_squares"],
+        rtol=rtol,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_ragged_streaming_equals_two_pass_reference(dtype: torch.dtype) -> None:
+    features, target = _data(empty=3)
+    rounded = features.to(dtype)
+    stats = ClassStatistics.zeros(7, 12)
+    for size, start in zip([1, 17, 250, 2, 330], [0, 1, 18, 268, 270]):
+        stats.update(rounded[start : start + size], target[start : start + size])
+    # float64 accumulation of values rounded once: agreement to ~1e-13 relative.
+    _assert_matches_reference(stats, rounded.double(), target, rtol=1e-11)
+    whole = ClassStatistics.from_features(rounded, target, 7)
+    torch.testing.assert_close(
+        whole.within_class_scatter(), stats.within_class_scatter(), rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_when_spread_is_tiny_behind_a_large_offset(dtype: torch.dtype) -> None:
+    # Within-class spread 1e-3 behind an offset 1e3 (NC1 ~ 1e-6): a raw second moment would lose
+    # every digit in float32 and most in float64; the shifted statistics lose none.
+    features, target = _data(n=900, d=10, k=5, spread=1e-3, offset=1e3, seed=1)
+    rounded = features.to(dtype)
+    stats = ClassStatistics.zeros(5, 10)
+    for chunk_f, chunk_t in zip(rounded.split(128), target.split(128)):
+        stats.update(chunk_f, chunk_t)
+    _assert_matches_reference(stats, rounded.double(), target, rtol=1e-9)
+    naive = rounded.double().T @ rounded.double()
+    for c in range(5):
+        rows = rounded.double()[target == c]
+        naive -= len(rows) * torch.outer(rows.mean(0), rows.mean(0))
+    exact = torch.as_tensor(reference_statistics(rounded, target, 5)["within_scatter"])
+    naive_error = (naive.diagonal() - exact.diagonal()).abs().max() / exact.diagonal().max()
+    ours = (stats.within_class_scatter().diagonal() - exact.diagonal()).abs().max()
+    assert naive_error > 1e-6  # the one-pass formula really fails here ...
+    assert ours / exact.diagonal().max() < 1e-10  # ... and the shifted statistics do not
+
+
+def test_merge_is_exact_across_different_shifts() -> None:
+    features, target = _data(n=500, d=9, k=6, offset=50.0, seed=2, empty=5)
+    perm = torch.randperm(500, generator=torch.Generator().manual_seed(3))
+    features, target = features[perm], target[perm]
+    a = ClassStatistics.from_features(features[:120], target[:120], 6)
+    b = ClassStatistics.from_features(features[120:], target[120:], 6)
+    assert not torch.equal(a.shift, b.shift)
+    merged = a.merge(b)
+    _assert_matches_reference(merged, features, target, rtol=1e-11)
+    # Merging with empty statistics changes nothing; merge_all folds left to right.
+    empty = ClassStatistics.zeros(6, 9)
+    torch.testing.assert_close(empty.merge(a).pack(), a.merge(empty).pack())
+    parts = [
+        ClassStatistics.from_features(f, t, 6) for f, t in zip(features.split(77), target.split(77))
+    ]
+    _assert_matches_reference(ClassStatistics.merge_all(parts), features, target, rtol=1e-11)
+
+
+def test_pack_unpack_round_trip_and_views_write_through() -> None:
+    features, target = _data(n=50, d=4, k=3)
+    stats = ClassStatistics.from_features(features, target, 3)
+    packed = stats.pack()
+    assert packed.shape == (ClassStatistics.packed_size(3, 4),) == (2 * 3 + 2 * 3 * 4 + 16,)
+    view = ClassStatistics.unpack(packed, 3)
+    assert (view.num_classes, view.num_features) == (3, 4)
+    torch.testing.assert_close(view.within_class_scatter(), stats.within_class_scatter())
+    view.update(features[:5], target[:5])
+    assert float(packed[:3].sum()) == 55.0  # the counts inside `packed` were updated
+    with pytest.raises(ValueError, match="2K \\+ 2Kd \\+ d\\^2"):
+        ClassStatistics.unpack(packed[:-1], 3)
+
+
+def test_statistics_are_differentiable_in_the_features() -> None:
+    features, target = _data(n=20, d=3, k=2)
+    features.requires_grad_(True)
+
+    def trace_within(x: torch.Tensor) -> torch.Tensor:
+        return ClassStatistics.from_features(x, target, 2).within_class_scatter().trace()
+
+    assert torch.autograd.gradcheck(trace_within, (features,))
+
+
+def test_reduce_across_two_processes_equals_one_process() -> None:
+    features, target = _data(n=300, d=5, k=4, offset=10.0, seed=4)
+
+    def work(rank: int, world_size: int) -> torch.Tensor:
+        part = slice(0, 110) if rank == 0 else slice(110, 300)
+        local = ClassStatistics.from_features(features[part], target[part], 4)
+        return local.reduce().pack()
+
+    packs = run_distributed(work, 2)
+    whole = ClassStatistics.from_features(features, target, 4)
+    for packed in packs:
+        reduced = ClassStatistics.unpack(packed, 4)
+        torch.testing.assert_close(reduced.counts, whole.counts)
+        torch.testing.assert_close(reduced.class_means(), whole.class_means(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            reduced.within_class_scatter(), whole.within_class_scatter(), rtol=1e-11, atol=1e-11
+        )
+    assert torch.equal(packs[0], packs[1])
+
+
+def test_update_performs_no_k_by_d_work_on_absent_classes() -> None:
+    # Rows of classes not in the batch are untouched (not rewritten): their shift stays as it was.
+    stats = ClassStatistics.zeros(4, 2)
+    stats.shift[3] = torch.tensor([7.0, 7.0], dtype=torch.float64)
+    stats.update(torch.tensor([[1.0, 2.0]]), torch.tensor([0]))
+    assert stats.shift[3].tolist() == [7.0, 7.0]
+    assert stats.shift[0].tolist() == [1.0, 2.0]  # the first sample becomes the shift
+    stats.update(torch.tensor([[5.0, 5.0]]), torch.tensor([0]))
+    assert stats.shift[0].tolist() == [1.0, 2.0]  # and then stays
+
+
+@pytest.mark.parametrize(
+    ("features", "target", "error", "match"),
+    [
+        (
+            torch.zeros(3, 2, 2),
+            torch.zeros(3, dtype=torch.long),
+            ValueError,
+            "`features` to be a 2-D",
+        ),
+        (torch.zeros(3, 2, dtype=torch.long), torch.zeros(3), TypeError, "floating point"),
+        (torch.zeros(3, 2), torch.zeros(3), TypeError, "`target` to be an integer"),
+        (
+            torch.zeros(3, 2),
+            torch.zeros(3, 1, dtype=torch.long),
+            ValueError,
+            "`target` to be a 1-D",
+        ),
+        (torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), ValueError, "same number of samples"),
+        (torch.zeros(3, 2), torch.tensor([0, 1, 5]), ValueError, r"\[0, 2\].*\[0, 5\]"),
+        (torch.zeros(3, 2), torch.tensor([0, -1, 1]), ValueError, r"\[0, 2\]"),
+        (torch.tensor([[0.0, float("nan")], [1, 1]]), torch.tensor([0, 1]), ValueError, "finite"),
+        (torch.zeros(3, 5), torch.tensor([0, 1, 1]), ValueError, "2 features"),
+        ([[0.0, 1.0]], torch.tensor([0]), TypeError, "`features` to be a torch.Tensor"),
+    ],
+)
+def test_update_errors(features: object, target: object, error: type, match: str) -> None:
+    stats = ClassStatistics.zeros(3, 2)
+    with pytest.raises(error, match=match):
+        stats.update(features, target)  # type: ignore[arg-type]
+
+
+def test_validate_args_false_skips_value_checks() -> None:
+    stats = ClassStatistics.zeros(2, 2)
+    stats.update(torch.tensor([[float("inf"), 0.0]]), torch.tensor([1]), validate_args=False)
+    assert stats.counts.tolist() == [0.0, 1.0]
+
+
+def test_constructor_and_merge_errors() -> None:
+    with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
+        ClassStatistics.zeros(0, 3)
+    with pytest.raises(ValueError, match="`num_features` to be a positive integer"):
+        ClassStatistics.zeros(2, 0)
+    with pytest.raises(ValueError, match="num_classes=2 and num_features=3"):
+        ClassStatistics.zeros(2, 3).merge(ClassStatistics.zeros(2, 4))
+    with pytest.raises(TypeError, match="ClassStatistics"):
+        ClassStatistics.zeros(2, 3).merge("x")  # type: ignore[arg-type]
