@@ -27,7 +27,7 @@ from torchcollapse.losses._batch import (
     resolve_weight,
 )
 from torchcollapse.losses.self_duality import self_duality_distance
-from torchcollapse.losses.simplex_geometry import simplex_gram_distance
+from torchcollapse.losses.simplex_geometry import simplex_geometry_of_means
 from torchcollapse.losses.within_class import within_class_variability
 
 __all__ = ["CollapseRegularizer", "target_penalty"]
@@ -249,7 +249,7 @@ class CollapseRegularizer(nn.Module):
                 )
             terms.append(self.nc1 * nc1)
         if self.nc2 != 0:
-            parts["nc2"] = simplex_gram_distance(stats.centered_means, stats.present)
+            parts["nc2"] = simplex_geometry_of_means(stats)
             terms.append(self.nc2 * parts["nc2"])
         if weight is not None:
             parts["nc3"] = self_duality_distance(weight, stats)

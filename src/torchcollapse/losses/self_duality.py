@@ -46,13 +46,13 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
     means = stats.centered_means
     with torch.autocast(device_type=means.device.type, enabled=False):
         dtype = torch.promote_types(weight.dtype, means.dtype)
-        w = weight.to(dtype) * stats.present.to(dtype).unsqueeze(1)
-        m = means.to(dtype)
-        w2, m2 = w.pow(2).sum(), m.pow(2).sum()
-        w_norm = torch.where(w2 > 0, w2, torch.ones_like(w2)).sqrt()
-        m_norm = torch.where(m2 > 0, m2, torch.ones_like(m2)).sqrt()
-        value = 2.0 - 2.0 * (w * m).sum() / (w_norm * m_norm)
-        return where_valid(stats.valid, value)
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        m = means if means.dtype == dtype else means.to(dtype)
+        w2 = (w.pow(2).sum(1) * stats.present.to(dtype)).sum()  # present rows only
+        m2 = stats.trace_between * stats.num_present  # = ||M||_F^2
+        # safe denominators: a zero W or M gives <W, M> = 0, hence the value 2
+        scale = (torch.where(w2 > 0, w2, 1.0) * torch.where(m2 > 0, m2, 1.0)).sqrt()
+        return where_valid(stats.valid, 2.0 - 2.0 * (w * m).sum() / scale)
 
 
 class SelfDualityLoss(nn.Module):

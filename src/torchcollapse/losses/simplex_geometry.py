@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from torchcollapse.losses._batch import (
+    BatchClassStatistics,
     batch_class_statistics,
     check_features_target,
     compute_dtype,
@@ -35,7 +36,7 @@ from torchcollapse.losses._batch import (
     where_valid,
 )
 
-__all__ = ["SimplexGeometryLoss", "simplex_gram_distance"]
+__all__ = ["SimplexGeometryLoss", "simplex_geometry_of_means", "simplex_gram_distance"]
 
 
 def simplex_gram_distance(vectors: Tensor, present: Tensor | None = None) -> Tensor:
@@ -53,20 +54,35 @@ def simplex_gram_distance(vectors: Tensor, present: Tensor | None = None) -> Ten
     """
     dtype = compute_dtype(vectors.dtype)
     with torch.autocast(device_type=vectors.device.type, enabled=False):
-        v = vectors.to(dtype)
+        v = vectors if vectors.dtype == dtype else vectors.to(dtype)
         if present is None:
-            present = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
-        v = v * present.to(dtype).unsqueeze(1)
-        k = present.to(dtype).sum()
-        trace = v.pow(2).sum()
-        total = v.sum(0).pow(2).sum()
-        gram = v @ v.T if v.shape[0] <= v.shape[1] else v.T @ v
-        frob2 = gram.pow(2).sum()
-        frob = torch.where(frob2 > 0, frob2, torch.ones_like(frob2)).sqrt()
-        valid = k >= 2
-        km1 = torch.where(valid, k - 1, torch.ones_like(k))
-        inner = (trace - total / k.clamp_min(1.0)) / (frob * km1.sqrt())
-        return where_valid(valid, 2.0 - 2.0 * inner)
+            k = v.new_tensor(float(v.shape[0]))
+        else:
+            present_f = present.to(dtype)
+            v = v * present_f.unsqueeze(1)
+            k = present_f.sum()
+        return _gram_distance(v, k, v.sum(0).pow(2).sum())
+
+
+def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
+    """:func:`simplex_gram_distance` of a batch's centred class means (rows sum to zero)."""
+    means = stats.centered_means
+    with torch.autocast(device_type=means.device.type, enabled=False):
+        return _gram_distance(means, stats.num_present, None)
+
+
+def _gram_distance(v: Tensor, k: Tensor, total: Tensor | None) -> Tensor:
+    """``2 - 2 (tr G - total / k) / (||G||_F sqrt(k - 1))`` for masked rows ``v``; ``total`` is
+    ``||sum of rows||^2`` (``None``: the rows sum to zero)."""
+    trace = v.pow(2).sum()
+    gram = v @ v.T if v.shape[0] <= v.shape[1] else v.T @ v
+    frob2 = gram.pow(2).sum()
+    valid = k >= 2
+    # safe denominators: 1 where the value is replaced anyway or the Gram is zero
+    scale = (torch.where(frob2 > 0, frob2, 1.0) * torch.where(valid, k - 1, 1.0)).sqrt()
+    if total is not None:
+        trace = trace - total / k.clamp_min(1.0)
+    return where_valid(valid, 2.0 - 2.0 * trace / scale)
 
 
 class SimplexGeometryLoss(nn.Module):
@@ -149,4 +165,4 @@ class SimplexGeometryLoss(nn.Module):
         stats = batch_class_statistics(
             features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
         )
-        return self.weight * simplex_gram_distance(stats.centered_means, stats.present)
+        return self.weight * simplex_geometry_of_means(stats)
