@@ -235,8 +235,8 @@ def test_balanced_softmax_matches_loop(tau: float) -> None:
 def test_classification_losses_pass_module_checks() -> None:
     g = torch.Generator().manual_seed(7)
     logits, target = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
-    check_module(lambda: RescaledMSELoss(2.0, 3.0), (logits, target), compile_backend=None)
-    check_module(lambda: BalancedSoftmaxLoss([5, 3, 2, 1]), (logits, target), compile_backend=None)
+    check_module(lambda: RescaledMSELoss(2.0, 3.0), (logits, target))
+    check_module(lambda: BalancedSoftmaxLoss([5, 3, 2, 1]), (logits, target))
     frame = torch.randn(4, 5, generator=g)
     features = torch.randn(6, 5, generator=g)
     # Norms are detached by design, so a numerical gradcheck does not apply (see the loop test).
@@ -368,16 +368,10 @@ def test_regularizers_pass_module_checks() -> None:
     features, target = make_batch(16, 5, 4, seed=16)
     features = features.float()
     weight = torch.randn(4, 5, generator=torch.Generator().manual_seed(17))
-    check_module(
-        lambda: WithinClassVariabilityLoss(4, 0.5), (features, target), compile_backend=None
-    )
-    check_module(
-        lambda: WithinClassVariabilityLoss(4, form="ratio"),
-        (features, target),
-        compile_backend=None,
-    )
-    check_module(lambda: SimplexGeometryLoss(4), (features, target), compile_backend=None)
-    check_module(lambda: SelfDualityLoss(4), (features, target, weight), compile_backend=None)
+    check_module(lambda: WithinClassVariabilityLoss(4, 0.5), (features, target))
+    check_module(lambda: WithinClassVariabilityLoss(4, form="ratio"), (features, target))
+    check_module(lambda: SimplexGeometryLoss(4), (features, target))
+    check_module(lambda: SelfDualityLoss(4), (features, target, weight))
     check_module(
         lambda: CollapseRegularizer(4, nc1=1.0, nc2=0.5, nc3=0.5, target_nc1=0.2),
         (features, target, weight),
@@ -388,7 +382,7 @@ def test_regularizers_pass_module_checks() -> None:
         reg(features[:10], target[:10])  # training mode: fills the running means
         return reg
 
-    check_module(trained_running, (features, target), compile_backend=None)
+    check_module(trained_running, (features, target))
 
 
 # ----------------------------------------------------------------------------------------------
