@@ -14,6 +14,7 @@ from harness.probe import (
     linear_probe_accuracy,
     nearest_class_mean_predict,
     spearman_correlation,
+    spearman_permutation_test,
 )
 
 
@@ -278,5 +279,42 @@ def test_errors() -> None:
         spearman_correlation(torch.ones(3), torch.ones(2))
     with pytest.raises(ValueError, match="constant"):
         spearman_correlation(torch.ones(3), torch.arange(3.0))
+    with pytest.raises(ValueError, match="num_permutations"):
+        spearman_permutation_test(torch.arange(9.0), torch.arange(9.0), num_permutations=0)
     with pytest.raises(ValueError, match="NaN"):
         spearman_correlation(torch.tensor([1.0, float("nan")]), torch.arange(2.0))
+
+
+def test_permutation_test_exact_matches_enumeration() -> None:
+    g = torch.Generator().manual_seed(7)
+    for n in (4, 6):
+        x = torch.randint(0, 3, (n,), generator=g).double()  # ties included
+        y = torch.randn(n, generator=g, dtype=torch.float64)
+        rho, p = spearman_permutation_test(x, y)
+        rx = _brute_force_average_ranks(x.tolist())
+        ry = _brute_force_average_ranks(y.tolist())
+        observed = abs(_brute_force_pearson(rx, ry))
+        perms = list(itertools.permutations(range(n)))
+        hits = sum(
+            1
+            for pi in perms
+            if abs(_brute_force_pearson(rx, [ry[i] for i in pi])) >= observed - 1e-12
+        )
+        assert rho == pytest.approx(_brute_force_pearson(rx, ry), abs=1e-12)
+        assert p == hits / len(perms)
+
+
+def test_permutation_test_monte_carlo_is_close_to_exact() -> None:
+    # n = 9 is sampled; compare with the exact p-value of all 9! = 362,880 permutations.
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(9, generator=g)
+    y = x + 1.5 * torch.randn(9, generator=g)
+    rho, p = spearman_permutation_test(x, y, num_permutations=20_000)
+    rx, ry = average_ranks(x), average_ranks(y)
+    perms = torch.tensor(list(itertools.permutations(range(9))))
+    centred_x = rx - rx.mean()
+    ys = ry[perms] - ry.mean()
+    values = (ys @ centred_x) / (centred_x.norm() * ys.norm(dim=1))
+    exact = float((values.abs() >= abs(rho) - 1e-12).double().mean())
+    # Monte Carlo standard error sqrt(p (1 - p) / 20000) <= 0.0036; allow 5 of them.
+    assert abs(p - exact) < 5 * math.sqrt(exact * (1 - exact) / 20_000) + 1e-4

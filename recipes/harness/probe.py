@@ -8,13 +8,15 @@
   queries assigned to the nearest mean in Euclidean distance, accuracy averaged over several random
   draws of the support set, as in Galanti, György & Hutter (2022, "On the Role of Neural Collapse in
   Transfer Learning").
-* **Spearman's rank correlation** with average ranks for ties (Spearman, 1904).
+* **Spearman's rank correlation** with average ranks for ties (Spearman, 1904), and its
+  permutation test (exact up to 8 points, Monte Carlo above).
 
 All three are written in torch, with no scikit-learn or scipy.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +31,7 @@ __all__ = [
     "linear_probe_accuracy",
     "nearest_class_mean_predict",
     "spearman_correlation",
+    "spearman_permutation_test",
 ]
 
 
@@ -392,3 +395,54 @@ def spearman_correlation(x: Tensor, y: Tensor) -> float:
             "Expected `x` and `y` to vary; the rank correlation of a constant is undefined."
         )
     return float((rx * ry).sum()) / denominator
+
+
+def _rank_correlation(rx: Tensor, ry: Tensor) -> Tensor:
+    # Pearson correlation of centred ranks along the last dimension.
+    rx = rx - rx.mean(dim=-1, keepdim=True)
+    ry = ry - ry.mean(dim=-1, keepdim=True)
+    return (rx * ry).sum(-1) / (rx.square().sum(-1) * ry.square().sum(-1)).sqrt()
+
+
+def spearman_permutation_test(
+    x: Tensor,
+    y: Tensor,
+    *,
+    num_permutations: int = 10_000,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Spearman's rho and its two-sided permutation p-value under "no association".
+
+    The p-value is the fraction of permutations ``pi`` of ``y`` with
+    ``|rho(x, y_pi)| >= |rho(x, y)|`` (up to 1e-12). With at most 8 points every permutation is
+    enumerated (exact test); above, ``num_permutations`` random ones are drawn and the identity is
+    counted once, ``p = (1 + hits) / (1 + num_permutations)`` (never 0; Phipson & Smyth, 2010).
+
+    Example:
+        >>> rho, p = spearman_permutation_test(torch.arange(5.0), torch.arange(5.0))
+        >>> rho, round(p, 4)  # only the identity and the reversal reach |rho| = 1: 2 / 120
+        (1.0, 0.0167)
+    """
+    rho = spearman_correlation(x, y)
+    rx = average_ranks(torch.as_tensor(x).flatten())
+    ry = average_ranks(torch.as_tensor(y).flatten())
+    n = len(rx)
+    threshold = abs(rho) - 1e-12
+    if n <= 8:
+        perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
+        values = _rank_correlation(rx.expand(len(perms), n), ry[perms])
+        return rho, float((values.abs() >= threshold).double().mean())
+    if not isinstance(num_permutations, int) or num_permutations < 1:
+        raise ValueError(
+            "Expected argument `num_permutations` to be a positive integer, "
+            f"but got {num_permutations!r}."
+        )
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    hits = 0
+    for start in range(0, num_permutations, 1000):
+        size = min(1000, num_permutations - start)
+        perms = torch.rand(size, n, generator=generator).argsort(dim=1)
+        values = _rank_correlation(rx.expand(size, n), ry[perms])
+        hits += int((values.abs() >= threshold).sum())
+    return rho, (1 + hits) / (1 + num_permutations)
