@@ -190,8 +190,10 @@ class _WithinAndCentredMeans(torch.autograd.Function):
         means = h.new_zeros((counts.shape[0], h.shape[1])).index_add_(0, target, h)
         means.mul_(inverse_counts)
         centered = (means - means.sum(0, keepdim=True) / num_present) * present_f
-        residual = h - means.index_select(0, target)
-        trace_within = residual.pow(2).sum() / max(h.shape[0], 1)
+        # one N x d temporary: residuals in place, their squared norm as a dot product
+        residual = means.index_select(0, target).neg_().add_(h).reshape(h.shape)
+        flat = residual.reshape(-1)
+        trace_within = torch.dot(flat, flat) / max(h.shape[0], 1)
         ctx.save_for_backward(residual, target, inverse_counts, present_f, num_present)
         ctx.mark_non_differentiable(means)
         return trace_within, centered, means
@@ -203,10 +205,11 @@ class _WithinAndCentredMeans(torch.autograd.Function):
         residual, target, inverse_counts, present_f, num_present = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        grad = residual * (grad_within * (2.0 / max(residual.shape[0], 1)))
         g = grad_centered * present_f
         g = (g - present_f * (g.sum(0, keepdim=True) / num_present)) * inverse_counts
-        return grad + g.index_select(0, target), None, None, None
+        grad = g.index_select(0, target)
+        grad.addcmul_(residual, grad_within * (2.0 / max(residual.shape[0], 1)))
+        return grad, None, None, None
 
 
 class BatchClassStatistics(NamedTuple):
