@@ -25,6 +25,7 @@ __all__ = [
     "reference_geometry",
     "reference_nc4",
     "reference_neural_collapse",
+    "reference_optimal",
     "reference_statistics",
     "to_numpy",
 ]
@@ -109,6 +110,33 @@ def reference_geometry(vectors: Any, prefix: str, exponent: float = 1.0) -> dict
     }
 
 
+def reference_optimal(k: int, d: int, exponent: float = 1.0) -> dict[str, float]:
+    """Best possible minimum angle and Riesz energy of ``k`` unit vectors in ``R^d``, where known.
+
+    Closed forms: the regular simplex (``k <= d + 1``), Rankin's ``pi/2`` (``d + 1 < k <= 2d``),
+    the regular polygon (``d = 2``), the cross-polytope (``k = 2d``) and ``d = 1``.
+    """
+    out: dict[str, float] = {}
+    if k <= d + 1:
+        out["nc2_min_angle_optimal"] = math.acos(-1.0 / (k - 1))
+        out["nc2_spherical_energy_optimal"] = math.sqrt(2.0 * k / (k - 1)) ** (-exponent)
+        return out
+    if d == 1:
+        out["nc2_min_angle_optimal"] = 0.0
+        return out
+    if d == 2:
+        out["nc2_min_angle_optimal"] = 2.0 * math.pi / k
+        polygon = [(2.0 * math.sin(math.pi * m / k)) ** (-exponent) for m in range(1, k)]
+        out["nc2_spherical_energy_optimal"] = sum(polygon) / (k - 1)
+        return out
+    if k <= 2 * d:
+        out["nc2_min_angle_optimal"] = math.pi / 2.0
+    if k == 2 * d:
+        one_point = [2.0 ** (-exponent)] + [math.sqrt(2.0) ** (-exponent)] * (2 * d - 2)
+        out["nc2_spherical_energy_optimal"] = sum(one_point) / (2 * d - 1)
+    return out
+
+
 def reference_nc4(
     features: Any, weight: Any, bias: Any, class_means: np.ndarray
 ) -> tuple[int, int]:
@@ -174,6 +202,7 @@ def reference_neural_collapse(
         cdnv.append((variances[a] + variances[b]) / (2.0 * float(np.dot(gap, gap))))
     out["cdnv"] = float(np.mean(cdnv))
     out.update(reference_geometry(centred, "nc2", exponent))
+    out.update(reference_optimal(k, d, exponent))
     if weight is not None:
         w = to_numpy(weight).astype(np.float64)[present]
         out.update(reference_geometry(w, "nc2_weight", exponent))

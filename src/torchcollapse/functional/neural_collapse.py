@@ -1,0 +1,264 @@
+"""Every neural collapse quantity at once, from statistics or from full tensors.
+
+:func:`neural_collapse` computes NC1-NC4 and their companions (Papyan, Han & Donoho, 2020; Galanti,
+Gyorgy & Hutter, 2022; Liu et al., 2023) exactly from ``(features, target)``: class statistics
+accumulated about per-class shifts in float64, NC4 against the means of the same features (a second
+pass). :func:`neural_collapse_compute` does the same from
+:class:`~torchcollapse.stats.ClassStatistics` (what :class:`~torchcollapse.metrics.NeuralCollapse`
+calls), sharing every intermediate (centred means, ``Sigma_W``, the blocked pass over pairs).
+
+Keys of the result (float64 0-d tensors; ``num_classes_present`` is int64):
+
+- ``nc1``, ``nc1_trace_ratio``, ``cdnv``: within-class variability
+  (:mod:`~torchcollapse.functional.variability`);
+- ``nc2_equinorm``, ``nc2_equiangularity``, ``nc2_max_angle``, ``nc2_etf_distance``,
+  ``nc2_min_angle``, ``nc2_spherical_energy``: geometry of the centred class means
+  (:mod:`~torchcollapse.functional.geometry`), and ``nc2_min_angle_optimal``,
+  ``nc2_spherical_energy_optimal`` (best possible values, present only where known, see
+  :func:`~torchcollapse.functional.min_angle_optimal`);
+- with a classifier ``weight``: ``nc2_weight_*`` (the same six for the rows ``w_c`` of the present
+  classes), ``nc3`` and ``nc3_cosine`` (mean over present classes of ``cos(w_c, mu_c - mu_G)``);
+- with a classifier and reference means: ``nc4``;
+- ``num_classes_present``: classes with samples (the others are left out of every quantity).
+
+Example:
+    >>> import torch
+    >>> from torchcollapse.functional import neural_collapse
+    >>> _ = torch.manual_seed(0)
+    >>> target = torch.arange(4).repeat(25)
+    >>> features = 4 * torch.eye(4)[target] + 0.1 * torch.randn(100, 4)
+    >>> out = neural_collapse(features, target, weight=torch.eye(4))
+    >>> round(float(out["nc1"]), 4), round(float(out["nc4"]), 4)
+    (0.0017, 0.0)
+    >>> sorted(out)[:4]
+    ['cdnv', 'nc1', 'nc1_trace_ratio', 'nc2_equiangularity']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch import Tensor
+
+from torchcollapse.functional.duality import _check_bias, _check_weight, _nc3, _nc3_cosine
+from torchcollapse.functional.geometry import (
+    min_angle_optimal,
+    pairwise_geometry,
+    spherical_energy_optimal,
+)
+from torchcollapse.functional.means import (
+    GlobalMean,
+    _check_global_mean,
+    _check_statistics,
+    centred_class_means,
+)
+from torchcollapse.functional.nearest_class_center import _nc4_counts, _prepare_reference
+from torchcollapse.functional.variability import _nc1
+from torchcollapse.stats import ClassStatistics, _check_features, _check_features_target
+
+__all__ = [
+    "MEAN_KEYS",
+    "WEIGHT_KEYS",
+    "neural_collapse",
+    "neural_collapse_compute",
+    "neural_collapse_nc2",
+]
+
+_GEOMETRY = (
+    "equinorm",
+    "equiangularity",
+    "max_angle",
+    "etf_distance",
+    "min_angle",
+    "spherical_energy",
+)
+#: Keys computed from the class statistics alone.
+MEAN_KEYS: tuple[str, ...] = (
+    "nc1",
+    "nc1_trace_ratio",
+    "cdnv",
+    *(f"nc2_{name}" for name in _GEOMETRY),
+    "num_classes_present",
+)
+#: Keys that need the classifier weight.
+WEIGHT_KEYS: tuple[str, ...] = (*(f"nc2_weight_{name}" for name in _GEOMETRY), "nc3", "nc3_cosine")
+
+
+def neural_collapse_compute(
+    statistics: ClassStatistics,
+    *,
+    weight: Tensor | None = None,
+    global_mean: GlobalMean = "classes",
+    nc4_counts: tuple[Tensor, Tensor] | None = None,
+    keys: Collection[str] | None = None,
+    exponent: float = 1.0,
+) -> dict[str, Tensor]:
+    """Neural collapse quantities from class statistics (float64).
+
+    Args:
+        statistics: accumulated class statistics (at least two classes with samples).
+        weight: optional ``(K, d)`` classifier weight for the ``nc2_weight_*``, ``nc3`` keys.
+        global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
+        nc4_counts: optional ``(mismatches, samples)`` accumulated against reference means; gives
+            ``nc4`` when ``samples > 0``.
+        keys: compute only these keys (default: every key the inputs allow).
+        exponent: ``s`` of the spherical (Riesz) energy.
+
+    Returns:
+        A dict of 0-d tensors; see the module docstring for the keys.
+
+    Raises:
+        ValueError: fewer than two present classes, or a weight of the wrong shape.
+    """
+    _check_statistics(statistics)
+    _check_global_mean(global_mean)
+    wanted = None if keys is None else set(keys)
+
+    def want(key: str) -> bool:
+        return wanted is None or key in wanted
+
+    stats = statistics.to(dtype=torch.float64)
+    centred, present = centred_class_means(stats, global_mean)
+    num_present = present.numel()
+    num_features = stats.num_features
+    w_rows = None
+    if weight is not None:
+        w_rows = _check_weight(weight, stats.num_classes, num_features, name="weight")
+        w_rows = w_rows.to(centred.device).index_select(0, present)
+    out: dict[str, Tensor] = {}
+    total = stats.total
+    if want("nc1") or want("nc1_trace_ratio"):
+        if want("nc1"):
+            sigma_w = stats.within_class_scatter() / total
+            if global_mean == "classes":
+                null_vector = torch.ones(num_present, dtype=torch.float64, device=centred.device)
+            else:
+                null_vector = stats.counts.index_select(0, present)
+            out["nc1"] = _nc1(centred, sigma_w, null_vector)
+        if want("nc1_trace_ratio"):
+            trace_w = stats.within_class_sum_squares().sum() / total
+            out["nc1_trace_ratio"] = trace_w / (centred.square().sum() / num_present)
+    if any(want(k) for k in ("cdnv", *(f"nc2_{name}" for name in _GEOMETRY))):
+        variances = None
+        if want("cdnv"):
+            variances = stats.within_class_sum_squares().index_select(
+                0, present
+            ) / stats.counts.index_select(0, present)
+            # CDNV does not depend on the global mean: pairwise distances of means are invariant.
+        geometry = pairwise_geometry(centred, variances=variances, exponent=exponent)
+        if want("cdnv"):
+            out["cdnv"] = geometry.pop("cdnv")
+        for name in _GEOMETRY:
+            if want(f"nc2_{name}"):
+                out[f"nc2_{name}"] = geometry[name]
+    if want("nc2_min_angle_optimal"):
+        best = min_angle_optimal(num_present, num_features) if num_present >= 2 else None
+        if best is not None:
+            out["nc2_min_angle_optimal"] = torch.tensor(
+                best, dtype=torch.float64, device=centred.device
+            )
+    if want("nc2_spherical_energy_optimal"):
+        best = spherical_energy_optimal(num_present, num_features, exponent)
+        if best is not None:
+            out["nc2_spherical_energy_optimal"] = torch.tensor(
+                best, dtype=torch.float64, device=centred.device
+            )
+    if w_rows is not None:
+        if any(want(f"nc2_weight_{name}") for name in _GEOMETRY):
+            weight_geometry = pairwise_geometry(w_rows, exponent=exponent)
+            for name in _GEOMETRY:
+                if want(f"nc2_weight_{name}"):
+                    out[f"nc2_weight_{name}"] = weight_geometry[name]
+        if want("nc3"):
+            out["nc3"] = _nc3(w_rows, centred)
+        if want("nc3_cosine"):
+            out["nc3_cosine"] = _nc3_cosine(w_rows, centred).mean()
+    if nc4_counts is not None and want("nc4"):
+        mismatches, samples = nc4_counts
+        if float(samples) > 0:
+            out["nc4"] = (mismatches / samples).to(device=centred.device, dtype=torch.float64)
+    if want("num_classes_present"):
+        out["num_classes_present"] = torch.tensor(num_present, device=centred.device)
+    return out
+
+
+def neural_collapse(
+    features: Tensor,
+    target: Tensor,
+    *,
+    num_classes: int | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    global_mean: GlobalMean = "classes",
+    validate_args: bool = True,
+) -> dict[str, Tensor]:
+    """Every neural collapse quantity of full tensors, exactly, NC4 included.
+
+    Args:
+        features: ``(N, d)`` features of any float dtype.
+        target: ``(N,)`` integer labels.
+        num_classes: number of classes ``K`` (default: rows of ``weight``, else
+            ``max(target) + 1``).
+        weight: optional ``(K, d)`` classifier weight (``nc2_weight_*``, ``nc3``, ``nc4``).
+        bias: optional ``(K,)`` classifier bias (used by ``nc4``).
+        global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
+        validate_args: check labels and finiteness.
+
+    Returns:
+        A dict of 0-d tensors (see the module docstring); ``nc4`` (when ``weight`` is given)
+        compares the classifier with the nearest class mean of these same features.
+
+    Raises:
+        ValueError / TypeError: invalid inputs, or fewer than two classes with samples.
+    """
+    _check_features(features)
+    _check_global_mean(global_mean)
+    if num_classes is None:
+        if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
+            num_classes = int(weight.shape[0])
+        elif isinstance(target, Tensor) and target.numel() > 0 and not target.is_floating_point():
+            num_classes = int(target.max()) + 1
+        else:
+            num_classes = 1
+    _check_features_target(features, target, num_classes, validate_args=validate_args)
+    stats = ClassStatistics.from_features(features, target, num_classes, validate_args=False)
+    if bias is not None and weight is None:
+        raise ValueError("Expected argument `weight` to be given with `bias`, but got weight=None.")
+    w = None if weight is None else _check_weight(weight, num_classes, features.shape[1])
+    b = _check_bias(bias, num_classes)
+    counts = None
+    if w is not None:
+        reference = _prepare_reference(stats.class_means())
+        counts = _nc4_counts(features, w, b, reference)
+    return neural_collapse_compute(stats, weight=w, global_mean=global_mean, nc4_counts=counts)
+
+
+def neural_collapse_nc2(
+    statistics: ClassStatistics,
+    *,
+    weight: Tensor | None = None,
+    global_mean: GlobalMean = "classes",
+    exponent: float = 1.0,
+) -> dict[str, Tensor]:
+    """NC2: the geometry of the centred class means (and of the classifier rows, when given).
+
+    Returns the ``nc2_*`` keys of :func:`neural_collapse_compute`: equinorm, equiangularity,
+    max-angle, ETF distance, minimum angle and spherical energy of the centred means, the best
+    possible minimum angle and energy where known, and with ``weight`` the ``nc2_weight_*`` twins
+    over the rows of the present classes.
+
+    Example:
+        >>> from torchcollapse.stats import ClassStatistics
+        >>> stats = ClassStatistics.from_features(torch.eye(3), torch.arange(3), 3)
+        >>> out = neural_collapse_nc2(stats)
+        >>> float(out["nc2_etf_distance"]) < 1e-12  # centred one-hot means form a simplex ETF
+        True
+    """
+    keys = [f"nc2_{name}" for name in _GEOMETRY]
+    keys += ["nc2_min_angle_optimal", "nc2_spherical_energy_optimal"]
+    if weight is not None:
+        keys += [f"nc2_weight_{name}" for name in _GEOMETRY]
+    return neural_collapse_compute(
+        statistics, weight=weight, global_mean=global_mean, keys=keys, exponent=exponent
+    )

@@ -1,0 +1,145 @@
+"""Within-class variability collapse (NC1): ``tr(Sigma_W Sigma_B^+)/K``, trace ratio and CDNV.
+
+- **NC1** (Papyan, Han & Donoho, 2020) = ``tr(Sigma_W Sigma_B^+) / K``, with the pseudo-inverse of
+  ``Sigma_B`` taken on exactly its top ``r = min(K-1, d)`` eigenpairs (the rank of ``K`` centred
+  means in ``R^d``), in float64, without any tolerance cut: small but real eigenvalues count, and
+  nothing beyond rank ``r`` does. It is computed without an eigendecomposition:
+
+  - ``K - 1 >= d``: ``Sigma_B`` is ``d x d`` of full rank ``d``, so ``Sigma_B^+ = Sigma_B^{-1}`` and
+    ``NC1 = tr(Sigma_W (M^T M)^{-1})`` by a Cholesky solve (``M``: the ``K x d`` centred means);
+  - ``K - 1 < d``: ``M`` has rank ``K - 1`` and a known null vector ``u`` (``M^T u = 0``: ``u`` is
+    the constant vector, or the counts for ``global_mean="samples"``). With ``A = M M^T + t u u^T``
+    (positive definite, ``t`` its mean eigenvalue) one has ``NC1 = tr(Sigma_W M^T A^{-2} M)``, a
+    ``K x K`` Cholesky solve.
+
+  If the Cholesky factorization fails (``Sigma_B`` numerically rank deficient), the top ``r``
+  eigenpairs of the smaller of ``M M^T`` and ``M^T M`` are used directly; a zero among them gives an
+  infinite NC1, which is then the truth of the convention.
+- **Trace ratio** = ``tr Sigma_W / tr Sigma_B``.
+- **CDNV** (Galanti, Gyorgy & Hutter, 2022) = mean over pairs ``c < c'`` of
+  ``(s_c + s_c') / (2 ||mu_c - mu_c'||^2)``, with ``s_c`` the mean squared distance of class ``c``'s
+  features to ``mu_c`` (biased, divided by ``n_c``). It does not depend on the global mean.
+
+Example:
+    >>> import torch
+    >>> from torchcollapse.stats import ClassStatistics
+    >>> from torchcollapse.functional import neural_collapse_cdnv, neural_collapse_nc1
+    >>> features = torch.tensor([[-1.0, 0.1], [-1.0, -0.1], [1.0, 0.1], [1.0, -0.1]])
+    >>> stats = ClassStatistics.from_features(features, torch.tensor([0, 0, 1, 1]), 2)
+    >>> neural_collapse_nc1(stats)  # the spread is orthogonal to the means: Sigma_B^+ ignores it
+    tensor(0., dtype=torch.float64)
+    >>> neural_collapse_cdnv(stats)  # (0.01 + 0.01) / (2 * 2^2)
+    tensor(0.0025, dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchcollapse.functional.geometry import pairwise_geometry
+from torchcollapse.functional.means import (
+    GlobalMean,
+    _check_statistics,
+    centred_class_means,
+    within_class_covariance,
+)
+from torchcollapse.stats import ClassStatistics
+
+__all__ = [
+    "neural_collapse_cdnv",
+    "neural_collapse_nc1",
+    "neural_collapse_nc1_trace_ratio",
+]
+
+
+def _nc1_eigen(centred: Tensor, sigma_w: Tensor) -> Tensor:
+    """NC1 on the top ``min(K-1, d)`` eigenpairs of ``Sigma_B``, via the smaller Gram matrix."""
+    num, dim = centred.shape
+    rank = min(num - 1, dim)
+    if num <= dim:
+        values, vectors = torch.linalg.eigh(centred @ centred.T)
+        values, vectors = values[-rank:], vectors[:, -rank:]
+        # Right singular vectors of M: columns of M^T u_k / sqrt(lambda_k).
+        basis = centred.T @ vectors / values.sqrt()
+    else:
+        values, basis = torch.linalg.eigh(centred.T @ centred)
+        values, basis = values[-rank:], basis[:, -rank:]
+    # Sigma_B eigenvalues are lambda_k / K; Sigma_B^+ = K sum_k v_k v_k^T / lambda_k.
+    quadratic = ((sigma_w @ basis) * basis).sum(0)
+    nc1: Tensor = (quadratic / values).sum()
+    return nc1
+
+
+def _nc1(centred: Tensor, sigma_w: Tensor, null_vector: Tensor) -> Tensor:
+    num, dim = centred.shape
+    if num - 1 >= dim:
+        system = centred.T @ centred
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            return torch.cholesky_solve(sigma_w, factor).diagonal().sum()
+    else:
+        gram = centred @ centred.T
+        unit = null_vector / torch.linalg.vector_norm(null_vector)
+        scale = gram.diagonal().sum() / (num - 1)
+        system = gram + scale * torch.outer(unit, unit)
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            solved = torch.cholesky_solve(centred, factor)  # A^{-1} M, (K, d)
+            return ((solved @ sigma_w) * solved).sum()
+    return _nc1_eigen(centred, sigma_w)
+
+
+def neural_collapse_nc1(
+    statistics: ClassStatistics, *, global_mean: GlobalMean = "classes"
+) -> Tensor:
+    """NC1 = ``tr(Sigma_W Sigma_B^+) / K`` over the present classes (float64, 0-d).
+
+    Args:
+        statistics: accumulated class statistics.
+        global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
+
+    Raises:
+        ValueError: fewer than two classes have samples.
+    """
+    centred, present = centred_class_means(statistics, global_mean)
+    sigma_w = within_class_covariance(statistics)
+    if global_mean == "classes":
+        null_vector = torch.ones(present.numel(), dtype=torch.float64, device=centred.device)
+    else:
+        null_vector = statistics.counts.to(torch.float64).index_select(0, present)
+    return _nc1(centred, sigma_w, null_vector)
+
+
+def neural_collapse_nc1_trace_ratio(
+    statistics: ClassStatistics, *, global_mean: GlobalMean = "classes"
+) -> Tensor:
+    """``tr Sigma_W / tr Sigma_B`` over the present classes (float64, 0-d).
+
+    Example:
+        >>> from torchcollapse.stats import ClassStatistics
+        >>> features = torch.tensor([[0.0], [2.0], [10.0], [12.0]])
+        >>> stats = ClassStatistics.from_features(features, torch.tensor([0, 0, 1, 1]), 2)
+        >>> neural_collapse_nc1_trace_ratio(stats)  # 1 / 25
+        tensor(0.0400, dtype=torch.float64)
+    """
+    centred, present = centred_class_means(statistics, global_mean)
+    stats = statistics.to(dtype=torch.float64)
+    trace_w = stats.within_class_sum_squares().sum() / stats.total
+    trace_b = centred.square().sum() / present.numel()
+    return trace_w / trace_b
+
+
+def neural_collapse_cdnv(statistics: ClassStatistics) -> Tensor:
+    """Class-distance normalized variance, mean over pairs of present classes (float64, 0-d).
+
+    ``(s_c + s_c') / (2 ||mu_c - mu_c'||^2)`` with ``s_c = 1/n_c sum_{y_i = c} ||h_i - mu_c||^2``;
+    pairs are processed in blocks (no ``K x K`` matrix).
+    """
+    _check_statistics(statistics)
+    centred, present = centred_class_means(statistics, "classes")
+    stats = statistics.to(dtype=torch.float64)
+    variances = stats.within_class_sum_squares().index_select(
+        0, present
+    ) / stats.counts.index_select(0, present)
+    return pairwise_geometry(centred, variances=variances)["cdnv"]

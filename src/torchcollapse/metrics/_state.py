@@ -1,0 +1,293 @@
+"""The state every neural collapse metric shares: exact class statistics, packed into one tensor.
+
+The metrics of :mod:`torchcollapse.metrics` (Papyan, Han & Donoho, 2020) accumulate
+:class:`~torchcollapse.stats.ClassStatistics` about per-class shifts. Shifted statistics of two
+processes do not add up (their shifts differ), so the statistics are packed into one flat float64
+state whose cross-process reduction is an *exact merge* (a callable ``dist_reduce_fx``: torchmetrics
+gathers the packed tensors of all ranks, stacks them and hands the stack to the merge).
+``forward``, ``merge_state`` and ``MetricCollection`` compute groups work as for any torchmetrics
+metric: every metric of this family has the same three states, so a collection updates them once.
+
+States:
+
+- ``statistics``: the packed statistics (``2K + 2Kd + d^2`` float64 values; see
+  :meth:`ClassStatistics.pack`), allocated at the first ``update`` when ``num_features`` is not
+  known in advance;
+- ``nc4_mismatches``, ``nc4_samples``: NC4 counts against reference class means (sums).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from torchcollapse.functional.duality import _check_bias, _check_weight
+from torchcollapse.functional.means import _check_global_mean
+from torchcollapse.functional.nearest_class_center import (
+    _check_class_means,
+    _nc4_counts,
+    _prepare_reference,
+)
+from torchcollapse.stats import ClassStatistics, _check_features, _check_num_classes
+
+__all__ = ["CollapseStatisticsMetric"]
+
+
+class _MergeStatistics:
+    """Exact merge of a ``(world_size, L)`` stack of packed statistics (a picklable callable)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def __call__(self, stacked: Tensor) -> Tensor:
+        if stacked.ndim == 1:
+            return stacked
+        if stacked.shape[-1] == 0:
+            return stacked[0]
+        parts = [ClassStatistics.unpack(row, self.num_classes) for row in stacked.unbind(0)]
+        return ClassStatistics.merge_all(parts).pack()
+
+
+def _gather_statistics(tensor: Tensor, group: Any = None) -> list[Tensor]:
+    """``gather_all_tensors``, where a rank that saw no data contributes zero statistics."""
+    gathered: list[Tensor] = gather_all_tensors(tensor, group=group)
+    sizes = {g.numel() for g in gathered}
+    if tensor.ndim == 1 and len(sizes) > 1 and 0 in sizes:
+        full = next(g for g in gathered if g.numel() > 0)
+        gathered = [torch.zeros_like(full) if g.numel() == 0 else g for g in gathered]
+    return gathered
+
+
+class _SharedClassifier:
+    """Holds the classifier without registering it as a submodule; copies of a metric share it.
+
+    The metric reads the live classifier (the model's own layer) at compute time, so deep copies
+    of the metric (``clone``, ``MetricCollection``) must not copy the layer, and ``metric.to(...)``
+    must not move it.
+    """
+
+    def __init__(self, module: nn.Module | Tensor) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedClassifier:
+        return self
+
+
+def _classifier_tensors(
+    classifier: nn.Module | Tensor, num_classes: int
+) -> tuple[Tensor, Tensor | None]:
+    """Weight ``(K, d)`` and optional bias ``(K,)`` of a classifier, validated."""
+    weight: Any
+    bias: Any
+    if isinstance(classifier, Tensor):
+        weight, bias = classifier, None
+    else:
+        weight = getattr(classifier, "weight", None)
+        bias = getattr(classifier, "bias", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(
+            "Expected argument `classifier` to be a module with a `weight` of shape (num_classes,"
+            f" num_features) (num_classes={num_classes}), or such a tensor, but got weight {got}."
+        )
+    if weight.shape[0] != num_classes:
+        raise ValueError(
+            f"Expected argument `classifier` to have a `weight` of shape ({num_classes},"
+            f" num_features) for num_classes={num_classes}, but got {tuple(weight.shape)}."
+        )
+    _check_weight(weight, num_classes, weight.shape[1], name="classifier.weight")
+    if bias is not None:
+        _check_bias(bias, num_classes, name="classifier.bias")
+    return weight, bias
+
+
+class CollapseStatisticsMetric(Metric):
+    """Base of the neural collapse metrics: holds and updates the statistics, reads the classifier.
+
+    Subclasses implement ``compute``. See :class:`~torchcollapse.metrics.NeuralCollapse` for the
+    arguments.
+    """
+
+    is_differentiable = False
+    higher_is_better: bool | None = False
+    full_state_update = False
+    plot_lower_bound: float | None = 0.0
+
+    statistics: Tensor
+    nc4_mismatches: Tensor
+    nc4_samples: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        classifier: nn.Module | Tensor | None = None,
+        class_means: Tensor | None = None,
+        num_features: int | None = None,
+        global_mean: str = "classes",
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_num_classes(num_classes)
+        _check_global_mean(global_mean)
+        if not isinstance(validate_args, bool):
+            raise ValueError(
+                f"Expected argument `validate_args` to be a bool, but got {validate_args!r}."
+            )
+        self.num_classes = num_classes
+        self.global_mean = global_mean
+        self.validate_args = validate_args
+        self._classifier: _SharedClassifier | None = None
+        if classifier is not None:
+            weight, _ = _classifier_tensors(classifier, num_classes)
+            if num_features is not None and weight.shape[1] != num_features:
+                raise ValueError(
+                    f"Expected argument `classifier` to have a `weight` of shape ({num_classes},"
+                    f" {num_features}) for num_features={num_features}, but got"
+                    f" {tuple(weight.shape)}."
+                )
+            num_features = int(weight.shape[1])
+            self._classifier = _SharedClassifier(classifier)
+        if num_features is not None and (
+            isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
+        ):
+            raise ValueError(
+                f"Expected argument `num_features` to be a positive integer or None, but got"
+                f" {num_features!r}."
+            )
+        self.num_features = num_features
+        size = 0 if num_features is None else ClassStatistics.packed_size(num_classes, num_features)
+        self.add_state(
+            "statistics",
+            default=torch.zeros(size, dtype=torch.float64),
+            dist_reduce_fx=_MergeStatistics(num_classes),
+        )
+        zero = torch.zeros((), dtype=torch.float64)
+        self.add_state("nc4_mismatches", default=zero.clone(), dist_reduce_fx="sum")
+        self.add_state("nc4_samples", default=zero.clone(), dist_reduce_fx="sum")
+        if self.dist_sync_fn is None:
+            self.dist_sync_fn = _gather_statistics
+        self._nc4_centre: Tensor | None
+        self._nc4_means: Tensor | None
+        self._nc4_offsets: Tensor | None
+        self.register_buffer("_nc4_centre", None, persistent=False)
+        self.register_buffer("_nc4_means", None, persistent=False)
+        self.register_buffer("_nc4_offsets", None, persistent=False)
+        if class_means is not None:
+            self.set_class_means(class_means)
+
+    # ------------------------------------------------------------------ classifier and reference
+    @property
+    def classifier(self) -> nn.Module | Tensor | None:
+        """The classifier read for the classifier quantities (not a submodule of the metric)."""
+        return None if self._classifier is None else self._classifier.module
+
+    def _classifier_weight_bias(self) -> tuple[Tensor, Tensor | None] | None:
+        if self._classifier is None:
+            return None
+        weight, bias = _classifier_tensors(self._classifier.module, self.num_classes)
+        if self.num_features is not None and weight.shape[1] != self.num_features:
+            raise ValueError(
+                f"Expected argument `classifier` to have a `weight` of shape ({self.num_classes},"
+                f" {self.num_features}), but got {tuple(weight.shape)}."
+            )
+        return weight.detach(), None if bias is None else bias.detach()
+
+    @property
+    def has_class_means(self) -> bool:
+        """Whether reference class means are set (NC4 is accumulated only then)."""
+        return self._nc4_means is not None
+
+    def set_class_means(self, class_means: Tensor | None) -> None:
+        """Set (or clear, with ``None``) the reference class means that NC4 compares against.
+
+        Args:
+            class_means: ``(num_classes, num_features)`` means, e.g. :meth:`class_means` of a
+                first pass over the training data or of the previous epoch; rows holding NaN mark
+                classes absent from the reference. Samples updated from now on are counted.
+        """
+        if class_means is None:
+            self._nc4_centre = self._nc4_means = self._nc4_offsets = None
+            return
+        means = _check_class_means(class_means, self.num_features)
+        if means.shape[0] != self.num_classes:
+            raise ValueError(
+                f"Expected argument `class_means` to have {self.num_classes} rows (num_classes),"
+                f" but got shape {tuple(means.shape)}."
+            )
+        centre, centred, offsets = _prepare_reference(means.to(self.nc4_samples.device))
+        self._nc4_centre, self._nc4_means, self._nc4_offsets = centre, centred, offsets
+
+    # ------------------------------------------------------------------ statistics
+    def class_statistics(self) -> ClassStatistics:
+        """The statistics accumulated by this process (views of the ``statistics`` state)."""
+        if self.statistics.numel() == 0:
+            raise ValueError(
+                f"Expected {type(self).__name__} to have been updated with at least one sample, but"
+                " it holds no data."
+            )
+        return ClassStatistics.unpack(self.statistics, self.num_classes)
+
+    def class_means(self) -> Tensor:
+        """``(num_classes, num_features)`` float64 class means over all processes (NaN if absent).
+
+        Synchronises across processes like ``compute``; pass the result to
+        :meth:`set_class_means` (after ``reset``) to measure NC4 on the next pass or epoch.
+        """
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True
+        ):
+            return self.class_statistics().class_means().clone()
+
+    def update(self, features: Tensor, target: Tensor) -> None:
+        """Accumulate a batch of ``features`` ``(B, d)`` with integer labels ``target`` ``(B,)``."""
+        _check_features(features)
+        if self.statistics.numel() == 0:
+            num_features = int(features.shape[1])
+            self.statistics = torch.zeros(
+                ClassStatistics.packed_size(self.num_classes, num_features),
+                dtype=torch.float64,
+                device=self.nc4_samples.device,
+            )
+        stats = ClassStatistics.unpack(self.statistics, self.num_classes)
+        stats.update(features.detach(), target, validate_args=self.validate_args)
+        classifier = self._classifier_weight_bias()
+        if (
+            classifier is not None
+            and self._nc4_centre is not None
+            and self._nc4_means is not None
+            and self._nc4_offsets is not None
+        ):
+            reference = (self._nc4_centre, self._nc4_means, self._nc4_offsets)
+            mismatches, samples = _nc4_counts(features, classifier[0], classifier[1], reference)
+            self.nc4_mismatches += mismatches
+            self.nc4_samples += samples
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        """Merge another state into this one (``forward``, ``merge_state``), exactly."""
+        for name in self._defaults:
+            if name not in incoming_state:
+                raise ValueError(
+                    f"Expected state variable {name} to be present in incoming state"
+                    f" {list(incoming_state)}"
+                )
+        theirs, mine = incoming_state["statistics"], self.statistics
+        if theirs.numel() == 0:
+            merged = mine
+        elif mine.numel() == 0:
+            merged = theirs.to(mine.device)
+        else:
+            merged = _MergeStatistics(self.num_classes)(torch.stack([theirs.to(mine.device), mine]))
+        self.statistics = merged
+        self.nc4_mismatches = self.nc4_mismatches + incoming_state["nc4_mismatches"]
+        self.nc4_samples = self.nc4_samples + incoming_state["nc4_samples"]
+
+    def _nc4_counts_or_none(self) -> tuple[Tensor, Tensor] | None:
+        if self._nc4_means is None or self._classifier is None:
+            return None
+        return self.nc4_mismatches, self.nc4_samples

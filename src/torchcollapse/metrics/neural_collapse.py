@@ -1,0 +1,178 @@
+"""``NeuralCollapse``: every neural collapse quantity as one streaming torchmetrics metric.
+
+Measures NC1-NC4 (Papyan, Han & Donoho, 2020), the CDNV (Galanti, Gyorgy & Hutter, 2022) and the
+generalized geometry for ``K > d + 1`` (Liu et al., 2023) from exact class statistics accumulated
+batch by batch (:class:`~torchcollapse.stats.ClassStatistics`): the result after any number of
+batches, on any number of processes, equals the two-pass float64 computation on all the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
+
+from torchcollapse.functional.neural_collapse import neural_collapse_compute
+from torchcollapse.metrics._state import CollapseStatisticsMetric
+
+__all__ = ["NeuralCollapse"]
+
+_NOT_PLOTTED = ("num_classes_present",)
+
+
+class NeuralCollapse(CollapseStatisticsMetric):
+    """Neural collapse of features, class means and classifier, accumulated exactly over batches.
+
+    As input to ``update``:
+
+    - ``features`` (:class:`~torch.Tensor`): ``(B, d)`` features of any float dtype (float16,
+      bfloat16, float32, float64), on the metric's device;
+    - ``target`` (:class:`~torch.Tensor`): ``(B,)`` integer labels in ``[0, num_classes)``.
+
+    As output of ``compute``, a ``dict[str, Tensor]`` of 0-d float64 tensors:
+
+    - ``nc1``: ``tr(Sigma_W Sigma_B^+) / K``, pseudo-inverse on exactly the top ``min(K-1, d)``
+      eigenpairs of ``Sigma_B`` in float64 (no tolerance cut);
+    - ``nc1_trace_ratio``: ``tr Sigma_W / tr Sigma_B``;
+    - ``cdnv``: mean over pairs of ``(s_c + s_c') / (2 ||mu_c - mu_c'||^2)``, ``s_c`` the mean
+      squared distance of class ``c``'s features to its mean;
+    - ``nc2_equinorm`` (std/mean of ``||mu_c - mu_G||``), ``nc2_equiangularity`` (std of pairwise
+      cosines), ``nc2_max_angle`` (mean ``|cos + 1/(K-1)|``), ``nc2_etf_distance``
+      (``|| G/||G||_F - (I - 11^T/K)/sqrt(K-1) ||_F``, ``G = M M^T``);
+    - ``nc2_min_angle`` (radians) and ``nc2_spherical_energy`` (Riesz ``s = 1`` energy) of the
+      normalized centred means, meaningful also when ``K > d + 1`` where no simplex exists, and
+      ``nc2_min_angle_optimal`` / ``nc2_spherical_energy_optimal``, their best possible values,
+      present only where known (``K <= d + 1``, ``K = 2d``, ``d = 2``, ...);
+    - with a ``classifier``: ``nc2_weight_*`` (the same six for its rows), ``nc3``
+      (``|| W/||W||_F - M/||M||_F ||_F``) and ``nc3_cosine`` (mean of ``cos(w_c, mu_c - mu_G)``);
+    - with a ``classifier`` and reference class means: ``nc4``;
+    - ``num_classes_present`` (int64): classes with samples.
+
+    Conventions (DESIGN.md): classes without samples are excluded from every quantity and ``K``
+    counts the present ones (``num_classes_present``); the global mean ``mu_G`` is the mean of the
+    class means, or of the samples with ``global_mean="samples"``; ``Sigma_W`` is the biased
+    within-class covariance (divided by ``N``) and ``s_c`` divides by ``n_c``; standard deviations
+    use ``ddof=1`` (and the std of a single pairwise cosine, ``K = 2``, is 0). Angles and cosines of
+    the classifier use its rows as they are (not centred), restricted to the present classes.
+
+    **NC4** needs class means *before* it sees the samples, so it is exact only against reference
+    means, never approximated: call ``set_class_means(means)`` (or pass ``class_means=``), then the
+    samples of the following updates are classified by ``argmax(W h + b)`` (bias included) and by
+    the nearest reference mean, and ``nc4`` is the fraction that disagree. Two passes over the
+    training data give the textbook NC4; the previous epoch's means give it for free each epoch::
+
+        means = None
+        for epoch in range(epochs):
+            metric.set_class_means(means)  # None in the first epoch: no "nc4" key
+            for x, y in loader:
+                metric.update(model.features(x), y)
+            results = metric.compute()
+            means = metric.class_means()  # synchronised over processes
+            metric.reset()
+
+    Without reference means (or without a classifier) ``nc4`` is absent from the output.
+
+    **State and cost.** Memory ``O(K d + d^2)`` float64 (``2K + 2Kd + d^2`` values, twice: state and
+    its default, as every torchmetrics state), independent of the number of samples; ``update``
+    costs about one float64 ``d x d`` product of the batch, no ``K x K`` matrix is ever formed, and
+    with ``validate_args=False`` ``update`` never synchronises host and device. Under DDP the
+    statistics of the processes are merged exactly in ``compute`` (see
+    :mod:`torchcollapse.metrics._state`). ``MetricCollection`` shares this state with the
+    single-quantity metrics (:class:`NeuralCollapseNC1`, ...): one update for all of them.
+
+    Args:
+        num_classes: number of classes ``K``.
+        classifier: optional ``nn.Linear`` or any module with ``weight`` ``(K, d)`` and optional
+            ``bias`` ``(K,)`` (or a ``(K, d)`` weight tensor). It is read, not copied: at
+            ``compute`` for the classifier quantities, at ``update`` for NC4. It is not a
+            submodule of the metric (not moved by ``.to``, not in its ``state_dict``).
+        class_means: optional reference class means for NC4 (see :meth:`set_class_means`).
+        num_features: feature dimension ``d``; inferred from the classifier or the first batch when
+            omitted. Give it (or a classifier) under DDP if a process may see no data at all.
+        global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
+        validate_args: check labels (integers in range) and features (finite) in ``update``;
+            these checks read values back from the device.
+        kwargs: torchmetrics ``Metric`` options (``sync_on_compute``, ``process_group``, ...).
+
+    Raises:
+        ValueError: at ``compute`` when fewer than two classes have samples; at construction for a
+            classifier of the wrong shape; at ``update`` for invalid inputs (see
+            :class:`~torchcollapse.stats.ClassStatistics`).
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.metrics import NeuralCollapse
+        >>> _ = torch.manual_seed(0)
+        >>> classifier = torch.nn.Linear(16, 4)
+        >>> metric = NeuralCollapse(num_classes=4, classifier=classifier)
+        >>> means = 3 * torch.randn(4, 16)
+        >>> for _ in range(5):  # five batches
+        ...     target = torch.randint(0, 4, (32,))
+        ...     metric.update(means[target] + 0.1 * torch.randn(32, 16), target)
+        >>> results = metric.compute()
+        >>> results["nc1"] < 0.01, int(results["num_classes_present"])
+        (tensor(True), 4)
+        >>> "nc4" in results  # no reference class means yet
+        False
+        >>> metric.set_class_means(metric.class_means())  # e.g. for the next epoch
+    """
+
+    higher_is_better = None
+    plot_lower_bound = None
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        classifier: nn.Module | Tensor | None = None,
+        class_means: Tensor | None = None,
+        num_features: int | None = None,
+        global_mean: str = "classes",
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            classifier=classifier,
+            class_means=class_means,
+            num_features=num_features,
+            global_mean=global_mean,
+            validate_args=validate_args,
+            **kwargs,
+        )
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every quantity the inputs allow (see the class docstring for the keys)."""
+        classifier = self._classifier_weight_bias()
+        return neural_collapse_compute(
+            self.class_statistics(),
+            weight=None if classifier is None else classifier[0],
+            global_mean=self.global_mean,  # type: ignore[arg-type]
+            nc4_counts=self._nc4_counts_or_none(),
+        )
+
+    def plot(
+        self,
+        val: dict[str, Tensor] | Sequence[dict[str, Tensor]] | None = None,
+        ax: _AX_TYPE | None = None,
+    ) -> _PLOT_OUT_TYPE:
+        """Plot one result of ``compute`` or a sequence of them (one line per quantity).
+
+        ``num_classes_present`` is left out. Needs matplotlib (``pip install matplotlib``).
+
+        Args:
+            val: a result of ``compute()`` or a list of them (e.g. one per epoch); computed now
+                when omitted.
+            ax: a matplotlib axis to draw on (default: a new figure).
+
+        Returns:
+            ``(figure, axis)``.
+        """
+        value = val if val is not None else self.compute()
+        if isinstance(value, dict):
+            shown: Any = {k: v for k, v in value.items() if k not in _NOT_PLOTTED}
+        else:
+            shown = [{k: v for k, v in item.items() if k not in _NOT_PLOTTED} for item in value]
+        return self._plot(shown, ax)
