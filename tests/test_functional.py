@@ -1,0 +1,305 @@
+"""torchcollapse.functional against the float64 two-pass reference and known closed forms.
+
+Tolerance: every quantity is computed in float64 from statistics accumulated about per-class
+shifts, on the same rounded inputs as the reference, so agreement is ~1e-12; the issue's bound
+(relative error <= 1e-6) is asserted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import torchcollapse.functional.variability as variability
+from tests._helpers.reference import (
+    reference_class_means,
+    reference_geometry,
+    reference_nc4,
+    reference_neural_collapse,
+    reference_optimal,
+)
+from torchcollapse.functional import (
+    centred_class_means,
+    equiangularity,
+    equinorm,
+    etf_distance,
+    max_angle,
+    min_angle,
+    min_angle_optimal,
+    neural_collapse,
+    neural_collapse_cdnv,
+    neural_collapse_nc1,
+    neural_collapse_nc1_trace_ratio,
+    neural_collapse_nc2,
+    neural_collapse_nc3,
+    neural_collapse_nc3_cosine,
+    neural_collapse_nc4,
+    pairwise_geometry,
+    spherical_energy,
+    spherical_energy_optimal,
+)
+from torchcollapse.metrics import NeuralCollapse
+from torchcollapse.stats import ClassStatistics
+
+RTOL = 1e-6
+
+
+def _case(
+    n: int,
+    d: int,
+    k: int,
+    *,
+    spread: float = 0.6,
+    offset: float = 0.0,
+    zipf: bool = False,
+    empty: int | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if zipf:
+        weights = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+        if empty is not None:
+            weights[empty] = 0.0
+        target = torch.multinomial(weights, n, replacement=True, generator=g)
+    else:
+        target = torch.randperm(n, generator=g) % k
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    features = offset + means[target] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = means + 0.4 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    bias = 0.5 * torch.randn(k, generator=g, dtype=torch.float64)
+    return features, target, weight, bias
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "balanced": {"n": 300, "d": 10, "k": 6},
+    "zipf_empty": {"n": 400, "d": 9, "k": 8, "zipf": True, "empty": 5, "seed": 1},
+    "more_classes_than_dims": {"n": 500, "d": 4, "k": 11, "seed": 2},
+    "k_minus_1_equals_d": {"n": 300, "d": 5, "k": 6, "seed": 3},
+    "nc1_1e-6_offset_1e3": {"n": 800, "d": 8, "k": 5, "spread": 1e-3, "offset": 1e3, "seed": 4},
+}
+
+
+def _assert_all_keys(out: dict[str, torch.Tensor], expected: dict[str, float]) -> None:
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(float(out[key]), value, rtol=RTOL, atol=1e-14, err_msg=key)
+
+
+@pytest.mark.parametrize("global_mean", ["classes", "samples"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_neural_collapse_every_key(name: str, global_mean: str) -> None:
+    features, target, weight, bias = _case(**CASES[name])
+    k = CASES[name]["k"]
+    out = neural_collapse(
+        features, target, num_classes=k, weight=weight, bias=bias, global_mean=global_mean
+    )
+    expected = reference_neural_collapse(
+        features, target, k, weight=weight, bias=bias, global_mean=global_mean
+    )
+    _assert_all_keys(out, expected)
+    if name == "nc1_1e-6_offset_1e3":
+        assert 1e-7 < expected["nc1"] < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_input_dtype_against_the_same_rounded_values(dtype: torch.dtype) -> None:
+    features, target, weight, bias = _case(n=400, d=7, k=9, zipf=True, empty=2, seed=5)
+    rounded = features.to(dtype)
+    out = neural_collapse(rounded, target, num_classes=9, weight=weight.to(dtype), bias=bias)
+    expected = reference_neural_collapse(
+        rounded.double(), target, 9, weight=weight.to(dtype).double(), bias=bias
+    )
+    _assert_all_keys(out, expected)
+
+
+def test_streaming_equals_one_batch_equals_functional() -> None:
+    features, target, weight, bias = _case(n=350, d=6, k=7, zipf=True, seed=6)
+    layer = torch.nn.Linear(6, 7).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    sizes = [1, 2, 100, 3, 244]
+    streamed = NeuralCollapse(7, classifier=layer)
+    streamed.set_class_means(torch.from_numpy(reference_class_means(features, target, 7)))
+    for f, t in zip(features.split(sizes), target.split(sizes)):
+        streamed.update(f, t)
+    one = NeuralCollapse(7, classifier=layer)
+    one.set_class_means(streamed.class_means())
+    one.update(features, target)
+    functional = neural_collapse(features, target, weight=weight, bias=bias)
+    a, b = streamed.compute(), one.compute()
+    assert set(a) == set(b) == set(functional)
+    for key in functional:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-14, msg=key)
+        torch.testing.assert_close(a[key], functional[key], rtol=1e-12, atol=1e-14, msg=key)
+
+
+@pytest.mark.parametrize("global_mean", ["classes", "samples"])
+def test_one_function_per_quantity_matches_the_reference(global_mean: str) -> None:
+    features, target, weight, bias = _case(n=300, d=6, k=5, zipf=True, seed=7)
+    stats = ClassStatistics.from_features(features, target, 5)
+    expected = reference_neural_collapse(
+        features, target, 5, weight=weight, bias=bias, global_mean=global_mean
+    )
+    gm: Any = global_mean
+    checks = {
+        "nc1": neural_collapse_nc1(stats, global_mean=gm),
+        "nc1_trace_ratio": neural_collapse_nc1_trace_ratio(stats, global_mean=gm),
+        "cdnv": neural_collapse_cdnv(stats),
+        "nc3": neural_collapse_nc3(stats, weight, global_mean=gm),
+        "nc3_cosine": neural_collapse_nc3_cosine(stats, weight, global_mean=gm).mean(),
+        "nc4": neural_collapse_nc4(
+            features, weight, bias, class_means=torch.from_numpy(stats.class_means().numpy())
+        ),
+    }
+    checks.update(neural_collapse_nc2(stats, weight=weight, global_mean=gm))
+    centred, _ = centred_class_means(stats, gm)
+    singles = {
+        "nc2_equinorm": equinorm(centred),
+        "nc2_equiangularity": equiangularity(centred),
+        "nc2_max_angle": max_angle(centred),
+        "nc2_etf_distance": etf_distance(centred),
+        "nc2_min_angle": min_angle(centred),
+        "nc2_spherical_energy": spherical_energy(centred),
+    }
+    for key, value in {**checks, **singles}.items():
+        np.testing.assert_allclose(float(value), expected[key], rtol=RTOL, err_msg=key)
+
+
+def test_blocked_pairwise_pass_equals_one_block_and_the_reference() -> None:
+    # 70 vectors in R^5: K > d + 1, no simplex; tiny blocks exercise the merge of block statistics.
+    g = torch.Generator().manual_seed(8)
+    vectors = torch.randn(70, 5, generator=g, dtype=torch.float64) + 0.3
+    variances = torch.rand(70, generator=g, dtype=torch.float64)
+    whole = pairwise_geometry(vectors, variances=variances, block_elements=1 << 20)
+    for block in (70, 150, 1000):
+        blocked = pairwise_geometry(vectors, variances=variances, block_elements=block)
+        for key in whole:
+            torch.testing.assert_close(blocked[key], whole[key], rtol=1e-12, atol=0, msg=key)
+    expected = reference_geometry(vectors, "g")
+    for key, value in expected.items():
+        np.testing.assert_allclose(float(whole[key[2:]]), value, rtol=RTOL, err_msg=key)
+
+
+def _regular_simplex(k: int, d: int) -> torch.Tensor:
+    centred = torch.eye(k, dtype=torch.float64) - 1.0 / k
+    basis, _ = torch.linalg.qr(torch.randn(d, k - 1, dtype=torch.float64))
+    u, _, _ = torch.linalg.svd(centred)
+    return u[:, : k - 1] @ basis.T  # k points of a centred simplex, embedded in R^d
+
+
+def _polygon(k: int) -> torch.Tensor:
+    angles = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+    return torch.stack([angles.cos(), angles.sin()], 1)
+
+
+@pytest.mark.parametrize(
+    ("vectors", "k", "d"),
+    [
+        (_regular_simplex(5, 4), 5, 4),  # the minimal embedding, d = K - 1
+        (_regular_simplex(4, 9), 4, 9),
+        (torch.cat([torch.eye(4), -torch.eye(4)]).double(), 8, 4),  # cross-polytope, K = 2d
+        (_polygon(7), 7, 2),
+    ],
+)
+def test_known_optimal_configurations_reach_their_optimal_values(
+    vectors: torch.Tensor, k: int, d: int
+) -> None:
+    out = pairwise_geometry(vectors)
+    best_angle = min_angle_optimal(k, d)
+    best_energy = spherical_energy_optimal(k, d)
+    assert best_angle is not None
+    assert best_energy is not None
+    np.testing.assert_allclose(float(out["min_angle"]), best_angle, rtol=1e-12)
+    np.testing.assert_allclose(float(out["spherical_energy"]), best_energy, rtol=1e-12)
+    expected = reference_optimal(k, d)
+    assert expected == pytest.approx(
+        {"nc2_min_angle_optimal": best_angle, "nc2_spherical_energy_optimal": best_energy}
+    )
+    if k <= d + 1:  # a simplex ETF: every NC2 quantity is 0
+        for key in ("equinorm", "equiangularity", "max_angle", "etf_distance"):
+            assert float(out[key]) < 1e-12, key
+
+
+@pytest.mark.parametrize(("k", "d"), [(4, 6), (6, 5), (8, 4), (9, 5), (10, 2)])
+def test_random_configurations_never_beat_the_optimal_values(k: int, d: int) -> None:
+    g = torch.Generator().manual_seed(9)
+    angle_bound, energy_bound = min_angle_optimal(k, d), spherical_energy_optimal(k, d)
+    assert angle_bound is not None
+    for _ in range(20):
+        out = pairwise_geometry(torch.randn(k, d, generator=g, dtype=torch.float64))
+        assert float(out["min_angle"]) <= angle_bound + 1e-12
+        if energy_bound is not None:
+            assert float(out["spherical_energy"]) >= energy_bound - 1e-12
+    assert min_angle_optimal(100, 10) is None
+    assert spherical_energy_optimal(15, 10) is None
+
+
+def test_nc1_eigen_fallback_matches_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Force the Cholesky factorization to "fail": NC1 then comes from the top min(K-1, d)
+    # eigenpairs, in both branches (K - 1 < d and K - 1 >= d).
+    def failing(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return matrix, torch.ones((), dtype=torch.int32)
+
+    monkeypatch.setattr(variability.torch.linalg, "cholesky_ex", failing)
+    for k, d in [(5, 9), (12, 4)]:
+        features, target, _, _ = _case(n=240, d=d, k=k, seed=k)
+        stats = ClassStatistics.from_features(features, target, k)
+        expected = reference_neural_collapse(features, target, k)["nc1"]
+        np.testing.assert_allclose(float(neural_collapse_nc1(stats)), expected, rtol=RTOL)
+
+
+def test_nc4_reference_with_absent_classes() -> None:
+    features, target, weight, bias = _case(n=200, d=5, k=6, spread=1.2, seed=10)
+    means = torch.from_numpy(reference_class_means(features, target, 6))
+    means[[1, 4]] = float("nan")  # classes 1 and 4 absent from the reference
+    mismatches, total = reference_nc4(features, weight, bias, means.numpy())
+    assert 0 < mismatches < total
+    nc4 = neural_collapse_nc4(features.float(), weight, bias, class_means=means)
+    assert float(nc4) == mismatches / total
+
+
+def test_num_classes_inference() -> None:
+    features, target, weight, _ = _case(n=60, d=3, k=4, seed=11)
+    target[target == 3] = 2  # the last class is absent from the data
+    by_weight = neural_collapse(features, target, weight=weight)
+    by_target = neural_collapse(features, target)
+    assert int(by_weight["num_classes_present"]) == int(by_target["num_classes_present"]) == 3
+    torch.testing.assert_close(by_weight["nc1"], by_target["nc1"])
+
+
+# ------------------------------------------------------------------ errors
+def test_errors() -> None:
+    features, target, weight, bias = _case(n=30, d=3, k=3, seed=12)
+    with pytest.raises(ValueError, match=r"`weight` to have shape \(num_classes, num_features\)"):
+        neural_collapse(features, target, num_classes=3, weight=torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"`bias` to have shape \(num_classes,\) = \(3,\)"):
+        neural_collapse(features, target, weight=weight, bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="`weight` to be given with `bias`"):
+        neural_collapse(features, target, bias=bias)
+    with pytest.raises(TypeError, match="`target` to be an integer tensor"):
+        neural_collapse(features, target.double())
+    with pytest.raises(ValueError, match="`features` to be a 2-D tensor"):
+        neural_collapse(features[None], target)
+    with pytest.raises(ValueError, match="same number of samples"):
+        neural_collapse(features, target[:-1])
+    with pytest.raises(ValueError, match=r"class indices in \[0, 1\]"):
+        neural_collapse(features, target, num_classes=2)
+    with pytest.raises(ValueError, match="finite"):
+        neural_collapse(features * float("inf"), target)
+    with pytest.raises(ValueError, match="`global_mean` to be one of"):
+        neural_collapse(features, target, global_mean="weighted")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 2 classes with samples"):
+        neural_collapse(features, torch.zeros_like(target), num_classes=3)
+    with pytest.raises(ValueError, match=r"rows \[1\] are zero"):
+        pairwise_geometry(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        equinorm(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="at least one finite row"):
+        neural_collapse_nc4(features, weight, class_means=torch.full((3, 3), float("nan")))
+    with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
+        min_angle_optimal(1, 3)
