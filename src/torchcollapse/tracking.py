@@ -1,0 +1,327 @@
+"""Measure neural collapse at many layers at once, with forward hooks.
+
+Papyan, Han & Donoho (2020) measured collapse at the last layer and found it building up through
+training; Papyan (2020, "Traces of class/cross-class structure pervade deep learning spectra") and
+He & Su (2023, "A law of data separation in deep learning") looked layer by layer and found the
+within-class variability falling with depth, geometrically for well-trained networks.
+:class:`CollapseTracker` makes that measurement one line: it hooks the named layers of a model,
+pools each layer's output to one vector per sample (conv maps: mean over the spatial axes, with
+einops) and feeds one :class:`~torchcollapse.metrics.NeuralCollapse` per layer.
+
+Hooks only record inside ``with tracker.targets(y):`` (the labels of the batch being run), so the
+same model can train outside it untouched; :meth:`CollapseTracker.update` runs a batch under
+``torch.no_grad`` for you. The metrics are torchmetrics metrics: under
+``DistributedDataParallel`` each process records its own samples and :meth:`compute` reduces them
+over processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import einops
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from torchmetrics import Metric
+
+from torchcollapse.metrics import NeuralCollapse
+
+__all__ = ["CollapseTracker", "pool_features"]
+
+Pool = Literal["mean", "max", "flatten"]
+LayerSelector = (
+    str
+    | Sequence[str]
+    | type[nn.Module]
+    | tuple[type[nn.Module], ...]
+    | Callable[[str, nn.Module], bool]
+)
+
+
+def pool_features(output: Tensor, pool: Pool = "mean") -> Tensor:
+    """Turn a layer's output into one vector per sample.
+
+    A ``(N, C)`` output is returned as it is. A ``(N, C, *spatial)`` output (conv feature maps,
+    channels first) is reduced over the spatial axes: ``"mean"`` (global average pooling, the
+    default) or ``"max"``; ``"flatten"`` keeps everything, ``(N, C * prod(spatial))``.
+
+    Args:
+        output: the layer's output, at least 2-D, batch first.
+        pool: ``"mean"``, ``"max"`` or ``"flatten"``.
+
+    Returns:
+        A ``(N, D)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> maps = torch.arange(16.0).reshape(2, 2, 2, 2)  # (N, C, H, W)
+        >>> pool_features(maps)                             # mean over H and W
+        tensor([[ 1.5000,  5.5000],
+                [ 9.5000, 13.5000]])
+        >>> pool_features(maps, "flatten").shape
+        torch.Size([2, 8])
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"Expected the layer output to be a torch.Tensor, but got {type(output).__name__}; "
+            "pass `pool=` a callable that picks the tensor to track."
+        )
+    if output.ndim < 2:
+        raise ValueError(
+            "Expected the layer output to be at least 2-D (batch first), but got shape "
+            f"{tuple(output.shape)}."
+        )
+    if pool not in ("mean", "max", "flatten"):
+        raise ValueError(
+            "Expected argument `pool` to be 'mean', 'max', 'flatten' or a callable, but got "
+            f"{pool!r}."
+        )
+    if output.ndim == 2:
+        return output
+    if pool == "flatten":
+        return einops.rearrange(output, "n c ... -> n (c ...)")
+    return einops.reduce(output, "n c ... -> n c", pool)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model``."""
+    inner = getattr(model, "module", None)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(
+        inner, nn.Module
+    ):
+        return inner
+    return model
+
+
+def _select_layers(model: nn.Module, layers: LayerSelector) -> dict[str, nn.Module]:
+    named = dict(_unwrap(model).named_modules())
+    named.pop("", None)
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, type) or (
+        isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
+    ):
+        types = layers if isinstance(layers, tuple) else (layers,)
+        chosen = {name: module for name, module in named.items() if isinstance(module, types)}
+        what = f"modules of type {', '.join(t.__name__ for t in types)}"
+    elif callable(layers):
+        predicate = layers
+        chosen = {name: module for name, module in named.items() if predicate(name, module)}
+        what = "modules matching the predicate"
+    elif isinstance(layers, Sequence):
+        chosen = {}
+        for name in layers:
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"Expected argument `layers` to hold layer names (str), but got {name!r}."
+                )
+            key = name.removeprefix("module.") if name not in named else name
+            if key not in named:
+                available = ", ".join(list(named)[:12])
+                raise ValueError(
+                    f"Expected argument `layers` to name submodules of the model, but got "
+                    f"{name!r}; some names: {available}{', ...' if len(named) > 12 else ''}."
+                )
+            chosen[name] = named[key]
+        what = "names"
+    else:
+        raise TypeError(
+            "Expected argument `layers` to be layer names, a module type (or tuple of types) or a "
+            f"predicate (name, module) -> bool, but got {type(layers).__name__}."
+        )
+    if not chosen:
+        raise ValueError(f"Expected argument `layers` to select at least one layer, but no {what}.")
+    return chosen
+
+
+class CollapseTracker:
+    """Neural collapse of several layers at once: forward hooks, one metric per layer.
+
+    Every selected layer gets a forward hook. Inside ``with tracker.targets(y):`` each hook pools
+    the layer's output to ``(N, D)`` (see :func:`pool_features`; conv maps are averaged over their
+    spatial axes by default), detaches it, casts half precision to float32 and calls
+    ``metric.update(features, y)`` on the layer's own
+    :class:`~torchcollapse.metrics.NeuralCollapse`. Outside that context the hooks do nothing, so
+    tracking can sit around a training loop and record only the batches you choose.
+    :meth:`compute` returns ``{layer: {quantity: value}}``. As a context manager the tracker
+    removes its hooks on exit; :meth:`remove` does the same by hand.
+
+    Works under ``torch.no_grad``, autocast and ``DistributedDataParallel`` (pass the wrapped or the
+    inner model; names are those of the inner model, a ``module.`` prefix is accepted): each process
+    records its own samples and :meth:`compute` reduces the statistics over processes, as
+    torchmetrics does.
+
+    Args:
+        model: the network to watch.
+        layers: what to hook: layer names as in ``model.named_modules()`` (``"layer3"``,
+            ``"blocks.0"``), a module type or tuple of types (every submodule of those types, in
+            registration order), or a predicate ``(name, module) -> bool``.
+        num_classes: number of classes ``K``.
+        pool: ``"mean"``, ``"max"`` or ``"flatten"`` for outputs with more than two axes, or a
+            callable ``output -> (N, D) tensor`` (also the way to track a layer whose output is a
+            tuple).
+        metric_factory: ``name -> Metric`` to build each layer's metric yourself (for instance to
+            give the last layer its ``classifier`` for NC3/NC4); default
+            ``NeuralCollapse(num_classes, **metric_kwargs)``.
+        metric_kwargs: keyword arguments of the default :class:`NeuralCollapse`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchcollapse.tracking import CollapseTracker
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(
+        ...     nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14, 6), nn.Linear(6, 3)
+        ... )
+        >>> x, y = torch.randn(60, 1, 16), torch.arange(60) % 3
+        >>> with CollapseTracker(model, ["0", "3"], num_classes=3) as tracker:
+        ...     with torch.no_grad(), tracker.targets(y):   # hooks record this forward pass
+        ...         logits = model(x)
+        ...     results = tracker.compute()
+        >>> list(results)                                  # one entry per layer
+        ['0', '3']
+        >>> bool(results["0"]["nc1"] > 0)                   # conv maps pooled to (N, 8)
+        True
+        >>> tracker.num_hooks                              # hooks are gone after the block
+        0
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSelector,
+        num_classes: int,
+        *,
+        pool: Pool | Callable[[Any], Tensor] = "mean",
+        metric_factory: Callable[[str], Metric] | None = None,
+        metric_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                "Expected argument `model` to be a torch.nn.Module, but got "
+                f"{type(model).__name__}."
+            )
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(
+                f"Expected argument `num_classes` to be an integer of at least 2, but got "
+                f"{num_classes!r}."
+            )
+        if not callable(pool) and pool not in ("mean", "max", "flatten"):
+            raise ValueError(
+                "Expected argument `pool` to be 'mean', 'max', 'flatten' or a callable, but got "
+                f"{pool!r}."
+            )
+        if metric_factory is not None and metric_kwargs is not None:
+            raise ValueError(
+                "Expected at most one of the arguments `metric_factory` and `metric_kwargs`, "
+                "but got both."
+            )
+        self.model = model
+        self.num_classes = num_classes
+        self.pool = pool
+        kwargs = dict(metric_kwargs or {})
+        factory = metric_factory or (lambda name: NeuralCollapse(num_classes, **kwargs))
+        self.modules: dict[str, nn.Module] = _select_layers(model, layers)
+        self.metrics: dict[str, Metric] = {name: factory(name) for name in self.modules}
+        self._target: Tensor | None = None
+        self._handles: list[RemovableHandle] = [
+            module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()
+        ]
+
+    @property
+    def layers(self) -> list[str]:
+        """The tracked layer names, in order."""
+        return list(self.modules)
+
+    @property
+    def num_hooks(self) -> int:
+        """Hooks still registered (0 after :meth:`remove`)."""
+        return len(self._handles)
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            target = self._target
+            if target is None:
+                return
+            pooled = self.pool(output) if callable(self.pool) else pool_features(output, self.pool)
+            if not isinstance(pooled, Tensor) or pooled.ndim != 2:
+                raise ValueError(
+                    f"Expected the pooled output of layer {name!r} to be a 2-D tensor, but got "
+                    f"{getattr(pooled, 'shape', type(pooled).__name__)}."
+                )
+            if pooled.shape[0] != target.shape[0]:
+                raise ValueError(
+                    f"Expected layer {name!r} to output one row per target ({target.shape[0]}), "
+                    f"but got {pooled.shape[0]}."
+                )
+            features = pooled.detach()
+            if features.dtype in (torch.float16, torch.bfloat16):
+                features = features.float()
+            metric = self.metrics[name]
+            if metric.device != features.device:
+                metric.to(features.device)
+            metric.update(features, target.to(features.device))
+
+        return hook
+
+    @contextlib.contextmanager
+    def targets(self, target: Tensor) -> Iterator[CollapseTracker]:
+        """Record the forward passes run inside the block, labelled with ``target`` ``(N,)``."""
+        if not isinstance(target, Tensor) or target.ndim != 1:
+            raise ValueError(
+                "Expected argument `target` to be a 1-D tensor of labels, but got "
+                f"{tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__}."
+            )
+        if self.num_hooks == 0:
+            raise RuntimeError(
+                "Expected the tracker's hooks to be registered, but they were removed."
+            )
+        previous, self._target = self._target, target
+        try:
+            yield self
+        finally:
+            self._target = previous
+
+    def update(self, inputs: Any, target: Tensor) -> Any:
+        """Run ``model(inputs)`` under ``torch.no_grad`` inside :meth:`targets`; return it."""
+        with torch.no_grad(), self.targets(target):
+            return self.model(inputs)
+
+    def compute(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer: {quantity: value}}`` over everything recorded since the last :meth:`reset`."""
+        results: dict[str, dict[str, Tensor]] = {}
+        for name, metric in self.metrics.items():
+            if metric.update_count == 0:
+                raise RuntimeError(
+                    f"Expected layer {name!r} to have recorded samples, but it saw none; run the "
+                    "model inside `with tracker.targets(y):`."
+                )
+            results[name] = metric.compute()
+        return results
+
+    def reset(self) -> None:
+        """Forget everything recorded (the hooks stay)."""
+        for metric in self.metrics.values():
+            metric.reset()
+
+    def remove(self) -> None:
+        """Remove every hook (safe to call twice); the metrics keep what they recorded."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> CollapseTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        pool = self.pool if isinstance(self.pool, str) else getattr(self.pool, "__name__", "custom")
+        return (
+            f"{type(self).__name__}(layers={self.layers}, num_classes={self.num_classes}, "
+            f"pool={pool!r}, hooks={self.num_hooks})"
+        )

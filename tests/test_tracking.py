@@ -1,0 +1,225 @@
+"""CollapseTracker: per-layer metrics equal NeuralCollapse on features pooled by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tests._helpers.ddp import run_distributed
+from torchcollapse.functional import neural_collapse
+from torchcollapse.metrics import NeuralCollapse
+from torchcollapse.tracking import CollapseTracker, pool_features
+
+NUM_CLASSES = 4
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(2, 6, 3, padding=1),  # "0": (N, 6, 12) maps
+        nn.ReLU(),
+        nn.Conv1d(6, 5, 3, stride=2),  # "2": (N, 5, 5) maps
+        nn.Flatten(),
+        nn.Linear(25, 7),  # "4": (N, 7)
+        nn.Linear(7, NUM_CLASSES),
+    ).double()
+
+
+def _data(n: int = 96, seed: int = 1) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.arange(n) % NUM_CLASSES
+    x = torch.randn(n, 2, 12, generator=generator, dtype=torch.float64)
+    return x + target.view(n, 1, 1).double(), target
+
+
+def _by_hand(model: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
+    """Each tracked layer's output, pooled with plain torch (mean over length), in float64."""
+    out0 = model[0](x)
+    out2 = model[2](model[1](out0))
+    out4 = model[4](model[3](out2))
+    return {"0": out0.mean(dim=2), "2": out2.mean(dim=2), "4": out4}
+
+
+def _nc1_brute_force(features: Tensor, target: Tensor) -> float:
+    """tr(Sigma_W Sigma_B^+) / K by loops over classes and samples (float64)."""
+    classes = target.unique()
+    means = torch.stack([features[target == c].mean(0) for c in classes])
+    centred = means - means.mean(0)
+    sigma_b = sum(torch.outer(m, m) for m in centred) / len(classes)
+    sigma_w = sum(
+        torch.outer(h - means[int(c)], h - means[int(c)]) for h, c in zip(features, target)
+    ) / len(features)
+    eigenvalues, vectors = torch.linalg.eigh(sigma_b)
+    top = vectors[:, -(len(classes) - 1) :]
+    pinv = top @ torch.diag(1 / eigenvalues[-(len(classes) - 1) :]) @ top.T
+    return float(torch.trace(sigma_w @ pinv) / len(classes))
+
+
+def test_tracker_equals_per_layer_metrics_on_hand_pooled_features() -> None:
+    model = _model()
+    x, y = _data()
+    expected = {
+        name: neural_collapse(h, y, num_classes=NUM_CLASSES)
+        for name, h in _by_hand(model, x).items()
+    }
+    with CollapseTracker(model, ["0", "2", "4"], NUM_CLASSES) as tracker:
+        for chunk in torch.arange(len(y)).split(40):  # streamed in ragged batches
+            with torch.no_grad(), tracker.targets(y[chunk]):
+                model(x[chunk])
+        results = tracker.compute()
+    assert list(results) == ["0", "2", "4"]
+    for name, values in expected.items():
+        for key, value in values.items():
+            if key == "nc4":  # needs reference means the tracker's metrics were not given
+                continue
+            # float64 inputs, exact streaming: agreement to float64 rounding of the statistics
+            torch.testing.assert_close(
+                results[name][key].double().cpu(), value.double(), rtol=1e-9, atol=1e-12
+            )
+    pooled = _by_hand(model, x)["2"].detach()
+    assert float(results["2"]["nc1"]) == pytest.approx(_nc1_brute_force(pooled, y), rel=1e-9)
+
+
+def test_hooks_record_only_inside_targets_and_are_removed() -> None:
+    model = _model()
+    x, y = _data()
+    tracker = CollapseTracker(model, ["0"], NUM_CLASSES)
+    model(x)  # outside the context: nothing recorded
+    with pytest.raises(RuntimeError, match="saw none"):
+        tracker.compute()
+    out = tracker.update(x, y)  # runs under no_grad and returns the model's output
+    assert not out.requires_grad
+    torch.testing.assert_close(out, model(x).detach())
+    first = tracker.compute()["0"]["nc1"]
+    tracker.reset()
+    tracker.update(x[:48], y[:48])
+    tracker.update(x[48:], y[48:])
+    assert float(tracker.compute()["0"]["nc1"]) == pytest.approx(float(first), rel=1e-12)
+    assert tracker.num_hooks == 1
+    tracker.remove()
+    tracker.remove()  # twice is fine
+    assert tracker.num_hooks == 0
+    assert not model[0]._forward_hooks
+    with pytest.raises(RuntimeError, match="removed"), tracker.targets(y):
+        pass
+
+
+def test_layer_selection_by_type_predicate_and_errors() -> None:
+    model = _model()
+    assert CollapseTracker(model, nn.Conv1d, NUM_CLASSES).layers == ["0", "2"]
+    assert CollapseTracker(model, (nn.Linear, nn.Conv1d), NUM_CLASSES).layers == [
+        "0",
+        "2",
+        "4",
+        "5",
+    ]
+    chosen = CollapseTracker(model, lambda name, m: name in ("4", "5"), NUM_CLASSES)
+    assert chosen.layers == ["4", "5"]
+    assert CollapseTracker(model, "4", NUM_CLASSES).layers == ["4"]
+    with pytest.raises(ValueError, match="name submodules"):
+        CollapseTracker(model, ["0", "conv9"], NUM_CLASSES)
+    with pytest.raises(ValueError, match="at least one layer"):
+        CollapseTracker(model, nn.LSTM, NUM_CLASSES)
+    with pytest.raises(TypeError, match="layer names"):
+        CollapseTracker(model, [0], NUM_CLASSES)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="`layers`"):
+        CollapseTracker(model, 3, NUM_CLASSES)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`num_classes`"):
+        CollapseTracker(model, ["0"], 1)
+    with pytest.raises(ValueError, match="`pool`"):
+        CollapseTracker(model, ["0"], NUM_CLASSES, pool="median")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`model`"):
+        CollapseTracker("model", ["0"], NUM_CLASSES)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at most one"):
+        CollapseTracker(
+            model, ["0"], NUM_CLASSES, metric_factory=lambda n: NeuralCollapse(4), metric_kwargs={}
+        )
+    with (
+        CollapseTracker(model, ["0"], NUM_CLASSES) as tracker,
+        pytest.raises(ValueError, match="1-D"),
+    ):
+        tracker.update(torch.zeros(2, 2, 12, dtype=torch.float64), torch.zeros(2, 1))
+
+
+def test_pooling_modes_and_custom_pool() -> None:
+    maps = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pool_features(maps, "mean"), maps.mean(dim=(2, 3)))
+    torch.testing.assert_close(pool_features(maps, "max"), maps.amax(dim=(2, 3)))
+    torch.testing.assert_close(pool_features(maps, "flatten"), maps.reshape(3, -1))
+    assert pool_features(maps[:, :, 0, 0]) is not None
+    with pytest.raises(ValueError, match="at least 2-D"):
+        pool_features(torch.zeros(3))
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        pool_features((maps,))  # type: ignore[arg-type]
+
+    model = _model()
+    x, y = _data()
+    with CollapseTracker(model, ["0"], NUM_CLASSES, pool="max") as tracker:
+        tracker.update(x, y)
+        got = tracker.compute()["0"]["nc1"]
+    expected = neural_collapse(model[0](x).amax(dim=2).detach(), y, num_classes=NUM_CLASSES)
+    assert float(got) == pytest.approx(float(expected["nc1"]), rel=1e-9)
+
+    with CollapseTracker(model, ["0"], NUM_CLASSES, pool=lambda out: out[:, :, :2].flatten(1)) as t:
+        t.update(x, y)
+        assert t.metrics["0"].compute()["nc1"] > 0
+    with (
+        CollapseTracker(model, ["0"], NUM_CLASSES, pool=lambda out: out[:5, :, 0]) as t,
+        pytest.raises(ValueError, match="one row per target"),
+    ):
+        t.update(x, y)
+
+
+def test_half_precision_outputs_are_pooled_in_float32_and_classifier_reaches_metric() -> None:
+    model = _model().float()
+    x, y = _data()
+    x = x.float()
+    head = model[5]
+    factory = {"4": lambda: NeuralCollapse(NUM_CLASSES, classifier=head)}
+
+    with CollapseTracker(
+        model,
+        ["0", "4"],
+        NUM_CLASSES,
+        metric_factory=lambda name: factory.get(name, lambda: NeuralCollapse(NUM_CLASSES))(),
+    ) as tracker:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), tracker.targets(y):
+            low = model[:5](x)
+        results = tracker.compute()
+    assert "nc3" in results["4"]  # the classifier was given to the last layer's metric only
+    assert "nc3" not in results["0"]
+    reference = neural_collapse(
+        low.float(), y, num_classes=NUM_CLASSES, weight=head.weight.detach()
+    )
+    # the tracker saw the same bfloat16 values, widened to float32 before the metric
+    assert float(results["4"]["nc1"]) == pytest.approx(float(reference["nc1"]), rel=1e-6)
+    assert float(results["4"]["nc3"]) == pytest.approx(float(reference["nc3"]), rel=1e-6)
+
+
+def _tracked_in_ddp(rank: int, world_size: int, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    model = nn.parallel.DistributedDataParallel(_model())
+    rows = torch.arange(rank, len(y), world_size)
+    with CollapseTracker(model, ["module.0", "4"], NUM_CLASSES) as tracker:
+        tracker.update(x[rows], y[rows])
+        results = tracker.compute()
+    return {name: values["nc1"] for name, values in results.items()}
+
+
+@pytest.mark.ddp
+def test_tracker_under_ddp_equals_one_process() -> None:
+    x, y = _data()
+    ranks = run_distributed(_tracked_in_ddp, 2, x, y)
+    with CollapseTracker(_model(), ["0", "4"], NUM_CLASSES) as tracker:
+        tracker.update(x, y)
+        single = tracker.compute()
+    for result in ranks:
+        assert list(result) == ["module.0", "4"]
+        # float64 statistics summed over two processes instead of one: rounding-level agreement
+        torch.testing.assert_close(result["module.0"], single["0"]["nc1"], rtol=1e-9, atol=0)
+        torch.testing.assert_close(result["4"], single["4"]["nc1"], rtol=1e-9, atol=0)
+
+
+def test_repr_names_layers() -> None:
+    with CollapseTracker(_model(), ["0"], NUM_CLASSES) as tracker:
+        assert repr(tracker) == "CollapseTracker(layers=['0'], num_classes=4, pool='mean', hooks=1)"
