@@ -329,3 +329,50 @@ def test_stats_tables_csv_and_plots(tmp_path: Path) -> None:
     assert table.splitlines()[2] == "| run A | 2 | 0.57 ± 0.0707 |"
     png = plot_panels(rows, [Panel("acc", {"test_acc": ""}, log=True)], tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def test_evaluate_against_brute_force_references() -> None:
+    from harness.data import Dataset, Split
+    from harness.evaluate import evaluate
+    from harness.train import Runtime
+
+    from torchcollapse.functional import neural_collapse
+
+    generator = torch.Generator().manual_seed(0)
+    num_classes = 3
+
+    def split(n: int) -> Split:
+        target = torch.arange(n) % num_classes
+        return Split(torch.randn(n, 1, 40, generator=generator) + target.view(n, 1, 1), target)
+
+    data = Dataset("mnist1d", split(60), split(30), num_classes)
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 40), num_classes, width=4, feature_dim=5).eval()
+    row = evaluate(model, data, Runtime(), batch_size=16)  # several chunks per split
+    with torch.no_grad():
+        train_h = model.forward_features(data.train.inputs).double()
+        test_h = model.forward_features(data.test.inputs).double()
+    means = torch.stack([train_h[data.train.targets == c].mean(0) for c in range(num_classes)])
+    weight, bias = model.head.weight.detach().double(), model.head.bias.detach().double()
+    for name, h, target in (
+        ("train", train_h, data.train.targets),
+        ("test", test_h, data.test.targets),
+    ):
+        logits = h @ weight.T + bias
+        nearest = torch.tensor(
+            [min(range(num_classes), key=lambda c: float((x - means[c]).norm())) for x in h]
+        )
+        assert row[f"{name}_acc"] == pytest.approx(
+            float((logits.argmax(1) == target).double().mean())
+        )
+        assert row[f"{name}_ncc_acc"] == pytest.approx(float((nearest == target).double().mean()))
+        assert row[f"{name}_nc4"] == pytest.approx(
+            float((nearest != logits.argmax(1)).double().mean())
+        )
+        reference = neural_collapse(h, target, num_classes=num_classes, weight=weight)
+        # float32 features through float64 statistics: agreement to float32 rounding
+        assert row[f"{name}_nc1"] == pytest.approx(float(reference["nc1"]), rel=1e-5)
+        assert row[f"{name}_nc3"] == pytest.approx(float(reference["nc3"]), rel=1e-5)
