@@ -53,8 +53,9 @@ def check_features_target(
 ) -> None:
     """Validate a ``(N, d)`` float feature batch and its ``(N,)`` integer labels.
 
-    Shapes and dtypes are always checked (no synchronisation); the label range only when
-    ``validate_args`` is true (it reads the labels on the host) and not under ``torch.compile``.
+    Shapes and dtypes are always checked. The label range is checked when ``validate_args`` is
+    true, except under ``torch.compile``: on CPU with a ``ValueError``, on accelerators with an
+    asynchronous device-side assertion, so that no call synchronises with the host.
     """
     if not isinstance(features, Tensor):
         raise TypeError(
@@ -88,13 +89,21 @@ def check_features_target(
             f"got {features.shape[0]} and {target.shape[0]}."
         )
     check_range = validate_args and not torch.compiler.is_compiling()
-    if check_range and num_classes is not None and target.numel() > 0:
-        low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"Expected argument `target` to hold labels in [0, {num_classes - 1}], but got "
-                f"labels in [{low}, {high}]."
-            )
+    if not check_range or num_classes is None or target.numel() == 0:
+        return
+    if target.device.type != "cpu":
+        # no host synchronisation on accelerators: a device-side assertion
+        torch._assert_async(
+            ((target >= 0) & (target < num_classes)).all(),
+            f"Expected argument `target` to hold labels in [0, {num_classes - 1}].",
+        )
+        return
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"Expected argument `target` to hold labels in [0, {num_classes - 1}], but got "
+            f"labels in [{low}, {high}]."
+        )
 
 
 def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> Tensor:

@@ -42,7 +42,8 @@ class BalancedSoftmaxLoss(nn.Module):
         class_counts: ``K`` positive class counts of the training set.
         tau: scale of the adjustment (1 is the balanced softmax).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        validate_args: check the label range (one host read of the labels per call).
+        validate_args: check the label range (a ValueError on CPU; a device-side assertion,
+            without host synchronisation, on accelerators; skipped under torch.compile).
         device: device of the ``log_prior`` buffer.
 
     Example:

@@ -137,7 +137,8 @@ class DotRegressionLoss(nn.Module):
         eps: lower bound of the detached norms (keeps zero features finite).
         sync_dist: reduce and count over all processes when ``torch.distributed`` is initialised.
         process_group: process group for ``sync_dist`` (default: the world).
-        validate_args: check the label range (one host read of the labels per call).
+        validate_args: check the label range (a ValueError on CPU; a device-side assertion,
+            without host synchronisation, on accelerators; skipped under torch.compile).
 
     Example:
         >>> import torch

@@ -84,7 +84,8 @@ class RescaledMSELoss(nn.Module):
         k: weight of the true class's term (``k`` in the paper).
         m: value of the true class's target (``M`` in the paper).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        validate_args: check the label range (one host read of the labels per call).
+        validate_args: check the label range (a ValueError on CPU; a device-side assertion,
+            without host synchronisation, on accelerators; skipped under torch.compile).
 
     Example:
         >>> import torch

@@ -74,7 +74,8 @@ class SelfDualityLoss(nn.Module):
         weight: signed multiplier of the term.
         sync_dist: compute over the global batch when ``torch.distributed`` is initialised.
         process_group: process group for ``sync_dist`` (default: the world).
-        validate_args: check the label range (one host read of the labels per call).
+        validate_args: check the label range (a ValueError on CPU; a device-side assertion,
+            without host synchronisation, on accelerators; skipped under torch.compile).
 
     Example:
         >>> import torch

@@ -109,7 +109,8 @@ class WithinClassVariabilityLoss(nn.Module):
         sync_dist: compute over the global batch when ``torch.distributed`` is initialised. Set
             to ``False`` to compute per process (e.g. when only one rank calls it).
         process_group: process group for ``sync_dist`` (default: the world).
-        validate_args: check the label range (one host read of the labels per call).
+        validate_args: check the label range (a ValueError on CPU; a device-side assertion,
+            without host synchronisation, on accelerators; skipped under torch.compile).
         in_features: feature dimension ``d``; required for ``form="running"`` (buffer shape).
         device: device of the running buffers.
         dtype: dtype of the running buffers (default float32).
