@@ -14,7 +14,8 @@ the **global** batch under ``torch.distributed`` (features and labels gathered w
 
 Everything is computed in at least float32 with autocast disabled, so float16/bfloat16 features
 (or an autocast region) do not lose the statistics. No host-device synchronisation happens here
-except the one of the gather itself (its sizes) and the optional label-range check.
+except the gather's own (it reads the per-rank batch sizes) and, on CPU only, the optional
+label-range check.
 
 Reference: V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal
 phase of deep learning training", PNAS 2020.
