@@ -11,4 +11,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["__version__"]
+from torchcollapse.losses import (
+    BalancedSoftmaxLoss,
+    CollapseRegularizer,
+    DotRegressionLoss,
+    RescaledMSELoss,
+    SelfDualityLoss,
+    SimplexGeometryLoss,
+    WithinClassVariabilityLoss,
+)
+from torchcollapse.norms import FeatureCenter, FeatureNorm
+
+__all__ = [
+    "BalancedSoftmaxLoss",
+    "CollapseRegularizer",
+    "DotRegressionLoss",
+    "FeatureCenter",
+    "FeatureNorm",
+    "RescaledMSELoss",
+    "SelfDualityLoss",
+    "SimplexGeometryLoss",
+    "WithinClassVariabilityLoss",
+    "__version__",
+]
