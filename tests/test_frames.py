@@ -1,0 +1,328 @@
+"""Fixed frames against their closed forms, brute-force references and the known optimal codes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tests._helpers.ddp import run_distributed
+from torchcollapse import frames
+from torchcollapse.frames import (
+    DEFAULT_SEED,
+    FrameAngleReport,
+    frame_angle_report,
+    frame_min_angle,
+    hierarchy_frame,
+    min_angle_bound,
+    orthogonal_frame,
+    simplex_etf,
+    spherical_code,
+)
+from torchcollapse.heads import SimplexETFHead, SphericalCodeHead
+
+F64 = torch.float64
+# Gram matrices built in float64 from a QR factorisation and one product: errors are a few
+# hundred ulps (2.2e-16) even at K = 1000, far below the 1e-10 the issue asks for.
+GRAM_TOL = 1e-10
+
+
+def simplex_gram(k: int) -> torch.Tensor:
+    return (k / (k - 1)) * (torch.eye(k, dtype=F64) - torch.full((k, k), 1.0 / k, dtype=F64))
+
+
+def pairwise_angles(frame: torch.Tensor) -> list[float]:
+    x = frame.double()
+    out = []
+    for i, j in itertools.combinations(range(x.shape[0]), 2):
+        cosine = float(x[i] @ x[j] / (x[i].norm() * x[j].norm()))
+        out.append(math.degrees(math.acos(max(-1.0, min(1.0, cosine)))))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# simplex_etf and orthogonal_frame
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("k", "d"),
+    [
+        (2, 1),
+        (2, 7),
+        (3, 2),
+        (4, 3),
+        (10, 9),
+        (10, 10),
+        (10, 512),
+        (100, 99),
+        (1000, 999),
+        (1000, 1000),
+        (1000, 2048),
+    ],
+)
+def test_simplex_etf_gram_is_the_closed_form(k: int, d: int) -> None:
+    frame = simplex_etf(k, d, dtype=F64)
+    assert frame.shape == (k, d)
+    torch.testing.assert_close(frame @ frame.T, simplex_gram(k), rtol=0, atol=GRAM_TOL)
+    # the rows sum to zero: the frame is centred, as neural collapse's class means are
+    torch.testing.assert_close(frame.sum(0), torch.zeros(d, dtype=F64), rtol=0, atol=GRAM_TOL)
+
+
+@pytest.mark.parametrize(("k", "d"), [(1, 1), (5, 5), (10, 64), (1000, 1000)])
+def test_orthogonal_frame_gram_is_identity(k: int, d: int) -> None:
+    frame = orthogonal_frame(k, d, dtype=F64)
+    assert frame.shape == (k, d)
+    torch.testing.assert_close(frame @ frame.T, torch.eye(k, dtype=F64), rtol=0, atol=GRAM_TOL)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda g: simplex_etf(6, 8, generator=g, dtype=F64),
+        lambda g: orthogonal_frame(6, 8, generator=g, dtype=F64),
+        lambda g: spherical_code(9, 3, generator=g, dtype=F64),
+        lambda g: hierarchy_frame(torch.eye(4, dtype=F64), 6, generator=g, dtype=F64),
+    ],
+    ids=["simplex", "orthogonal", "spherical", "hierarchy"],
+)
+def test_frames_are_deterministic_for_a_seed_and_differ_between_seeds(build) -> None:  # type: ignore[no-untyped-def]
+    default = build(None)
+    same = build(torch.Generator().manual_seed(DEFAULT_SEED))
+    again = build(torch.Generator().manual_seed(DEFAULT_SEED))
+    other = build(torch.Generator().manual_seed(1))
+    assert torch.equal(default, same)
+    assert torch.equal(same, again)
+    assert (default - other).abs().max() > 1e-3
+    # a generator advances: two draws from one generator differ
+    gen = torch.Generator().manual_seed(5)
+    assert (build(gen) - build(gen)).abs().max() > 1e-3
+
+
+def test_frames_take_dtype_and_device_after_a_float64_draw() -> None:
+    reference = simplex_etf(5, 7, dtype=F64)
+    as_float = simplex_etf(5, 7, dtype=torch.float32, device="cpu")
+    assert as_float.dtype == torch.float32
+    assert torch.equal(as_float, reference.float())
+    assert simplex_etf(5, 7).dtype == torch.get_default_dtype()
+    assert simplex_etf(5, 7, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_simplex_etf_below_k_minus_1_names_spherical_code() -> None:
+    with pytest.raises(
+        ValueError, match=r"at least `num_classes - 1` = 9.*spherical_code\(10, 8\)"
+    ):
+        simplex_etf(10, 8)
+
+
+def test_frame_errors() -> None:
+    with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
+        simplex_etf(1, 3)
+    with pytest.raises(TypeError, match="`num_classes` to be an int"):
+        simplex_etf(3.0, 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`dim` to be at least `num_classes` = 5"):
+        orthogonal_frame(5, 4)
+    with pytest.raises(TypeError, match=r"`generator` to be a torch\.Generator"):
+        simplex_etf(3, 3, generator=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`dtype` to be a floating dtype"):
+        simplex_etf(3, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="`dim` to be at least 2 for 3 classes"):
+        spherical_code(3, 1)
+    with pytest.raises(ValueError, match="`steps` to be at least 1"):
+        spherical_code(30, 3, steps=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# spherical_code and the angle report
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "d"), [(2, 1), (3, 2), (5, 4), (11, 10), (4, 50)])
+def test_spherical_code_is_the_simplex_when_one_exists(k: int, d: int) -> None:
+    code = spherical_code(k, d, dtype=F64)
+    torch.testing.assert_close(code @ code.T, simplex_gram(k), rtol=0, atol=GRAM_TOL)
+
+
+@pytest.mark.parametrize(("k", "d"), [(4, 2), (5, 3), (6, 3), (7, 4), (8, 4), (20, 10)])
+def test_spherical_code_reaches_90_degrees_up_to_2d(k: int, d: int) -> None:
+    code = spherical_code(k, d, dtype=F64)
+    torch.testing.assert_close(code.norm(dim=1), torch.ones(k, dtype=F64), rtol=0, atol=1e-12)
+    # Rankin: for d + 2 <= K <= 2d the best minimum angle is exactly 90 degrees
+    assert min(pairwise_angles(code)) == pytest.approx(90.0, abs=1e-9)
+
+
+def test_spherical_code_in_the_plane_is_the_regular_polygon() -> None:
+    code = spherical_code(7, 2, dtype=F64)
+    assert min(pairwise_angles(code)) == pytest.approx(360.0 / 7, abs=1e-9)
+
+
+# Known optimal minimum angles (Tammes problem; Sloane's tables of spherical codes).
+KNOWN_OPTIMA = {
+    (7, 3): 77.8695,  # Robinson 1961
+    (8, 3): 74.8585,  # square antiprism, Schütte & van der Waerden 1951
+    (12, 3): 63.4349,  # icosahedron, arctan(2)
+    (24, 3): 43.6908,  # snub cube, Robinson 1961
+}
+
+
+@pytest.mark.parametrize(("k", "d"), list(KNOWN_OPTIMA))
+def test_spherical_code_approaches_the_known_optimum(k: int, d: int) -> None:
+    code = spherical_code(k, d, dtype=F64)
+    achieved = min(pairwise_angles(code))
+    # within 0.05 degrees of the optimum (the optimiser's last steps are 1e-5 rad)
+    assert achieved == pytest.approx(KNOWN_OPTIMA[(k, d)], abs=0.05)
+    assert achieved <= KNOWN_OPTIMA[(k, d)] + 1e-3  # no code beats the optimum
+
+
+def test_spherical_code_beats_random_points_by_a_wide_margin() -> None:
+    k, d = 200, 10
+    code = spherical_code(k, d, dtype=F64)
+    gen = torch.Generator().manual_seed(123)
+    random_best = max(
+        frame_min_angle(torch.randn(k, d, generator=gen, dtype=F64)) for _ in range(10)
+    )
+    achieved = frame_min_angle(code)
+    assert achieved > random_best + 15.0, (achieved, random_best)
+    assert achieved <= min_angle_bound(k, d)[0]
+
+
+def test_spherical_code_is_cached_and_advances_the_generator_the_same_way() -> None:
+    frames._cached_code.cache_clear()
+    gen_miss = torch.Generator().manual_seed(7)
+    first = spherical_code(40, 3, steps=50, generator=gen_miss, dtype=F64)
+    assert frames._cached_code.cache_info().misses == 1
+    gen_hit = torch.Generator().manual_seed(7)
+    second = spherical_code(40, 3, steps=50, generator=gen_hit, dtype=F64)
+    assert frames._cached_code.cache_info().hits == 1
+    assert torch.equal(first, second)
+    assert torch.equal(gen_miss.get_state(), gen_hit.get_state())
+    # the caller owns its copy: writing into it does not reach the cache
+    second.zero_()
+    third = spherical_code(40, 3, steps=50, generator=torch.Generator().manual_seed(7), dtype=F64)
+    assert torch.equal(third, first)
+
+
+def test_frame_min_angle_matches_a_brute_force_loop() -> None:
+    gen = torch.Generator().manual_seed(3)
+    frame = torch.randn(17, 4, generator=gen, dtype=F64) * torch.rand(
+        17, 1, generator=gen, dtype=F64
+    )
+    assert frame_min_angle(frame) == pytest.approx(min(pairwise_angles(frame)), abs=1e-9)
+    assert frame_min_angle(torch.eye(3)) == pytest.approx(90.0)
+
+
+def test_min_angle_bound_against_closed_forms() -> None:
+    for k in (2, 3, 7, 11):
+        assert min_angle_bound(k, k - 1) == pytest.approx(
+            (math.degrees(math.acos(-1 / (k - 1))), "simplex")
+        )
+    assert min_angle_bound(5, 3) == (90.0, "orthoplex")
+    # In 3 dimensions a cap of radius r covers (1 - cos r) / 2 of the sphere, so K disjoint caps of
+    # radius theta/2 give theta <= 2 arccos(1 - 2/K); the numerical integral agrees to 1e-4 deg.
+    for k in (12, 24, 100):
+        bound, name = min_angle_bound(k, 3)
+        assert name == "cap packing"
+        assert bound == pytest.approx(math.degrees(2 * math.acos(1 - 2 / k)), abs=1e-4)
+    assert min_angle_bound(9, 2) == (40.0, "cap packing")
+
+
+def test_frame_angle_report() -> None:
+    report = frame_angle_report(spherical_code(12, 3, dtype=F64))
+    assert isinstance(report, FrameAngleReport)
+    assert (report.num_classes, report.dim, report.bound_name) == (12, 3, "cap packing")
+    assert not report.bound_attained
+    assert report.gap == pytest.approx(report.bound - report.min_angle)
+    assert "12 directions in 3 dimensions" in str(report)
+    simplex = frame_angle_report(simplex_etf(6, 5))
+    assert simplex.bound_attained
+    assert simplex.gap == pytest.approx(0.0, abs=1e-5)  # float32 frame
+    with pytest.raises(ValueError, match="2-D tensor"):
+        frame_min_angle(torch.ones(3))
+    with pytest.raises(ValueError, match="nonzero rows"):
+        frame_min_angle(torch.zeros(3, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# hierarchy_frame
+# ------------------------------------------------------------------------------------------------
+
+
+def test_hierarchy_frame_reproduces_a_valid_similarity() -> None:
+    gen = torch.Generator().manual_seed(11)
+    vectors = torch.randn(6, 4, generator=gen, dtype=F64)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    similarity = vectors @ vectors.T  # a rank-4 correlation matrix
+    frame = hierarchy_frame(similarity, 9, dtype=F64)
+    assert frame.shape == (6, 9)
+    torch.testing.assert_close(frame @ frame.T, similarity, rtol=0, atol=GRAM_TOL)
+    assert hierarchy_frame(similarity, dtype=F64).shape == (6, 4)  # default dim: the rank
+    with pytest.raises(ValueError, match="at least 4, the rank"):
+        hierarchy_frame(similarity, 3)
+
+
+def nearest_correlation_by_descent(similarity: torch.Tensor) -> torch.Tensor:
+    """Independent reference: minimise ||V V^T - S||_F over unit-row V (K x K) by gradient steps."""
+    k = similarity.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(k, k, generator=gen, dtype=F64)
+    for _ in range(20000):
+        v = v / v.norm(dim=1, keepdim=True)
+        grad = 4 * (v @ v.T - similarity) @ v
+        v = v - 0.02 * grad
+    v = v / v.norm(dim=1, keepdim=True)
+    return v @ v.T
+
+
+def test_hierarchy_frame_projects_an_invalid_similarity_to_the_nearest_gram() -> None:
+    # pairwise cosines that no unit vectors have: 0.9, 0.9 and -0.9 (indefinite matrix)
+    similarity = torch.tensor(
+        [[1.0, 0.9, 0.9, 0.0], [0.9, 1.0, -0.9, 0.2], [0.9, -0.9, 1.0, 0.1], [0.0, 0.2, 0.1, 1.0]],
+        dtype=F64,
+    )
+    assert float(torch.linalg.eigvalsh(similarity).min()) < -0.5
+    frame = hierarchy_frame(similarity, 4, dtype=F64)
+    gram = frame @ frame.T
+    assert float(torch.linalg.eigvalsh(gram).min()) > -1e-12
+    torch.testing.assert_close(gram.diagonal(), torch.ones(4, dtype=F64), rtol=0, atol=1e-12)
+    # the non-convex descent reference reaches the same optimum up to its own accuracy
+    torch.testing.assert_close(gram, nearest_correlation_by_descent(similarity), rtol=0, atol=1e-5)
+
+
+def test_hierarchy_frame_errors() -> None:
+    with pytest.raises(ValueError, match="square"):
+        hierarchy_frame(torch.ones(3, 4))
+    with pytest.raises(TypeError, match="`similarity` to be a Tensor"):
+        hierarchy_frame([[1.0]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite floating-point"):
+        hierarchy_frame(torch.tensor([[1.0, math.nan], [math.nan, 1.0]]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Every process builds the same frames without a broadcast
+# ------------------------------------------------------------------------------------------------
+
+
+def _build_everything(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    similarity = torch.tensor([[1.0, 0.5, -0.3], [0.5, 1.0, -0.3], [-0.3, -0.3, 1.0]])
+    return {
+        "simplex": simplex_etf(10, 16),
+        "orthogonal": orthogonal_frame(5, 8),
+        "spherical": spherical_code(30, 4),
+        "hierarchy": hierarchy_frame(similarity, 5),
+        "simplex_head": SimplexETFHead(32, 10).frame,
+        "spherical_head": SphericalCodeHead(3, 12).frame,
+    }
+
+
+@pytest.mark.ddp
+def test_frames_are_identical_on_every_process_without_a_broadcast() -> None:
+    ranks = run_distributed(_build_everything, 2)
+    assert ranks[0].keys() == ranks[1].keys()
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), name
+    # and they are the frames this process builds (up to the thread count's rounding)
+    here = _build_everything(0, 1)
+    for name, tensor in ranks[0].items():
+        torch.testing.assert_close(tensor, here[name], rtol=0, atol=1e-5, msg=name)
