@@ -1,0 +1,334 @@
+"""Classifier heads whose class vectors are a fixed frame.
+
+Late in training the classifier of a network converges to a simplex equiangular tight frame, and
+the last-layer class means to the same frame (neural collapse; Papyan, Han & Donoho, 2020). Fixing
+the classifier at such a frame from the start saves its ``K x d`` parameters and loses no accuracy
+(Hoffer et al., 2018; Zhu et al., 2021), and keeps minority classes apart under imbalance (Yang et
+al., 2022). :class:`FixedFrameHead` takes any frame from :mod:`torchcollapse.frames`;
+:class:`SimplexETFHead`, :class:`SphericalCodeHead` and :class:`OrthogonalFrameHead` build theirs.
+
+The frame is a persistent buffer: it is saved in ``state_dict``, moved by ``.to()`` and drawn
+from a fixed seed, so every process of a distributed run holds the same one without a broadcast.
+
+References:
+    Hoffer, Hubara & Soudry (2018), *Fix your classifier: the marginal value of training the last
+    weight layer*, ICLR. Zhu et al. (2021), *A geometric analysis of neural collapse with
+    unconstrained features*, NeurIPS. Yang et al. (2022), *Inducing neural collapse in imbalanced
+    learning: do we really need a learnable classifier at the end of deep neural network?*,
+    NeurIPS.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchcollapse.frames import orthogonal_frame, simplex_etf, spherical_code
+from torchcollapse.heads._common import (
+    check_features,
+    check_positive_int,
+    normalized_linear,
+    resolve_scale,
+)
+
+__all__ = ["FixedFrameHead", "OrthogonalFrameHead", "SimplexETFHead", "SphericalCodeHead"]
+
+
+class FixedFrameHead(nn.Module):
+    """Logits from a fixed frame: ``scale * frame @ normalize(features) + bias``.
+
+    The frame (``K x d``) is a persistent buffer that no optimizer touches. With
+    ``normalize_features=True`` (default) the features are L2-normalised first, so logits are
+    ``scale`` times the cosines between a feature and the class vectors; with ``False`` they are
+    ``scale * frame @ features``. The cost is one matrix product and one rescaling, as for
+    :class:`torch.nn.Linear` of the same shape, minus the weight gradient.
+
+    Args:
+        frame: ``(num_classes, in_features)`` class vectors, used as given (the functions of
+            :mod:`torchcollapse.frames` return unit rows). Copied.
+        normalize_features: L2-normalise the features before the product.
+        scale: logit scale (inverse temperature). Default: with normalized features, the scale
+            whose simplex cross-entropy floor is
+            :data:`~torchcollapse.heads.scale.DEFAULT_LOSS_FLOOR` (see
+            :func:`~torchcollapse.heads.scale.scale_for_loss_floor`); otherwise 1.
+        learnable_scale: learn the scale, as a parameter ``log_scale`` initialised at
+            ``log(scale)``; otherwise it is a constant.
+        bias: add a learnable bias (initialised at zero).
+        eps: feature norms below ``eps`` are treated as ``eps``.
+        device: device of the frame and parameters (default: the frame's).
+        dtype: dtype of the frame and parameters (default: the frame's).
+
+    Attributes:
+        frame: the ``(num_classes, in_features)`` buffer.
+        in_features: ``d``.
+        num_classes: ``K`` (also ``out_features``, as :class:`torch.nn.Linear`).
+
+    Example:
+        >>> from torchcollapse.frames import simplex_etf
+        >>> head = FixedFrameHead(simplex_etf(10, 64), scale=8.0)
+        >>> head
+        FixedFrameHead(in_features=64, num_classes=10, normalize_features=True, scale=8.0,
+                       learnable_scale=False, bias=False)
+        >>> logits = head(torch.randn(32, 64))  # a batch of 32 features
+        >>> logits.shape
+        torch.Size([32, 10])
+        >>> bool(logits.abs().max() <= 8.0 + 1e-5)  # scale times cosines
+        True
+        >>> "frame" in head.state_dict(), len(list(head.parameters()))  # a buffer, no parameters
+        (True, 0)
+    """
+
+    frame: Tensor
+    log_scale: nn.Parameter | None
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        frame: Tensor,
+        *,
+        normalize_features: bool = True,
+        scale: float | None = None,
+        learnable_scale: bool = False,
+        bias: bool = False,
+        eps: float = 1e-12,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(frame, Tensor):
+            raise TypeError(
+                f"Expected argument `frame` to be a Tensor, but got {type(frame).__name__}."
+            )
+        if frame.ndim != 2 or frame.shape[0] < 2 or frame.shape[1] < 1:
+            raise ValueError(
+                "Expected argument `frame` to be a 2-D tensor (num_classes, in_features) with at "
+                f"least 2 rows, but got shape {tuple(frame.shape)}."
+            )
+        if not frame.is_floating_point() or not bool(torch.isfinite(frame).all()):
+            raise ValueError("Expected argument `frame` to be a finite floating-point tensor.")
+        if not eps > 0:
+            raise ValueError(f"Expected argument `eps` to be > 0, but got {eps}.")
+        self.num_classes, self.in_features = int(frame.shape[0]), int(frame.shape[1])
+        self.normalize_features = bool(normalize_features)
+        self.learnable_scale = bool(learnable_scale)
+        self.eps = float(eps)
+        self._scale = resolve_scale(scale, self.num_classes, self.normalize_features)
+        dtype = frame.dtype if dtype is None else dtype
+        device = frame.device if device is None else device
+        self.register_buffer(
+            "frame", frame.detach().to(device=device, dtype=dtype, copy=True), persistent=True
+        )
+        if self.learnable_scale:
+            self.log_scale = nn.Parameter(
+                torch.full((), math.log(self._scale), device=device, dtype=dtype)
+            )
+        else:
+            self.register_parameter("log_scale", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.num_classes, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def out_features(self) -> int:
+        """``num_classes``, the name :class:`torch.nn.Linear` uses."""
+        return self.num_classes
+
+    def _current_scale(self) -> float:
+        return self._scale if self.log_scale is None else float(self.log_scale.detach().exp())
+
+    @property
+    def scale(self) -> Tensor | float:
+        """The logit scale: a 0-d tensor when learnable, else a float."""
+        if self.log_scale is not None:
+            return self.log_scale.exp()
+        return self._scale
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective ``K x d`` classifier ``scale * frame`` (what multiplies the features).
+
+        With ``normalize_features=True`` it acts on normalized features; neural-collapse metrics
+        (NC3, self-duality) use only its direction.
+        """
+        return self.frame * self.scale
+
+    @property
+    def effective_weight(self) -> Tensor:
+        """Same as :attr:`weight`; every head of torchcollapse has this name for it."""
+        return self.weight
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits of shape ``(*, num_classes)`` for ``features`` of shape ``(*, in_features)``."""
+        check_features(features, self.in_features)
+        return self._logits(features, self.frame)
+
+    def _logits(self, features: Tensor, frame: Tensor) -> Tensor:
+        scale = self.scale
+        if self.normalize_features:
+            return normalized_linear(features, frame, scale, self.eps, self.bias)
+        if self.log_scale is None and self._scale == 1.0:
+            return F.linear(features, frame, self.bias)
+        logits = F.linear(features, frame) * scale
+        return logits if self.bias is None else logits + self.bias
+
+    def extra_repr(self) -> str:
+        scale = repr(round(self._current_scale(), 6))
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, "
+            f"normalize_features={self.normalize_features}, scale={scale}, "
+            f"learnable_scale={self.learnable_scale}, bias={self.bias is not None}"
+        )
+
+
+class SimplexETFHead(FixedFrameHead):
+    """A head fixed at a simplex ETF (:func:`~torchcollapse.frames.simplex_etf`).
+
+    Works for any ``in_features >= num_classes - 1``. The orientation is drawn from ``generator``
+    (default: the fixed default seed), so it is the same in every process.
+
+    Args:
+        in_features: feature dimension ``d >= num_classes - 1``.
+        num_classes: number of classes ``K >= 2``.
+        normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
+        generator: CPU generator for the orientation.
+        device: device of the frame and parameters.
+        dtype: dtype of the frame and parameters (default: ``torch.get_default_dtype()``).
+
+    Example:
+        >>> head = SimplexETFHead(512, 10)  # model.fc = SimplexETFHead(model.fc.in_features, 10)
+        >>> round(float(head.frame[0] @ head.frame[1]), 4)  # cosine -1/(K-1)
+        -0.1111
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        normalize_features: bool = True,
+        scale: float | None = None,
+        learnable_scale: bool = False,
+        bias: bool = False,
+        eps: float = 1e-12,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_positive_int(in_features, "in_features")
+        check_positive_int(num_classes, "num_classes", 2)
+        frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
+        super().__init__(
+            frame,
+            normalize_features=normalize_features,
+            scale=scale,
+            learnable_scale=learnable_scale,
+            bias=bias,
+            eps=eps,
+            device=device,
+        )
+
+
+class SphericalCodeHead(FixedFrameHead):
+    """A head fixed at a spherical code (:func:`~torchcollapse.frames.spherical_code`).
+
+    For any number of classes, including ``num_classes > in_features + 1`` where no simplex
+    exists: the class vectors are spread to a large minimum angle (a simplex when one exists).
+    Codes are cached, so building the same head again is instant.
+
+    Args:
+        in_features: feature dimension ``d``.
+        num_classes: number of classes ``K >= 2``.
+        normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
+        steps: optimiser steps of :func:`~torchcollapse.frames.spherical_code`.
+        generator: CPU generator.
+        device: device of the frame and parameters.
+        dtype: dtype of the frame and parameters (default: ``torch.get_default_dtype()``).
+
+    Example:
+        >>> head = SphericalCodeHead(3, 12)  # 12 classes in 3 dimensions: an icosahedron
+        >>> from torchcollapse.frames import frame_min_angle
+        >>> round(frame_min_angle(head.frame), 1)
+        63.4
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        normalize_features: bool = True,
+        scale: float | None = None,
+        learnable_scale: bool = False,
+        bias: bool = False,
+        eps: float = 1e-12,
+        steps: int = 500,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_positive_int(in_features, "in_features")
+        check_positive_int(num_classes, "num_classes", 2)
+        frame = spherical_code(
+            num_classes, in_features, steps=steps, generator=generator, dtype=dtype
+        )
+        super().__init__(
+            frame,
+            normalize_features=normalize_features,
+            scale=scale,
+            learnable_scale=learnable_scale,
+            bias=bias,
+            eps=eps,
+            device=device,
+        )
+
+
+class OrthogonalFrameHead(FixedFrameHead):
+    """A head fixed at orthonormal class vectors (:func:`~torchcollapse.frames.orthogonal_frame`).
+
+    Needs ``in_features >= num_classes``. Orthogonal class vectors are the classic fixed classifier
+    of Hoffer et al. (2018); the simplex separates classes further (cosine ``-1/(K-1)``, not 0).
+
+    Args:
+        in_features: feature dimension ``d >= num_classes``.
+        num_classes: number of classes ``K >= 2``.
+        normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
+        generator: CPU generator.
+        device: device of the frame and parameters.
+        dtype: dtype of the frame and parameters (default: ``torch.get_default_dtype()``).
+
+    Example:
+        >>> head = OrthogonalFrameHead(16, 4)
+        >>> torch.allclose(head.frame @ head.frame.T, torch.eye(4), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        normalize_features: bool = True,
+        scale: float | None = None,
+        learnable_scale: bool = False,
+        bias: bool = False,
+        eps: float = 1e-12,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_positive_int(in_features, "in_features")
+        check_positive_int(num_classes, "num_classes", 2)
+        frame = orthogonal_frame(num_classes, in_features, generator=generator, dtype=dtype)
+        super().__init__(
+            frame,
+            normalize_features=normalize_features,
+            scale=scale,
+            learnable_scale=learnable_scale,
+            bias=bias,
+            eps=eps,
+            device=device,
+        )

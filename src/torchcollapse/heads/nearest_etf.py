@@ -1,0 +1,168 @@
+"""A simplex-ETF head that follows the features: the ETF nearest the running class means.
+
+A fixed simplex ETF imposes an arbitrary orientation that the features must rotate to. Markou et
+al. (2024) instead use, at every step, the simplex ETF *nearest* the current class means, so the
+classifier meets the features where they are; they find it by an iterative Riemannian solver and
+differentiate through it. :class:`NearestETFHead` keeps the idea and replaces the solver by its
+closed form (:func:`~torchcollapse.frames.nearest_simplex_etf`, an orthogonal Procrustes step: one
+thin SVD of a ``(K-1) x d`` matrix), applied to running means of the normalized features:
+
+1. in training, when ``forward`` gets the targets, the per-class sums of the batch's normalized
+   features and the class counts are summed over processes (one all-reduce of ``K x (d+1)``
+   numbers), and the running means move towards the batch means by ``momentum`` (a class seen
+   for the first time takes its batch mean);
+2. the frame becomes the simplex ETF nearest the running means (with a small proximal pull to
+   the current frame that only breaks ties, e.g. before every class has been seen);
+3. the logits use the new frame, as a constant (no gradient flows into the frame).
+
+In evaluation (or without targets) the frame stays fixed. Frame, running means and the record of
+seen classes are persistent buffers.
+
+References:
+    Markou, Ajanthan & Gould (2024), *Guiding neural collapse: optimising towards the nearest
+    simplex equiangular tight frame*, NeurIPS.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchcollapse._distributed import all_reduce_sum
+from torchcollapse.frames import nearest_simplex_etf, simplex_etf
+from torchcollapse.heads._common import check_features, check_positive_int, check_target
+from torchcollapse.heads.fixed_frame import FixedFrameHead
+
+__all__ = ["NearestETFHead"]
+
+
+class NearestETFHead(FixedFrameHead):
+    """A simplex-ETF head that rotates, each training step, to the ETF nearest the class means.
+
+    Use it where the targets reach the head, e.g. with a backbone that returns features::
+
+        model.fc = torch.nn.Identity()
+        head = NearestETFHead(512, num_classes)
+        logits = head(model(images), labels)  # training: updates the frame, then the logits
+        logits = head(model(images))  # or in eval mode: the frame is fixed
+
+    Args:
+        in_features: feature dimension ``d >= num_classes - 1``.
+        num_classes: number of classes ``K >= 2``.
+        momentum: weight of the batch means in the running means (as in batch norm).
+        proximal: weight of the current frame in the target of the Procrustes step (0: the exact
+            nearest ETF; the default only breaks ties).
+        normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
+        generator: CPU generator for the initial frame's orientation.
+        device: device of the buffers and parameters.
+        dtype: dtype of the buffers and parameters (default: ``torch.get_default_dtype()``).
+
+    Example:
+        >>> head = NearestETFHead(8, 3, momentum=1.0)
+        >>> means = torch.eye(3, 8)  # pretend each class sits on a coordinate axis
+        >>> logits = head(means.repeat(4, 1), torch.arange(3).repeat(4))  # one training step
+        >>> cosines = torch.nn.functional.normalize(means, dim=1) @ head.frame.T
+        >>> bool((cosines.argmax(1) == torch.arange(3)).all())  # the frame turned to the means
+        True
+        >>> head.eval()(means).shape  # evaluation: fixed frame
+        torch.Size([3, 3])
+    """
+
+    running_means: Tensor
+    class_seen: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        momentum: float = 0.1,
+        proximal: float = 1e-3,
+        normalize_features: bool = True,
+        scale: float | None = None,
+        learnable_scale: bool = False,
+        bias: bool = False,
+        eps: float = 1e-12,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_positive_int(in_features, "in_features")
+        check_positive_int(num_classes, "num_classes", 2)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            raise TypeError(f"Expected argument `momentum` to be a float, but got {momentum!r}.")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"Expected argument `momentum` to be in (0, 1], but got {momentum}.")
+        if isinstance(proximal, bool) or not isinstance(proximal, (int, float)) or proximal < 0:
+            raise ValueError(
+                f"Expected argument `proximal` to be a float >= 0, but got {proximal!r}."
+            )
+        frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
+        super().__init__(
+            frame,
+            normalize_features=normalize_features,
+            scale=scale,
+            learnable_scale=learnable_scale,
+            bias=bias,
+            eps=eps,
+            device=device,
+        )
+        self.momentum = float(momentum)
+        self.proximal = float(proximal)
+        self.register_buffer("running_means", torch.zeros_like(self.frame))
+        self.register_buffer(
+            "class_seen", torch.zeros(num_classes, dtype=torch.bool, device=self.frame.device)
+        )
+
+    @torch.no_grad()
+    def update(self, features: Tensor, target: Tensor) -> Tensor:
+        """Fold a batch into the running means and move the frame to the nearest simplex ETF.
+
+        Under ``torch.distributed`` the batch statistics are summed over processes first, so every
+        process takes the same step.
+
+        Args:
+            features: ``(N, in_features)`` features of the batch (detached here).
+            target: ``(N,)`` class indices.
+
+        Returns:
+            The new frame (also copied into the ``frame`` buffer).
+        """
+        check_features(features, self.in_features)
+        check_target(target, features)
+        work = torch.promote_types(features.dtype, torch.float32)
+        unit = features.detach().to(work)
+        unit = unit / torch.linalg.vector_norm(unit, dim=1, keepdim=True).clamp_min(self.eps)
+        with_counts = torch.cat([unit, unit.new_ones(unit.shape[0], 1)], dim=1)
+        stats = unit.new_zeros(self.num_classes, self.in_features + 1)
+        stats.index_add_(0, target.long(), with_counts)
+        all_reduce_sum(stats)
+        sums, counts = stats[:, :-1], stats[:, -1]
+        present = counts > 0
+        rate = torch.where(self.class_seen, self.momentum, 1.0) * present
+        running = self.running_means.to(work)
+        running = running + rate[:, None] * (sums / counts.clamp_min(1.0)[:, None] - running)
+        self.running_means.copy_(running)
+        self.class_seen.logical_or_(present)
+        frame = nearest_simplex_etf(
+            running, previous=self.frame, proximal=self.proximal, eps=self.eps
+        ).to(self.frame.dtype)
+        self.frame.copy_(frame)
+        return frame
+
+    def forward(self, features: Tensor, target: Tensor | None = None) -> Tensor:
+        """Logits ``(*, num_classes)``; in training mode with ``target``, update the frame first.
+
+        Args:
+            features: ``(*, in_features)``; ``(N, in_features)`` when ``target`` is given.
+            target: optional ``(N,)`` class indices of the batch.
+        """
+        check_features(features, self.in_features)
+        if target is not None and self.training:
+            # A fresh tensor, not the buffer, enters the graph: updating the buffer in a later
+            # step cannot invalidate this step's backward pass.
+            return self._logits(features, self.update(features, target))
+        return self._logits(features, self.frame)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}, proximal={self.proximal}"

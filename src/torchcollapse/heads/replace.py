@@ -1,0 +1,172 @@
+"""Swap the classifier of a model for another head, whatever the model's library.
+
+Where the classifier lives differs by library: timm models say it themselves
+(``get_classifier()``), torchvision models keep it in ``fc`` (ResNet, RegNet, ShuffleNet,
+GoogLeNet), ``classifier`` or its last layer (VGG, AlexNet, DenseNet, MobileNet, EfficientNet,
+ConvNeXt), ``heads.head`` (ViT) or ``head`` (Swin), and a plain :class:`torch.nn.Sequential` ends
+with it. :func:`replace_head` finds it, builds the new head from its shape and puts it in place,
+so the training code stays as it was (Hoffer et al., 2018, fix the classifier this way).
+
+References:
+    Hoffer, Hubara & Soudry (2018), *Fix your classifier: the marginal value of training the last
+    weight layer*, ICLR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+__all__ = ["find_head", "replace_head"]
+
+_LOOKED_FOR = (
+    "`get_classifier()` (timm), `.fc`, `.classifier` or `.classifier[-1]`, `.heads.head`, "
+    "`.head` (torchvision), or a trailing `nn.Linear` in an `nn.Sequential`"
+)
+
+
+def _head_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, num_classes)`` of a linear-like classifier, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features = getattr(module, "in_features", None)
+    num_classes = getattr(module, "num_classes", None)
+    if isinstance(in_features, int) and isinstance(num_classes, int) and in_features > 0:
+        return in_features, num_classes  # a torchcollapse head (or one that follows its naming)
+    return None
+
+
+def _trailing_linear(sequential: nn.Sequential) -> str | None:
+    """Name of the last classifier in ``sequential`` followed only by parameter-free layers."""
+    for name, module in reversed(list(sequential.named_children())):
+        if _head_shape(module) is not None:
+            return name
+        if any(True for _ in module.parameters()):
+            return None  # a layer with parameters after it: not the classifier
+    return None
+
+
+def _qualified_name(model: nn.Module, target: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if module is target and name:
+            return str(name)
+    return None
+
+
+def _candidates(model: nn.Module) -> list[str]:
+    """Dotted paths of where the classifier may be, most specific convention first."""
+    paths: list[str] = []
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        classifier = get_classifier()
+        if isinstance(classifier, nn.Module):
+            name = _qualified_name(model, classifier)
+            if name is not None:
+                paths.append(name)
+    for attribute in ("fc", "classifier", "head"):
+        child = getattr(model, attribute, None)
+        if isinstance(child, nn.Sequential):
+            last = _trailing_linear(child)
+            if last is not None:
+                paths.append(f"{attribute}.{last}")
+        elif isinstance(child, nn.Module):
+            paths.append(attribute)
+    heads = getattr(model, "heads", None)
+    if isinstance(heads, nn.Module) and isinstance(getattr(heads, "head", None), nn.Module):
+        paths.append("heads.head")
+    if isinstance(model, nn.Sequential):
+        last = _trailing_linear(model)
+        if last is not None:
+            paths.append(last)
+    return paths
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """Find the classifier of ``model``: its dotted name and the module.
+
+    Looks, in order, at timm's ``get_classifier()``; torchvision's ``fc``, ``classifier`` (or the
+    last ``nn.Linear`` of a ``classifier`` ``nn.Sequential``), ``head``, ``heads.head``; and the
+    last ``nn.Linear`` of an ``nn.Sequential`` followed only by parameter-free layers (dropout,
+    activations). The first candidate that is an ``nn.Linear`` (or a torchcollapse head) wins.
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``(name, module)``, ``name`` as in ``model.named_modules()``.
+
+    Raises:
+        ValueError: when no classifier is found; the message names the model type and what was
+            looked for.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+        >>> find_head(model)
+        ('2', Linear(in_features=4, out_features=3, bias=True))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}."
+        )
+    for path in _candidates(model):
+        module = model.get_submodule(path)
+        if _head_shape(module) is not None:
+            return path, module
+    raise ValueError(
+        f"Could not find the classifier of {type(model).__name__}: looked for {_LOOKED_FOR}, "
+        "and found none that is an `nn.Linear` (or a torchcollapse head)."
+    )
+
+
+def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> nn.Module:
+    """Replace the classifier of ``model`` by ``factory(in_features, num_classes)``, in place.
+
+    The classifier is found by :func:`find_head`. The new head is moved to the old one's device
+    and floating dtype, put where the old one was (in its parent module, by name, so an
+    ``nn.Sequential`` keeps its order), and the old head is returned. Works for timm models (the
+    module ``get_classifier()`` returns is replaced where it lives, so ``get_classifier()`` then
+    returns the new head), torchvision models and plain ``nn.Sequential``.
+
+    Args:
+        model: the model, modified in place.
+        factory: called as ``factory(in_features, num_classes)`` with the old classifier's shape;
+            returns the new head, e.g. ``SimplexETFHead`` or
+            ``lambda d, k: SimplexETFHead(d, k, scale=10.0)``.
+
+    Returns:
+        The old classifier.
+
+    Raises:
+        ValueError: when no classifier is found.
+        TypeError: when ``factory`` does not return an ``nn.Module``.
+
+    Example:
+        >>> import torch
+        >>> from torchcollapse.heads import SimplexETFHead
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 5))
+        >>> old = replace_head(model, SimplexETFHead)
+        >>> old
+        Linear(in_features=16, out_features=5, bias=True)
+        >>> type(model[1]).__name__, model(torch.randn(2, 8)).shape
+        ('SimplexETFHead', torch.Size([2, 5]))
+    """
+    path, old = find_head(model)
+    shape = _head_shape(old)
+    assert shape is not None  # find_head only returns heads with a shape
+    new = factory(*shape)
+    if not isinstance(new, nn.Module):
+        raise TypeError(
+            f"Expected `factory` to return an nn.Module, but it returned {type(new).__name__}."
+        )
+    reference = next(
+        (t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point()), None
+    )
+    if isinstance(reference, Tensor):
+        new = new.to(device=reference.device, dtype=reference.dtype)
+    parent_name, _, child_name = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new)
+    return old

@@ -1,0 +1,292 @@
+"""Fixed-frame heads, the scale helpers and the ETF initialiser."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests._helpers.testers import check_module
+from torchcollapse.frames import hierarchy_frame, orthogonal_frame, simplex_etf, spherical_code
+from torchcollapse.heads import (
+    DEFAULT_LOSS_FLOOR,
+    CosineHead,
+    FixedFrameHead,
+    OrthogonalFrameHead,
+    SimplexETFHead,
+    SphericalCodeHead,
+    cross_entropy_floor,
+    etf_init_,
+    scale_for_loss_floor,
+)
+
+F64 = torch.float64
+
+
+def features(n: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def reference_logits(
+    frame: torch.Tensor,
+    h: torch.Tensor,
+    scale: float,
+    normalize: bool,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Brute force: one dot product per (sample, class), in float64."""
+    frame, h = frame.detach().double(), h.detach().double()
+    bias = None if bias is None else bias.detach()
+    out = torch.empty(h.shape[0], frame.shape[0], dtype=F64)
+    for i in range(h.shape[0]):
+        x = h[i] / h[i].norm() if normalize else h[i]
+        for c in range(frame.shape[0]):
+            out[i, c] = scale * float(frame[c] @ x) + (0.0 if bias is None else float(bias[c]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared module tester
+# ------------------------------------------------------------------------------------------------
+
+HEAD_FACTORIES = {
+    "simplex": lambda: SimplexETFHead(16, 5),  # K <= d: logits rescaled
+    "simplex_minimal_learnable_bias": lambda: SimplexETFHead(
+        4, 5, scale=4.0, learnable_scale=True, bias=True
+    ),
+    "simplex_unnormalized": lambda: SimplexETFHead(16, 5, normalize_features=False, scale=0.5),
+    "spherical_code": lambda: SphericalCodeHead(3, 12, steps=50),  # K > d: features rescaled
+    "orthogonal": lambda: OrthogonalFrameHead(8, 4, bias=True),
+    "hierarchy": lambda: FixedFrameHead(
+        hierarchy_frame(torch.tensor([[1.0, 0.6, -0.2], [0.6, 1.0, -0.2], [-0.2, -0.2, 1.0]]), 6)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HEAD_FACTORIES))
+def test_fixed_heads_pass_the_module_tester(name: str) -> None:
+    factory = HEAD_FACTORIES[name]
+    d = factory().in_features
+    check_module(factory, (features(7, d),))
+
+
+def test_simplex_head_compiles_with_inductor() -> None:
+    check_module(
+        lambda: SimplexETFHead(16, 5, learnable_scale=True, bias=True),
+        (features(7, 16),),
+        gradcheck=False,
+        compile_backend="inductor",
+        dtypes=(torch.float32,),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward against a brute-force loop
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "d"), [(5, 16), (12, 3)])  # both orders of the rescaling
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fixed_head_forward_matches_brute_force(k: int, d: int, normalize: bool) -> None:
+    frame = spherical_code(k, d, steps=20, dtype=F64)
+    head = FixedFrameHead(frame, normalize_features=normalize, scale=3.0, bias=True)
+    with torch.no_grad():
+        head.bias.copy_(torch.linspace(-1, 1, k, dtype=F64))  # type: ignore[union-attr]
+    h = features(9, d, dtype=F64) * 5.0
+    expected = reference_logits(frame, h, 3.0, normalize, head.bias)
+    # float64 all the way: a few ulps
+    torch.testing.assert_close(head(h), expected, rtol=1e-12, atol=1e-12)
+    # any leading shape, as nn.Linear
+    batched = head(h.reshape(3, 3, d))
+    torch.testing.assert_close(batched, expected.reshape(3, 3, k), rtol=1e-12, atol=1e-12)
+
+
+def test_learnable_scale_is_learned_in_log_space() -> None:
+    head = SimplexETFHead(8, 4, scale=2.0, learnable_scale=True, dtype=F64)
+    assert [name for name, _ in head.named_parameters()] == ["log_scale"]
+    assert head.log_scale is not None
+    assert head.log_scale.item() == pytest.approx(math.log(2.0))
+    h = features(6, 8, dtype=F64)
+    torch.testing.assert_close(head(h), reference_logits(head.frame, h, 2.0, True))
+    head(h).sum().backward()
+    assert head.log_scale is not None
+    assert head.log_scale.grad is not None
+    assert head.frame.grad is None
+    assert not head.frame.requires_grad
+
+
+def test_weight_is_the_effective_classifier_and_the_shape_attributes() -> None:
+    head = SimplexETFHead(10, 4, scale=5.0)
+    torch.testing.assert_close(head.weight, 5.0 * head.frame)
+    torch.testing.assert_close(head.effective_weight, head.weight)
+    assert (head.in_features, head.num_classes, head.out_features) == (10, 4, 4)
+    h = features(3, 10)
+    torch.testing.assert_close(head(h), F.linear(F.normalize(h, dim=1), head.weight))
+    assert repr(head) == (
+        "SimplexETFHead(in_features=10, num_classes=4, normalize_features=True, scale=5.0, "
+        "learnable_scale=False, bias=False)"
+    )
+
+
+def test_default_scale_follows_the_loss_floor() -> None:
+    for k in (2, 10, 1000):
+        assert SimplexETFHead(k, k).scale == pytest.approx(
+            scale_for_loss_floor(DEFAULT_LOSS_FLOOR, k)
+        )
+    assert SimplexETFHead(8, 4, normalize_features=False).scale == 1.0
+
+
+def test_frame_is_a_persistent_buffer_moved_by_to_and_saved() -> None:
+    head = SimplexETFHead(8, 4, bias=True)
+    assert set(head.state_dict()) == {"frame", "bias"}
+    assert torch.equal(head.state_dict()["frame"], simplex_etf(4, 8))
+    assert head.to(F64).frame.dtype == F64
+    assert head.to("meta").frame.device.type == "meta"
+    # built directly on a device / in a dtype
+    made = SimplexETFHead(8, 4, device="meta", dtype=torch.bfloat16)
+    assert (made.frame.device.type, made.frame.dtype) == ("meta", torch.bfloat16)
+    kept = FixedFrameHead(simplex_etf(3, 4, dtype=F64))
+    assert kept.frame.dtype == F64  # FixedFrameHead keeps the frame's dtype by default
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_normalization_is_safe_in_low_precision(dtype: torch.dtype) -> None:
+    head = SimplexETFHead(8, 4, scale=30.0, dtype=dtype)
+    h = torch.zeros(4, 8, dtype=dtype)
+    h[1, 0] = torch.finfo(dtype).tiny  # the smallest normal number
+    h[2] = 1e4 if dtype != torch.float16 else 3e2  # large features (8 * 300^2 overflows float16)
+    h[3] = features(1, 8, dtype=torch.float32).to(dtype)
+    logits = head(h)
+    assert logits.dtype == dtype
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits[0], torch.zeros(4, dtype=dtype))  # a zero feature: zero logits
+    expected = reference_logits(head.frame, h[2:].double(), 30.0, True)
+    # half types carry 8 (bfloat16) or 11 (float16) bits: 1 in 2**7 relative of a logit up to 30
+    torch.testing.assert_close(logits[2:].double(), expected, rtol=0, atol=30 * 2**-6)
+
+
+def test_fixed_head_errors() -> None:
+    with pytest.raises(
+        ValueError, match=r"last dimension 8 \(`in_features`\), but got shape \(3, 7\)"
+    ):
+        SimplexETFHead(8, 4)(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="`frame` to be a Tensor"):
+        FixedFrameHead([[1.0, 0.0]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="2-D tensor"):
+        FixedFrameHead(torch.ones(3))
+    with pytest.raises(ValueError, match="finite floating-point"):
+        FixedFrameHead(torch.tensor([[1.0, math.inf], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="`scale` to be a finite number > 0"):
+        SimplexETFHead(8, 4, scale=0.0)
+    with pytest.raises(ValueError, match="`eps` to be > 0"):
+        SimplexETFHead(8, 4, eps=0.0)
+    with pytest.raises(ValueError, match="spherical_code"):
+        SimplexETFHead(3, 10)
+    with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
+        SimplexETFHead(3, 1)
+    with pytest.raises(TypeError, match="`features` to be floating point"):
+        SimplexETFHead(3, 2)(torch.ones(2, 3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mlp_with_a_simplex_head_learns_a_separable_problem() -> None:
+    gen = torch.Generator().manual_seed(0)
+    k, d, n = 5, 10, 200
+    centres = 4.0 * torch.randn(k, d, generator=gen)
+    target = torch.arange(n) % k
+    x = centres[target] + torch.randn(n, d, generator=gen)
+    # the problem is separable: nearest centre classifies every point
+    assert torch.equal(torch.cdist(x, centres).argmin(1), target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 8), SimplexETFHead(8, k))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    assert torch.equal(model(x).argmax(1), target)
+    assert all(p.grad is not None for p in model[:-1].parameters())
+    assert len(list(model[-1].parameters())) == 0  # nothing to learn in the head
+
+
+# ------------------------------------------------------------------------------------------------
+# Scale helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 5, 100])
+def test_cross_entropy_floor_is_the_minimum_over_unit_features(k: int) -> None:
+    scale = 4.0
+    head = SimplexETFHead(k - 1, k, scale=scale, dtype=F64)
+    floor = cross_entropy_floor(scale, k)
+    # at h = w_y the loss is the closed form
+    at_vertex = F.cross_entropy(head(head.frame), torch.arange(k), reduction="none")
+    torch.testing.assert_close(at_vertex, torch.full((k,), floor, dtype=F64), rtol=1e-12, atol=0)
+    # no unit feature does better: random directions, and directions around the class vector
+    gen = torch.Generator().manual_seed(1)
+    anywhere = torch.randn(2048, k - 1, generator=gen, dtype=F64)
+    nearby = [
+        head.frame[0] + radius * torch.randn(512, k - 1, generator=gen, dtype=F64)
+        for radius in (1e-5, 1e-3, 1e-1, 1.0)
+    ]
+    h = torch.cat([anywhere, *nearby])
+    losses = F.cross_entropy(head(h), torch.zeros(h.shape[0], dtype=torch.long), reduction="none")
+    assert float(losses.min()) >= floor - 1e-12
+    # and the closest probes come within the rounding of the perturbation (second order: 1e-6)
+    assert float(losses.min()) == pytest.approx(floor, rel=1e-5)
+
+
+def test_scale_for_loss_floor_inverts_the_floor() -> None:
+    for k in (2, 10, 1000):
+        for floor in (1e-6, 1e-2, 0.5, math.log(k) * 0.99):
+            scale = scale_for_loss_floor(floor, k)
+            assert cross_entropy_floor(scale, k) == pytest.approx(floor, rel=1e-10)
+    assert cross_entropy_floor(0.0, 7) == pytest.approx(math.log(7))
+    with pytest.raises(ValueError, match=r"`loss_floor` to be in \(0, log\(num_classes\)\)"):
+        scale_for_loss_floor(math.log(10), 10)
+    with pytest.raises(ValueError, match="`scale` to be a number >= 0"):
+        cross_entropy_floor(-1.0, 10)
+    with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
+        cross_entropy_floor(1.0, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# etf_init_
+# ------------------------------------------------------------------------------------------------
+
+
+def test_etf_init_linear_tensor_and_cosine_head() -> None:
+    linear = nn.Linear(6, 7, dtype=F64)  # the minimal d = K - 1
+    assert etf_init_(linear, gain=2.0) is linear
+    expected = 4.0 * (7 / 6) * (torch.eye(7, dtype=F64) - 1 / 7)
+    torch.testing.assert_close(linear.weight @ linear.weight.T, expected, rtol=0, atol=1e-12)
+    assert torch.equal(linear.bias, torch.zeros(7, dtype=F64))
+    assert linear.weight.requires_grad
+    assert linear.weight.grad_fn is None
+    tensor = torch.empty(3, 5, dtype=F64)
+    assert etf_init_(tensor) is tensor
+    torch.testing.assert_close(tensor, simplex_etf(3, 5, dtype=F64))
+    cosine = etf_init_(CosineHead(5, 3, dtype=F64))
+    torch.testing.assert_close(cosine.weight.detach(), simplex_etf(3, 5, dtype=F64))
+    seeded = etf_init_(torch.empty(3, 5), generator=torch.Generator().manual_seed(3))
+    assert (seeded - simplex_etf(3, 5)).abs().max() > 1e-3
+    with pytest.raises(
+        ValueError, match=r"`in_features` \(2\) to be at least `num_classes - 1` \(4\)"
+    ):
+        etf_init_(nn.Linear(2, 5))
+    with pytest.raises(TypeError, match="module with a `weight` tensor"):
+        etf_init_(nn.ReLU())
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        etf_init_(torch.empty(3))
+
+
+def test_orthogonal_head_frame() -> None:
+    head = OrthogonalFrameHead(6, 4, dtype=F64)
+    torch.testing.assert_close(head.frame, orthogonal_frame(4, 6, dtype=F64))
