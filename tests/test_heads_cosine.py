@@ -1,0 +1,155 @@
+"""CosineHead: NormFace logits and CosFace/ArcFace margins against a per-sample float64 loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests._helpers.testers import check_module
+from torchcollapse.heads import CosineHead, scale_for_loss_floor
+
+F64 = torch.float64
+
+
+def brute_force_logits(
+    head: CosineHead, h: torch.Tensor, target: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Per sample and class in float64, from the angle (math.acos / math.cos), as documented."""
+    w = head.weight.detach().double()
+    h = h.double()
+    m = head.margin
+    out = torch.empty(h.shape[0], w.shape[0], dtype=F64)
+    for i in range(h.shape[0]):
+        for c in range(w.shape[0]):
+            cosine = float(h[i] @ w[c]) / (float(h[i].norm()) * float(w[c].norm()))
+            value = cosine
+            if target is not None and c == int(target[i]):
+                theta = math.acos(max(-1.0, min(1.0, cosine)))
+                if head.margin_type == "cosface":
+                    value = cosine - m
+                elif head.easy_margin:
+                    value = math.cos(theta + m) if cosine > 0 else cosine
+                elif theta + m <= math.pi:
+                    value = math.cos(theta + m)
+                else:
+                    value = cosine - m * math.sin(m)
+            out[i, c] = scale * value
+    return out
+
+
+def batch(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen, dtype=F64), torch.randint(0, k, (n,), generator=gen)
+
+
+@pytest.mark.parametrize(
+    ("margin_type", "margin", "easy"),
+    [
+        ("cosface", 0.35, False),
+        ("arcface", 0.5, False),
+        ("arcface", 0.5, True),
+        ("arcface", 1.2, False),
+    ],
+)
+def test_margins_match_a_brute_force_formula(margin_type: str, margin: float, easy: bool) -> None:
+    k, d = 6, 5
+    head = CosineHead(
+        d,
+        k,
+        scale=30.0,
+        margin=margin,
+        margin_type=margin_type,
+        easy_margin=easy,
+        dtype=F64,  # type: ignore[arg-type]
+    )
+    h, target = batch(40, d, k)
+    # half the samples point away from their class vector: cos(theta_y) < 0, and for the large
+    # ArcFace margin theta_y + m > pi, so every branch of the formula is exercised
+    w = head.weight.detach()
+    h[:20] = -w[target[:20]] + 0.3 * h[:20]
+    cos_y = F.cosine_similarity(h, w[target], dim=1)
+    assert bool((cos_y < 0).any())
+    assert bool((cos_y > 0).any())
+    if margin_type == "arcface" and not easy:
+        assert bool((torch.arccos(cos_y) + margin > math.pi).any())
+    # float64 throughout: the two formulas agree to a few ulps of s = 30
+    torch.testing.assert_close(
+        head(h, target), brute_force_logits(head, h, target, 30.0), rtol=1e-12, atol=1e-11
+    )
+    # without the target: plain s cos(theta), as at evaluation
+    torch.testing.assert_close(
+        head(h), brute_force_logits(head, h, None, 30.0), rtol=1e-12, atol=1e-11
+    )
+
+
+def test_no_margin_and_default_scale() -> None:
+    head = CosineHead(5, 4, dtype=F64)
+    assert head.scale == pytest.approx(scale_for_loss_floor(0.01, 4))
+    h, target = batch(8, 5, 4)
+    torch.testing.assert_close(head(h, target), head(h))
+    torch.testing.assert_close(head(h), brute_force_logits(head, h, None, float(head.scale)))
+    torch.testing.assert_close(
+        head.effective_weight, float(head.scale) * F.normalize(head.weight.detach(), dim=1)
+    )
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: CosineHead(6, 4, scale=10.0),
+        lambda: CosineHead(6, 4, learnable_scale=True, margin=0.2, margin_type="cosface"),
+        lambda: CosineHead(6, 9, scale=16.0, margin=0.4, margin_type="arcface"),
+    ],
+    ids=["normface", "cosface_learnable", "arcface"],
+)
+def test_cosine_head_passes_the_module_tester(factory) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 6, generator=gen)
+    target = torch.randint(0, factory().num_classes, (7,), generator=gen)
+    check_module(factory, (h, target))
+    check_module(factory, (h,), gradcheck=False, compile_backend=None)
+
+
+def test_learnable_scale_and_weight_get_gradients() -> None:
+    head = CosineHead(5, 4, learnable_scale=True, margin=0.3, margin_type="arcface")
+    h, target = batch(8, 5, 4)
+    F.cross_entropy(head(h.float(), target), target).backward()
+    assert head.weight.grad is not None
+    assert head.log_scale is not None
+    assert head.log_scale.grad is not None
+    assert torch.isfinite(head.weight.grad).all()
+
+
+def test_arcface_gradient_is_finite_at_cos_one() -> None:
+    head = CosineHead(3, 2, scale=10.0, margin=0.5, margin_type="arcface")
+    h = head.weight.detach()[:1].clone().requires_grad_()  # exactly the class vector
+    head(h, torch.tensor([0])).sum().backward()
+    assert h.grad is not None
+    assert torch.isfinite(h.grad).all()
+
+
+def test_repr() -> None:
+    text = repr(CosineHead(5, 4, scale=30.0, margin=0.5, margin_type="arcface", easy_margin=True))
+    assert text == (
+        "CosineHead(in_features=5, num_classes=4, scale=30.0, learnable_scale=False, "
+        "margin=0.5, margin_type='arcface', easy_margin=True)"
+    )
+
+
+def test_cosine_head_errors() -> None:
+    with pytest.raises(ValueError, match="`margin_type` to be 'cosface' or 'arcface'"):
+        CosineHead(5, 4, margin_type="sphereface")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`margin` to be a number in \[0, inf\)"):
+        CosineHead(5, 4, margin=-0.1)
+    with pytest.raises(ValueError, match=r"`margin` to be a number in \[0, pi\)"):
+        CosineHead(5, 4, margin=4.0, margin_type="arcface")
+    head = CosineHead(5, 4, margin=0.2)
+    with pytest.raises(ValueError, match=r"`target` of shape \(N,\)"):
+        head(torch.randn(3, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="`target` to hold integers"):
+        head(torch.randn(3, 5), torch.zeros(3))
+    with pytest.raises(ValueError, match="last dimension 5"):
+        head(torch.randn(3, 6))
