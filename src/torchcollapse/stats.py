@@ -153,7 +153,9 @@ class ClassStatistics:
 
     Args:
         counts: ``(K,)`` number of samples per class (stored as floats).
-        shift: ``(K, d)`` the shift ``s_c`` of each class (arbitrary for classes without samples).
+        shift: ``(K, d)`` the shift ``s_c`` of each class; zero for classes without samples (a
+            class seen for the first time takes ``0 + its first sample``, so any other value there
+            is still exact, only less accurate).
         sums: ``(K, d)`` ``sum_{y_i = c} (h_i - s_c)``.
         sum_squares: ``(K,)`` ``sum_{y_i = c} ||h_i - s_c||^2``.
         scatter: ``(d, d)`` ``sum_i (h_i - s_{y_i})(h_i - s_{y_i})^T``.
@@ -397,7 +399,9 @@ class ClassStatistics:
         Divide by :attr:`total` for the (biased) within-class covariance ``Sigma_W``.
         """
         scaled = self.sums / self.counts.clamp_min(1).sqrt().unsqueeze(1)
-        return self.scatter - scaled.T @ scaled
+        if self.scatter.requires_grad or scaled.requires_grad:
+            return self.scatter - scaled.T @ scaled
+        return self.scatter - symmetric_product(scaled)
 
     def within_class_sum_squares(self) -> Tensor:
         """``(K,)`` ``sum_{y_i = c} ||h_i - mu_c||^2`` (0 for classes without samples)."""
@@ -437,19 +441,19 @@ class ClassStatistics:
         target = target.long()
         state = self.dtype
         num_samples = features.shape[0]
+        ones = torch.ones(num_samples, device=self.device, dtype=state)
         with torch.no_grad():
             # Index, within the batch, of the first sample of every class.
             first = torch.full((self.num_classes,), num_samples, device=self.device)
             positions = torch.arange(num_samples, device=self.device)
             first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
-            candidate = features.detach().index_select(0, first.index_select(0, target))
-            new = self.counts.index_select(0, target) == 0
-            shift = torch.where(
-                new.unsqueeze(1), candidate.to(state), self.shift.index_select(0, target)
-            )
+            values = features.detach().to(state, copy=True)
+            candidate = values.index_select(0, first.index_select(0, target))
+            new = (self.counts.index_select(0, target) == 0).to(state).unsqueeze(1)
+            # Rows of classes without samples are zero, so a new class's shift is its candidate.
+            shift = torch.addcmul(self.shift.index_select(0, target), new, candidate)
             # Rows of one class carry identical values, so duplicate indices write the same row.
             self.shift.index_copy_(0, target, shift)
-        ones = torch.ones(num_samples, device=self.device, dtype=state)
         if torch.is_grad_enabled() and features.requires_grad:
             # Out of place, so that autograd records the batch (the tensors stop being views).
             centred = features.to(state) - shift
@@ -459,13 +463,11 @@ class ClassStatistics:
             self.sum_squares = self.sum_squares.index_add(0, target, squares)
             self.scatter = self.scatter + centred.T @ centred
             return self
-        # Centred features, stored transposed (d, B) so that row panels are contiguous.
-        transposed = torch.empty((self.num_features, num_samples), device=self.device, dtype=state)
-        centred = torch.sub(features, shift, out=transposed.T)  # promoted to the state dtype
+        centred = values.sub_(shift)
         self.counts.index_add_(0, target, ones)
         self.sums.index_add_(0, target, centred)
         self.sum_squares.index_add_(0, target, torch.linalg.vecdot(centred, centred))
-        _add_gram_(self.scatter, transposed)
+        _add_gram_(self.scatter, centred)
         return self
 
     def merge(self, other: ClassStatistics) -> ClassStatistics:
@@ -497,7 +499,9 @@ class ClassStatistics:
         other = other.to(device=self.device, dtype=self.dtype)
         mine, theirs = self.present, other.present
         both = mine & theirs
-        shift = torch.where(mine.unsqueeze(1), self.shift, other.shift)
+        shift = torch.where(
+            mine.unsqueeze(1), self.shift, torch.where(theirs.unsqueeze(1), other.shift, 0.0)
+        )
         delta = torch.where(both.unsqueeze(1), other.shift - self.shift, 0.0)
         sums = other.sums + other.counts.unsqueeze(1) * delta
         sum_squares = (
@@ -574,27 +578,39 @@ def _merge_packed(stacked: Tensor, num_classes: int) -> Tensor:
     return ClassStatistics.merge_all(parts).pack()
 
 
+def symmetric_product(matrix: Tensor) -> Tensor:
+    """``matrix^T matrix`` (``(n, d) -> (d, d)``); on CPU half the flops of ``matrix.T @ matrix``.
+
+    Example:
+        >>> x = torch.randn(50, 300, dtype=torch.float64)
+        >>> torch.allclose(symmetric_product(x), x.T @ x)
+        True
+    """
+    out = torch.zeros((matrix.shape[1], matrix.shape[1]), dtype=matrix.dtype, device=matrix.device)
+    _add_gram_(out, matrix)
+    return out
+
+
 def _gram_panel(num_features: int, device: torch.device) -> int:
-    """Rows per panel of the blocked symmetric product (the whole matrix on accelerators)."""
+    """Columns per panel of the blocked symmetric product (the whole matrix on accelerators)."""
     if device.type != "cpu" or num_features <= 128:
         return num_features
-    return max(64, num_features // 8)
+    return 64 if num_features <= 512 else num_features // 8
 
 
-def _add_gram_(scatter: Tensor, transposed: Tensor) -> None:
-    """``scatter += X^T X`` for ``transposed = X^T`` of shape ``(d, B)`` (row-contiguous).
+def _add_gram_(scatter: Tensor, centred: Tensor) -> None:
+    """``scatter += X^T X`` for ``centred = X`` of shape ``(B, d)``.
 
-    On CPU only the upper block triangle is multiplied, panel by panel, and mirrored: about half
-    the flops of the full product, which makes float64 about as fast as a float32 Gram. Exactly
-    symmetric on CPU.
+    On CPU only the upper block triangle is multiplied, panel by panel of columns, and mirrored:
+    about half the flops of the full product, which makes float64 about as fast as a float32 Gram.
     """
-    num_features = transposed.shape[0]
-    panel = _gram_panel(num_features, transposed.device)
+    num_features = centred.shape[1]
+    panel = _gram_panel(num_features, centred.device)
     if panel >= num_features:
-        scatter.addmm_(transposed, transposed.T)
+        scatter.addmm_(centred.T, centred)
         return
     for start in range(0, num_features, panel):
         stop = min(num_features, start + panel)
-        scatter[start:stop, start:].addmm_(transposed[start:stop], transposed[start:].T)
+        scatter[start:stop, start:].addmm_(centred[:, start:stop].T, centred[:, start:])
         if stop < num_features:
             scatter[stop:, start:stop].copy_(scatter[start:stop, stop:].T)

@@ -47,11 +47,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from torchcollapse.stats import symmetric_product
 
 __all__ = [
     "equiangularity",
@@ -106,11 +110,75 @@ def _block_rows(num_rows: int, device: torch.device, block_elements: int | None)
     return max(1, min(num_rows, budget // max(num_rows, 1)))
 
 
-def _gram_frobenius(v: Tensor) -> Tensor:
-    """``||V V^T||_F`` through the smaller of the two Gram matrices."""
-    small = v @ v.T if v.shape[0] <= v.shape[1] else v.T @ v
-    norm: Tensor = torch.linalg.matrix_norm(small)
-    return norm
+def _small_gram(v: Tensor) -> Tensor:
+    """The smaller Gram matrix of ``V`` (``K x d``): ``V V^T`` if ``K <= d``, else ``V^T V``."""
+    return symmetric_product(v.T) if v.shape[0] <= v.shape[1] else symmetric_product(v)
+
+
+class _PairSums:
+    """Running sums over pairs ``c < c'`` of one blocked pass (0-d float64 tensors)."""
+
+    def __init__(self, device: torch.device) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.cos = zero.clone()
+        self.deviation = zero.clone()
+        self.abs = zero.clone()
+        self.etf = zero.clone()
+        self.energy = zero.clone()
+        self.cdnv = zero.clone()
+        self.best = torch.full((), -math.inf, dtype=torch.float64, device=device)
+        self.best_pair = torch.zeros(2, dtype=torch.long, device=device)
+
+
+def _accumulate(
+    sums: _PairSums,
+    cos: Tensor,
+    row: dict[str, Tensor],
+    col: dict[str, Tensor],
+    pair_index: Callable[[Tensor], Tensor],
+    constants: dict[str, float],
+    exponent: float,
+) -> None:
+    """Add the pairs whose cosines are ``cos`` (any shape; factors broadcast against it).
+
+    ``pair_index(flat) -> (2,)`` maps the position of the largest cosine to its two rows. All work
+    is a few in-place passes over ``cos``-sized buffers; nothing reads back from the device.
+    """
+    sums.cos += cos.sum()
+    work = cos - constants["centre"]  # deviations from the (exact) mean cosine
+    sums.deviation += torch.linalg.vecdot(work.reshape(-1), work.reshape(-1))
+    work.sub_(constants["simplex"] - constants["centre"]).abs_()
+    sums.abs += work.sum()
+    # ETF distance: (G_ij / ||G||_F - etf_ij)^2, G_ij = cos_ij ||v_i|| ||v_j||
+    torch.mul(cos, row["scaled_norm"], out=work)
+    work.mul_(col["norm"]).sub_(constants["etf_off"])
+    sums.etf += torch.linalg.vecdot(work.reshape(-1), work.reshape(-1))
+    # Riesz energy of the unit vectors: ||u_i - u_j||^2 = 2 - 2 cos
+    torch.mul(cos, -2.0, out=work)
+    work.add_(2.0).clamp_min_(0.0)
+    if exponent == 1.0:
+        work.rsqrt_()
+    else:
+        work.pow_(-0.5 * exponent)
+    sums.energy += work.sum()
+    if "variance" in row:
+        # CDNV: (s_i + s_j) / (2 ||v_i - v_j||^2), ||v_i - v_j||^2 = |v_i|^2 + |v_j|^2 - 2 G_ij
+        torch.mul(cos, row["minus_twice_norm"], out=work)
+        work.mul_(col["norm"]).add_(row["squared"]).add_(col["squared"]).clamp_min_(0.0)
+        ratio = torch.add(row["variance"], col["variance"]).div_(work)
+        sums.cdnv += 0.5 * ratio.sum()
+    value, flat = cos.reshape(-1).max(0)
+    better = value > sums.best
+    sums.best = torch.where(better, value, sums.best)
+    sums.best_pair = torch.where(better, pair_index(flat), sums.best_pair)
+
+
+def _square_pair(flat: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return torch.stack([rows[flat], cols[flat]])
+
+
+def _rectangle_pair(flat: Tensor, start: int, stop: int, width: int) -> Tensor:
+    return torch.stack([flat // width + start, flat % width + stop])
 
 
 def pairwise_geometry(
@@ -119,6 +187,7 @@ def pairwise_geometry(
     variances: Tensor | None = None,
     exponent: float = 1.0,
     block_elements: int | None = None,
+    gram: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """All geometric quantities of the rows of ``vectors`` in one blocked pass over the pairs.
 
@@ -130,10 +199,17 @@ def pairwise_geometry(
         exponent: ``s`` of the Riesz energy.
         block_elements: elements per block of the pairwise matrix (default: ``2**21`` on CPU,
             ``2**26`` on accelerators).
+        gram: optional precomputed smaller Gram matrix of ``vectors`` in float64 (``V V^T`` when
+            ``K <= d``, else ``V^T V``), to save its computation.
 
     Returns:
         float64 0-d tensors ``equinorm``, ``equiangularity``, ``max_angle``, ``etf_distance``,
         ``min_angle``, ``spherical_energy`` (and ``cdnv``).
+
+    The standard deviation of the cosines is accumulated about their exact mean
+    ``(||sum_c u_c||^2 - K) / (K (K-1))``, so no cancellation occurs; every other sum is of
+    non-negative terms or exact. Rows are processed in blocks against the rows after them; only the
+    small diagonal squares of the blocks are indexed, the rectangles right of them are dense.
 
     Example:
         >>> square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
@@ -145,9 +221,10 @@ def pairwise_geometry(
     """
     v = _check_vectors(vectors)
     num, _ = v.shape
+    device = v.device
     norms = _row_norms(v, "vectors")
     units = v / norms[:, None]
-    device = v.device
+    squared = norms.square()
     var: Tensor | None = None
     if variances is not None:
         if not isinstance(variances, Tensor) or tuple(variances.shape) != (num,):
@@ -156,74 +233,88 @@ def pairwise_geometry(
                 f"Expected argument `variances` to have shape ({num},), but got {shape}."
             )
         var = variances.detach().to(device=device, dtype=torch.float64)
-    squared = norms.square()
-    gram_norm = _gram_frobenius(v)
-    etf_diag = (1.0 - 1.0 / num) / math.sqrt(num - 1)
-    etf_off = -1.0 / (num * math.sqrt(num - 1))
-    simplex_cos = -1.0 / (num - 1)
-
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    pairs_seen = 0
-    cos_mean, cos_m2 = zero, zero
-    abs_sum, energy_sum, cdnv_sum = zero, zero, zero
-    etf_sum = zero
-    best_cos = torch.full((), -math.inf, dtype=torch.float64, device=device)
-    best_index = torch.zeros((), dtype=torch.long, device=device)
-    rows_per_block = _block_rows(num, device, block_elements)
-    for start in range(0, num, rows_per_block):
-        stop = min(num, start + rows_per_block)
-        cos = units[start:stop] @ units[start:].T  # (b, num - start)
-        rows = torch.arange(start, stop, device=device)[:, None]
-        cols = torch.arange(start, num, device=device)[None, :]
-        upper = cols > rows
-        diagonal = cols == rows
-        count = sum(num - 1 - i for i in range(start, stop))
-        # ETF distance: every entry of the K x K matrix (upper entries count twice).
-        gram = cos * norms[start:stop, None] * norms[None, start:]
-        normalized = gram / gram_norm
-        etf_sum = etf_sum + torch.where(diagonal, (normalized - etf_diag).square(), 0.0).sum()
-        etf_sum = etf_sum + 2 * torch.where(upper, (normalized - etf_off).square(), 0.0).sum()
-        if count == 0:
-            continue
-        # Std of the cosines: exact two-pass inside the block, Chan merge across blocks.
-        block_mean = torch.where(upper, cos, 0.0).sum() / count
-        block_m2 = torch.where(upper, (cos - block_mean).square(), 0.0).sum()
-        total = pairs_seen + count
-        delta = block_mean - cos_mean
-        cos_m2 = cos_m2 + block_m2 + delta.square() * (pairs_seen * count / total)
-        cos_mean = cos_mean + delta * (count / total)
-        pairs_seen = total
-        abs_sum = abs_sum + torch.where(upper, (cos - simplex_cos).abs(), 0.0).sum()
-        distance_sq = (2.0 - 2.0 * cos).clamp_min(0.0)
-        energy = torch.where(upper, distance_sq.pow(-0.5 * exponent), 0.0)
-        energy_sum = energy_sum + energy.sum()
-        masked = torch.where(upper, cos, -math.inf)
-        block_best, flat = masked.reshape(-1).max(0)
-        row = flat // (num - start) + start
-        col = flat % (num - start) + start
-        better = block_best > best_cos
-        best_cos = torch.where(better, block_best, best_cos)
-        best_index = torch.where(better, row * num + col, best_index)
-        if var is not None:
-            gap = (squared[start:stop, None] + squared[None, start:] - 2.0 * gram).clamp_min(0.0)
-            ratio = (var[start:stop, None] + var[None, start:]) / (2.0 * gap)
-            cdnv_sum = cdnv_sum + torch.where(upper, ratio, 0.0).sum()
-
+    small = _small_gram(v) if gram is None else gram.to(device=device, dtype=torch.float64)
+    gram_norm = torch.linalg.matrix_norm(small)
+    # With K <= d the K x K Gram matrix is at hand: cosines are read from it, not recomputed.
+    full = small if num <= v.shape[1] else None
+    inverse_norms = 1.0 / norms
     pairs = num * (num - 1) // 2
-    i, j = divmod(int(best_index), num)
+    constants = {
+        "centre": float((units.sum(0).square().sum() - num) / (num * (num - 1))),
+        "simplex": -1.0 / (num - 1),
+        "etf_off": -1.0 / (num * math.sqrt(num - 1)),
+    }
+    etf_diag = (1.0 - 1.0 / num) / math.sqrt(num - 1)
+    factors = {
+        "norm": norms,
+        "scaled_norm": norms / gram_norm,
+        "squared": squared,
+        "minus_twice_norm": -2.0 * norms,
+    }
+    if var is not None:
+        factors["variance"] = var
+    sums = _PairSums(device)
+    rows_per_block = _block_rows(num, device, block_elements)
+    for start in range(0, num - 1, rows_per_block):
+        stop = min(num, start + rows_per_block)
+        block = units[start:stop]
+        # Diagonal square: pairs start <= i < j < stop, gathered as a vector.
+        upper = torch.triu_indices(stop - start, stop - start, offset=1, device=device)
+        if upper.shape[1] > 0:
+            rows, cols = upper[0] + start, upper[1] + start
+            if full is None:
+                cos = (block @ block.T)[upper[0], upper[1]]
+            else:
+                cos = full[rows, cols] * inverse_norms[rows] * inverse_norms[cols]
+            sums_row = {name: f.index_select(0, rows) for name, f in factors.items()}
+            sums_col = {name: f.index_select(0, cols) for name, f in factors.items()}
+            _accumulate(
+                sums,
+                cos,
+                sums_row,
+                sums_col,
+                functools.partial(_square_pair, rows=rows, cols=cols),
+                constants,
+                exponent,
+            )
+        # Rectangle right of it: rows [start, stop) against every row after stop.
+        if stop < num:
+            if full is None:
+                cos = block @ units[stop:].T
+            else:
+                cos = full[start:stop, stop:] * inverse_norms[start:stop, None]
+                cos.mul_(inverse_norms[None, stop:])
+            width = num - stop
+            _accumulate(
+                sums,
+                cos,
+                {name: f[start:stop, None] for name, f in factors.items()},
+                {name: f[None, stop:] for name, f in factors.items()},
+                functools.partial(_rectangle_pair, start=start, stop=stop, width=width),
+                constants,
+                exponent,
+            )
+
+    mean_cos = sums.cos / pairs
+    # Sum of squared deviations about the mean, from deviations about `centre` (~ the mean).
+    offset = mean_cos - constants["centre"]
+    deviation = (sums.deviation - pairs * offset.square()).clamp_min(0.0)
+    etf = sums.etf * 2 + ((squared / gram_norm) - etf_diag).square().sum()
+    i, j = (int(x) for x in sums.best_pair.tolist())
     angle = 2.0 * torch.atan2(
         torch.linalg.vector_norm(units[i] - units[j]), torch.linalg.vector_norm(units[i] + units[j])
     )
+    zero = torch.zeros((), dtype=torch.float64, device=device)
     out = {
         "equinorm": norms.std() / norms.mean(),
-        "equiangularity": (cos_m2 / (pairs - 1)).sqrt() if pairs > 1 else zero.clone(),
-        "max_angle": abs_sum / pairs,
-        "etf_distance": etf_sum.clamp_min(0.0).sqrt(),
+        "equiangularity": (deviation / (pairs - 1)).sqrt() if pairs > 1 else zero,
+        "max_angle": sums.abs / pairs,
+        "etf_distance": etf.clamp_min(0.0).sqrt(),
         "min_angle": angle,
-        "spherical_energy": energy_sum / pairs,
+        "spherical_energy": sums.energy / pairs,
     }
     if var is not None:
-        out["cdnv"] = cdnv_sum / pairs
+        out["cdnv"] = sums.cdnv / pairs
     return out
 
 

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from torchcollapse.functional.duality import _check_bias, _check_weight, _nc3, _nc3_cosine
 from torchcollapse.functional.geometry import (
+    _small_gram,
     min_angle_optimal,
     pairwise_geometry,
     spherical_energy_optimal,
@@ -128,6 +129,8 @@ def neural_collapse_compute(
         w_rows = w_rows.to(centred.device).index_select(0, present)
     out: dict[str, Tensor] = {}
     total = stats.total
+    # The smaller Gram matrix of the centred means, shared by NC1 and the pairwise pass.
+    gram = _small_gram(centred)
     if want("nc1") or want("nc1_trace_ratio"):
         if want("nc1"):
             sigma_w = stats.within_class_scatter() / total
@@ -135,7 +138,7 @@ def neural_collapse_compute(
                 null_vector = torch.ones(num_present, dtype=torch.float64, device=centred.device)
             else:
                 null_vector = stats.counts.index_select(0, present)
-            out["nc1"] = _nc1(centred, sigma_w, null_vector)
+            out["nc1"] = _nc1(centred, sigma_w, null_vector, gram)
         if want("nc1_trace_ratio"):
             trace_w = stats.within_class_sum_squares().sum() / total
             out["nc1_trace_ratio"] = trace_w / (centred.square().sum() / num_present)
@@ -146,7 +149,7 @@ def neural_collapse_compute(
                 0, present
             ) / stats.counts.index_select(0, present)
             # CDNV does not depend on the global mean: pairwise distances of means are invariant.
-        geometry = pairwise_geometry(centred, variances=variances, exponent=exponent)
+        geometry = pairwise_geometry(centred, variances=variances, exponent=exponent, gram=gram)
         if want("cdnv"):
             out["cdnv"] = geometry.pop("cdnv")
         for name in _GEOMETRY:

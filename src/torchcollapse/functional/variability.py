@@ -22,7 +22,7 @@
 
 Example:
     >>> import torch
-    >>> from torchcollapse.stats import ClassStatistics
+    >>> from torchcollapse.stats import ClassStatistics, symmetric_product
     >>> from torchcollapse.functional import neural_collapse_cdnv, neural_collapse_nc1
     >>> features = torch.tensor([[-1.0, 0.1], [-1.0, -0.1], [1.0, 0.1], [1.0, -0.1]])
     >>> stats = ClassStatistics.from_features(features, torch.tensor([0, 0, 1, 1]), 2)
@@ -44,7 +44,7 @@ from torchcollapse.functional.means import (
     centred_class_means,
     within_class_covariance,
 )
-from torchcollapse.stats import ClassStatistics
+from torchcollapse.stats import ClassStatistics, symmetric_product
 
 __all__ = [
     "neural_collapse_cdnv",
@@ -71,15 +71,19 @@ def _nc1_eigen(centred: Tensor, sigma_w: Tensor) -> Tensor:
     return nc1
 
 
-def _nc1(centred: Tensor, sigma_w: Tensor, null_vector: Tensor) -> Tensor:
+def _nc1(
+    centred: Tensor, sigma_w: Tensor, null_vector: Tensor, gram: Tensor | None = None
+) -> Tensor:
+    """NC1 by Cholesky solves; ``gram`` is the smaller Gram matrix of ``centred`` if at hand."""
     num, dim = centred.shape
+    if gram is None:
+        gram = symmetric_product(centred.T) if num <= dim else symmetric_product(centred)
     if num - 1 >= dim:
-        system = centred.T @ centred
+        system = gram  # K > d: the d x d matrix M^T M
         factor, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
             return torch.cholesky_solve(sigma_w, factor).diagonal().sum()
     else:
-        gram = centred @ centred.T
         unit = null_vector / torch.linalg.vector_norm(null_vector)
         scale = gram.diagonal().sum() / (num - 1)
         system = gram + scale * torch.outer(unit, unit)
@@ -117,7 +121,7 @@ def neural_collapse_nc1_trace_ratio(
     """``tr Sigma_W / tr Sigma_B`` over the present classes (float64, 0-d).
 
     Example:
-        >>> from torchcollapse.stats import ClassStatistics
+        >>> from torchcollapse.stats import ClassStatistics, symmetric_product
         >>> features = torch.tensor([[0.0], [2.0], [10.0], [12.0]])
         >>> stats = ClassStatistics.from_features(features, torch.tensor([0, 0, 1, 1]), 2)
         >>> neural_collapse_nc1_trace_ratio(stats)  # 1 / 25
