@@ -216,7 +216,7 @@ def test_models_split_features_and_head(name: str, shape: tuple[int, ...]) -> No
 
 def test_pre_logits_normalise_for_a_normalising_head() -> None:
     class Normalising(nn.Linear):
-        normalize = True
+        normalize_features = True
 
     model = build_model("cnn", (1, 40), 5, head=lambda d, k: Normalising(d, k, bias=False)).eval()
     features = model.forward_features(torch.randn(3, 1, 40))

@@ -40,7 +40,7 @@ __all__ = [
 
 def head_features(head: nn.Module, features: Tensor) -> Tensor:
     """The features ``head``'s linear map reads: L2-normalised when the head normalises them."""
-    if getattr(head, "normalize", False) is True:
+    if getattr(head, "normalize_features", False) is True:
         return F.normalize(features, dim=-1, eps=float(getattr(head, "eps", 1e-12)))
     return features
 
