@@ -1,0 +1,199 @@
+"""NearestETFHead and nearest_simplex_etf: Procrustes optimality, running means, DDP, compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests._helpers.ddp import run_distributed
+from tests._helpers.testers import check_module
+from torchcollapse.frames import nearest_simplex_etf, simplex_etf
+from torchcollapse.heads import NearestETFHead
+
+F64 = torch.float64
+# float64 Procrustes: an SVD and a few products, errors of a few hundred ulps
+TOL = 1e-10
+
+
+def reference_nearest_etf(points: torch.Tensor) -> torch.Tensor:
+    """Independent construction: basis of 1-perp from a QR of the centring matrix, then the
+    polar factor by an eigendecomposition of A^T A (not an SVD)."""
+    k = points.shape[0]
+    target = points.double() / points.double().norm(dim=1, keepdim=True)
+    centring = torch.eye(k, dtype=F64) - 1.0 / k
+    basis, _ = torch.linalg.qr(centring[:, : k - 1])  # K x (K-1), orthonormal, orthogonal to 1
+    a = target.T @ basis  # d x (K-1)
+    values, vectors = torch.linalg.eigh(a.T @ a)
+    polar = a @ vectors @ torch.diag(values.rsqrt()) @ vectors.T  # a (a^T a)^(-1/2)
+    return math.sqrt(k / (k - 1)) * basis @ polar.T
+
+
+def simplex_gram(k: int) -> torch.Tensor:
+    return (k / (k - 1)) * (torch.eye(k, dtype=F64) - 1.0 / k)
+
+
+@pytest.mark.parametrize(("k", "d"), [(2, 1), (3, 2), (5, 4), (5, 12), (40, 64)])
+def test_nearest_simplex_etf_matches_an_independent_procrustes(k: int, d: int) -> None:
+    gen = torch.Generator().manual_seed(k + d)
+    points = torch.randn(k, d, generator=gen, dtype=F64) * torch.rand(
+        k, 1, generator=gen, dtype=F64
+    )
+    if d == 1:  # on a line, only points on both sides of 0 determine the ETF
+        points[0], points[1] = points[0].abs(), -points[1].abs()
+    nearest = nearest_simplex_etf(points)
+    torch.testing.assert_close(nearest @ nearest.T, simplex_gram(k), rtol=0, atol=TOL)
+    torch.testing.assert_close(nearest, reference_nearest_etf(points), rtol=0, atol=1e-8)
+
+
+def test_nearest_simplex_etf_is_a_local_minimum_and_recovers_an_etf() -> None:
+    gen = torch.Generator().manual_seed(0)
+    points = torch.randn(6, 9, generator=gen, dtype=F64)
+    target = points / points.norm(dim=1, keepdim=True)
+    nearest = nearest_simplex_etf(points)
+    best = float((nearest - target).norm())
+    for _ in range(50):  # small random rotations of the answer are never closer
+        skew = 1e-3 * torch.randn(9, 9, generator=gen, dtype=F64)
+        rotation = torch.linalg.matrix_exp(skew - skew.T)
+        assert float((nearest @ rotation - target).norm()) >= best - 1e-12
+    # an ETF, rescaled row by row, is its own nearest ETF
+    etf = simplex_etf(6, 9, dtype=F64, generator=gen)
+    scaled = etf * torch.rand(6, 1, generator=gen, dtype=F64)
+    torch.testing.assert_close(nearest_simplex_etf(scaled), etf, rtol=0, atol=TOL)
+    # float32 in, float32 out
+    assert nearest_simplex_etf(points.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match="d >= K - 1"):
+        nearest_simplex_etf(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="`previous`"):
+        nearest_simplex_etf(torch.randn(5, 4), proximal=0.1)
+
+
+def test_training_step_moves_the_frame_to_the_nearest_etf_of_the_running_means() -> None:
+    k, d = 4, 6
+    head = NearestETFHead(d, k, momentum=0.5, proximal=0.0, dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    x1, y1 = torch.randn(12, d, generator=gen, dtype=F64), torch.tensor([0, 1, 2] * 4)
+    x2, y2 = torch.randn(8, d, generator=gen, dtype=F64), torch.tensor([1, 2] * 4)
+    initial = head.frame.clone()
+    head.eval()
+    head(x1, y1)
+    assert torch.equal(head.frame, initial)  # evaluation: fixed
+    head.train()
+    head(x1)
+    assert torch.equal(head.frame, initial)  # no target: fixed
+    head(x1, y1)
+    head(x2, y2)
+    unit1, unit2 = F.normalize(x1, dim=1), F.normalize(x2, dim=1)
+    expected = torch.zeros(k, d, dtype=F64)
+    for c in range(k):
+        first = unit1[y1 == c].mean(0) if (y1 == c).any() else torch.zeros(d, dtype=F64)
+        if (y2 == c).any():  # momentum 0.5 towards the second batch's mean
+            expected[c] = first + 0.5 * (unit2[y2 == c].mean(0) - first)
+        else:
+            expected[c] = first
+    torch.testing.assert_close(head.running_means, expected, rtol=0, atol=1e-12)
+    assert head.class_seen.tolist() == [True, True, True, False]
+    # class 3 was never seen: its row carries no information, so compare on a full problem
+    head = NearestETFHead(d, k, momentum=1.0, proximal=0.0, dtype=F64)
+    x, y = torch.randn(16, d, generator=gen, dtype=F64), torch.arange(16) % k
+    logits = head(x, y)
+    means = torch.stack([F.normalize(x, dim=1)[y == c].mean(0) for c in range(k)])
+    torch.testing.assert_close(head.frame, reference_nearest_etf(means), rtol=0, atol=1e-8)
+    # the logits of the step use the new frame
+    torch.testing.assert_close(logits, head.scale * F.normalize(x, dim=1) @ head.frame.T)
+
+
+def test_frame_follows_rotated_class_means() -> None:
+    # features around a rotated ETF: after one step the frame is that ETF (up to the noise)
+    k, d = 5, 8
+    truth = simplex_etf(k, d, generator=torch.Generator().manual_seed(9), dtype=F64)
+    gen = torch.Generator().manual_seed(2)
+    y = torch.arange(200) % k
+    x = 3.0 * truth[y] + 0.05 * torch.randn(200, d, generator=gen, dtype=F64)
+    head = NearestETFHead(d, k, momentum=1.0, dtype=F64).train()
+    assert float((head.frame - truth).abs().max()) > 0.3  # starts elsewhere
+    head(x, y)
+    assert float((head.frame - truth).abs().max()) < 0.02
+
+
+def test_two_forwards_before_one_backward() -> None:
+    head = NearestETFHead(6, 3)
+    x1, x2 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    loss = F.cross_entropy(head(x1, y), y) + F.cross_entropy(head(x2, y), y)
+    loss.backward()  # the frame buffer was updated in between: no in-place autograd error
+    assert x1.grad is not None
+    assert x2.grad is not None
+
+
+def test_nearest_head_passes_the_module_tester() -> None:
+    check_module(lambda: NearestETFHead(8, 4, bias=True), (torch.randn(6, 8),))
+
+
+def test_training_step_compiles() -> None:
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(12) % 4
+    eager = NearestETFHead(8, 4).train()
+    compiled_module = NearestETFHead(8, 4).train()
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    for _ in range(2):
+        expected, got = eager(x, y), compiled(x, y)
+        # float32: one SVD and a few products differ by a few ulps between the two graphs
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_module.frame, eager.frame, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_module.running_means, eager.running_means)
+
+
+def test_nearest_head_learns_a_separable_problem() -> None:
+    gen = torch.Generator().manual_seed(0)
+    k, d, n = 4, 6, 120
+    centres = 4.0 * torch.randn(k, d, generator=gen)
+    target = torch.arange(n) % k
+    x = centres[target] + torch.randn(n, d, generator=gen)
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 8))
+    head = NearestETFHead(8, k)
+    optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        F.cross_entropy(head(backbone(x), target), target).backward()
+        optimizer.step()
+    head.eval()
+    assert torch.equal(head(backbone(x)).argmax(1), target)
+
+
+def test_nearest_head_errors() -> None:
+    with pytest.raises(ValueError, match=r"`momentum` to be in \(0, 1\]"):
+        NearestETFHead(8, 4, momentum=0.0)
+    with pytest.raises(ValueError, match="`proximal` to be a float >= 0"):
+        NearestETFHead(8, 4, proximal=-1.0)
+    with pytest.raises(ValueError, match="spherical_code"):
+        NearestETFHead(2, 4)
+    with pytest.raises(ValueError, match=r"`target` of shape \(N,\)"):
+        NearestETFHead(8, 4)(torch.randn(3, 8), torch.zeros(2, dtype=torch.long))
+    assert "momentum=0.1, proximal=0.001" in repr(NearestETFHead(8, 4))
+
+
+def _ddp_step(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    n = 10 + 3 * rank  # and a different amount of it
+    x = torch.randn(n, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    head = NearestETFHead(6, 4, momentum=1.0, dtype=F64).train()
+    head(x, y)
+    return {"x": x, "y": y, "frame": head.frame, "running_means": head.running_means}
+
+
+@pytest.mark.ddp
+def test_update_is_synchronised_across_processes() -> None:
+    ranks = run_distributed(_ddp_step, 2)
+    assert torch.equal(ranks[0]["frame"], ranks[1]["frame"])
+    assert torch.equal(ranks[0]["running_means"], ranks[1]["running_means"])
+    # one process on the concatenated batch takes the same step
+    single = NearestETFHead(6, 4, momentum=1.0, dtype=F64).train()
+    single(torch.cat([r["x"] for r in ranks]), torch.cat([r["y"] for r in ranks]))
+    torch.testing.assert_close(ranks[0]["running_means"], single.running_means, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ranks[0]["frame"], single.frame, rtol=0, atol=1e-9)
