@@ -1,0 +1,190 @@
+"""replace_head / find_head on look-alikes of torchvision and timm models and on nn.Sequential."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from torchcollapse.heads import CosineHead, SimplexETFHead, find_head, replace_head
+
+
+class ResNetLike(nn.Module):
+    """torchvision ResNet: ``self.fc`` after global pooling."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.conv1(x)), 1))
+
+
+class VGGLike(nn.Module):
+    """torchvision VGG / AlexNet / MobileNet: ``self.classifier`` Sequential ending in Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(
+            nn.Linear(16, 12), nn.ReLU(True), nn.Dropout(), nn.Linear(12, 7)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class DenseNetLike(nn.Module):
+    """torchvision DenseNet: ``self.classifier`` is the Linear itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 6, 1)
+        self.classifier = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class ViTLike(nn.Module):
+    """torchvision VisionTransformer: ``self.heads = Sequential(OrderedDict(head=Linear))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(12, 12)
+        self.heads = nn.Sequential(OrderedDict([("head", nn.Linear(12, 9))]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.encoder(x))
+
+
+class SwinLike(nn.Module):
+    """torchvision Swin: ``self.head`` is the Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class TimmLike(nn.Module):
+    """A timm model: the classifier lives somewhere of the model's choosing (here
+    ``head.last_linear``, nested); ``get_classifier()`` returns it and ``reset_classifier()``
+    rebuilds it; ``forward_head`` applies it."""
+
+    def __init__(self, num_classes: int = 6) -> None:
+        super().__init__()
+        self.num_features = 10
+        self.num_classes = num_classes
+        self.stem = nn.Linear(4, self.num_features)
+        self.head = nn.Module()
+        self.head.last_linear = nn.Linear(self.num_features, num_classes)
+        self.fc = nn.Linear(4, 4)  # a decoy: timm's own answer must win over the `fc` convention
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.last_linear
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.last_linear = nn.Linear(self.num_features, num_classes)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.get_classifier()(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.stem(x))
+
+
+def check_replaced(model: nn.Module, x: torch.Tensor, name: str, shape: tuple[int, int]) -> None:
+    old_name, old = find_head(model)
+    assert old_name == name
+    seen: list[tuple[int, int]] = []
+
+    def factory(in_features: int, num_classes: int) -> nn.Module:
+        seen.append((in_features, num_classes))
+        return SimplexETFHead(in_features, num_classes)
+
+    returned = replace_head(model, factory)
+    assert returned is old
+    assert seen == [shape]
+    new = model.get_submodule(name)
+    assert isinstance(new, SimplexETFHead)
+    assert find_head(model) == (name, new)  # found again: replace_head can be applied twice
+    logits = model(x).detach()
+    assert logits.shape == (x.shape[0], shape[1])
+    # the model's output now comes from the new head: scale times cosines
+    assert float(logits.abs().max()) <= new.scale + 1e-5
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "name", "shape"),
+    [
+        (ResNetLike(), torch.randn(2, 3, 8, 8), "fc", (16, 10)),
+        (VGGLike(), torch.randn(2, 3, 8, 8), "classifier.3", (12, 7)),
+        (DenseNetLike(), torch.randn(2, 3, 4, 4), "classifier", (6, 5)),
+        (ViTLike(), torch.randn(2, 12), "heads.head", (12, 9)),
+        (SwinLike(), torch.randn(2, 5), "head", (5, 3)),
+        (TimmLike(), torch.randn(2, 4), "head.last_linear", (10, 6)),
+        (
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+            torch.randn(2, 4),
+            "2",
+            (8, 3),
+        ),
+        (  # parameter-free layers after the classifier stay in place
+            nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3), nn.Dropout(0.0), nn.Identity()),
+            torch.randn(2, 4),
+            "1",
+            (8, 3),
+        ),
+    ],
+    ids=["resnet", "vgg", "densenet", "vit", "swin", "timm", "sequential", "sequential_dropout"],
+)
+def test_replace_head(model: nn.Module, x: torch.Tensor, name: str, shape: tuple[int, int]) -> None:
+    check_replaced(model, x, name, shape)
+
+
+def test_timm_interface_sees_the_new_head() -> None:
+    model = TimmLike()
+    replace_head(model, lambda d, k: CosineHead(d, k))
+    assert isinstance(model.get_classifier(), CosineHead)
+    assert model.forward_head(model.stem(torch.randn(3, 4))).shape == (3, 6)
+
+
+def test_sequential_keeps_its_order() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.LogSoftmax(dim=1))
+    replace_head(model, SimplexETFHead)
+    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "SimplexETFHead", "LogSoftmax"]
+
+
+def test_new_head_takes_the_old_heads_dtype() -> None:
+    model = ResNetLike().double()
+    replace_head(model, SimplexETFHead)
+    assert model.fc.frame.dtype == torch.float64
+    assert model(torch.randn(2, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_no_classifier_is_a_clear_error() -> None:
+    class SqueezeNetLike(nn.Module):  # torchvision SqueezeNet: a convolutional classifier
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = nn.Sequential(nn.Dropout(), nn.Conv2d(8, 4, 1), nn.ReLU())
+
+    with pytest.raises(
+        ValueError, match=r"classifier of SqueezeNetLike: looked for `get_classifier\(\)`"
+    ):
+        replace_head(SqueezeNetLike(), SimplexETFHead)
+    # a Sequential whose last Linear is followed by a layer with parameters
+    with pytest.raises(ValueError, match=r"trailing `nn\.Linear` in an `nn\.Sequential`"):
+        find_head(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(TypeError, match=r"`model` to be an nn\.Module"):
+        find_head("resnet18")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`factory` to return an nn\.Module"):
+        replace_head(ResNetLike(), lambda d, k: None)  # type: ignore[arg-type,return-value]
