@@ -47,6 +47,7 @@ from harness.outputs import (
     Panel,
     Stat,
     format_stat,
+    gap_note,
     markdown_table,
     plot_panels,
     summarize,
@@ -180,13 +181,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return cov / var if var > 0 else float("nan")
 
 
-def _gap(a: Stat, b: Stat) -> str:
-    """Whether the gap between two means is larger than the seeds' spread."""
-    if min(a.n, b.n) < 2:
-        return "one seed, so no spread to compare with"
-    return ("more than" if a.separated_from(b) else "within") + " the spread over seeds"
-
-
 def findings(summary: Mapping[str, Mapping[str, Stat]]) -> list[str]:
     """Sentences that answer the study's question from the final numbers (nothing hard-coded)."""
     lines: list[str] = []
@@ -202,15 +196,15 @@ def findings(summary: Mapping[str, Mapping[str, Stat]]) -> list[str]:
             f"learnable heads: the most collapsed ETF run ({RUNS[best_f]}) ends at train NC1 "
             f"{format_stat(f['train_nc1'])} against {format_stat(lrn['train_nc1'])} for the most "
             f"collapsed learnable run ({RUNS[best_l]}); the gap is "
-            f"{_gap(f['train_nc1'], lrn['train_nc1'])}."
+            f"{gap_note(f['train_nc1'], lrn['train_nc1'])}."
         )
         acc_follows = (f["test_acc"].mean > lrn["test_acc"].mean) == more
         nc1_follows = (f["test_nc1"].mean < lrn["test_nc1"].mean) == more
         lines.append(
             f"**Test.** The same two runs reach test NC1 {format_stat(f['test_nc1'])} vs "
-            f"{format_stat(lrn['test_nc1'])} ({_gap(f['test_nc1'], lrn['test_nc1'])}) and test "
+            f"{format_stat(lrn['test_nc1'])} ({gap_note(f['test_nc1'], lrn['test_nc1'])}) and test "
             f"accuracy {format_stat(f['test_acc'])} vs {format_stat(lrn['test_acc'])} "
-            f"({_gap(f['test_acc'], lrn['test_acc'])}): test NC1 "
+            f"({gap_note(f['test_acc'], lrn['test_acc'])}): test NC1 "
             f"{'follows' if nc1_follows else 'does not follow'} the train collapse, test accuracy "
             f"{'follows it' if acc_follows else 'does not'}."
         )
@@ -221,12 +215,13 @@ def findings(summary: Mapping[str, Mapping[str, Stat]]) -> list[str]:
         if base in summary and extra in summary:
             x, y = summary[extra], summary[base]
             verb = "lowers" if x["train_nc1"].mean < y["train_nc1"].mean else "raises"
+            direction = "up" if x["test_acc"].mean > y["test_acc"].mean else "down"
             lines.append(
                 f"**{what}** {verb} train NC1 ({format_stat(x['train_nc1'])} vs "
-                f"{format_stat(y['train_nc1'])}; {_gap(x['train_nc1'], y['train_nc1'])}) and moves "
-                f"test accuracy {'up' if x['test_acc'].mean > y['test_acc'].mean else 'down'} "
+                f"{format_stat(y['train_nc1'])}; {gap_note(x['train_nc1'], y['train_nc1'])}) and "
+                f"moves test accuracy {direction} "
                 f"({format_stat(x['test_acc'])} vs {format_stat(y['test_acc'])}; "
-                f"{_gap(x['test_acc'], y['test_acc'])})."
+                f"{gap_note(x['test_acc'], y['test_acc'])})."
             )
     runs = list(summary)
     if len(runs) >= 3:

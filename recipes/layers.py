@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from harness.config import TrainConfig, arg, parse_config
 from harness.evaluate import evaluate
 from harness.models import CollapseModel, build_model
-from harness.outputs import Stat, final_rows, format_stat, write_report
+from harness.outputs import Stat, final_rows, format_stat, gap_note, write_report
 from harness.train import Experiment, Objective
 from torch import nn
 
@@ -44,6 +44,7 @@ from torchcollapse.heads import SimplexETFHead
 
 __all__ = [
     "HEADS",
+    "HEAD_INPUT",
     "LayersConfig",
     "depth_profile",
     "fit_geometric_decay",
@@ -124,12 +125,23 @@ def _builder(
 # ------------------------------------------------------------------------------------ the report
 
 
+#: Pseudo-layer: the features the head's linear map reads (after the ETF head's normalisation).
+HEAD_INPUT = "head input"
+
+
+def _column(split: str, layer: str) -> str:
+    return f"{split}_nc1" if layer == HEAD_INPUT else f"{split}_nc1@{layer}"
+
+
 def depth_profile(
     rows: Sequence[Mapping[str, Any]], run: str, layers: Sequence[str], split: str = "train"
 ) -> list[Stat]:
-    """Final-epoch ``{split}_nc1@layer`` of ``run`` over seeds, one :class:`Stat` per layer."""
-    last = [r for r in final_rows(rows, f"{split}_nc1@{layers[0]}") if r["run"] == run]
-    return [Stat.of([float(r[f"{split}_nc1@{layer}"]) for r in last]) for layer in layers]
+    """Final-epoch ``{split}_nc1@layer`` of ``run`` over seeds, one :class:`Stat` per layer.
+
+    The layer :data:`HEAD_INPUT` reads the main metric ``{split}_nc1`` (the head's input).
+    """
+    last = [r for r in final_rows(rows, _column(split, layers[0])) if r["run"] == run]
+    return [Stat.of([float(r[_column(split, layer)]) for r in last]) for layer in layers]
 
 
 def fit_geometric_decay(values: Sequence[float]) -> tuple[float, float]:
@@ -154,12 +166,12 @@ def _plots(
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 3.8), squeeze=False)
     for ax, run in zip(axes[0], runs):
-        evaluated = [r for r in rows if r["run"] == run and f"train_nc1@{layers[0]}" in r]
+        evaluated = [r for r in rows if r["run"] == run and _column("train", layers[0]) in r]
         epochs = sorted({int(r["epoch"]) for r in evaluated})
         grid = [
             [
                 math.log10(
-                    sum(float(r[f"train_nc1@{layer}"]) for r in evaluated if r["epoch"] == e)
+                    sum(float(r[_column("train", layer)]) for r in evaluated if r["epoch"] == e)
                     / max(1, sum(1 for r in evaluated if r["epoch"] == e))
                 )
                 for e in epochs
@@ -204,25 +216,27 @@ def write_outputs(
     """Plots, table and ``report.md`` in ``config.out``; returns the report's path."""
     out = Path(str(config.out))
     runs = [r for r in config.runs if any(row["run"] == r for row in rows)]
-    plots = _plots(rows, runs, layers, out)
+    shown = [*layers, HEAD_INPUT]
+    plots = _plots(rows, runs, shown, out)
     header = "| layer | " + " | ".join(f"train NC1, {HEADS[r]}" for r in runs)
     header += " | " + " | ".join(f"test NC1, {HEADS[r]}" for r in runs) + " |"
     lines = [header, "|" + "---|" * (1 + 2 * len(runs))]
-    profiles = {(r, s): depth_profile(rows, r, layers, s) for r in runs for s in ("train", "test")}
-    for i, layer in enumerate(layers):
+    profiles = {(r, s): depth_profile(rows, r, shown, s) for r in runs for s in ("train", "test")}
+    for i, layer in enumerate(shown):
         cells = [format_stat(profiles[(r, "train")][i]) for r in runs]
         cells += [format_stat(profiles[(r, "test")][i]) for r in runs]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     findings = []
     for run in runs:
-        means = [s.mean for s in profiles[(run, "train")]]
+        means = [s.mean for s in profiles[(run, "train")][: len(layers)]]  # network layers only
         ratio, r2 = fit_geometric_decay(means)
         falls = sum(b < a for a, b in itertools.pairwise(means))
         trend = "falls" if means[-1] < means[0] else "rises"
         findings.append(
             f"**{HEADS[run]}**: train NC1 {trend} from {means[0]:.3g} at {layers[0]} to "
             f"{means[-1]:.3g} at {layers[-1]}; {falls} of {len(means) - 1} steps to the next "
-            f"layer decrease it. A geometric fit gives a factor {ratio:.3g} per layer "
+            f"layer decrease it. A geometric fit over the layers gives a factor {ratio:.3g} per "
+            "layer "
             f"(R² = {r2:.2f}"
             + ("; close to geometric decay" if r2 >= 0.9 and ratio < 1 else "")
             + ")."
@@ -230,10 +244,9 @@ def write_outputs(
     if len(runs) == 2:
         a, b = (profiles[(r, "train")][-1] for r in runs)
         findings.append(
-            f"At the last layer, the {HEADS[runs[1]]} reaches train NC1 {format_stat(b)} against "
-            f"{format_stat(a)} for the {HEADS[runs[0]]} ("
-            + ("more than" if a.separated_from(b) else "within")
-            + " the spread over seeds)."
+            f"On the features the head reads, the {HEADS[runs[1]]} reaches train NC1 "
+            f"{format_stat(b)} against {format_stat(a)} for the {HEADS[runs[0]]} "
+            f"({gap_note(b, a)})."
         )
     model = {"cnn": "1-D CNN", "mlp": "MLP", "resnet18": "ResNet-18"}[config.model]
     setting = (

@@ -51,7 +51,8 @@ def test_tiny_run_tracks_each_layer_on_train_and_test(tmp_path: Path) -> None:
     text = report.read_text()
     for layer in tracked:
         assert f"| {layer} |" in text
-    assert "geometric fit gives a factor" in text
+    assert "geometric fit over the layers gives a factor" in text
+    assert "| head input |" in text
 
 
 def test_geometric_fit_recovers_the_ratio() -> None:
@@ -60,3 +61,20 @@ def test_geometric_fit_recovers_the_ratio() -> None:
     assert r2 == pytest.approx(1.0)
     ratio, r2 = layers.fit_geometric_decay([1.0, 0.1, 1.0, 0.1])
     assert r2 < 0.5
+
+
+def test_resnet18_on_a_cifar_folder_tracks_its_ten_stages(tmp_path: Path) -> None:
+    from tests.test_recipes_harness import _write_fake_cifar10
+
+    _write_fake_cifar10(tmp_path / "data", per_batch=16)  # 80 train, 16 test random images
+    args = [
+        "--dataset", "cifar10", "--model", "resnet18", "--width", "4", "--feature-dim", "16",
+        "--data-root", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "40",
+        "--seeds", "0", "--runs", "etf", "--no-progress", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    layers.main(args)
+    (row,) = read_csv(tmp_path / "run" / "metrics.csv")
+    names = layers.tracked_layers(build_model("resnet18", (3, 32, 32), 10, width=4))
+    for name in names:
+        assert math.isfinite(row[f"train_nc1@{name}"])
+    assert row["train_images_per_s"] > 0

@@ -20,6 +20,7 @@ __all__ = [
     "Stat",
     "final_rows",
     "format_stat",
+    "gap_note",
     "markdown_table",
     "plot_panels",
     "read_csv",
@@ -48,6 +49,13 @@ class Stat:
     def separated_from(self, other: Stat) -> bool:
         """Whether the means differ by more than the two spreads together (a plain, strict test)."""
         return abs(self.mean - other.mean) > self.std + other.std
+
+
+def gap_note(a: Stat, b: Stat) -> str:
+    """Whether the gap between two means is larger than the seeds' spread, in words."""
+    if min(a.n, b.n) < 2:
+        return "one seed, so no spread to compare with"
+    return ("more than" if a.separated_from(b) else "within") + " the spread over seeds"
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
