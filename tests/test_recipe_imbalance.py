@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,30 @@ def test_report_lists_the_exact_profile_counts(tmp_path: Path, cache: str) -> No
     n_max = int(torch.bincount(full.train.targets, minlength=10).min())
     counts = long_tail_counts(10, n_max, 3, "exponential")
     assert f"- ratio 3: {sum(counts)} training samples, per class {counts}" in report.read_text()
+
+
+def test_cifar10_lt_path_runs_on_a_fake_pickle_folder(tmp_path: Path) -> None:
+    # The CIFAR code path (uint8 images, augmentation, ResNet-18) on 20 random images per class.
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name, per_class in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 3)]:
+        labels = torch.arange(10).repeat(per_class)
+        images = torch.randint(0, 256, (len(labels), 3 * 32 * 32), generator=g, dtype=torch.uint8)
+        with (folder / name).open("wb") as handle:
+            pickle.dump({"data": images.numpy(), "labels": labels.tolist()}, handle)
+    args = [
+        "--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--model", "resnet18",
+        "--width", "4", "--feature-dim", "16", "--profile", "exponential", "--ratios", "10",
+        "--methods", "linear_ce", "etf_dr", "--epochs", "1", "--batch-size", "32", "--seeds", "0",
+        "--no-progress", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    report = imbalance.main(args)
+    counts = long_tail_counts(10, 20, 10, "exponential")
+    assert f"- ratio 10: {sum(counts)} training samples, per class {counts}" in report.read_text()
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert sorted(r["run"] for r in rows) == ["etf_dr_r10", "linear_ce_r10"]
+    assert all(math.isfinite(r["minority_mean_cos"]) for r in rows)
 
 
 def _summary(tail_cos_hi: float, etf_mean_cos: float, dr_acc: float) -> dict[str, dict[str, Stat]]:

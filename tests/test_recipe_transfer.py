@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,31 @@ def test_tiny_run_writes_transfer_columns_plots_and_report(tmp_path: Path, cache
         # a finished run is reloaded, not retrained: the same features, the same evaluations
         for key in ("probe_acc", "ncm_1shot_acc", "target_cdnv", "source_nc1"):
             assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12)
+
+
+def test_cifar100_path_runs_on_a_fake_pickle_folder(tmp_path: Path) -> None:
+    # CIFAR-100: 80 source and 20 target classes by default; 3 random train images per class.
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name, per_class in (("train", 3), ("test", 2)):
+        labels = torch.arange(100).repeat(per_class)
+        images = torch.randint(0, 256, (len(labels), 3 * 32 * 32), generator=g, dtype=torch.uint8)
+        with (folder / name).open("wb") as handle:
+            pickle.dump({"data": images.numpy(), "fine_labels": labels.tolist()}, handle)
+    args = [
+        "--dataset", "cifar100", "--data-root", str(tmp_path / "data"), "--model", "resnet18",
+        "--width", "4", "--feature-dim", "16", "--runs", "ce", "reg_target", "--epochs", "1",
+        "--batch-size", "64", "--seeds", "0", "--shots", "1", "2", "--draws", "2",
+        "--permutations", "50", "--no-progress", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    report = transfer.main(args)
+    assert "source classes 0-79" in report.read_text()
+    finals = final_rows(read_csv(tmp_path / "run" / "metrics.csv"), "probe_acc")
+    assert sorted(r["run"] for r in finals) == ["ce", "reg_target"]
+    for row in finals:
+        assert 0.0 <= row["ncm_2shot_acc"] <= 1.0
+        assert math.isfinite(row["target_cdnv"])
 
 
 def _finals(probe_sign: float, fewshot_sign: float, seeds: int = 3) -> list[dict[str, object]]:
