@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from tests._helpers.ddp import run_distributed
 from torchcollapse.functional import neural_collapse
@@ -38,7 +39,7 @@ def _by_hand(model: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
     out0 = model[0](x)
     out2 = model[2](model[1](out0))
     out4 = model[4](model[3](out2))
-    return {"0": out0.mean(dim=2), "2": out2.mean(dim=2), "4": out4}
+    return {"0": out0.mean(dim=2).detach(), "2": out2.mean(dim=2).detach(), "4": out4.detach()}
 
 
 def _nc1_brute_force(features: Tensor, target: Tensor) -> float:
@@ -223,3 +224,65 @@ def test_tracker_under_ddp_equals_one_process() -> None:
 def test_repr_names_layers() -> None:
     with CollapseTracker(_model(), ["0"], NUM_CLASSES) as tracker:
         assert repr(tracker) == "CollapseTracker(layers=['0'], num_classes=4, pool='mean', hooks=1)"
+
+
+# ------------------------------------------------------------------------------ README API tour
+
+
+def _python_blocks(markdown: str, heading: str) -> list[str]:
+    """The ```python blocks of the section that starts at ``heading`` (up to the next ``## ``)."""
+    start = markdown.find(heading + "\n")
+    if start < 0:
+        return []
+    end = markdown.find("\n## ", start + len(heading))
+    section = markdown[start : end if end >= 0 else None]
+    return [part.split("```", 1)[0] for part in section.split("```python\n")[1:]]
+
+
+def _lightning_stub() -> dict[str, object]:
+    """``lightning.pytorch`` with a LightningModule that records ``self.log`` calls."""
+    import types
+
+    class LightningModule(nn.Module):
+        def log(self, name: str, value: object, **kwargs: object) -> None:
+            self.__dict__.setdefault("logged", {})[name] = value
+
+    package = types.ModuleType("lightning")
+    pytorch = types.ModuleType("lightning.pytorch")
+    pytorch.LightningModule = LightningModule  # type: ignore[attr-defined]
+    package.pytorch = pytorch  # type: ignore[attr-defined]
+    return {"lightning": package, "lightning.pytorch": pytorch}
+
+
+def run_api_tour(markdown: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Run the README's API tour blocks in one namespace; returns the namespace."""
+    import importlib.util
+    import sys
+
+    blocks = _python_blocks(markdown, "## API tour")
+    if not blocks:
+        pytest.skip("README.md has no '## API tour' section yet")
+    stubbed = importlib.util.find_spec("lightning") is None
+    if stubbed:
+        for name, module in _lightning_stub().items():
+            monkeypatch.setitem(sys.modules, name, module)
+    torch.manual_seed(0)
+    namespace: dict[str, object] = {"__name__": "readme_tour"}
+    for block in blocks:
+        exec(compile(block, "README.md (API tour)", "exec"), namespace)
+    if stubbed:  # drive the Lightning module once and check what it logs
+        lit = namespace["lit"]
+        x, y = torch.randn(20, 1, 40), torch.arange(20) % 10
+        loss = lit.training_step((x, y), 0)  # type: ignore[attr-defined]
+        assert loss.requires_grad
+        assert isinstance(lit.logged["train/nc1"], Metric)  # type: ignore[attr-defined]
+    return namespace
+
+
+def test_readme_api_tour_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    namespace = run_api_tour(readme.read_text(), monkeypatch)
+    per_layer = namespace["per_layer"]
+    assert set(per_layer) == {"0.1", "0.3"}  # type: ignore[arg-type]
