@@ -86,6 +86,21 @@ def test_config_roundtrip_and_resume_reuses_saved(tmp_path: Path) -> None:
         parse_config(_Config, ["--resume", "--out", str(tmp_path), "--epochs", "9"])
 
 
+def test_resume_without_out_picks_the_newest_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="runs/unit"):
+        parse_config(_Config, ["--resume"])
+    for stamp, epochs in (("20250101-000000", 3), ("20250102-000000", 4)):
+        save_config(
+            _Config(epochs=epochs, out=f"runs/unit/{stamp}"), f"runs/unit/{stamp}/config.json"
+        )
+    resumed = parse_config(_Config, ["--resume"])
+    assert resumed.out == str(Path("runs/unit/20250102-000000"))
+    assert resumed.epochs == 4
+
+
 # ------------------------------------------------------------------------------------------- data
 
 
