@@ -8,6 +8,7 @@ from pathlib import Path
 
 import layers
 import pytest
+from harness.data import write_random_cifar10
 from harness.models import build_model
 from harness.outputs import read_csv
 
@@ -64,9 +65,7 @@ def test_geometric_fit_recovers_the_ratio() -> None:
 
 
 def test_resnet18_on_a_cifar_folder_tracks_its_ten_stages(tmp_path: Path) -> None:
-    from tests.test_recipes_harness import _write_fake_cifar10
-
-    _write_fake_cifar10(tmp_path / "data", per_batch=16)  # 80 train, 16 test random images
+    write_random_cifar10(tmp_path / "data", 80, 16)
     args = [
         "--dataset", "cifar10", "--model", "resnet18", "--width", "4", "--feature-dim", "16",
         "--data-root", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "40",

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 from harness.config import TrainConfig, arg, load_config, parse_config, save_config
-from harness.data import ShardedBatchSampler, augment_cifar, load_cifar, load_mnist1d
+from harness.data import (
+    ShardedBatchSampler,
+    augment_cifar,
+    load_cifar,
+    load_mnist1d,
+    write_random_cifar10,
+)
 from harness.models import build_model, head_features
 from torch import Tensor, nn
 
@@ -124,27 +130,18 @@ def test_mnist1d_generated_once_cached_and_global_rng_untouched(tmp_path: Path) 
     assert not list(Path.cwd().glob("mnist1d_data*.pkl"))  # never the package's cwd pickle
 
 
-def _write_fake_cifar10(root: Path, per_batch: int) -> tuple[np.ndarray, np.ndarray]:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    images, labels = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
-        target = rng.integers(0, 10, per_batch).tolist()
-        with (folder / name).open("wb") as handle:
-            pickle.dump({"data": data, "labels": target}, handle)
-        images.append(data)
-        labels.append(target)
-    return np.concatenate(images[:5]), np.concatenate(labels[:5])
-
-
 def test_cifar_reader_and_missing_folder_error(tmp_path: Path) -> None:
-    images, labels = _write_fake_cifar10(tmp_path, per_batch=4)
+    folder = write_random_cifar10(tmp_path, 20, 4)
+    images, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:  # read back with plain pickle
+        with (folder / name).open("rb") as handle:
+            batch = pickle.load(handle)
+        images.append(batch["data"])
+        labels.extend(batch["labels"])
     data = load_cifar("cifar10", tmp_path)
     assert data.train.inputs.shape == (20, 3, 32, 32)
     assert data.train.inputs.dtype == torch.uint8
-    assert np.array_equal(data.train.inputs.numpy().reshape(20, -1), images)
+    assert np.array_equal(data.train.inputs.numpy().reshape(20, -1), np.concatenate(images))
     assert np.array_equal(data.train.targets.numpy(), labels)
     assert load_cifar("cifar10", tmp_path / "cifar-10-batches-py").test.targets.shape == (4,)
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python\.tar\.gz"):

@@ -42,6 +42,7 @@ __all__ = [
     "load_cifar",
     "load_dataset",
     "load_mnist1d",
+    "write_random_cifar10",
 ]
 
 #: Per-channel mean and std of the CIFAR training images, in [0, 1] units.
@@ -213,6 +214,29 @@ def load_cifar(
         _cifar_split(test_files, label_key),
         num_classes,
     )
+
+
+def write_random_cifar10(
+    root: str | os.PathLike[str], num_train: int, num_test: int, *, seed: int = 0
+) -> Path:
+    """Random ``uint8`` images in CIFAR-10's python-pickle layout under ``root``; returns its path.
+
+    For benchmarks and tests on machines without the dataset: the cost per image is CIFAR-10's.
+    Labels are a shuffled cycle through the ten classes.
+    """
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    parts = np.array_split(np.arange(num_train), 5)
+    sizes = [(f"data_batch_{i + 1}", len(part)) for i, part in enumerate(parts)]
+    for name, n in [*sizes, ("test_batch", num_test)]:
+        batch = {
+            "data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+            "labels": (rng.permutation(n) % 10).tolist(),
+        }
+        with (folder / name).open("wb") as handle:
+            pickle.dump(batch, handle)
+    return folder
 
 
 def load_dataset(
