@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -442,18 +443,29 @@ class ClassStatistics:
         state = self.dtype
         num_samples = features.shape[0]
         ones = torch.ones(num_samples, device=self.device, dtype=state)
+        shape = (num_samples, self.num_features)
         with torch.no_grad():
-            # Index, within the batch, of the first sample of every class.
-            first = torch.full((self.num_classes,), num_samples, device=self.device)
-            positions = torch.arange(num_samples, device=self.device)
-            first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
-            values = features.detach().to(state, copy=True)
-            candidate = values.index_select(0, first.index_select(0, target))
-            new = (self.counts.index_select(0, target) == 0).to(state).unsqueeze(1)
-            # Rows of classes without samples are zero, so a new class's shift is its candidate.
-            shift = torch.addcmul(self.shift.index_select(0, target), new, candidate)
-            # Rows of one class carry identical values, so duplicate indices write the same row.
-            self.shift.index_copy_(0, target, shift)
+            new = self.counts.index_select(0, target) == 0
+            shift = torch.index_select(
+                self.shift, 0, target, out=_scratch("shift", shape, state, self.device)
+            )
+            # On accelerators the new-class bookkeeping always runs (reading `new` would
+            # synchronise); on CPU reading it is free, and it is skipped when no class is new.
+            if self.device.type != "cpu" or bool(new.any()):
+                # Index, within the batch, of the first sample of every class.
+                first = torch.full((self.num_classes,), num_samples, device=self.device)
+                positions = torch.arange(num_samples, device=self.device)
+                first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
+                candidate = torch.index_select(
+                    features.detach(),
+                    0,
+                    first.index_select(0, target),
+                    out=_scratch("candidate", shape, features.dtype, self.device),
+                )
+                # Rows of classes without samples are zero: a new class's shift is its candidate.
+                shift.addcmul_(new.to(state).unsqueeze(1), candidate)
+                # Rows of one class carry identical values: duplicate indices write the same row.
+                self.shift.index_copy_(0, target, shift)
         if torch.is_grad_enabled() and features.requires_grad:
             # Out of place, so that autograd records the batch (the tensors stop being views).
             centred = features.to(state) - shift
@@ -463,7 +475,8 @@ class ClassStatistics:
             self.sum_squares = self.sum_squares.index_add(0, target, squares)
             self.scatter = self.scatter + centred.T @ centred
             return self
-        centred = values.sub_(shift)
+        # h - s in the state dtype (inputs promoted exactly), written into a reused buffer.
+        centred = torch.sub(features, shift, out=_scratch("centred", shape, state, self.device))
         self.counts.index_add_(0, target, ones)
         self.sums.index_add_(0, target, centred)
         self.sum_squares.index_add_(0, target, torch.linalg.vecdot(centred, centred))
@@ -576,6 +589,27 @@ def _merge_packed(stacked: Tensor, num_classes: int) -> Tensor:
     """Merge a ``(P, L)`` stack of packed statistics (rows from :meth:`ClassStatistics.pack`)."""
     parts = [ClassStatistics.unpack(row, num_classes) for row in stacked.unbind(0)]
     return ClassStatistics.merge_all(parts).pack()
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable per-thread buffer for batch-sized temporaries of ``update``.
+
+    On CPU, freshly allocated buffers of a few MB are returned to the operating system when freed
+    and page-fault again on the next batch, which costs as much as the update itself; keeping the
+    last buffer of each name avoids that. Accelerators have caching allocators: a fresh tensor.
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers: dict[tuple[str, torch.dtype], Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    size = math.prod(shape)
+    buffer = buffers.get((name, dtype))
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(size, dtype=dtype, device=device)
+        buffers[(name, dtype)] = buffer
+    return buffer[:size].view(shape)
 
 
 def symmetric_product(matrix: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchcollapse.stats import symmetric_product
+from torchcollapse.stats import _scratch, symmetric_product
 
 __all__ = [
     "equiangularity",
@@ -145,7 +145,8 @@ def _accumulate(
     is a few in-place passes over ``cos``-sized buffers; nothing reads back from the device.
     """
     sums.cos += cos.sum()
-    work = cos - constants["centre"]  # deviations from the (exact) mean cosine
+    work = _scratch("pairwise work", tuple(cos.shape), cos.dtype, cos.device)
+    torch.sub(cos, constants["centre"], out=work)  # deviations from the (exact) mean cosine
     sums.deviation += torch.linalg.vecdot(work.reshape(-1), work.reshape(-1))
     work.sub_(constants["simplex"] - constants["centre"]).abs_()
     sums.abs += work.sum()
@@ -165,7 +166,8 @@ def _accumulate(
         # CDNV: (s_i + s_j) / (2 ||v_i - v_j||^2), ||v_i - v_j||^2 = |v_i|^2 + |v_j|^2 - 2 G_ij
         torch.mul(cos, row["minus_twice_norm"], out=work)
         work.mul_(col["norm"]).add_(row["squared"]).add_(col["squared"]).clamp_min_(0.0)
-        ratio = torch.add(row["variance"], col["variance"]).div_(work)
+        ratio = _scratch("pairwise ratio", tuple(cos.shape), cos.dtype, cos.device)
+        torch.add(row["variance"], col["variance"], out=ratio).div_(work)
         sums.cdnv += 0.5 * ratio.sum()
     value, flat = cos.reshape(-1).max(0)
     better = value > sums.best
@@ -279,10 +281,12 @@ def pairwise_geometry(
             )
         # Rectangle right of it: rows [start, stop) against every row after stop.
         if stop < num:
+            shape = (stop - start, num - stop)
+            cos = _scratch("pairwise cosines", shape, torch.float64, device)
             if full is None:
-                cos = block @ units[stop:].T
+                torch.mm(block, units[stop:].T, out=cos)
             else:
-                cos = full[start:stop, stop:] * inverse_norms[start:stop, None]
+                torch.mul(full[start:stop, stop:], inverse_norms[start:stop, None], out=cos)
                 cos.mul_(inverse_norms[None, stop:])
             width = num - stop
             _accumulate(
