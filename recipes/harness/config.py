@@ -28,6 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
+from harness.models import DEFAULT_SIZES
+
 __all__ = [
     "RUNTIME_FIELDS",
     "TrainConfig",
@@ -63,8 +65,14 @@ class TrainConfig:
     train_samples: int | None = arg(None, "Keep only the first N training samples (tiny runs).")
     test_samples: int | None = arg(None, "Keep only the first N test samples (tiny runs).")
     model: Literal["cnn", "mlp", "resnet18"] = arg("cnn", "Feature extractor.")
-    width: int = arg(64, "Channels (CNN) or hidden units (MLP) of the first block.")
-    feature_dim: int = arg(32, "Dimension of the penultimate features the head reads.")
+    width: int | None = arg(
+        None,
+        "Channels (CNN, ResNet) or hidden units (MLP) of the first block (none: the model's "
+        "default, CNN 32, MLP 256, ResNet-18 64; resolved in the saved config).",
+    )
+    feature_dim: int | None = arg(
+        None, "Dimension of the features the head reads (none: 32, ResNet-18 512)."
+    )
     neck_batchnorm: bool = arg(True, "End the feature extractor with Linear + BatchNorm.")
     epochs: int = arg(30, "Training epochs.")
     batch_size: int = arg(128, "Global batch size (split over processes under torchrun).")
@@ -88,10 +96,15 @@ class TrainConfig:
     resume: bool = arg(False, "Continue the interrupted run in --out (default: the newest one).")
 
     def __post_init__(self) -> None:
+        default_width, default_dim = DEFAULT_SIZES.get(self.model, (None, None))
+        if self.width is None:
+            self.width = default_width
+        if self.feature_dim is None:
+            self.feature_dim = default_dim
         positive = ("width", "feature_dim", "epochs", "batch_size", "eval_every")
         for name in positive:
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"Expected argument `{name}` to be positive, but got {value}.")
         for name in ("train_samples", "test_samples"):
             value = getattr(self, name)

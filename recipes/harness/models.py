@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "DEFAULT_SIZES",
     "MLP",
     "CNN1d",
     "CollapseModel",
@@ -233,6 +234,10 @@ class ResNet18(CollapseModel):
         return x.mean(dim=(2, 3))
 
 
+#: Default ``(width, feature_dim)`` of each model.
+DEFAULT_SIZES = {"cnn": (32, 32), "mlp": (256, 32), "resnet18": (64, 512)}
+
+
 def build_model(
     name: str,
     input_shape: tuple[int, ...],
@@ -245,25 +250,27 @@ def build_model(
 ) -> CollapseModel:
     """Build ``name`` (``cnn``, ``mlp`` or ``resnet18``) and optionally swap in ``head``.
 
-    ``width`` and ``feature_dim`` default to each model's own (CNN 32/32, MLP 256/32, ResNet-18
-    64/512). ``head(in_features, num_classes)`` builds the classifier; default ``nn.Linear``.
+    ``width`` and ``feature_dim`` default to :data:`DEFAULT_SIZES` (CNN 32/32, MLP 256/32,
+    ResNet-18 64/512). ``head(in_features, num_classes)`` builds the classifier (default:
+    ``nn.Linear``).
     """
-    options: dict[str, Any] = {"neck_batchnorm": neck_batchnorm}
-    if width is not None:
-        options["width"] = width
-    if feature_dim is not None:
-        options["feature_dim"] = feature_dim
+    if name not in DEFAULT_SIZES:
+        raise ValueError(
+            f"Expected argument `model` to be one of cnn, mlp, resnet18, but got {name!r}."
+        )
+    default_width, default_dim = DEFAULT_SIZES[name]
+    options: dict[str, Any] = {
+        "neck_batchnorm": neck_batchnorm,
+        "width": default_width if width is None else width,
+        "feature_dim": default_dim if feature_dim is None else feature_dim,
+    }
     model: CollapseModel
     if name == "cnn":
         model = CNN1d(input_shape[0], input_shape[-1], num_classes, **options)
     elif name == "mlp":
         model = MLP(int(torch.tensor(input_shape).prod()), num_classes, **options)
-    elif name == "resnet18":
-        model = ResNet18(num_classes, in_channels=input_shape[0], **options)
     else:
-        raise ValueError(
-            f"Expected argument `model` to be one of cnn, mlp, resnet18, but got {name!r}."
-        )
+        model = ResNet18(num_classes, in_channels=input_shape[0], **options)
     if head is not None:
         model.reset_classifier(head(model.feature_dim, num_classes))
     return model
