@@ -403,6 +403,30 @@ def _claim_verdict(corr: Correlation, expect_positive: bool, alpha: float = 0.05
     return "pointed that way, but not significantly (p >= 0.05)"
 
 
+def _leave_one_out(
+    finals: Sequence[Mapping[str, Any]], x_key: str, y_key: str, permutations: int
+) -> str:
+    """How the pooled correlation moves when one configuration (all its seeds) is left out."""
+    runs = list(dict.fromkeys(str(r["run"]) for r in finals))
+    if len(runs) < 3:
+        return ""
+    results = []
+    for run in runs:
+        corr = correlations(
+            [r for r in finals if str(r["run"]) != run], x_key, y_key, permutations=permutations
+        )
+        if not math.isnan(corr.rho):
+            results.append((corr, run))
+    if not results:
+        return ""
+    weakest = max(results, key=lambda item: item[0].p_value)
+    rhos = [c.rho for c, _ in results]
+    return (
+        f" (leaving one configuration out, ρ spans {min(rhos):+.2f} to {max(rhos):+.2f}; the "
+        f"largest p is {weakest[0].p_value:.3g}, without {RUNS.get(weakest[1], weakest[1])})"
+    )
+
+
 def _decreasing(values: Sequence[float]) -> bool:
     return all(a > b for a, b in itertools.pairwise(values))
 
@@ -418,7 +442,8 @@ def findings(
     lines.append(
         "**Claim 1: more collapse on the source hurts a full-data linear probe** (Kornblith et "
         "al., 2021; Hui et al., 2022). Expected: lower source NC1, lower probe accuracy "
-        f"(ρ > 0). Found {probe.describe()}: {_claim_verdict(probe, expect_positive=True)}."
+        f"(ρ > 0). Found {probe.describe()}: {_claim_verdict(probe, expect_positive=True)}"
+        f"{_leave_one_out(finals, 'source_nc1', 'probe_acc', config.permutations)}."
     )
     arms = [r for r in ("reg_neg", "ce", "reg_pos") if r in summary]
     if len(arms) >= 2:
@@ -448,6 +473,7 @@ def findings(
         )
         few.append(
             f"{shots}-shot: {corr.describe()}, {_claim_verdict(corr, expect_positive=False)}"
+            + _leave_one_out(finals, "target_cdnv", f"ncm_{shots}shot_acc", config.permutations)
         )
     lines.append(
         "**Claim 2: collapse on the new classes (CDNV) predicts few-shot accuracy** (Galanti et "
