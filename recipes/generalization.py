@@ -91,6 +91,7 @@ class GeneralizationConfig(TrainConfig):
 
     study: ClassVar[str] = "generalization"
 
+    epochs: int = arg(40, "Training epochs.")
     runs: tuple[str, ...] = arg(tuple(RUNS), f"Runs to train, from {', '.join(RUNS)}.")
     decay: float = arg(5e-3, "Weight decay of the `linear_wd` run.")
     etf_scale: float | None = arg(
