@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 from harness.config import TrainConfig, arg, parse_config
 from harness.evaluate import evaluate
-from harness.models import CollapseModel, build_model
+from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
 from harness.outputs import (
     Panel,
     Stat,
@@ -54,9 +54,8 @@ from harness.outputs import (
     write_report,
 )
 from harness.train import Experiment, Objective
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchcollapse.heads import SimplexETFHead
 from torchcollapse.losses import CollapseRegularizer
 
 __all__ = ["RUNS", "GeneralizationConfig", "findings", "main", "spearman"]
@@ -113,23 +112,8 @@ def _builder(
     name: str, config: GeneralizationConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> Callable[[], tuple[CollapseModel, Objective]]:
     def build() -> tuple[CollapseModel, Objective]:
-        head: Callable[[int, int], nn.Module] | None = None
-        if name.startswith("etf"):
-
-            def head(in_features: int, classes: int) -> nn.Module:
-                return SimplexETFHead(
-                    in_features, classes, normalize_features=True, scale=config.etf_scale
-                )
-
-        model = build_model(
-            config.model,
-            input_shape,
-            num_classes,
-            width=config.width,
-            feature_dim=config.feature_dim,
-            neck_batchnorm=config.neck_batchnorm,
-            head=head,
-        )
+        head = simplex_etf_head(config.etf_scale) if name.startswith("etf") else None
+        model = config.build_model(input_shape, num_classes, head)
         if name != "etf_reg":
             return model, Objective()
         regularizer = CollapseRegularizer(num_classes, nc1=config.reg_nc1, nc3=config.reg_nc3)
@@ -274,7 +258,7 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], config: GeneralizationConfi
         ),
     ]
     summary = summarize(rows, list(TABLE))
-    model = {"cnn": "1-D CNN", "mlp": "MLP", "resnet18": "ResNet-18"}[config.model]
+    model = MODEL_NAMES[config.model]
     setting = (
         f"{config.dataset}, {model}, {config.epochs} epochs, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.lr} ({config.schedule}), seeds {list(config.seeds)}; "

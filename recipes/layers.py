@@ -35,12 +35,9 @@ from typing import Any, ClassVar
 
 from harness.config import TrainConfig, arg, parse_config
 from harness.evaluate import evaluate
-from harness.models import CollapseModel, build_model
+from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
 from harness.outputs import Stat, final_rows, format_stat, gap_note, write_report
 from harness.train import Experiment, Objective
-from torch import nn
-
-from torchcollapse.heads import SimplexETFHead
 
 __all__ = [
     "HEADS",
@@ -100,23 +97,8 @@ def _builder(
     name: str, config: LayersConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> Callable[[], tuple[CollapseModel, Objective]]:
     def build() -> tuple[CollapseModel, Objective]:
-        head: Callable[[int, int], nn.Module] | None = None
-        if name == "etf":
-
-            def head(in_features: int, classes: int) -> nn.Module:
-                return SimplexETFHead(
-                    in_features, classes, normalize_features=True, scale=config.etf_scale
-                )
-
-        model = build_model(
-            config.model,
-            input_shape,
-            num_classes,
-            width=config.width,
-            feature_dim=config.feature_dim,
-            neck_batchnorm=config.neck_batchnorm,
-            head=head,
-        )
+        head = simplex_etf_head(config.etf_scale) if name == "etf" else None
+        model = config.build_model(input_shape, num_classes, head)
         return model, Objective()
 
     return build
@@ -248,7 +230,7 @@ def write_outputs(
             f"{format_stat(b)} against {format_stat(a)} for the {HEADS[runs[0]]} "
             f"({gap_note(b, a)})."
         )
-    model = {"cnn": "1-D CNN", "mlp": "MLP", "resnet18": "ResNet-18"}[config.model]
+    model = MODEL_NAMES[config.model]
     setting = (
         f"{config.dataset}, {model}, {config.epochs} epochs, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.lr} ({config.schedule}), weight decay "

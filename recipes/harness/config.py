@@ -23,12 +23,14 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
-from harness.models import DEFAULT_SIZES
+from torch import nn
+
+from harness.models import DEFAULT_SIZES, CollapseModel, build_model
 
 __all__ = [
     "RUNTIME_FIELDS",
@@ -124,6 +126,23 @@ class TrainConfig:
                 "Expected argument `model` to be 'cnn' or 'mlp' for dataset 'mnist1d', "
                 "but got 'resnet18'."
             )
+
+    def build_model(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        head: Callable[[int, int], nn.Module] | None = None,
+    ) -> CollapseModel:
+        """The configured model (``model``, ``width``, ``feature_dim``, ``neck_batchnorm``)."""
+        return build_model(
+            self.model,
+            input_shape,
+            num_classes,
+            width=self.width,
+            feature_dim=self.feature_dim,
+            neck_batchnorm=self.neck_batchnorm,
+            head=head,
+        )
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:

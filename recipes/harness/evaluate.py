@@ -115,19 +115,14 @@ def ncc_accuracy(shard: Features, means: Tensor) -> float:
     present = ~means.isnan().any(dim=1)
     distances = torch.cdist(shard.features.double(), means.nan_to_num())
     distances[:, ~present] = float("inf")
-    correct = (distances.argmin(dim=1) == shard.targets).sum().double()
-    total = torch.tensor(float(len(shard.targets)), dtype=torch.float64, device=correct.device)
-    all_reduce_sum(correct)
-    all_reduce_sum(total)
-    return float(correct / total)
+    return _global_fraction(distances.argmin(dim=1) == shard.targets)
 
 
-def _accuracy(shard: Features) -> float:
-    correct = (shard.logits.argmax(dim=1) == shard.targets).sum().double()
-    total = torch.tensor(float(len(shard.targets)), dtype=torch.float64, device=correct.device)
-    all_reduce_sum(correct)
-    all_reduce_sum(total)
-    return float(correct / total)
+def _global_fraction(hits: Tensor) -> float:
+    """Fraction of ``True`` in ``hits`` over the samples of every process."""
+    counts = torch.stack([hits.sum(), torch.tensor(hits.numel(), device=hits.device)]).double()
+    all_reduce_sum(counts)
+    return float(counts[0] / counts[1])
 
 
 def evaluate(
@@ -158,7 +153,7 @@ def evaluate(
             tracker.remove()
     means = class_means(shards["train"], num_classes)
     for name, shard in shards.items():
-        row[f"{name}_acc"] = _accuracy(shard)
+        row[f"{name}_acc"] = _global_fraction(shard.logits.argmax(dim=1) == shard.targets)
         row[f"{name}_ncc_acc"] = ncc_accuracy(shard, means)
         metric = NeuralCollapse(num_classes, classifier=model.get_classifier()).to(runtime.device)
         metric.set_class_means(means)

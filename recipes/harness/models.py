@@ -19,6 +19,7 @@ ResNet-18 (He et al., 2016: 3x3 stem, no max-pool).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,15 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse.heads import SimplexETFHead
+
 __all__ = [
     "DEFAULT_SIZES",
     "MLP",
+    "MODEL_NAMES",
     "CNN1d",
     "CollapseModel",
     "ResNet18",
     "build_model",
     "head_features",
+    "simplex_etf_head",
 ]
+
+
+def simplex_etf_head(scale: float | None = None) -> Callable[[int, int], nn.Module]:
+    """Head factory ``(in_features, num_classes) ->`` a fixed simplex ETF on L2-normalised features.
+
+    ``scale`` is the logit scale (None: :class:`~torchcollapse.heads.SimplexETFHead`'s default).
+    """
+    return functools.partial(SimplexETFHead, normalize_features=True, scale=scale)
 
 
 def head_features(head: nn.Module, features: Tensor) -> Tensor:
@@ -233,6 +246,9 @@ class ResNet18(CollapseModel):
     def pool(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3))
 
+
+#: Display names of the models (for reports).
+MODEL_NAMES = {"cnn": "1-D CNN", "mlp": "MLP", "resnet18": "ResNet-18"}
 
 #: Default ``(width, feature_dim)`` of each model.
 DEFAULT_SIZES = {"cnn": (32, 32), "mlp": (256, 32), "resnet18": (64, 512)}
