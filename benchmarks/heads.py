@@ -31,7 +31,7 @@ from torch import nn
 
 from torchcollapse import frames
 from torchcollapse.frames import frame_angle_report, frame_min_angle, spherical_code
-from torchcollapse.heads import CosineHead, FixedFrameHead, NearestETFHead, SimplexETFHead
+from torchcollapse.heads import CosineHead, FixedFrameHead, NearestETFHead
 
 
 def interleaved_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -73,7 +73,7 @@ def forward_backward(
 
 def head_table(grid: list[tuple[int, int, int]], repeats: int) -> list[str]:
     rows = [
-        "| N | d | K | nn.Linear (ms) | SimplexETFHead | FixedFrameHead (unnormalized) "
+        "| N | d | K | nn.Linear (ms) | fixed frame, normalized | fixed frame, unnormalized "
         "| CosineHead | CosineHead + ArcFace | NearestETFHead (train step) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -82,10 +82,10 @@ def head_table(grid: list[tuple[int, int, int]], repeats: int) -> list[str]:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(n, d, generator=gen).requires_grad_()
         target = torch.randint(0, k, (n,), generator=gen)
-        frame = frames.simplex_etf(k, d)
+        frame = spherical_code(k, d)  # the simplex when d >= K - 1
         steps: dict[str, Callable[[], object]] = {
             "linear": forward_backward(nn.Linear(d, k), x),
-            "simplex": forward_backward(SimplexETFHead(d, k), x),
+            "normalized": forward_backward(FixedFrameHead(frame), x),
             "unnormalized": forward_backward(FixedFrameHead(frame, normalize_features=False), x),
             "cosine": forward_backward(CosineHead(d, k), x),
             "arcface": forward_backward(
@@ -209,7 +209,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller grid, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cell")
     parser.add_argument("--resnet-batch", type=int, default=16, help="ResNet-18 step batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 11)
     if args.quick:
         grid = [(256, 512, 10), (1024, 512, 100), (1024, 2048, 1000)]

@@ -7,7 +7,7 @@ start (Hoffer et al., 2018; Zhu et al., 2021; Yang et al., 2022) saves its param
 the collapse. This module builds the frames as pure functions:
 
 - :func:`simplex_etf`: the simplex ETF, in any ``dim >= num_classes - 1`` (the minimal
-  construction; recipes built on a QR of a ``dim x K`` matrix need ``dim >= K``).
+  construction; the usual QR of a ``dim x K`` Gaussian matrix needs ``dim >= K``).
 - :func:`nearest_simplex_etf`: the simplex ETF closest to given class means (orthogonal
   Procrustes, one small SVD), the target of an ETF that follows the features (Markou et al., 2024).
 - :func:`orthogonal_frame`: ``K`` orthonormal directions, ``dim >= K``.
@@ -445,12 +445,13 @@ def spherical_code(
     - ``dim = 2``: the regular ``K``-gon (optimal: ``360/K`` degrees).
 
     Otherwise points drawn at random are spread apart by projected gradient descent on a soft
-    maximum of pairwise cosines, in float64 on the CPU, with a temperature that rises until the
-    objective is the maximum cosine itself; each point is pushed by its nearest neighbours only, so
-    ``K = 10,000`` in ``dim = 128`` takes seconds to a minute. Small problems are solved from up to
-    8 random starts and the best is kept. Results are cached per ``(K, dim, steps, generator
-    state)``, so building the same head twice is instant; the generator advances the same way on
-    a cache hit as on a miss. Compare the result with the bounds with :func:`frame_angle_report`.
+    maximum of pairwise cosines, on the CPU (in float64; in float32 for large problems), with a
+    temperature that rises until the objective is the maximum cosine itself; each point is pushed
+    by its 32 nearest neighbours only, so ``K = 10,000`` in ``dim = 128`` takes seconds to a
+    minute. Small problems are solved from up to 8 random starts and the best is kept. Results
+    are cached per ``(K, dim, steps, generator state)``, so building the same head twice is
+    instant; the generator advances the same way on a cache hit as on a miss. Compare the result
+    with the bounds with :func:`frame_angle_report`.
 
     Args:
         num_classes: number of points ``K >= 2``.

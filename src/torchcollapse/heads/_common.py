@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
@@ -64,16 +66,59 @@ def check_target(target: Tensor, features: Tensor) -> None:
         raise TypeError(f"Expected argument `target` to hold integers, but got {target.dtype}.")
 
 
-def inverse_norm(features: Tensor, scale: float | Tensor, eps: float) -> Tensor:
-    """``scale / max(||features||, eps)`` along the last dim, shape ``(*, 1)``, features' dtype.
+class _NormalizedLinear(torch.autograd.Function):
+    """``F.linear(features, weight) * scale / max(||features||, eps)`` with a fused backward.
 
-    The norm is accumulated in float32 for half inputs, and the factor is capped at the dtype's
-    largest number, so a zero or tiny feature gives a finite (small) output, never inf or NaN.
+    Autograd through the composite (norm, clamp, divide, matmul, multiply) reads and writes the
+    ``N x d`` features several times in the backward pass; here the feature gradient is one
+    elementwise pass and one matrix product that accumulates into it:
+    ``grad = W^T (g * inv) - ((g . out) / ||x||^2) x`` (the second term is zero where the norm is
+    clamped at ``eps``).
     """
-    dtype = torch.float32 if features.dtype in _HALF else features.dtype
-    norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True, dtype=dtype)
-    inverse: Tensor = scale / norm.clamp_min(eps)
-    return inverse.clamp_max(torch.finfo(features.dtype).max).to(features.dtype)
+
+    @staticmethod
+    def forward(
+        ctx: Any, features: Tensor, weight: Tensor, scale: float | Tensor, eps: float
+    ) -> Tensor:
+        half = features.dtype in _HALF
+        norm = torch.linalg.vector_norm(
+            features, dim=-1, keepdim=True, dtype=torch.float32 if half else None
+        )
+        inverse: Tensor = scale / norm.clamp_min(eps)
+        if half:  # cap the factor: a tiny feature gives a small finite output, never inf or NaN
+            inverse = inverse.clamp_max(torch.finfo(features.dtype).max).to(features.dtype)
+        out: Tensor = F.linear(features, weight) * inverse
+        scale_tensor = scale if isinstance(scale, Tensor) else None
+        ctx.save_for_backward(features, weight, out, inverse, norm, scale_tensor)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        features, weight, out, inverse, norm, scale = ctx.saved_tensors
+        need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
+        k, d = weight.shape
+        scaled = (grad * inverse).reshape(-1, k)
+        grad_features = grad_weight = grad_scale = None
+        dot = (grad * out).sum(-1, keepdim=True) if need_features or need_scale else None
+        if need_features:
+            assert dot is not None
+            norm_sq = norm.clamp_min(ctx.eps).square()
+            coef = torch.where(norm > ctx.eps, dot.to(norm.dtype) / norm_sq, 0.0)
+            if features.dtype in _HALF:
+                limit = torch.finfo(features.dtype).max
+                coef = coef.clamp(-limit, limit)
+            grad_features = (-coef).to(features.dtype) * features
+            grad_features.view(-1, d).addmm_(scaled, weight)
+        if need_weight:
+            grad_weight = scaled.T @ features.reshape(-1, d)
+        if need_scale:
+            assert dot is not None
+            grad_scale = (dot.sum() / scale).reshape(scale.shape).to(scale.dtype)
+        return grad_features, grad_weight, grad_scale, None
 
 
 def normalized_linear(
@@ -81,11 +126,9 @@ def normalized_linear(
 ) -> Tensor:
     """``scale * weight @ (features / ||features||) + bias``: one matmul and one rescaling.
 
-    When the head has fewer outputs than inputs (``K <= d``) the ``N x K`` logits are rescaled
-    instead of the ``N x d`` features, which is cheaper and the same number.
+    The ``N x K`` logits are rescaled (not the ``N x d`` features), and the backward pass is fused
+    (:class:`_NormalizedLinear`): the cost is that of ``nn.Linear`` plus one pass over the
+    features each way. Not twice differentiable.
     """
-    inverse = inverse_norm(features, scale, eps)
-    if weight.shape[0] <= weight.shape[1]:
-        logits = F.linear(features, weight) * inverse
-        return logits if bias is None else logits + bias
-    return F.linear(features * inverse, weight, bias)
+    logits: Tensor = _NormalizedLinear.apply(features, weight, scale, eps)
+    return logits if bias is None else logits + bias
