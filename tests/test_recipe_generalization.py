@@ -98,7 +98,7 @@ def test_resume_after_a_killed_run_continues_without_gap_or_duplicate(
 @pytest.mark.ddp
 def test_torchrun_two_processes_match_one_process(tmp_path: Path, cache: str) -> None:
     args = [*TINY, "--runs", "linear", "etf_reg", "--cache-dir", cache]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "recipes")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the script puts recipes/ on its own path
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(ROOT / "recipes" / "generalization.py"), *args, "--out", str(tmp_path / "ddp"),
