@@ -183,7 +183,11 @@ def plot_panels(
         ax.set_xlabel("epoch")
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    handles, names = list(legend.values()), list(legend)
     if handles:
         fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(names) - 1) // 4), 1, 1))
