@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
-DEMO ?= recipes/smoke.py
+DEMO ?= recipes/generalization.py
 
 .PHONY: venv install demo test lint typecheck pytest bench clean
 

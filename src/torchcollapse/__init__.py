@@ -21,10 +21,12 @@ from torchcollapse.losses import (
     WithinClassVariabilityLoss,
 )
 from torchcollapse.norms import FeatureCenter, FeatureNorm
+from torchcollapse.tracking import CollapseTracker
 
 __all__ = [
     "BalancedSoftmaxLoss",
     "CollapseRegularizer",
+    "CollapseTracker",
     "DotRegressionLoss",
     "FeatureCenter",
     "FeatureNorm",
