@@ -147,6 +147,23 @@ def test_nc1_one_in_a_million_behind_an_offset_of_a_thousand(dtype: torch.dtype)
         np.testing.assert_allclose(float(out[key]), value, rtol=RTOL, atol=0, err_msg=key)
 
 
+def test_float32_products_trade_exactness_for_speed() -> None:
+    # product_dtype=float32: the d x d product of centred batches in float32 (full IEEE precision).
+    # Its relative error is ~1e-7 per entry (a few 1e-6 at worst on NC1), hence rtol 1e-5 here;
+    # everything not computed from Sigma_W stays exact.
+    features, target, classifier = _case(600, 12, 6, seed=9)
+    metric = NeuralCollapse(6, classifier=classifier, product_dtype=torch.float32)
+    for f, t in zip(features.float().split(128), target.split(128)):
+        metric.update(f, t)
+    out = metric.compute()
+    expected = _reference(6, classifier)(features.float().double(), target)
+    for key, value in expected.items():
+        rtol = 1e-5 if key == "nc1" else 1e-12
+        np.testing.assert_allclose(float(out[key]), value, rtol=rtol, atol=1e-14, err_msg=key)
+    with pytest.raises(ValueError, match=r"`product_dtype` to be torch\.float32 or torch\.float64"):
+        NeuralCollapse(6, product_dtype=torch.float16)
+
+
 def test_nc1_without_the_offset_trick_would_fail() -> None:
     # The same data through a float32 one-pass second moment gives garbage (even negative NC1
     # contributions); a guard that the previous test is a real test.

@@ -207,3 +207,24 @@ def test_constructor_and_merge_errors() -> None:
         ClassStatistics.zeros(2, 3).merge(ClassStatistics.zeros(2, 4))
     with pytest.raises(TypeError, match="ClassStatistics"):
         ClassStatistics.zeros(2, 3).merge("x")  # type: ignore[arg-type]
+
+
+def test_float32_products_are_close_and_ignore_global_low_precision_settings() -> None:
+    features, target = _data(n=800, d=16, k=5, spread=0.3, offset=5.0, seed=6)
+    exact = ClassStatistics.from_features(features.float(), target, 5)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # would allow bfloat16/TF32 passes
+    try:
+        fast = ClassStatistics.zeros(5, 16)
+        for f, t in zip(features.float().split(300), target.split(300)):
+            fast.update(f, t, product_dtype=torch.float32)
+        assert torch.get_float32_matmul_precision() == "medium"  # restored
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    # float32 products of centred values: each entry within ~10 float32 ulps of the largest one.
+    reference = exact.within_class_scatter()
+    error = (fast.within_class_scatter() - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 1e-6
+    torch.testing.assert_close(fast.class_means(), exact.class_means(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"`product_dtype` to be None, torch\.float32"):
+        fast.update(features, target, product_dtype=torch.float16)

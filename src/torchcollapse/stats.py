@@ -54,10 +54,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -410,7 +411,12 @@ class ClassStatistics:
 
     # ------------------------------------------------------------------ accumulation
     def update(
-        self, features: Tensor, target: Tensor, *, validate_args: bool = True
+        self,
+        features: Tensor,
+        target: Tensor,
+        *,
+        validate_args: bool = True,
+        product_dtype: torch.dtype | None = None,
     ) -> ClassStatistics:
         """Add a batch to the statistics, in place, and return ``self``.
 
@@ -419,15 +425,23 @@ class ClassStatistics:
             target: ``(B,)`` integer class indices in ``[0, K)``.
             validate_args: check label range and finiteness (reads values back from the device;
                 with ``False`` the update performs no host-device synchronisation).
+            product_dtype: dtype of the ``d x d`` product of the centred batch: the accumulation
+                dtype (default, float64: exact) or ``torch.float32`` (in full IEEE precision, TF32
+                off): about twice as fast where float64 is slow (AVX2 CPUs, consumer GPUs), at a
+                relative error of ~1e-7 to a few 1e-6 in ``Sigma_W`` and NC1.
 
         A class seen for the first time takes its first sample in the batch as its shift.
-        Features are centred about their class's shift and multiplied in the accumulation dtype
-        (float64 by default): on CPU the symmetric ``d x d`` product is formed panel by panel over
-        its upper triangle (about half the flops of a full product), which keeps a float64 update
-        close to the float32 Gram ``features.T @ features``. Nothing proportional to ``K x d`` is
-        computed.
+        Features are centred about their class's shift in the accumulation dtype and multiplied:
+        on CPU the symmetric ``d x d`` product is formed panel by panel over its upper triangle
+        (about half the flops of a full product), which keeps a float64 update close to the
+        float32 Gram ``features.T @ features``. Nothing proportional to ``K x d`` is computed.
         """
         _check_features_target(features, target, self.num_classes, validate_args=validate_args)
+        if product_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(
+                "Expected argument `product_dtype` to be None, torch.float32 or torch.float64, but"
+                f" got {product_dtype}."
+            )
         if features.shape[1] != self.num_features:
             raise ValueError(
                 f"Expected argument `features` to have {self.num_features} features (columns), but"
@@ -480,7 +494,14 @@ class ClassStatistics:
         self.counts.index_add_(0, target, ones)
         self.sums.index_add_(0, target, centred)
         self.sum_squares.index_add_(0, target, torch.linalg.vecdot(centred, centred))
-        _add_gram_(self.scatter, centred)
+        if product_dtype is None or product_dtype == state:
+            _add_gram_(self.scatter, centred)
+        else:
+            low = _scratch("low precision", shape, product_dtype, self.device).copy_(centred)
+            product = _scratch("product", self.scatter.shape, product_dtype, self.device).zero_()
+            with _full_precision_matmul():
+                _add_gram_(product, low)
+            self.scatter.add_(product)
         return self
 
     def merge(self, other: ClassStatistics) -> ClassStatistics:
@@ -589,6 +610,17 @@ def _merge_packed(stacked: Tensor, num_classes: int) -> Tensor:
     """Merge a ``(P, L)`` stack of packed statistics (rows from :meth:`ClassStatistics.pack`)."""
     parts = [ClassStatistics.unpack(row, num_classes) for row in stacked.unbind(0)]
     return ClassStatistics.merge_all(parts).pack()
+
+
+@contextlib.contextmanager
+def _full_precision_matmul() -> Iterator[None]:
+    """Float32 matrix products in full IEEE precision (no TF32 or bfloat16 passes) inside."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 _SCRATCH = threading.local()

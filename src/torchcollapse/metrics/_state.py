@@ -130,6 +130,7 @@ class CollapseStatisticsMetric(Metric):
         num_features: int | None = None,
         global_mean: str = "classes",
         validate_args: bool = True,
+        product_dtype: torch.dtype = torch.float64,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -139,9 +140,15 @@ class CollapseStatisticsMetric(Metric):
             raise ValueError(
                 f"Expected argument `validate_args` to be a bool, but got {validate_args!r}."
             )
+        if product_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                "Expected argument `product_dtype` to be torch.float32 or torch.float64, but got"
+                f" {product_dtype}."
+            )
         self.num_classes = num_classes
         self.global_mean = global_mean
         self.validate_args = validate_args
+        self.product_dtype = product_dtype
         self._classifier: _SharedClassifier | None = None
         if classifier is not None:
             weight, _ = _classifier_tensors(classifier, num_classes)
@@ -255,7 +262,12 @@ class CollapseStatisticsMetric(Metric):
                 device=self.nc4_samples.device,
             )
         stats = ClassStatistics.unpack(self.statistics, self.num_classes)
-        stats.update(features.detach(), target, validate_args=self.validate_args)
+        stats.update(
+            features.detach(),
+            target,
+            validate_args=self.validate_args,
+            product_dtype=self.product_dtype,
+        )
         classifier = self._classifier_weight_bias()
         if (
             classifier is not None

@@ -6,6 +6,10 @@ hold exactly the states of :class:`~torchcollapse.metrics.NeuralCollapse`, so in
 ``MetricCollection`` (with ``compute_groups=True``, the default) all of them are updated once, and
 each ``compute`` evaluates only its own quantity. Conventions are those of ``NeuralCollapse``.
 
+Metrics share their state when it is equal after the first update, so give them the same
+``classifier`` and reference ``class_means``: the NC4 counts accumulated against the reference means
+are part of the state (a metric without reference means counts nothing and forms its own group).
+
 Example:
     >>> import torch
     >>> from torchmetrics import MetricCollection
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
@@ -52,6 +57,7 @@ class _SingleQuantity(CollapseStatisticsMetric):
         num_features: int | None = None,
         global_mean: str = "classes",
         validate_args: bool = True,
+        product_dtype: torch.dtype = torch.float64,
         **kwargs: Any,
     ) -> None:
         if self.needs_classifier and classifier is None:
@@ -66,6 +72,7 @@ class _SingleQuantity(CollapseStatisticsMetric):
             num_features=num_features,
             global_mean=global_mean,
             validate_args=validate_args,
+            product_dtype=product_dtype,
             **kwargs,
         )
 
