@@ -11,6 +11,27 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
+from torchcollapse.frames import (
+    frame_angle_report,
+    hierarchy_frame,
+    nearest_simplex_etf,
+    orthogonal_frame,
+    simplex_etf,
+    spherical_code,
+)
+from torchcollapse.heads import (
+    CosineHead,
+    FixedFrameHead,
+    NearestETFHead,
+    OrthogonalFrameHead,
+    SimplexETFHead,
+    SphericalCodeHead,
+    cross_entropy_floor,
+    etf_init_,
+    find_head,
+    replace_head,
+    scale_for_loss_floor,
+)
 from torchcollapse.losses import (
     BalancedSoftmaxLoss,
     CollapseRegularizer,
@@ -27,12 +48,29 @@ __all__ = [
     "BalancedSoftmaxLoss",
     "CollapseRegularizer",
     "CollapseTracker",
+    "CosineHead",
     "DotRegressionLoss",
     "FeatureCenter",
     "FeatureNorm",
+    "FixedFrameHead",
+    "NearestETFHead",
+    "OrthogonalFrameHead",
     "RescaledMSELoss",
     "SelfDualityLoss",
+    "SimplexETFHead",
     "SimplexGeometryLoss",
+    "SphericalCodeHead",
     "WithinClassVariabilityLoss",
     "__version__",
+    "cross_entropy_floor",
+    "etf_init_",
+    "find_head",
+    "frame_angle_report",
+    "hierarchy_frame",
+    "nearest_simplex_etf",
+    "orthogonal_frame",
+    "replace_head",
+    "scale_for_loss_floor",
+    "simplex_etf",
+    "spherical_code",
 ]
