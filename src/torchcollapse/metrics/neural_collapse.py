@@ -75,10 +75,12 @@ class NeuralCollapse(CollapseStatisticsMetric):
 
     Without reference means (or without a classifier) ``nc4`` is absent from the output.
 
-    **State and cost.** Memory ``O(K d + d^2)`` float64 (``2K + 2Kd + d^2`` values, twice: state and
-    its default, as every torchmetrics state), independent of the number of samples; ``update``
-    costs about one float64 ``d x d`` product of the batch, no ``K x K`` matrix is ever formed, and
-    with ``validate_args=False`` ``update`` never synchronises host and device. Under DDP the
+    **State and cost.** Memory ``O(K d + d^2)`` float64 (``2K + 2Kd + d^2`` values; twice when
+    ``num_features`` or a classifier is given, as torchmetrics keeps a copy of every state's
+    default), independent of the number of samples; ``update`` costs about one float64 ``d x d``
+    product of the batch (on CPU plus reused scratch buffers of a few batch sizes), no ``K x K``
+    matrix is formed beyond ``K <= d`` (where ``K x K`` is at most ``d x d``), and with
+    ``validate_args=False`` ``update`` never synchronises host and device. Under DDP the
     statistics of the processes are merged exactly in ``compute`` (see
     :mod:`torchcollapse.metrics._state`). ``MetricCollection`` shares this state with the
     single-quantity metrics (:class:`NeuralCollapseNC1`, ...): one update for all of them.
