@@ -268,13 +268,19 @@ class CollapseStatisticsMetric(Metric):
             validate_args=self.validate_args,
             product_dtype=self.product_dtype,
         )
-        classifier = self._classifier_weight_bias()
         if (
-            classifier is not None
+            self._classifier is not None
             and self._nc4_centre is not None
             and self._nc4_means is not None
             and self._nc4_offsets is not None
         ):
+            if features.shape[1] != self._nc4_means.shape[1]:
+                raise ValueError(
+                    f"Expected argument `features` to have {self._nc4_means.shape[1]} features like"
+                    f" the reference class means, but got shape {tuple(features.shape)}."
+                )
+            classifier = self._classifier_weight_bias()
+            assert classifier is not None  # a classifier is set (checked above)
             reference = (self._nc4_centre, self._nc4_means, self._nc4_offsets)
             mismatches, samples = _nc4_counts(features, classifier[0], classifier[1], reference)
             self.nc4_mismatches += mismatches
