@@ -409,3 +409,17 @@ def test_construction_errors() -> None:
         NeuralCollapse(3, classifier=torch.randn(3, 4), class_means=torch.randn(3, 5))
     with pytest.raises(ValueError, match="at least one finite row"):
         NeuralCollapse(3, class_means=torch.full((3, 4), float("nan")))
+
+
+def test_updates_inside_and_outside_inference_mode() -> None:
+    # Lightning validates under torch.inference_mode(); the same metric (and the per-thread scratch
+    # buffers) must keep working outside it, and the other way round.
+    features, target, _ = _case(90, 4, 3, seed=10)
+    metric = NeuralCollapse(3)  # lazily allocated: the first update allocates the state
+    with torch.inference_mode():
+        metric.update(features[:30], target[:30])
+    metric.update(features[30:60], target[30:60])
+    with torch.inference_mode():
+        metric.update(features[60:], target[60:])
+    expected = _reference(3)(features, target)
+    np.testing.assert_allclose(float(metric.compute()["nc1"]), expected["nc1"], rtol=RTOL)

@@ -32,8 +32,10 @@ only its upper block triangle is multiplied, panel by panel, about half the flop
 product, so that a float64 update stays close to the float32 Gram ``features.T @ features`` (the
 floor). On GPUs, whose float64 throughput matches float32 (H100/H200), it is one ``addmm``.
 
-``update`` does no host-device synchronisation when ``validate_args=False``: shifts are set with
-``torch.where`` on the counts, and no per-update work is proportional to ``K x d``.
+``update`` does no host-device synchronisation when ``validate_args=False`` (shifts of new classes
+are set by masked arithmetic on the counts), no per-update work is proportional to ``K x d``, and
+on CPU its batch-sized temporaries live in reused per-thread scratch buffers. For hardware where
+float64 is slow, ``product_dtype=torch.float32`` trades the exact product for a float32 one.
 
 Example:
     >>> import torch
@@ -635,12 +637,15 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     """
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    buffers: dict[tuple[str, torch.dtype], Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffers: dict[tuple[str, torch.dtype, bool], Tensor]
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     size = math.prod(shape)
-    buffer = buffers.get((name, dtype))
+    # Tensors made under inference mode cannot be written outside it: one set per mode.
+    key = (name, dtype, torch.is_inference_mode_enabled())
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < size:
         buffer = torch.empty(size, dtype=dtype, device=device)
-        buffers[(name, dtype)] = buffer
+        buffers[key] = buffer
     return buffer[:size].view(shape)
 
 

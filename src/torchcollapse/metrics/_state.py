@@ -256,11 +256,13 @@ class CollapseStatisticsMetric(Metric):
         _check_features(features)
         if self.statistics.numel() == 0:
             num_features = int(features.shape[1])
-            self.statistics = torch.zeros(
-                ClassStatistics.packed_size(self.num_classes, num_features),
-                dtype=torch.float64,
-                device=self.nc4_samples.device,
-            )
+            # A normal tensor even under inference mode, so later updates outside it may write it.
+            with torch.inference_mode(False):
+                self.statistics = torch.zeros(
+                    ClassStatistics.packed_size(self.num_classes, num_features),
+                    dtype=torch.float64,
+                    device=self.nc4_samples.device,
+                )
         stats = ClassStatistics.unpack(self.statistics, self.num_classes)
         stats.update(
             features.detach(),
