@@ -69,7 +69,7 @@ from torch import Tensor
 
 from torchcollapse._distributed import is_distributed
 
-__all__ = ["ClassStatistics"]
+__all__ = ["ClassStatistics", "symmetric_product"]
 
 
 def _shape(tensor: Tensor) -> tuple[int, ...]:
