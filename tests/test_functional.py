@@ -303,3 +303,18 @@ def test_errors() -> None:
         neural_collapse_nc4(features, weight, class_means=torch.full((3, 3), float("nan")))
     with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
         min_angle_optimal(1, 3)
+
+
+def test_neural_collapse_reads_inputs_that_require_grad_detached() -> None:
+    generator = torch.Generator().manual_seed(11)
+    features = torch.randn(60, 5, generator=generator, dtype=torch.float64)
+    target = torch.arange(60) % 4
+    weight = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    expected = neural_collapse(features, target, weight=weight)
+    result = neural_collapse(
+        features.clone().requires_grad_(True), target, weight=weight.clone().requires_grad_(True)
+    )
+    assert set(result) == set(expected)
+    for key, value in result.items():
+        assert not value.requires_grad, key
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)

@@ -41,11 +41,21 @@ from torchcollapse.losses import (
     SimplexGeometryLoss,
     WithinClassVariabilityLoss,
 )
+from torchcollapse.metrics import (
+    NeuralCollapse,
+    NeuralCollapseCDNV,
+    NeuralCollapseETFDistance,
+    NeuralCollapseNC1,
+    NeuralCollapseNC3,
+    NeuralCollapseNC4,
+)
 from torchcollapse.norms import FeatureCenter, FeatureNorm
+from torchcollapse.stats import ClassStatistics
 from torchcollapse.tracking import CollapseTracker
 
 __all__ = [
     "BalancedSoftmaxLoss",
+    "ClassStatistics",
     "CollapseRegularizer",
     "CollapseTracker",
     "CosineHead",
@@ -54,6 +64,12 @@ __all__ = [
     "FeatureNorm",
     "FixedFrameHead",
     "NearestETFHead",
+    "NeuralCollapse",
+    "NeuralCollapseCDNV",
+    "NeuralCollapseETFDistance",
+    "NeuralCollapseNC1",
+    "NeuralCollapseNC3",
+    "NeuralCollapseNC4",
     "OrthogonalFrameHead",
     "RescaledMSELoss",
     "SelfDualityLoss",

@@ -214,9 +214,15 @@ def neural_collapse(
 
     Raises:
         ValueError / TypeError: invalid inputs, or fewer than two classes with samples.
+
+    The quantities are measurements: inputs that require grad are read detached and the results
+    carry no gradient (the differentiable collapse terms are in :mod:`torchcollapse.losses`).
     """
     _check_features(features)
     _check_global_mean(global_mean)
+    features = features.detach()
+    weight = weight.detach() if isinstance(weight, Tensor) else weight
+    bias = bias.detach() if isinstance(bias, Tensor) else bias
     if num_classes is None:
         if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
             num_classes = int(weight.shape[0])
