@@ -38,6 +38,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, ROOT)
 
+from tests._helpers.cases import collapse_case as make_case  # noqa: E402
 from tests._helpers.reference import reference_neural_collapse  # noqa: E402
 from torchcollapse.metrics import NeuralCollapse  # noqa: E402
 
@@ -50,32 +51,6 @@ def report(name: str, error: float, bound: float, extra: str = "") -> None:
         FAILURES.append(name)
     verdict = "PASS" if ok else "FAIL"
     print(f"{verdict} {name}: max relative error {error:.2e} (bound {bound:g}) {extra}")
-
-
-def make_case(
-    n: int,
-    d: int,
-    k: int,
-    *,
-    spread: float = 0.6,
-    offset: float = 0.0,
-    zipf: bool = False,
-    empty: int | None = None,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    if zipf:
-        weights = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
-        if empty is not None:
-            weights[empty] = 0.0
-        target = torch.multinomial(weights, n, replacement=True, generator=g)
-    else:
-        target = torch.randperm(n, generator=g) % k
-    means = torch.randn(k, d, generator=g, dtype=torch.float64)
-    features = offset + means[target] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
-    weight = means + 0.4 * torch.randn(k, d, generator=g, dtype=torch.float64)
-    bias = 0.5 * torch.randn(k, generator=g, dtype=torch.float64)
-    return features, target, weight, bias
 
 
 def check_small_cases(device: torch.device) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import torchcollapse.functional.variability as variability
+from tests._helpers.cases import collapse_case as _case
 from tests._helpers.reference import (
     reference_class_means,
     reference_geometry,
@@ -46,32 +47,6 @@ from torchcollapse.metrics import NeuralCollapse
 from torchcollapse.stats import ClassStatistics
 
 RTOL = 1e-6
-
-
-def _case(
-    n: int,
-    d: int,
-    k: int,
-    *,
-    spread: float = 0.6,
-    offset: float = 0.0,
-    zipf: bool = False,
-    empty: int | None = None,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    if zipf:
-        weights = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
-        if empty is not None:
-            weights[empty] = 0.0
-        target = torch.multinomial(weights, n, replacement=True, generator=g)
-    else:
-        target = torch.randperm(n, generator=g) % k
-    means = torch.randn(k, d, generator=g, dtype=torch.float64)
-    features = offset + means[target] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
-    weight = means + 0.4 * torch.randn(k, d, generator=g, dtype=torch.float64)
-    bias = 0.5 * torch.randn(k, generator=g, dtype=torch.float64)
-    return features, target, weight, bias
 
 
 CASES: dict[str, dict[str, Any]] = {

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torchmetrics import MetricCollection
 
+from tests._helpers.cases import collapse_case
 from tests._helpers.ddp import run_distributed
 from tests._helpers.reference import reference_class_means, reference_neural_collapse
 from tests._helpers.testers import check_metric
@@ -33,13 +34,6 @@ from torchcollapse.stats import ClassStatistics
 RTOL, ATOL = 1e-6, 1e-12
 
 
-def _zipf_target(n: int, k: int, generator: torch.Generator, empty: int | None) -> torch.Tensor:
-    weights = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
-    if empty is not None:
-        weights[empty] = 0.0
-    return torch.multinomial(weights, n, replacement=True, generator=generator)
-
-
 def _case(
     n: int,
     d: int,
@@ -51,19 +45,13 @@ def _case(
     empty: int | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
-    g = torch.Generator().manual_seed(seed)
-    if zipf:
-        target = _zipf_target(n, k, g, empty)
-    else:
-        target = torch.arange(n) % k
-        target = target[torch.randperm(n, generator=g)]
-    means = torch.randn(k, d, generator=g, dtype=torch.float64)
-    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
-    features = offset + means[target] + spread * noise
+    features, target, weight, bias = collapse_case(
+        n, d, k, spread=spread, offset=offset, zipf=zipf, empty=empty, seed=seed, weight_noise=0.3
+    )
     classifier = torch.nn.Linear(d, k)
     with torch.no_grad():
-        classifier.weight.copy_(means + 0.3 * torch.randn(k, d, generator=g, dtype=torch.float64))
-        classifier.bias.copy_(0.5 * torch.randn(k, generator=g, dtype=torch.float64))
+        classifier.weight.copy_(weight)
+        classifier.bias.copy_(bias)
     return features, target, classifier
 
 
