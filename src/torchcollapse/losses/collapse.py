@@ -21,14 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from torchcollapse.losses._batch import (
-    batch_class_statistics,
     check_classifier_shape,
     check_features_target,
     resolve_weight,
 )
-from torchcollapse.losses.self_duality import self_duality_distance
-from torchcollapse.losses.simplex_geometry import simplex_geometry_of_means
-from torchcollapse.losses.within_class import within_class_variability
+from torchcollapse.losses._fused import collapse_terms
 
 __all__ = ["CollapseRegularizer", "target_penalty"]
 
@@ -236,26 +233,22 @@ class CollapseRegularizer(nn.Module):
                 )
             weight = resolve_weight(classifier)
             check_classifier_shape(weight, self.num_classes, features.shape[1])
-        stats = batch_class_statistics(
-            features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
+        total, values = collapse_terms(
+            features,
+            target,
+            self.num_classes,
+            weight,
+            nc1=self.nc1,
+            nc1_form=self.nc1_form,
+            target_nc1=self.target_nc1,
+            target_mode=self.target_mode,
+            nc2=self.nc2,
+            nc3=self.nc3,
+            parts=return_parts,
+            sync_dist=self.sync_dist,
+            group=self.process_group,
         )
-        parts: dict[str, Tensor] = {}
-        terms: list[Tensor] = []
-        if self.nc1 != 0:
-            nc1 = within_class_variability(stats, self.nc1_form)
-            parts["nc1"] = nc1
-            if self.target_nc1 is not None:
-                nc1 = torch.where(
-                    stats.valid, target_penalty(nc1, self.target_nc1, self.target_mode), nc1
-                )
-            terms.append(self.nc1 * nc1)
-        if self.nc2 != 0:
-            parts["nc2"] = simplex_geometry_of_means(stats)
-            terms.append(self.nc2 * parts["nc2"])
-        if weight is not None:
-            parts["nc3"] = self_duality_distance(weight, stats)
-            terms.append(self.nc3 * parts["nc3"])
-        total = torch.stack(terms).sum()
-        if return_parts:
-            return total, {name: value.detach() for name, value in parts.items()}
-        return total
+        if values is None:
+            return total
+        enabled = zip(("nc1", "nc2", "nc3"), (self.nc1, self.nc2, self.nc3), values.unbind())
+        return total, {name: value for name, factor, value in enabled if factor != 0}

@@ -37,6 +37,7 @@ from torchcollapse.losses._batch import (
     global_sum,
     resolve_weight,
 )
+from torchcollapse.losses._fused import host_scalars, no_autocast
 
 __all__ = ["DotRegressionLoss", "class_weights_from_counts", "dot_regression_loss"]
 
@@ -88,23 +89,83 @@ def dot_regression_loss(
         ...                     frame, reduction="none")   # aligned: 0; orthogonal: 1/2 * 1 * 1
         tensor([0.0000, 0.5000])
     """
-    dtype = compute_dtype(torch.promote_types(features.dtype, frame.dtype))
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        h = features.to(dtype)
-        m = frame.to(dtype).index_select(0, target.long())
-        dot = (h * m).sum(1)
-        with torch.no_grad():
-            scale = torch.linalg.vector_norm(h, dim=1).clamp_min(eps) * torch.linalg.vector_norm(
-                m, dim=1
-            ).clamp_min(eps)
-        loss: Tensor = 0.5 * (dot - scale).pow(2) / scale
-        if class_weight is not None:
-            loss = loss * class_weight.to(dtype).index_select(0, target.long())
     if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / max(loss.shape[0], 1)
+        scale = None
+    else:
+        scale = 1.0 if reduction == "sum" else 1.0 / max(features.shape[0], 1)
+    return _dot_regression(features, target, frame, class_weight, eps, scale)
+
+
+def _dot_regression(
+    features: Tensor,
+    target: Tensor,
+    frame: Tensor,
+    class_weight: Tensor | None,
+    eps: float,
+    scale: float | None,
+) -> Tensor:
+    """Per-sample losses (``scale=None``) or ``scale`` times their sum, in at least float32."""
+    dtype = compute_dtype(torch.promote_types(features.dtype, frame.dtype))
+    with no_autocast(features.device.type):
+        h = features if features.dtype == dtype else features.to(dtype)
+        m = frame if frame.dtype == dtype else frame.to(dtype)
+        target = target if target.dtype == torch.long else target.long()
+        if class_weight is not None and class_weight.dtype != dtype:
+            class_weight = class_weight.to(dtype)
+        out: Tensor = _DotRegression.apply(h, m, target, class_weight, eps, scale)
+        return out
+
+
+class _DotRegression(torch.autograd.Function):
+    """The loss with detached norms in one node; the gradient is ``c_i m_{y_i}`` for ``h_i`` and
+    ``sum_{i: y_i = c} c_i h_i`` for ``m_c``, with ``c_i = w_{y_i} (h_i^T m_{y_i} - s_i) / s_i``
+    (times the incoming gradient and the reduction's scale)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: Tensor,
+        frame: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None,
+        eps: float,
+        scale: float | None,
+    ) -> Tensor:
+        m = frame.index_select(0, target)
+        norms = torch.linalg.vector_norm(h, dim=1).clamp_min_(eps)
+        norms.mul_(torch.linalg.vector_norm(m, dim=1).clamp_min_(eps))
+        diff = torch.linalg.vecdot(h, m).sub_(norms)
+        coefficient = diff / norms  # d loss_i / d (h_i^T m_{y_i})
+        if class_weight is not None:
+            coefficient.mul_(class_weight.index_select(0, target))
+        ctx.save_for_backward(h, m, target, coefficient)
+        ctx.scale = scale
+        ctx.num_classes = frame.shape[0]
+        if scale is None:
+            per_sample: Tensor = diff.mul_(coefficient).mul_(0.5)
+            return per_sample
+        total = torch.dot(coefficient, diff)
+        if host_scalars(h):
+            return torch.full((), 0.5 * scale * total.item(), dtype=h.dtype, device=h.device)
+        return total * (0.5 * scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h, m, target, coefficient = ctx.saved_tensors
+        need_h, need_frame = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.scale is None:
+            factor = (coefficient * grad).unsqueeze(1)
+        elif host_scalars(h):
+            factor = (coefficient * (float(grad) * ctx.scale)).unsqueeze(1)
+        else:
+            factor = (coefficient * (grad * ctx.scale)).unsqueeze(1)
+        grad_h = m * factor if need_h else None
+        grad_frame = None
+        if need_frame:
+            grad_frame = h.new_zeros((ctx.num_classes, h.shape[1])).index_add_(
+                0, target, h * factor
+            )
+        return grad_h, grad_frame, None, None, None, None
 
 
 class DotRegressionLoss(nn.Module):
@@ -147,8 +208,8 @@ class DotRegressionLoss(nn.Module):
         >>> features = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
         >>> target = torch.tensor([0, 1])
         >>> loss = DotRegressionLoss()(features, target, frame)
-        >>> loss                                          # (0 + 2 * 1 / 2 * (0 - 1)^2) / 2
-        tensor(0.5000, grad_fn=<DivBackward0>)
+        >>> loss.item()                                   # (0 + 2 * 1 / 2 * (0 - 1)^2) / 2
+        0.5
         >>> loss.backward()
         >>> features.grad[0].abs().sum()                  # aligned: no gradient
         tensor(0.)
@@ -226,27 +287,33 @@ class DotRegressionLoss(nn.Module):
                 )
             counts = self.class_counts
         elif self.batch_counts:
-            counts = count_classes(target.long(), num_classes, torch.float32)
+            if host_scalars(target):
+                counts = torch.bincount(target, minlength=num_classes).to(torch.float32)
+            else:
+                counts = count_classes(target.long(), num_classes, torch.float32)
             if sync:
                 all_reduce_sum(counts, self.process_group)
         dtype = compute_dtype(torch.promote_types(features.dtype, weight.dtype))
-        class_weight = (
-            None
-            if counts is None
-            else class_weights_from_counts(counts.to(dtype), self.reweight_power)
-        )
-        loss = dot_regression_loss(
-            features, target, weight, class_weight=class_weight, reduction="none", eps=self.eps
-        )
-        if self.reduction == "none":
-            return loss
-        total = global_sum(loss.sum(), sync_dist=sync, group=self.process_group)
+        class_weight = None
+        if counts is not None:
+            counts = counts if counts.dtype == dtype else counts.to(dtype)
+            class_weight = class_weights_from_counts(counts, self.reweight_power)
+        if self.reduction == "none" or not sync:
+            return dot_regression_loss(
+                features,
+                target,
+                weight,
+                class_weight=class_weight,
+                reduction=self.reduction,
+                eps=self.eps,
+            )
+        local = _dot_regression(features, target, weight, class_weight, self.eps, 1.0)
+        total = global_sum(local, sync_dist=sync, group=self.process_group)
         if self.reduction == "sum":
             return total
         if self.batch_counts and counts is not None:
-            num_samples = counts.sum().to(loss.dtype)  # already global
+            num_samples = counts.sum().to(local.dtype)  # already global
         else:
-            num_samples = loss.new_tensor(float(loss.shape[0]))
-            if sync:
-                all_reduce_sum(num_samples, self.process_group)
+            num_samples = local.new_tensor(float(features.shape[0]))
+            all_reduce_sum(num_samples, self.process_group)
         return total / num_samples.clamp_min(1.0)

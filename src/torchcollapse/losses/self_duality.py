@@ -21,12 +21,12 @@ from torch import Tensor, nn
 
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
-    batch_class_statistics,
     check_classifier_shape,
     check_features_target,
     resolve_weight,
     where_valid,
 )
+from torchcollapse.losses._fused import collapse_terms
 
 __all__ = ["SelfDualityLoss", "self_duality_distance"]
 
@@ -117,7 +117,13 @@ class SelfDualityLoss(nn.Module):
         check_features_target(features, target, self.num_classes, self.validate_args)
         weight = resolve_weight(classifier)
         check_classifier_shape(weight, self.num_classes, features.shape[1])
-        stats = batch_class_statistics(
-            features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
+        total, _ = collapse_terms(
+            features,
+            target,
+            self.num_classes,
+            weight,
+            nc3=self.weight,
+            sync_dist=self.sync_dist,
+            group=self.process_group,
         )
-        return self.weight * self_duality_distance(weight, stats)
+        return total

@@ -29,12 +29,11 @@ from torch import Tensor, nn
 
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
-    batch_class_statistics,
     check_features_target,
-    compute_dtype,
     resolve_weight,
     where_valid,
 )
+from torchcollapse.losses._fused import collapse_terms, gram_distance
 
 __all__ = ["SimplexGeometryLoss", "simplex_geometry_of_means", "simplex_gram_distance"]
 
@@ -52,16 +51,7 @@ def simplex_gram_distance(vectors: Tensor, present: Tensor | None = None) -> Ten
         disabled; zero, connected to the graph, when fewer than two rows take part. All-zero rows
         give 2 (a zero Gram is as far from the ETF as an orthogonal one).
     """
-    dtype = compute_dtype(vectors.dtype)
-    with torch.autocast(device_type=vectors.device.type, enabled=False):
-        v = vectors if vectors.dtype == dtype else vectors.to(dtype)
-        if present is None:
-            k = v.new_tensor(float(v.shape[0]))
-        else:
-            present_f = present.to(dtype)
-            v = v * present_f.unsqueeze(1)
-            k = present_f.sum()
-        return _gram_distance(v, k, v.sum(0).pow(2).sum())
+    return gram_distance(vectors, present)
 
 
 def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
@@ -157,13 +147,18 @@ class SimplexGeometryLoss(nn.Module):
                     f"Expected argument `classifier` to have {self.num_classes} rows "
                     f"(`num_classes`), but got shape {tuple(weight.shape)}."
                 )
-            return self.weight * simplex_gram_distance(weight)
+            return gram_distance(weight, scale=self.weight)
         if features is None or target is None:
             raise ValueError(
                 "Expected arguments `features` and `target`, or `classifier`, but got neither."
             )
         check_features_target(features, target, self.num_classes, self.validate_args)
-        stats = batch_class_statistics(
-            features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
+        total, _ = collapse_terms(
+            features,
+            target,
+            self.num_classes,
+            nc2=self.weight,
+            sync_dist=self.sync_dist,
+            group=self.process_group,
         )
-        return self.weight * simplex_geometry_of_means(stats)
+        return total

@@ -35,13 +35,13 @@ from torch import Tensor, nn
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
-    batch_class_statistics,
     check_features_target,
     compute_dtype,
     count_classes,
     global_sum,
     where_valid,
 )
+from torchcollapse.losses._fused import collapse_terms, host_scalars, no_autocast
 
 __all__ = ["WithinClassVariabilityLoss", "within_class_variability"]
 
@@ -125,8 +125,9 @@ class WithinClassVariabilityLoss(nn.Module):
         >>> loss = reg(features, target)           # a scalar in [0, 0.5]
         >>> bool(0.0 <= loss <= 0.5)
         True
-        >>> reg(features, torch.zeros(32, dtype=torch.long))  # one class only: zero
-        tensor(0., grad_fn=<MulBackward0>)
+        >>> zero = reg(features, torch.zeros(32, dtype=torch.long))  # one class only: zero,
+        >>> zero.item(), zero.requires_grad                          # still in the graph
+        (0.0, True)
     """
 
     running_mean: Tensor
@@ -193,11 +194,17 @@ class WithinClassVariabilityLoss(nn.Module):
         """Weighted NC1 term of ``features`` (``(N, d)``) with labels ``target`` (``(N,)``)."""
         check_features_target(features, target, self.num_classes, self.validate_args)
         if self.form == "running":
-            return self.weight * self._running(features, target)
-        stats = batch_class_statistics(
-            features, target, self.num_classes, sync_dist=self.sync_dist, group=self.process_group
+            return self._running(features, target)
+        total, _ = collapse_terms(
+            features,
+            target,
+            self.num_classes,
+            nc1=self.weight,
+            nc1_form=self.form,
+            sync_dist=self.sync_dist,
+            group=self.process_group,
         )
-        return self.weight * within_class_variability(stats, self.form)
+        return total
 
     def _running(self, features: Tensor, target: Tensor) -> Tensor:
         if features.shape[1] != self.running_mean.shape[1]:
@@ -207,37 +214,82 @@ class WithinClassVariabilityLoss(nn.Module):
             )
         dtype = compute_dtype(features.dtype)
         sync = self.sync_dist and is_distributed(self.process_group)
-        target = target.long()
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        target = target if target.dtype == torch.long else target.long()
+        with no_autocast(features.device.type):
+            h = features if features.dtype == dtype else features.to(dtype)
             if self.training:
-                self._update(features.detach().to(dtype), target, sync)
-            h = features.to(dtype)
-            seen = self.class_batches.index_select(0, target) > 0
-            centres = self.running_mean.to(dtype).index_select(0, target)
-            distances = (h - centres).pow(2).sum(1) * seen.to(dtype)
-            total = global_sum(distances.sum(), sync_dist=sync, group=self.process_group)
-            count = seen.to(dtype).sum()
+                self._update(h.detach(), target, sync)
+            running = self.running_mean
+            centres = (running if running.dtype == dtype else running.to(dtype)).index_select(
+                0, target
+            )
+            # in training every class of the (global) batch has just been seen
+            seen = None if self.training else self.class_batches.index_select(0, target) > 0
+            if not sync and host_scalars(h):
+                count = h.shape[0] if seen is None else int(torch.count_nonzero(seen))
+                mask = None if seen is None or count == h.shape[0] else seen.to(dtype)
+                out: Tensor = _CentreDistance.apply(h, centres, mask, self.weight / max(count, 1))
+                return out
+            mask = None if seen is None else seen.to(dtype)
+            local = _CentreDistance.apply(h, centres, mask, 1.0)
+            total = global_sum(local, sync_dist=sync, group=self.process_group)
+            counted = h.new_tensor(float(h.shape[0])) if mask is None else mask.sum()
             if sync:
-                count = all_reduce_sum(count.clone(), self.process_group)
-            return where_valid(count > 0, total / count.clamp_min(1.0))
+                counted = all_reduce_sum(counted.clone(), self.process_group)
+            return self.weight * where_valid(counted > 0, total / counted.clamp_min(1.0))
 
     @torch.no_grad()
     def _update(self, h: Tensor, target: Tensor, sync: bool) -> None:
         num_classes, dim = self.running_mean.shape
-        packed = h.new_zeros((num_classes, dim + 1))
-        packed[:, :dim].index_add_(0, target, h)
-        packed[:, dim] = count_classes(target, num_classes, h.dtype)
         if sync:
+            packed = h.new_zeros((num_classes, dim + 1))
+            packed[:, :dim].index_add_(0, target, h)
+            packed[:, dim] = count_classes(target, num_classes, h.dtype)
             all_reduce_sum(packed, self.process_group)
-        counts = packed[:, dim]
-        present = counts > 0
-        batch_mean = packed[:, :dim] / counts.clamp_min(1.0).unsqueeze(1)
-        seen = self.class_batches.to(h.dtype)
-        if self.momentum is None:
-            factor = 1.0 / (seen + 1.0)
+            sums, counts = packed[:, :dim], packed[:, dim]
         else:
-            factor = torch.where(seen > 0, torch.full_like(seen, self.momentum), 1.0)
-        factor = (factor * present.to(h.dtype)).unsqueeze(1)
-        running = self.running_mean.to(h.dtype)
-        self.running_mean.copy_(running + factor * (batch_mean - running))
-        self.class_batches.add_(present.long())
+            sums = h.new_zeros((num_classes, dim)).index_add_(0, target, h)
+            if host_scalars(h):
+                counts = torch.bincount(target, minlength=num_classes).to(h.dtype)
+            else:
+                counts = count_classes(target, num_classes, h.dtype)
+        present = counts > 0
+        batch_mean = sums.div_(counts.clamp_min(1.0).unsqueeze(1))
+        present_f = present.to(h.dtype)
+        if self.momentum is None:  # cumulative average: 1 / (batches seen + 1)
+            factor = present_f / (self.class_batches + 1)
+        else:  # a class seen for the first time takes its batch mean
+            factor = torch.where(self.class_batches > 0, present_f * self.momentum, present_f)
+        if self.running_mean.dtype == h.dtype:
+            self.running_mean.lerp_(batch_mean, factor.unsqueeze(1))
+        else:
+            running = self.running_mean.to(h.dtype).lerp_(batch_mean, factor.unsqueeze(1))
+            self.running_mean.copy_(running)
+        self.class_batches.add_(present)
+
+
+class _CentreDistance(torch.autograd.Function):
+    """``scale * sum_i mask_i ||h_i - c_i||^2`` (0/1 ``mask``, optional); backward in closed form:
+    ``2 scale mask_i (h_i - c_i)`` (the centres are constants)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, centres: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        diff = h - centres
+        if mask is not None:
+            diff.mul_(mask.unsqueeze(1))
+        flat = diff.reshape(-1)
+        total = torch.dot(flat, flat)
+        ctx.save_for_backward(diff)
+        ctx.scale = scale
+        if host_scalars(h):
+            return torch.full((), total.item() * scale, dtype=h.dtype, device=h.device)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (diff,) = ctx.saved_tensors
+        if host_scalars(diff):
+            return diff * (2.0 * ctx.scale * float(grad)), None, None, None
+        return diff * (grad * (2.0 * ctx.scale)), None, None, None
