@@ -39,6 +39,7 @@ __all__ = [
     "compute_dtype",
     "count_classes",
     "global_sum",
+    "label_range_error",
     "resolve_weight",
     "where_valid",
 ]
@@ -50,13 +51,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_features_target(
-    features: Tensor, target: Tensor, num_classes: int | None, validate_args: bool
+    features: Tensor,
+    target: Tensor,
+    num_classes: int | None,
+    validate_args: bool,
+    *,
+    defer_cpu_range: bool = False,
 ) -> None:
     """Validate a ``(N, d)`` float feature batch and its ``(N,)`` integer labels.
 
     Shapes and dtypes are always checked. The label range is checked when ``validate_args`` is
     true, except under ``torch.compile``: on CPU with a ``ValueError``, on accelerators with an
-    asynchronous device-side assertion, so that no call synchronises with the host.
+    asynchronous device-side assertion, so that no call synchronises with the host. With
+    ``defer_cpu_range`` the CPU check is left to the caller, which indexes by the labels anyway
+    and raises :func:`label_range_error` when that indexing fails (one operation fewer).
     """
     if not isinstance(features, Tensor):
         raise TypeError(
@@ -99,12 +107,24 @@ def check_features_target(
             f"Expected argument `target` to hold labels in [0, {num_classes - 1}].",
         )
         return
-    low, high = int(target.min()), int(target.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"Expected argument `target` to hold labels in [0, {num_classes - 1}], but got "
-            f"labels in [{low}, {high}]."
-        )
+    if defer_cpu_range:
+        return
+    error = label_range_error(target, num_classes)
+    if error is not None:
+        raise error
+
+
+def label_range_error(target: Tensor, num_classes: int) -> ValueError | None:
+    """The error for CPU labels outside ``[0, num_classes)``, or ``None`` when they are inside."""
+    if target.numel() == 0:
+        return None
+    low, high = (int(v) for v in torch.aminmax(target))
+    if low >= 0 and high < num_classes:
+        return None
+    return ValueError(
+        f"Expected argument `target` to hold labels in [0, {num_classes - 1}], but got "
+        f"labels in [{low}, {high}]."
+    )
 
 
 def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> Tensor:

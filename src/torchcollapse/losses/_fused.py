@@ -1,21 +1,28 @@
-"""NC1, NC2 and NC3 terms of one batch in one autograd node each way, with closed-form gradients.
+"""NC1, NC2 and NC3 of one batch with closed-form gradients, in a few operations.
 
 A collapse regularizer rides on a training step as a few dozen tiny kernels, so on a CPU its cost
-is the number of operations dispatched, not their arithmetic: composed from autograd operations,
-NC1 alone took some sixty. Here one :class:`torch.autograd.Function` computes the class statistics
-of the (global) batch, every enabled term and their weighted sum in about twenty operations
-without autograd, and its backward applies the closed-form gradient in a handful more. The
-formulas are those of the formula sheet in ``DESIGN.md`` (Papyan, Han & Donoho, 2020), the same
-as the composable functions :func:`~torchcollapse.losses._batch.batch_class_statistics`,
+is the number of operations dispatched (each one's code and data fetched afresh after the model's
+forward pass has gone through the caches), not their arithmetic: composed from autograd
+operations, NC1 alone took some sixty. Here the class statistics of the (global) batch, every
+enabled term, their weighted sum and the closed-form gradient of that sum are computed on detached
+tensors, and the result is handed to autograd as ``total + <x - x.detach(), g>`` for each input
+``x`` with gradient ``g``: the inner product is exactly zero, so the value is ``total``, and its
+backward pass, three built-in nodes, delivers exactly ``g`` (times the incoming gradient). The
+formulas are those of the formula sheet in ``DESIGN.md`` (Papyan, Han & Donoho, 2020), the same as
+the composable functions :func:`~torchcollapse.losses._batch.batch_class_statistics`,
 :func:`~torchcollapse.losses.within_class.within_class_variability`,
 :func:`~torchcollapse.losses.simplex_geometry.simplex_geometry_of_means` and
 :func:`~torchcollapse.losses.self_duality.self_duality_distance`, which the tests hold these to.
+As with any closed-form gradient, the gradient is not itself differentiable (no double backward).
 
 Scalars (traces, norms, the terms and the coefficients of the gradient) are Python floats on CPU,
 where reading a tensor's value costs a fraction of a microsecond and synchronises with nothing,
 and 0-dim tensors on accelerators and under ``torch.compile``, where the same maths runs as tensor
-operations (no host synchronisation, no graph break). The within-class trace is always taken on
-the residuals to the batch class means (two-pass), never as a difference of raw second moments.
+operations (no host synchronisation, no graph break). On CPU, small batches (``N K d`` up to
+``2**18``) take class sums and per-sample gathers as products with the one-hot label matrix, a
+few calls of one matrix kernel instead of several index kernels; larger ones and accelerators use
+index operations. The within-class trace is always taken on the residuals to the batch class
+means (two-pass), never as a difference of raw second moments.
 
 With ``M`` the centred means of the present classes, ``P`` the present-class mask, ``n_c`` the
 counts and ``r_i = h_i - mu_{y_i}`` the residuals, a gradient ``G`` reaching ``M`` reaches ``h_i``
@@ -36,17 +43,25 @@ import torch
 from torch import Tensor
 
 from torchcollapse._distributed import gather_with_grad, is_distributed
-from torchcollapse.losses._batch import compute_dtype, count_classes
+from torchcollapse.losses._batch import compute_dtype, count_classes, label_range_error
 
-__all__ = ["collapse_terms", "gram_distance", "host_scalars", "no_autocast"]
+__all__ = ["collapse_terms", "gram_distance", "host_scalars", "no_autocast", "with_gradients"]
+
+_ONEHOT_MAX = 1 << 18
+"""Largest ``N K d`` whose class sums and gathers are one-hot products (CPU only)."""
+_WIDE = (torch.float32, torch.float64)
+_TINY = {dtype: torch.finfo(dtype).tiny for dtype in _WIDE}
 
 Scalar: TypeAlias = float | Tensor
 """A Python float on the host path, a 0-dim tensor otherwise."""
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 def host_scalars(tensor: Tensor) -> bool:
     """Whether scalar maths on ``tensor``'s values may run in Python: on CPU, outside compile."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    return tensor.device.type == "cpu" and not _is_compiling()
 
 
 def no_autocast(device_type: str) -> AbstractContextManager[Any]:
@@ -173,149 +188,22 @@ def _terms(
     return total, values, coefficients
 
 
-class _CollapseTerms(torch.autograd.Function):
-    """Weighted NC1 + NC2 + NC3 of a batch (and the unweighted terms); see the module docstring."""
+def with_gradients(value: Scalar, *pairs: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    """``value`` as a tensor whose gradient with respect to each ``x`` of ``(x, x_detached, g)``
+    is ``g`` (``None``: zero, still connected), computed as ``value + sum <x - x_detached, g>``.
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        h: Tensor,
-        target: Tensor,
-        weight: Tensor | None,
-        num_classes: int,
-        config: tuple[float, str, float | None, str, float, float],
-        want_parts: bool,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        host = host_scalars(h)
-        n, d = h.shape
-        dtype = h.dtype
-        sums = h.new_zeros((num_classes, d)).index_add_(0, target, h)  # raises on bad labels
-        num_present: Scalar
-        if host:
-            counts = torch.bincount(target, minlength=num_classes)
-            num_present = int(torch.count_nonzero(counts))
-            counts = counts.to(dtype)
-            full = num_present == num_classes
-            valid: bool | Tensor = num_present >= 2
-        else:
-            counts = count_classes(target, num_classes, dtype)
-            full = False
-        present_col: Tensor | None = None
-        if full:  # every class present: no masks (the common case, decided on the host)
-            counts_col = counts.unsqueeze(1)
-            means = sums.div_(counts_col)
-            centred = means - means.mean(0)
-        else:
-            present_col = (counts > 0).to(dtype).unsqueeze(1)
-            if not host:
-                num_present = present_col.sum()
-                valid = num_present >= 2
-            counts_col = counts.clamp_min(1.0).unsqueeze(1)
-            means = sums.div_(counts_col)
-            centred = (means - means.sum(0) / _at_least(num_present, 1.0)) * present_col
-        residual = h - means.index_select(0, target)
-        flat = residual.reshape(-1)
-        centred_flat = centred.view(-1)
-        within = _item(torch.dot(flat, flat), host) / max(n, 1)
-        msq = _item(torch.dot(centred_flat, centred_flat), host)
-        nc2, nc3 = config[4], config[5]
-        gram = None
-        frob: Scalar = 0.0
-        if nc2 != 0:
-            gram = centred @ centred.T if num_classes <= d else centred.T @ centred
-            frob = _item(torch.linalg.vector_norm(gram), host)
-        w2: Scalar = 0.0
-        inner: Scalar = 0.0
-        if nc3 != 0 and weight is not None:
-            w_flat = weight.reshape(-1)
-            if present_col is None:
-                w2 = _item(torch.dot(w_flat, w_flat), host)
-            else:
-                w2 = _item(torch.dot(weight.pow(2).sum(1), present_col.view(-1)), host)
-            inner = _item(torch.dot(w_flat, centred_flat), host)
-        total: Scalar = 0.0
-        values: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
-        coefficients: tuple[Scalar, ...] = (0.0,) * 6
-        if not host or valid:  # else fewer than two classes: every term is zero
-            total, values, coefficients = _terms(
-                within, msq, frob, w2, inner, num_present, valid, torch.finfo(dtype).tiny, config
-            )
-        ctx.host = host
-        ctx.num_present = num_present if host else None
-        ctx.gram_left = num_classes <= d
-        ctx.project = nc3 != 0 and weight is not None
-        if host:
-            ctx.coefficients = coefficients
-            ctx.save_for_backward(residual, centred, counts_col, present_col, target, gram, weight)
-            out = torch.full((), float(total), dtype=dtype, device=h.device)
-            if not want_parts:
-                return out
-            parts = torch.tensor([float(v) for v in values], dtype=dtype, device=h.device)
-        else:
-            stacked = torch.stack(
-                [torch.as_tensor(c, dtype=dtype, device=h.device) for c in coefficients]
-            )
-            ctx.save_for_backward(
-                residual, centred, counts_col, present_col, target, gram, weight, stacked
-            )
-            out = torch.as_tensor(total, dtype=dtype, device=h.device).clone()
-            if not want_parts:
-                return out
-            parts = torch.stack([torch.as_tensor(v, dtype=dtype, device=h.device) for v in values])
-        ctx.mark_non_differentiable(parts)
-        return out, parts
-
-    @staticmethod
-    def backward(ctx: Any, grad_total: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        residual, centred, counts_col, present_col, target, gram, weight = saved[:7]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        none = (None,) * 4
-        if not (need_h or need_w):
-            return (None, None, None, *none)
-        host = ctx.host
-        if host:
-            g = float(grad_total)
-            a_w, a_m, a_gm, a_wm, b_m, b_w = (c * g for c in ctx.coefficients)
-            if not any(ctx.coefficients):  # a degenerate batch: zero, still connected
-                return (
-                    torch.zeros_like(residual) if need_h else None,
-                    None,
-                    torch.zeros_like(weight) if need_w else None,
-                    *none,
-                )
-        else:
-            a_w, a_m, a_gm, a_wm, b_m, b_w = (saved[7] * grad_total).unbind()
-        with no_autocast(residual.device.type):
-            grad_h = None
-            if need_h:
-                grad_m = centred * a_m
-                if gram is not None:
-                    product = gram @ centred if ctx.gram_left else centred @ gram
-                    grad_m = _add_scaled(grad_m, product, a_gm)
-                if ctx.project:
-                    # W has no zero row sums: project onto the present classes' centred space
-                    grad_m = _add_scaled(grad_m, weight, a_wm)
-                    if present_col is None:
-                        grad_m = grad_m - grad_m.mean(0)
-                    else:
-                        num_present = ctx.num_present if host else present_col.sum()
-                        grad_m = grad_m * present_col
-                        grad_m = grad_m - present_col * (grad_m.sum(0) / _at_least(num_present, 1))
-                grad_h = (grad_m / counts_col).index_select(0, target)
-                grad_h = _add_scaled(grad_h, residual, a_w * 2.0 / max(residual.shape[0], 1))
-            grad_w = None
-            if need_w and weight is not None:
-                rows = weight if present_col is None else weight * present_col
-                grad_w = _add_scaled(centred * b_m, rows, b_w)
-        return (grad_h, None, grad_w, *none)
-
-
-def _add_scaled(out: Tensor, other: Tensor, factor: Scalar) -> Tensor:
-    """``out + factor * other``, in place on ``out`` (a fresh temporary); skipped for a host 0."""
-    if isinstance(factor, Tensor):
-        return out.addcmul_(other, factor)
-    return out.add_(other, alpha=factor) if factor != 0 else out
+    ``x - x_detached`` is exactly zero (for finite ``x``), so the result equals ``value``.
+    """
+    out: Tensor | None = None
+    for full, detached, grad in pairs:
+        zero = (full - detached).reshape(-1)
+        term = torch.dot(zero, grad.reshape(-1)) if grad is not None else zero.sum() * 0.0
+        out = term if out is None else out + term
+    if out is None:
+        if isinstance(value, Tensor):
+            return value
+        return torch.tensor(value)
+    return out + value
 
 
 def collapse_terms(
@@ -333,13 +221,14 @@ def collapse_terms(
     parts: bool = False,
     sync_dist: bool = True,
     group: Any = None,
+    validate_args: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """``nc1 * NC1 + nc2 * NC2 + nc3 * NC3`` of the global batch, in one autograd node.
+    """``nc1 * NC1 + nc2 * NC2 + nc3 * NC3`` of the global batch.
 
     Args:
         features: ``(N_local, d)`` features (any floating dtype; computed in >= float32, and in
             the classifier's dtype if wider).
-        target: ``(N_local,)`` integer labels in ``[0, num_classes)`` (not validated here).
+        target: ``(N_local,)`` integer labels in ``[0, num_classes)``.
         num_classes: total number of classes ``K_total``.
         weight: ``(K_total, d)`` classifier weight for NC3 (given with ``nc3=0``, it still gets a
             zero gradient).
@@ -353,6 +242,8 @@ def collapse_terms(
         parts: also return the ``(3,)`` unweighted, detached NC1, NC2, NC3 (zero when disabled).
         sync_dist: gather features and labels from all ranks when distributed.
         group: process group to gather over (default: the world).
+        validate_args: on CPU, turn the failure of indexing by out-of-range labels into the
+            documented ``ValueError`` (the caller deferred its range check to here).
 
     Returns:
         The scalar total (zero, still connected to the graph, with fewer than two classes
@@ -361,57 +252,218 @@ def collapse_terms(
     if sync_dist and is_distributed(group):
         features = gather_with_grad(features, group)
         target = gather_with_grad(target, group)
-    dtype = compute_dtype(features.dtype)
-    if weight is not None:
+    dtype = features.dtype
+    if dtype not in _WIDE:
+        dtype = compute_dtype(dtype)
+    if weight is not None and weight.dtype != dtype:
         dtype = torch.promote_types(dtype, weight.dtype)
-    with no_autocast(features.device.type):
-        h = features if features.dtype == dtype else features.to(dtype)
-        target = target if target.dtype == torch.long else target.long()
-        if weight is not None and weight.dtype != dtype:
-            weight = weight.to(dtype)
-        config = (nc1, nc1_form, target_nc1, target_mode, nc2, nc3)
-        out = _CollapseTerms.apply(h, target, weight, num_classes, config, parts)
-    if parts:
-        total, values = out
-        return total, values
-    return out, None
+    hf = features if features.dtype == dtype else features.to(dtype)
+    wf = weight if weight is None or weight.dtype == dtype else weight.to(dtype)
+    target = target if target.dtype == torch.long else target.long()
+    config = (nc1, nc1_form, target_nc1, target_mode, nc2, nc3)
+    device_type = "cpu" if hf.is_cpu else hf.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _collapse_terms(hf, target, wf, num_classes, config, parts, validate_args)
+    return _collapse_terms(hf, target, wf, num_classes, config, parts, validate_args)
 
 
-class _GramDistance(torch.autograd.Function):
-    """``scale * (2 - 2 <G, E> / ||G||_F)`` of masked rows, closed-form backward."""
+def _collapse_terms(
+    hf: Tensor,
+    target: Tensor,
+    wf: Tensor | None,
+    num_classes: int,
+    config: tuple[float, str, float | None, str, float, float],
+    want_parts: bool,
+    validate_args: bool,
+) -> tuple[Tensor, Tensor | None]:
+    h = hf.detach()
+    n, d = h.shape
+    dtype = h.dtype
+    host = h.is_cpu and not _is_compiling()
+    onehot = host and n * num_classes * d <= _ONEHOT_MAX
+    # class counts and sums (or the one-hot assignment), indexing by the labels: on CPU, labels
+    # out of range raise here
+    try:
+        if onehot:
+            assign = torch.eye(num_classes, dtype=dtype).index_select(0, target)
+            counts = assign.sum(0)
+        else:
+            sums = h.new_zeros((num_classes, d)).index_add_(0, target, h)
+            if host:
+                counts = torch.bincount(target, minlength=num_classes).to(dtype)
+            else:
+                counts = count_classes(target, num_classes, dtype)
+    except (IndexError, RuntimeError):
+        error = label_range_error(target, num_classes) if validate_args and host else None
+        if error is not None:
+            raise error from None
+        raise
+    num_present: Scalar
+    valid: bool | Tensor
+    present_col: Tensor | None = None
+    if host:
+        if num_classes <= 256:
+            num_present = num_classes - counts.tolist().count(0.0)
+        else:
+            num_present = int(torch.count_nonzero(counts))
+        valid = num_present >= 2
+        full = num_present == num_classes
+    else:
+        full = False
+    if full:  # every class present: no masks (the common case, decided on the host)
+        denominator = counts
+    else:
+        present_col = (counts > 0).to(dtype).unsqueeze(1)
+        if not host:
+            num_present = present_col.sum()
+            valid = num_present >= 2
+        denominator = counts.clamp_min(1.0)
+    if onehot:
+        scaled = assign / denominator  # row i: 1 / n_{y_i} at column y_i
+        means = scaled.T @ h
+        residual = torch.addmm(h, assign, means, alpha=-1.0)
+    else:
+        denominator = denominator.unsqueeze(1)
+        means = sums.div_(denominator)
+        residual = h - means.index_select(0, target)
+    if present_col is None:
+        centred = torch.sub(means, means.sum(0), alpha=1.0 / num_classes)
+    else:
+        centred = (means - means.sum(0) / _at_least(num_present, 1.0)) * present_col
+    flat = residual.reshape(-1)
+    centred_flat = centred.view(-1)
+    within = _item(torch.dot(flat, flat), host) / max(n, 1)
+    msq = _item(torch.dot(centred_flat, centred_flat), host)
+    nc2, nc3 = config[4], config[5]
+    left = num_classes <= d
+    gram = None
+    frob: Scalar = 0.0
+    if nc2 != 0:
+        gram = centred @ centred.T if left else centred.T @ centred
+        frob = _item(torch.linalg.vector_norm(gram), host)
+    w = None if wf is None else wf.detach()
+    w2: Scalar = 0.0
+    inner: Scalar = 0.0
+    if nc3 != 0 and w is not None:
+        w_flat = w.reshape(-1)
+        if present_col is None:
+            w2 = _item(torch.dot(w_flat, w_flat), host)
+        else:
+            w2 = _item(torch.dot(w.pow(2).sum(1), present_col.view(-1)), host)
+        inner = _item(torch.dot(w_flat, centred_flat), host)
+    total: Scalar = 0.0
+    values: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
+    coefficients: tuple[Scalar, ...] = (0.0,) * 6
+    if not host or valid:  # else fewer than two classes: every term is zero
+        tiny = _TINY.get(dtype) or torch.finfo(dtype).tiny
+        total, values, coefficients = _terms(
+            within, msq, frob, w2, inner, num_present, valid, tiny, config
+        )
+    parts = None
+    if want_parts:
+        if host:
+            parts = torch.tensor([float(v) for v in values], dtype=dtype, device=h.device)
+        else:
+            parts = torch.stack([torch.as_tensor(v, dtype=dtype, device=h.device) for v in values])
+    grad_enabled = torch.is_grad_enabled()
+    need_h = grad_enabled and hf.requires_grad
+    need_w = grad_enabled and wf is not None and wf.requires_grad
+    if not (need_h or need_w):
+        out = torch.as_tensor(total, dtype=dtype, device=h.device)
+        return (out.clone() if isinstance(total, Tensor) else out), parts
+    a_w, a_m, a_gm, a_wm, b_m, b_w = coefficients
+    grad_h = grad_w = None
+    degenerate = host and not any(coefficients)  # zero gradients, still connected
+    if not degenerate:
+        if need_h:
+            # gradient reaching the centred means, as matrix * factor
+            grad_m, factor = centred, a_m
+            if gram is not None or nc3 != 0:
+                grad_m, factor = centred * a_m, 1.0
+                if gram is not None:
+                    product = gram @ centred if left else centred @ gram
+                    grad_m = _add_scaled(grad_m, product, a_gm)
+                if nc3 != 0 and w is not None:
+                    # W's rows do not sum to zero: project onto the present classes' centred space
+                    grad_m = _add_scaled(grad_m, w, a_wm)
+                    if present_col is None:
+                        grad_m = torch.sub(grad_m, grad_m.sum(0), alpha=1.0 / num_classes)
+                    else:
+                        grad_m = grad_m * present_col
+                        grad_m = grad_m - present_col * (
+                            grad_m.sum(0) / _at_least(num_present, 1.0)
+                        )
+            residual_factor = a_w * 2.0 / max(n, 1)
+            if onehot:  # host floats: one fused product, gather and sum
+                grad_h = torch.addmm(
+                    residual, scaled, grad_m, beta=float(residual_factor), alpha=float(factor)
+                )
+            else:
+                per_class = grad_m / denominator
+                if grad_m is centred:
+                    per_class = per_class.mul_(factor)
+                grad_h = per_class.index_select(0, target)
+                grad_h = _add_scaled(grad_h, residual, residual_factor)
+        if need_w and w is not None:
+            rows = w if present_col is None else w * present_col
+            grad_w = _add_scaled(centred * b_m, rows, b_w)
+    pairs: list[tuple[Tensor, Tensor, Tensor | None]] = []
+    if need_h:
+        pairs.append((hf, h, grad_h))
+    if need_w and wf is not None and w is not None:
+        pairs.append((wf, w, grad_w))
+    return with_gradients(total, *pairs), parts
 
-    @staticmethod
-    def forward(ctx: Any, v: Tensor, num_rows: Scalar, scale: float) -> Tensor:
-        host = host_scalars(v)
-        k_total, d = v.shape
-        left = k_total <= d
+
+def _add_scaled(out: Tensor, other: Tensor, factor: Scalar) -> Tensor:
+    """``out + factor * other``, in place on ``out`` (a fresh temporary); skipped for a host 0."""
+    if isinstance(factor, Tensor):
+        return out.addcmul_(other, factor)
+    return out.add_(other, alpha=factor) if factor != 0 else out
+
+
+def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """``scale`` times the squared distance of the rows' normalized Gram to the simplex ETF Gram.
+
+    See :func:`~torchcollapse.losses.simplex_geometry.simplex_gram_distance` (``scale=1``). With
+    ``v`` the (masked) rows, ``s`` their sum, ``k`` their number, ``t = ||v||_F^2 - ||s||^2 / k``
+    and ``f = ||v v^T||_F``, the value is ``2 - 2 t / (f sqrt(k - 1))`` and its gradient
+    ``-4 (v - 1 s^T / k) / (f sqrt(k - 1)) + 4 t v v^T v / (f^3 sqrt(k - 1))``.
+    """
+    dtype = compute_dtype(vectors.dtype)
+    with no_autocast(vectors.device.type):
+        vf = vectors if vectors.dtype == dtype else vectors.to(dtype)
+        host = host_scalars(vf)
+        num_rows: Scalar
+        if present is None:
+            num_rows = float(vf.shape[0])
+        else:
+            present_f = present.to(dtype)
+            vf = vf * present_f.unsqueeze(1)
+            num_rows = _item(present_f.sum(), host)
+        v = vf.detach()
+        left = v.shape[0] <= v.shape[1]
         gram = v @ v.T if left else v.T @ v
         row_sum = v.sum(0)
         trace = _item(torch.trace(gram), host)
         total = _item(torch.dot(row_sum, row_sum), host)
         frob = _item(torch.linalg.vector_norm(gram), host)
-        if host and isinstance(num_rows, Tensor):
-            num_rows = num_rows.item()
         valid = num_rows >= 2
-        coefficients: tuple[Scalar, Scalar, Scalar]
-        if isinstance(valid, bool) and not valid:
-            value: Scalar = 0.0
-            coefficients = (0.0, 0.0, 0.0)
-        else:
+        value: Scalar = 0.0
+        coefficients: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
+        if not isinstance(valid, bool) or valid:
             rows = _at_least(num_rows, 1.0)
             centred_trace = trace - total / rows
             root = _sqrt(_where(valid, num_rows - 1.0, 1.0))
             positive = frob > 0
             frob_safe = _where(positive, frob, 1.0)
             value = scale * (2.0 - 2.0 * centred_trace / (frob_safe * root))
+            cubed = 4.0 * scale * centred_trace / frob_safe / frob_safe / frob_safe / root
             coefficients = (
                 -4.0 * scale / (frob_safe * root),
                 4.0 * scale / (frob_safe * root * rows),
-                _where(
-                    positive,
-                    4.0 * scale * centred_trace / frob_safe / frob_safe / frob_safe / root,
-                    0.0,
-                ),
+                _where(positive, cubed, 0.0),
             )
             if isinstance(valid, Tensor):
                 value = _where(valid, value, 0.0)
@@ -420,50 +472,18 @@ class _GramDistance(torch.autograd.Function):
                     _where(valid, coefficients[1], 0.0),
                     _where(valid, coefficients[2], 0.0),
                 )
-        ctx.host = host
-        ctx.left = left
-        if host:
-            ctx.coefficients = coefficients
-            ctx.save_for_backward(v, row_sum, gram)
-            return torch.full((), float(value), dtype=v.dtype, device=v.device)
-        stacked = torch.stack(
-            [torch.as_tensor(c, dtype=v.dtype, device=v.device) for c in coefficients]
-        )
-        ctx.save_for_backward(v, row_sum, gram, stacked)
-        return torch.as_tensor(value, dtype=v.dtype, device=v.device).clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        v, row_sum, gram = ctx.saved_tensors[:3]
-        if ctx.host:
-            g = float(grad)
-            c_v, c_sum, c_gram = (c * g for c in ctx.coefficients)
-            if not any(ctx.coefficients):
-                return torch.zeros_like(v), None, None
-        else:
-            c_v, c_sum, c_gram = (ctx.saved_tensors[3] * grad).unbind()
-        with no_autocast(v.device.type):
-            out = _add_scaled(v * c_v, row_sum, c_sum)
-            out = _add_scaled(out, gram @ v if ctx.left else v @ gram, c_gram)
-        return out, None, None
-
-
-def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float = 1.0) -> Tensor:
-    """``scale`` times the squared distance of the rows' normalized Gram to the simplex ETF Gram.
-
-    See :func:`~torchcollapse.losses.simplex_geometry.simplex_gram_distance` (``scale=1``).
-    """
-    dtype = compute_dtype(vectors.dtype)
-    with no_autocast(vectors.device.type):
-        v = vectors if vectors.dtype == dtype else vectors.to(dtype)
-        num_rows: Scalar
-        if present is None:
-            num_rows = float(v.shape[0])
-        else:
-            present_f = present.to(dtype)
-            v = v * present_f.unsqueeze(1)
-            num_rows = present_f.sum()
-        out: Tensor = _GramDistance.apply(v, num_rows, scale)
-        return out
+        if not (torch.is_grad_enabled() and vf.requires_grad):
+            out = torch.as_tensor(value, dtype=dtype, device=v.device)
+            return out.clone() if isinstance(value, Tensor) else out
+        c_v, c_sum, c_gram = coefficients
+        grad = None
+        if isinstance(c_v, Tensor) or any(coefficients):
+            if isinstance(c_v, float) and isinstance(c_gram, float):
+                if left:
+                    grad = torch.addmm(v, gram, v, beta=c_v, alpha=c_gram)
+                else:
+                    grad = torch.addmm(v, v, gram, beta=c_v, alpha=c_gram)
+            else:
+                grad = _add_scaled(v * c_v, gram @ v if left else v @ gram, c_gram)
+            grad = _add_scaled(grad, row_sum, c_sum)
+        return with_gradients(value, (vf, v, grad))

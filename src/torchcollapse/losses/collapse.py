@@ -224,7 +224,9 @@ class CollapseRegularizer(nn.Module):
                 is non-zero, ignored otherwise.
             return_parts: also return the dict of unweighted, detached parts.
         """
-        check_features_target(features, target, self.num_classes, self.validate_args)
+        check_features_target(
+            features, target, self.num_classes, self.validate_args, defer_cpu_range=True
+        )
         weight: Tensor | None = None
         if self.nc3 != 0:
             if classifier is None:
@@ -247,6 +249,7 @@ class CollapseRegularizer(nn.Module):
             parts=return_parts,
             sync_dist=self.sync_dist,
             group=self.process_group,
+            validate_args=self.validate_args,
         )
         if values is None:
             return total

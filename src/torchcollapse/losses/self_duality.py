@@ -114,7 +114,9 @@ class SelfDualityLoss(nn.Module):
 
     def forward(self, features: Tensor, target: Tensor, classifier: Tensor | nn.Module) -> Tensor:
         """Weighted NC3 term of the batch class means against ``classifier``."""
-        check_features_target(features, target, self.num_classes, self.validate_args)
+        check_features_target(
+            features, target, self.num_classes, self.validate_args, defer_cpu_range=True
+        )
         weight = resolve_weight(classifier)
         check_classifier_shape(weight, self.num_classes, features.shape[1])
         total, _ = collapse_terms(
@@ -125,5 +127,6 @@ class SelfDualityLoss(nn.Module):
             nc3=self.weight,
             sync_dist=self.sync_dist,
             group=self.process_group,
+            validate_args=self.validate_args,
         )
         return total

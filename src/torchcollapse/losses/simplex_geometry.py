@@ -152,7 +152,9 @@ class SimplexGeometryLoss(nn.Module):
             raise ValueError(
                 "Expected arguments `features` and `target`, or `classifier`, but got neither."
             )
-        check_features_target(features, target, self.num_classes, self.validate_args)
+        check_features_target(
+            features, target, self.num_classes, self.validate_args, defer_cpu_range=True
+        )
         total, _ = collapse_terms(
             features,
             target,
@@ -160,5 +162,6 @@ class SimplexGeometryLoss(nn.Module):
             nc2=self.weight,
             sync_dist=self.sync_dist,
             group=self.process_group,
+            validate_args=self.validate_args,
         )
         return total

@@ -192,7 +192,13 @@ class WithinClassVariabilityLoss(nn.Module):
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         """Weighted NC1 term of ``features`` (``(N, d)``) with labels ``target`` (``(N,)``)."""
-        check_features_target(features, target, self.num_classes, self.validate_args)
+        check_features_target(
+            features,
+            target,
+            self.num_classes,
+            self.validate_args,
+            defer_cpu_range=self.form != "running",
+        )
         if self.form == "running":
             return self._running(features, target)
         total, _ = collapse_terms(
@@ -203,6 +209,7 @@ class WithinClassVariabilityLoss(nn.Module):
             nc1_form=self.form,
             sync_dist=self.sync_dist,
             group=self.process_group,
+            validate_args=self.validate_args,
         )
         return total
 
