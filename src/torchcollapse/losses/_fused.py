@@ -45,12 +45,20 @@ from torch import Tensor
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse.losses._batch import compute_dtype, count_classes, label_range_error
 
-__all__ = ["collapse_terms", "gram_distance", "host_scalars", "no_autocast", "with_gradients"]
+__all__ = [
+    "ONEHOT_MAX",
+    "WIDE_DTYPES",
+    "collapse_terms",
+    "gram_distance",
+    "host_scalars",
+    "no_autocast",
+    "with_gradients",
+]
 
-_ONEHOT_MAX = 1 << 18
+ONEHOT_MAX = 1 << 18
 """Largest ``N K d`` whose class sums and gathers are one-hot products (CPU only)."""
-_WIDE = (torch.float32, torch.float64)
-_TINY = {dtype: torch.finfo(dtype).tiny for dtype in _WIDE}
+WIDE_DTYPES = (torch.float32, torch.float64)
+_TINY = {dtype: torch.finfo(dtype).tiny for dtype in WIDE_DTYPES}
 
 Scalar: TypeAlias = float | Tensor
 """A Python float on the host path, a 0-dim tensor otherwise."""
@@ -188,9 +196,12 @@ def _terms(
     return total, values, coefficients
 
 
-def with_gradients(value: Scalar, *pairs: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
-    """``value`` as a tensor whose gradient with respect to each ``x`` of ``(x, x_detached, g)``
-    is ``g`` (``None``: zero, still connected), computed as ``value + sum <x - x_detached, g>``.
+def with_gradients(
+    value: Scalar, like: Tensor, *pairs: tuple[Tensor, Tensor, Tensor | None]
+) -> Tensor:
+    """``value`` as a tensor (``like``'s dtype and device) whose gradient with respect to each
+    ``x`` of ``(x, x_detached, g)`` is ``g`` (``None``: zero, still connected), computed as
+    ``value + sum <x - x_detached, g>``.
 
     ``x - x_detached`` is exactly zero (for finite ``x``), so the result equals ``value``.
     """
@@ -200,9 +211,7 @@ def with_gradients(value: Scalar, *pairs: tuple[Tensor, Tensor, Tensor | None]) 
         term = torch.dot(zero, grad.reshape(-1)) if grad is not None else zero.sum() * 0.0
         out = term if out is None else out + term
     if out is None:
-        if isinstance(value, Tensor):
-            return value
-        return torch.tensor(value)
+        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
     return out + value
 
 
@@ -253,7 +262,7 @@ def collapse_terms(
         features = gather_with_grad(features, group)
         target = gather_with_grad(target, group)
     dtype = features.dtype
-    if dtype not in _WIDE:
+    if dtype not in WIDE_DTYPES:
         dtype = compute_dtype(dtype)
     if weight is not None and weight.dtype != dtype:
         dtype = torch.promote_types(dtype, weight.dtype)
@@ -281,7 +290,7 @@ def _collapse_terms(
     n, d = h.shape
     dtype = h.dtype
     host = h.is_cpu and not _is_compiling()
-    onehot = host and n * num_classes * d <= _ONEHOT_MAX
+    onehot = host and n * num_classes * d <= ONEHOT_MAX
     # class counts and sums (or the one-hot assignment), indexing by the labels: on CPU, labels
     # out of range raise here
     try:
@@ -369,9 +378,6 @@ def _collapse_terms(
     grad_enabled = torch.is_grad_enabled()
     need_h = grad_enabled and hf.requires_grad
     need_w = grad_enabled and wf is not None and wf.requires_grad
-    if not (need_h or need_w):
-        out = torch.as_tensor(total, dtype=dtype, device=h.device)
-        return (out.clone() if isinstance(total, Tensor) else out), parts
     a_w, a_m, a_gm, a_wm, b_m, b_w = coefficients
     grad_h = grad_w = None
     degenerate = host and not any(coefficients)  # zero gradients, still connected
@@ -413,7 +419,7 @@ def _collapse_terms(
         pairs.append((hf, h, grad_h))
     if need_w and wf is not None and w is not None:
         pairs.append((wf, w, grad_w))
-    return with_gradients(total, *pairs), parts
+    return with_gradients(total, h, *pairs), parts
 
 
 def _add_scaled(out: Tensor, other: Tensor, factor: Scalar) -> Tensor:
@@ -473,8 +479,7 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
                     _where(valid, coefficients[2], 0.0),
                 )
         if not (torch.is_grad_enabled() and vf.requires_grad):
-            out = torch.as_tensor(value, dtype=dtype, device=v.device)
-            return out.clone() if isinstance(value, Tensor) else out
+            return with_gradients(value, v)
         c_v, c_sum, c_gram = coefficients
         grad = None
         if isinstance(c_v, Tensor) or any(coefficients):
@@ -486,4 +491,4 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
             else:
                 grad = _add_scaled(v * c_v, gram @ v if left else v @ gram, c_gram)
             grad = _add_scaled(grad, row_sum, c_sum)
-        return with_gradients(value, (vf, v, grad))
+        return with_gradients(value, v, (vf, v, grad))

@@ -35,9 +35,10 @@ from torchcollapse.losses._batch import (
     compute_dtype,
     count_classes,
     global_sum,
+    label_range_error,
     resolve_weight,
 )
-from torchcollapse.losses._fused import host_scalars, no_autocast
+from torchcollapse.losses._fused import ONEHOT_MAX, WIDE_DTYPES, host_scalars, with_gradients
 
 __all__ = ["DotRegressionLoss", "class_weights_from_counts", "dot_regression_loss"]
 
@@ -103,69 +104,108 @@ def _dot_regression(
     class_weight: Tensor | None,
     eps: float,
     scale: float | None,
+    batch_power: float | None = None,
+    validate_args: bool = False,
 ) -> Tensor:
-    """Per-sample losses (``scale=None``) or ``scale`` times their sum, in at least float32."""
-    dtype = compute_dtype(torch.promote_types(features.dtype, frame.dtype))
-    with no_autocast(features.device.type):
-        h = features if features.dtype == dtype else features.to(dtype)
-        m = frame if frame.dtype == dtype else frame.to(dtype)
-        target = target if target.dtype == torch.long else target.long()
-        if class_weight is not None and class_weight.dtype != dtype:
-            class_weight = class_weight.to(dtype)
-        out: Tensor = _DotRegression.apply(h, m, target, class_weight, eps, scale)
-        return out
+    """Per-sample losses (``scale=None``) or ``scale`` times their sum, in at least float32.
+
+    With ``batch_power``, the class weights are ``(n_mean / n_c)^batch_power`` from the counts of
+    this batch, taken in the same pass over the labels.
+    """
+    dtype = torch.promote_types(features.dtype, frame.dtype)
+    if dtype not in WIDE_DTYPES:
+        dtype = compute_dtype(dtype)
+    hf = features if features.dtype == dtype else features.to(dtype)
+    mf = frame if frame.dtype == dtype else frame.to(dtype)
+    target = target if target.dtype == torch.long else target.long()
+    if class_weight is not None and class_weight.dtype != dtype:
+        class_weight = class_weight.to(dtype)
+    args = (hf, target, mf, class_weight, eps, scale, batch_power, validate_args)
+    device_type = "cpu" if hf.is_cpu else hf.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _dot_regression_terms(*args)
+    return _dot_regression_terms(*args)
 
 
-class _DotRegression(torch.autograd.Function):
-    """The loss with detached norms in one node; the gradient is ``c_i m_{y_i}`` for ``h_i`` and
-    ``sum_{i: y_i = c} c_i h_i`` for ``m_c``, with ``c_i = w_{y_i} (h_i^T m_{y_i} - s_i) / s_i``
-    (times the incoming gradient and the reduction's scale)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        h: Tensor,
-        frame: Tensor,
-        target: Tensor,
-        class_weight: Tensor | None,
-        eps: float,
-        scale: float | None,
-    ) -> Tensor:
-        m = frame.index_select(0, target)
-        norms = torch.linalg.vector_norm(h, dim=1).clamp_min_(eps)
-        norms.mul_(torch.linalg.vector_norm(m, dim=1).clamp_min_(eps))
-        diff = torch.linalg.vecdot(h, m).sub_(norms)
-        coefficient = diff / norms  # d loss_i / d (h_i^T m_{y_i})
-        if class_weight is not None:
-            coefficient.mul_(class_weight.index_select(0, target))
-        ctx.save_for_backward(h, m, target, coefficient)
-        ctx.scale = scale
-        ctx.num_classes = frame.shape[0]
-        if scale is None:
-            per_sample: Tensor = diff.mul_(coefficient).mul_(0.5)
-            return per_sample
-        total = torch.dot(coefficient, diff)
-        if host_scalars(h):
-            return torch.full((), 0.5 * scale * total.item(), dtype=h.dtype, device=h.device)
-        return total * (0.5 * scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h, m, target, coefficient = ctx.saved_tensors
-        need_h, need_frame = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.scale is None:
-            factor = (coefficient * grad).unsqueeze(1)
-        elif host_scalars(h):
-            factor = (coefficient * (float(grad) * ctx.scale)).unsqueeze(1)
+def _dot_regression_terms(
+    hf: Tensor,
+    target: Tensor,
+    mf: Tensor,
+    class_weight: Tensor | None,
+    eps: float,
+    scale: float | None,
+    batch_power: float | None,
+    validate_args: bool,
+) -> Tensor:
+    """The loss with detached norms and its closed-form gradients: ``c_i m_{y_i}`` for ``h_i``
+    and ``sum_{i: y_i = c} c_i h_i`` for ``m_c``, with ``c_i = w_{y_i} (h_i^T m_{y_i} - s_i) /
+    s_i`` (times the reduction's scale), handed to autograd as ``<x - x.detach(), g>``."""
+    h, frame = hf.detach(), mf.detach()
+    n, d = h.shape
+    num_classes = frame.shape[0]
+    host = host_scalars(h)
+    assign = None
+    try:  # index by the labels: on CPU, labels out of range raise here
+        if host and n * num_classes * d <= ONEHOT_MAX:  # one-hot products, one matrix kernel
+            assign = torch.eye(num_classes, dtype=h.dtype).index_select(0, target)
+            m = assign @ frame
         else:
-            factor = (coefficient * (grad * ctx.scale)).unsqueeze(1)
-        grad_h = m * factor if need_h else None
-        grad_frame = None
+            m = frame.index_select(0, target)
+    except (IndexError, RuntimeError):
+        error = label_range_error(target, num_classes) if validate_args and host else None
+        if error is not None:
+            raise error from None
+        raise
+    norms = torch.linalg.vector_norm(h, dim=1).clamp_min_(eps)
+    norms.mul_(torch.linalg.vector_norm(m, dim=1).clamp_min_(eps))
+    diff = torch.linalg.vecdot(h, m).sub_(norms)
+    coefficient = diff / norms  # d loss_i / d (h_i^T m_{y_i}), before the class weight
+    if batch_power is not None:
+        if assign is not None:
+            counts = assign.sum(0)
+        elif host:
+            counts = torch.bincount(target, minlength=num_classes).to(h.dtype)
+        else:
+            counts = count_classes(target, num_classes, h.dtype)
+        class_weight = _class_weights(counts, batch_power, host)
+    if class_weight is not None:
+        coefficient.mul_(class_weight.index_select(0, target))
+    grad_enabled = torch.is_grad_enabled()
+    need_h = grad_enabled and hf.requires_grad
+    need_frame = grad_enabled and mf.requires_grad
+    if scale is None:  # per-sample losses, each with its own gradient
+        loss: Tensor = diff.mul_(coefficient).mul_(0.5)
+        coefficient = coefficient.unsqueeze(1)
+        if need_h:
+            loss = loss + ((hf - h) * (m * coefficient)).sum(1)
         if need_frame:
-            grad_frame = h.new_zeros((ctx.num_classes, h.shape[1])).index_add_(
-                0, target, h * factor
-            )
-        return grad_h, grad_frame, None, None, None, None
+            loss = loss + ((mf - frame).index_select(0, target) * (h * coefficient)).sum(1)
+        return loss
+    total = torch.dot(coefficient, diff)
+    value: float | Tensor = 0.5 * scale * total.item() if host else total * (0.5 * scale)
+    coefficient = coefficient.mul_(scale).unsqueeze(1)
+    pairs = []
+    if need_h:
+        pairs.append((hf, h, m * coefficient))
+    if need_frame:
+        product = h * coefficient
+        if assign is not None:
+            grad_frame = assign.T @ product
+        else:
+            grad_frame = h.new_zeros((num_classes, d)).index_add_(0, target, product)
+        pairs.append((mf, frame, grad_frame))
+    return with_gradients(value, h, *pairs)
+
+
+def _class_weights(counts: Tensor, power: float, host: bool) -> Tensor:
+    """:func:`class_weights_from_counts` of float counts; a few Python floats for few classes."""
+    if not host or counts.shape[0] > 256:
+        return class_weights_from_counts(counts, power)
+    values = counts.tolist()
+    mean_count = sum(values) / max(len(values) - values.count(0.0), 1)
+    weights = [(mean_count / c) ** power if c > 0 else 1.0 for c in values]
+    return torch.tensor(weights, dtype=counts.dtype)
 
 
 class DotRegressionLoss(nn.Module):
@@ -270,15 +310,18 @@ class DotRegressionLoss(nn.Module):
     def forward(self, features: Tensor, target: Tensor, frame: Tensor | nn.Module) -> Tensor:
         """Dot-regression loss of ``features`` (``(N, d)``) towards ``frame[target]``."""
         weight = resolve_weight(frame, "frame")
-        check_features_target(features, target, weight.shape[0], self.validate_args)
+        sync = self.sync_dist and is_distributed(self.process_group)
+        num_classes = weight.shape[0]
+        check_features_target(
+            features, target, num_classes, self.validate_args, defer_cpu_range=not sync
+        )
         if weight.shape[1] != features.shape[1]:
             raise ValueError(
                 f"Expected argument `frame` to have {features.shape[1]} columns (the feature "
                 f"dimension), but got shape {tuple(weight.shape)}."
             )
-        sync = self.sync_dist and is_distributed(self.process_group)
-        num_classes = weight.shape[0]
         counts: Tensor | None = None
+        batch_power: float | None = None
         if self.class_counts is not None:
             if self.class_counts.numel() != num_classes:
                 raise ValueError(
@@ -287,25 +330,30 @@ class DotRegressionLoss(nn.Module):
                 )
             counts = self.class_counts
         elif self.batch_counts:
-            if host_scalars(target):
-                counts = torch.bincount(target, minlength=num_classes).to(torch.float32)
+            if not sync:  # counted in the loss's own pass over the labels
+                batch_power = self.reweight_power
             else:
                 counts = count_classes(target.long(), num_classes, torch.float32)
-            if sync:
                 all_reduce_sum(counts, self.process_group)
-        dtype = compute_dtype(torch.promote_types(features.dtype, weight.dtype))
         class_weight = None
         if counts is not None:
+            dtype = compute_dtype(torch.promote_types(features.dtype, weight.dtype))
             counts = counts if counts.dtype == dtype else counts.to(dtype)
             class_weight = class_weights_from_counts(counts, self.reweight_power)
         if self.reduction == "none" or not sync:
-            return dot_regression_loss(
+            if self.reduction == "none":
+                scale = None
+            else:
+                scale = 1.0 if self.reduction == "sum" else 1.0 / max(features.shape[0], 1)
+            return _dot_regression(
                 features,
                 target,
                 weight,
-                class_weight=class_weight,
-                reduction=self.reduction,
-                eps=self.eps,
+                class_weight,
+                self.eps,
+                scale,
+                batch_power,
+                self.validate_args,
             )
         local = _dot_regression(features, target, weight, class_weight, self.eps, 1.0)
         total = global_sum(local, sync_dist=sync, group=self.process_group)

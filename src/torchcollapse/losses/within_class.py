@@ -39,9 +39,16 @@ from torchcollapse.losses._batch import (
     compute_dtype,
     count_classes,
     global_sum,
+    label_range_error,
     where_valid,
 )
-from torchcollapse.losses._fused import collapse_terms, host_scalars, no_autocast
+from torchcollapse.losses._fused import (
+    ONEHOT_MAX,
+    WIDE_DTYPES,
+    collapse_terms,
+    host_scalars,
+    with_gradients,
+)
 
 __all__ = ["WithinClassVariabilityLoss", "within_class_variability"]
 
@@ -193,11 +200,7 @@ class WithinClassVariabilityLoss(nn.Module):
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         """Weighted NC1 term of ``features`` (``(N, d)``) with labels ``target`` (``(N,)``)."""
         check_features_target(
-            features,
-            target,
-            self.num_classes,
-            self.validate_args,
-            defer_cpu_range=self.form != "running",
+            features, target, self.num_classes, self.validate_args, defer_cpu_range=True
         )
         if self.form == "running":
             return self._running(features, target)
@@ -219,84 +222,107 @@ class WithinClassVariabilityLoss(nn.Module):
                 f"Expected argument `features` to have {self.running_mean.shape[1]} columns "
                 f"(`in_features`), but got {features.shape[1]}."
             )
-        dtype = compute_dtype(features.dtype)
         sync = self.sync_dist and is_distributed(self.process_group)
+        dtype = features.dtype if features.dtype in WIDE_DTYPES else compute_dtype(features.dtype)
+        hf = features if features.dtype == dtype else features.to(dtype)
         target = target if target.dtype == torch.long else target.long()
-        with no_autocast(features.device.type):
-            h = features if features.dtype == dtype else features.to(dtype)
+        device_type = "cpu" if hf.is_cpu else hf.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self._running_distance(hf, target, sync)
+        return self._running_distance(hf, target, sync)
+
+    def _running_distance(self, hf: Tensor, target: Tensor, sync: bool) -> Tensor:
+        """Update the running means (in training), then the weighted mean squared distance.
+
+        The value's gradient, ``2 weight (h_i - r_{y_i}) / count`` for the counted samples (the
+        running means are constants), is handed to autograd in closed form.
+        """
+        h = hf.detach()
+        n, d = h.shape
+        host = host_scalars(h) and not sync
+        assign = None
+        try:
+            if host and n * self.num_classes * d <= ONEHOT_MAX:
+                assign = torch.eye(self.num_classes, dtype=h.dtype).index_select(0, target)
             if self.training:
-                self._update(h.detach(), target, sync)
-            running = self.running_mean
-            centres = (running if running.dtype == dtype else running.to(dtype)).index_select(
-                0, target
-            )
+                self._update(h, target, sync, assign)
             # in training every class of the (global) batch has just been seen
             seen = None if self.training else self.class_batches.index_select(0, target) > 0
-            if not sync and host_scalars(h):
-                count = h.shape[0] if seen is None else int(torch.count_nonzero(seen))
-                mask = None if seen is None or count == h.shape[0] else seen.to(dtype)
-                out: Tensor = _CentreDistance.apply(h, centres, mask, self.weight / max(count, 1))
-                return out
-            mask = None if seen is None else seen.to(dtype)
-            local = _CentreDistance.apply(h, centres, mask, 1.0)
-            total = global_sum(local, sync_dist=sync, group=self.process_group)
-            counted = h.new_tensor(float(h.shape[0])) if mask is None else mask.sum()
-            if sync:
-                counted = all_reduce_sum(counted.clone(), self.process_group)
-            return self.weight * where_valid(counted > 0, total / counted.clamp_min(1.0))
+        except (IndexError, RuntimeError):
+            error = label_range_error(target, self.num_classes) if self.validate_args else None
+            if error is not None and h.is_cpu:
+                raise error from None
+            raise
+        running = self.running_mean
+        running = running if running.dtype == h.dtype else running.to(h.dtype)
+        if assign is not None:
+            residual = torch.addmm(h, assign, running, alpha=-1.0)
+        else:
+            residual = h - running.index_select(0, target)
+        if seen is not None:
+            residual = residual * seen.unsqueeze(1)
+        flat = residual.reshape(-1)
+        if host:
+            count = n if seen is None else int(torch.count_nonzero(seen))
+            scale = self.weight / max(count, 1)
+            value = torch.dot(flat, flat).item() * scale
+            return with_gradients(value, h, (hf, h, residual * (2.0 * scale)))
+        local = with_gradients(torch.dot(flat, flat), h, (hf, h, residual * 2.0))
+        total = global_sum(local, sync_dist=sync, group=self.process_group)
+        counted = h.new_tensor(float(n)) if seen is None else seen.to(h.dtype).sum()
+        if sync:
+            counted = all_reduce_sum(counted.clone(), self.process_group)
+        return self.weight * where_valid(counted > 0, total / counted.clamp_min(1.0))
 
     @torch.no_grad()
-    def _update(self, h: Tensor, target: Tensor, sync: bool) -> None:
+    def _update(self, h: Tensor, target: Tensor, sync: bool, assign: Tensor | None) -> None:
         num_classes, dim = self.running_mean.shape
         if sync:
             packed = h.new_zeros((num_classes, dim + 1))
             packed[:, :dim].index_add_(0, target, h)
             packed[:, dim] = count_classes(target, num_classes, h.dtype)
             all_reduce_sum(packed, self.process_group)
-            sums, counts = packed[:, :dim], packed[:, dim]
+            counts = packed[:, dim]
+            batch_mean = packed[:, :dim].div_(counts.clamp_min(1.0).unsqueeze(1))
+        elif assign is not None:
+            counts = assign.sum(0)
+            batch_mean = (assign / counts.clamp_min(1.0)).T @ h
         else:
             sums = h.new_zeros((num_classes, dim)).index_add_(0, target, h)
             if host_scalars(h):
                 counts = torch.bincount(target, minlength=num_classes).to(h.dtype)
             else:
                 counts = count_classes(target, num_classes, h.dtype)
-        present = counts > 0
-        batch_mean = sums.div_(counts.clamp_min(1.0).unsqueeze(1))
-        present_f = present.to(h.dtype)
-        if self.momentum is None:  # cumulative average: 1 / (batches seen + 1)
-            factor = present_f / (self.class_batches + 1)
-        else:  # a class seen for the first time takes its batch mean
-            factor = torch.where(self.class_batches > 0, present_f * self.momentum, present_f)
+            batch_mean = sums.div_(counts.clamp_min(1.0).unsqueeze(1))
+        factor, present = self._factors(counts)
         if self.running_mean.dtype == h.dtype:
-            self.running_mean.lerp_(batch_mean, factor.unsqueeze(1))
+            self.running_mean.lerp_(batch_mean, factor)
         else:
-            running = self.running_mean.to(h.dtype).lerp_(batch_mean, factor.unsqueeze(1))
+            running = self.running_mean.to(h.dtype).lerp_(batch_mean, factor)
             self.running_mean.copy_(running)
         self.class_batches.add_(present)
 
-
-class _CentreDistance(torch.autograd.Function):
-    """``scale * sum_i mask_i ||h_i - c_i||^2`` (0/1 ``mask``, optional); backward in closed form:
-    ``2 scale mask_i (h_i - c_i)`` (the centres are constants)."""
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, centres: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-        diff = h - centres
-        if mask is not None:
-            diff.mul_(mask.unsqueeze(1))
-        flat = diff.reshape(-1)
-        total = torch.dot(flat, flat)
-        ctx.save_for_backward(diff)
-        ctx.scale = scale
-        if host_scalars(h):
-            return torch.full((), total.item() * scale, dtype=h.dtype, device=h.device)
-        return total * scale
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (diff,) = ctx.saved_tensors
-        if host_scalars(diff):
-            return diff * (2.0 * ctx.scale * float(grad)), None, None, None
-        return diff * (grad * (2.0 * ctx.scale)), None, None, None
+    def _factors(self, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """``(K, 1)`` update factors of the running means and the present-class mask: 0 for
+        classes absent from the batch, 1 for a class seen for the first time, else the momentum
+        (or ``1 / (batches seen + 1)`` for the cumulative average)."""
+        if host_scalars(counts) and counts.shape[0] <= 256:  # a few Python floats
+            seen = self.class_batches.tolist()
+            present = [c > 0 for c in counts.tolist()]
+            if self.momentum is None:
+                factors = [1.0 / (b + 1.0) if p else 0.0 for p, b in zip(present, seen)]
+            else:
+                momentum = self.momentum
+                factors = [
+                    (momentum if b > 0 else 1.0) if p else 0.0 for p, b in zip(present, seen)
+                ]
+            factor = torch.tensor(factors, dtype=counts.dtype).unsqueeze(1)
+            return factor, torch.tensor(present)
+        present_mask = counts > 0
+        present_f = present_mask.to(counts.dtype)
+        if self.momentum is None:
+            factor = present_f / (self.class_batches + 1)
+        else:
+            factor = torch.where(self.class_batches > 0, present_f * self.momentum, present_f)
+        return factor.unsqueeze(1), present_mask
