@@ -328,23 +328,28 @@ def _collapse_terms(
             num_present = present_col.sum()
             valid = num_present >= 2
         denominator = counts.clamp_min(1.0)
+    nc1, nc2, nc3 = config[0], config[4], config[5]
+    residual = None  # only NC1 needs the residuals to the class means
     if onehot:
         scaled = assign / denominator  # row i: 1 / n_{y_i} at column y_i
         means = scaled.T @ h
-        residual = torch.addmm(h, assign, means, alpha=-1.0)
+        if nc1 != 0:
+            residual = torch.addmm(h, assign, means, alpha=-1.0)
     else:
         denominator = denominator.unsqueeze(1)
         means = sums.div_(denominator)
-        residual = h - means.index_select(0, target)
+        if nc1 != 0:
+            residual = h - means.index_select(0, target)
     if present_col is None:
         centred = torch.sub(means, means.sum(0), alpha=1.0 / num_classes)
     else:
         centred = (means - means.sum(0) / _at_least(num_present, 1.0)) * present_col
-    flat = residual.reshape(-1)
+    within: Scalar = 0.0
+    if residual is not None:
+        flat = residual.reshape(-1)
+        within = _item(torch.dot(flat, flat), host) / max(n, 1)
     centred_flat = centred.view(-1)
-    within = _item(torch.dot(flat, flat), host) / max(n, 1)
     msq = _item(torch.dot(centred_flat, centred_flat), host)
-    nc2, nc3 = config[4], config[5]
     left = num_classes <= d
     gram = None
     frob: Scalar = 0.0
@@ -401,16 +406,19 @@ def _collapse_terms(
                             grad_m.sum(0) / _at_least(num_present, 1.0)
                         )
             residual_factor = a_w * 2.0 / max(n, 1)
-            if onehot:  # host floats: one fused product, gather and sum
+            if onehot and residual is not None:  # host floats: one product, gather and sum
                 grad_h = torch.addmm(
                     residual, scaled, grad_m, beta=float(residual_factor), alpha=float(factor)
                 )
+            elif onehot:  # no NC1, hence factor 1
+                grad_h = scaled @ grad_m
             else:
                 per_class = grad_m / denominator
                 if grad_m is centred:
                     per_class = per_class.mul_(factor)
                 grad_h = per_class.index_select(0, target)
-                grad_h = _add_scaled(grad_h, residual, residual_factor)
+                if residual is not None:
+                    grad_h = _add_scaled(grad_h, residual, residual_factor)
         if need_w and w is not None:
             rows = w if present_col is None else w * present_col
             grad_w = _add_scaled(centred * b_m, rows, b_w)

@@ -138,74 +138,60 @@ def _dot_regression_terms(
     batch_power: float | None,
     validate_args: bool,
 ) -> Tensor:
-    """The loss with detached norms and its closed-form gradients: ``c_i m_{y_i}`` for ``h_i``
-    and ``sum_{i: y_i = c} c_i h_i`` for ``m_c``, with ``c_i = w_{y_i} (h_i^T m_{y_i} - s_i) /
-    s_i`` (times the reduction's scale), handed to autograd as ``<x - x.detach(), g>``."""
-    h, frame = hf.detach(), mf.detach()
-    n, d = h.shape
-    num_classes = frame.shape[0]
-    host = host_scalars(h)
-    assign = None
+    """The loss with detached norms. Its gradient is that of ``sum_i c_i h_i^T m_{y_i}`` with
+    ``c_i = w_{y_i} (h_i^T m_{y_i} - s_i) / s_i`` held constant (times the reduction's scale), so
+    autograd gets it through ``value + <c, p - p.detach()>`` for the products ``p``."""
+    num_classes = mf.shape[0]
+    host = host_scalars(hf)
+    n, d = hf.shape
     try:  # index by the labels: on CPU, labels out of range raise here
         if host and n * num_classes * d <= ONEHOT_MAX:  # one-hot products, one matrix kernel
-            assign = torch.eye(num_classes, dtype=h.dtype).index_select(0, target)
-            m = assign @ frame
+            assign = torch.eye(num_classes, dtype=hf.dtype).index_select(0, target)
+            m = assign @ mf
         else:
-            m = frame.index_select(0, target)
+            assign = None
+            m = mf.index_select(0, target)
     except (IndexError, RuntimeError):
         error = label_range_error(target, num_classes) if validate_args and host else None
         if error is not None:
             raise error from None
         raise
+    products = torch.linalg.vecdot(hf, m)
+    h, m_rows = hf.detach(), m.detach()
     norms = torch.linalg.vector_norm(h, dim=1).clamp_min_(eps)
-    norms.mul_(torch.linalg.vector_norm(m, dim=1).clamp_min_(eps))
-    diff = torch.linalg.vecdot(h, m).sub_(norms)
+    norms.mul_(torch.linalg.vector_norm(m_rows, dim=1).clamp_min_(eps))
+    diff = products.detach() - norms
     coefficient = diff / norms  # d loss_i / d (h_i^T m_{y_i}), before the class weight
+    factor = 1.0 if scale is None else scale
     if batch_power is not None:
         if assign is not None:
             counts = assign.sum(0)
         elif host:
-            counts = torch.bincount(target, minlength=num_classes).to(h.dtype)
+            counts = torch.bincount(target, minlength=num_classes).to(hf.dtype)
         else:
-            counts = count_classes(target, num_classes, h.dtype)
-        class_weight = _class_weights(counts, batch_power, host)
+            counts = count_classes(target, num_classes, hf.dtype)
+        if host:  # (n_mean / n_c)^p = n_mean^p n_c^-p, the first factor on the host
+            present = num_classes - counts.tolist().count(0.0) if num_classes <= 256 else None
+            if present is None:
+                present = int(torch.count_nonzero(counts))
+            class_weight = counts.pow(-batch_power)  # absent classes (inf) are never gathered
+            factor *= (n / max(present, 1)) ** batch_power
+        else:
+            class_weight = class_weights_from_counts(counts, batch_power)
     if class_weight is not None:
         coefficient.mul_(class_weight.index_select(0, target))
-    grad_enabled = torch.is_grad_enabled()
-    need_h = grad_enabled and hf.requires_grad
-    need_frame = grad_enabled and mf.requires_grad
-    if scale is None:  # per-sample losses, each with its own gradient
+    if factor != 1.0:
+        coefficient.mul_(factor)
+    if scale is None:  # per-sample losses
         loss: Tensor = diff.mul_(coefficient).mul_(0.5)
-        coefficient = coefficient.unsqueeze(1)
-        if need_h:
-            loss = loss + ((hf - h) * (m * coefficient)).sum(1)
-        if need_frame:
-            loss = loss + ((mf - frame).index_select(0, target) * (h * coefficient)).sum(1)
+        if products.requires_grad:
+            loss = loss + coefficient * (products - products.detach())
         return loss
     total = torch.dot(coefficient, diff)
-    value: float | Tensor = 0.5 * scale * total.item() if host else total * (0.5 * scale)
-    coefficient = coefficient.mul_(scale).unsqueeze(1)
-    pairs = []
-    if need_h:
-        pairs.append((hf, h, m * coefficient))
-    if need_frame:
-        product = h * coefficient
-        if assign is not None:
-            grad_frame = assign.T @ product
-        else:
-            grad_frame = h.new_zeros((num_classes, d)).index_add_(0, target, product)
-        pairs.append((mf, frame, grad_frame))
-    return with_gradients(value, h, *pairs)
-
-
-def _class_weights(counts: Tensor, power: float, host: bool) -> Tensor:
-    """:func:`class_weights_from_counts` of float counts; a few Python floats for few classes."""
-    if not host or counts.shape[0] > 256:
-        return class_weights_from_counts(counts, power)
-    values = counts.tolist()
-    mean_count = sum(values) / max(len(values) - values.count(0.0), 1)
-    weights = [(mean_count / c) ** power if c > 0 else 1.0 for c in values]
-    return torch.tensor(weights, dtype=counts.dtype)
+    value: float | Tensor = 0.5 * total.item() if host else total * 0.5
+    if not products.requires_grad:
+        return with_gradients(value, h)
+    return with_gradients(value, h, (products, products.detach(), coefficient))
 
 
 class DotRegressionLoss(nn.Module):
