@@ -51,6 +51,7 @@ __all__ = [
     "collapse_terms",
     "gram_distance",
     "host_scalars",
+    "identity",
     "no_autocast",
     "with_gradients",
 ]
@@ -59,6 +60,21 @@ ONEHOT_MAX = 1 << 18
 """Largest ``N K d`` whose class sums and gathers are one-hot products (CPU only)."""
 WIDE_DTYPES = (torch.float32, torch.float64)
 _TINY = {dtype: torch.finfo(dtype).tiny for dtype in WIDE_DTYPES}
+_IDENTITIES: dict[tuple[int, torch.dtype], Tensor] = {}
+
+
+def identity(size: int, dtype: torch.dtype) -> Tensor:
+    """A CPU identity matrix, whose rows picked by the labels are the one-hot rows; the small
+    ones are kept (read only) so that no call builds one."""
+    key = (size, dtype)
+    eye = _IDENTITIES.get(key)
+    if eye is None:
+        with torch.inference_mode(False), torch.no_grad():
+            eye = torch.eye(size, dtype=dtype)
+        if size <= 256 and len(_IDENTITIES) < 32:
+            _IDENTITIES[key] = eye
+    return eye
+
 
 Scalar: TypeAlias = float | Tensor
 """A Python float on the host path, a 0-dim tensor otherwise."""
@@ -212,7 +228,7 @@ def with_gradients(
         out = term if out is None else out + term
     if out is None:
         return torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return out + value
+    return out - (-value)  # the kernel of the differences above: one fewer to fetch
 
 
 def collapse_terms(
@@ -295,7 +311,7 @@ def _collapse_terms(
     # out of range raise here
     try:
         if onehot:
-            assign = torch.eye(num_classes, dtype=dtype).index_select(0, target)
+            assign = identity(num_classes, dtype).index_select(0, target)
             counts = assign.sum(0)
         else:
             sums = h.new_zeros((num_classes, d)).index_add_(0, target, h)
@@ -391,10 +407,16 @@ def _collapse_terms(
             # gradient reaching the centred means, as matrix * factor
             grad_m, factor = centred, a_m
             if gram is not None or nc3 != 0:
-                grad_m, factor = centred * a_m, 1.0
-                if gram is not None:
-                    product = gram @ centred if left else centred @ gram
-                    grad_m = _add_scaled(grad_m, product, a_gm)
+                factor = 1.0
+                if gram is not None and not isinstance(a_gm, Tensor):
+                    # a_m M + a_gm M M^T M in one product (host floats)
+                    a, b = (gram, centred) if left else (centred, gram)
+                    grad_m = torch.addmm(centred, a, b, beta=float(a_m), alpha=a_gm)
+                else:
+                    grad_m = centred * a_m
+                    if gram is not None:
+                        product = gram @ centred if left else centred @ gram
+                        grad_m = _add_scaled(grad_m, product, a_gm)
                 if nc3 != 0 and w is not None:
                     # W's rows do not sum to zero: project onto the present classes' centred space
                     grad_m = _add_scaled(grad_m, w, a_wm)

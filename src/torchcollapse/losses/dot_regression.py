@@ -38,7 +38,13 @@ from torchcollapse.losses._batch import (
     label_range_error,
     resolve_weight,
 )
-from torchcollapse.losses._fused import ONEHOT_MAX, WIDE_DTYPES, host_scalars, with_gradients
+from torchcollapse.losses._fused import (
+    ONEHOT_MAX,
+    WIDE_DTYPES,
+    host_scalars,
+    identity,
+    with_gradients,
+)
 
 __all__ = ["DotRegressionLoss", "class_weights_from_counts", "dot_regression_loss"]
 
@@ -146,7 +152,7 @@ def _dot_regression_terms(
     n, d = hf.shape
     try:  # index by the labels: on CPU, labels out of range raise here
         if host and n * num_classes * d <= ONEHOT_MAX:  # one-hot products, one matrix kernel
-            assign = torch.eye(num_classes, dtype=hf.dtype).index_select(0, target)
+            assign = identity(num_classes, hf.dtype).index_select(0, target)
             m = assign @ mf
         else:
             assign = None

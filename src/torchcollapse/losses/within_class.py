@@ -47,6 +47,7 @@ from torchcollapse.losses._fused import (
     WIDE_DTYPES,
     collapse_terms,
     host_scalars,
+    identity,
     with_gradients,
 )
 
@@ -244,7 +245,7 @@ class WithinClassVariabilityLoss(nn.Module):
         assign = None
         try:
             if host and n * self.num_classes * d <= ONEHOT_MAX:
-                assign = torch.eye(self.num_classes, dtype=h.dtype).index_select(0, target)
+                assign = identity(self.num_classes, h.dtype).index_select(0, target)
             if self.training:
                 self._update(h, target, sync, assign)
             # in training every class of the (global) batch has just been seen
