@@ -221,14 +221,15 @@ def with_gradients(
 
     ``x - x_detached`` is exactly zero (for finite ``x``), so the result equals ``value``.
     """
+    # every step is a subtraction: on CPU each distinct kernel costs its cold fetch
     out: Tensor | None = None
     for full, detached, grad in pairs:
-        zero = (full - detached).reshape(-1)
+        zero = ((full - detached) if out is None else (detached - full)).reshape(-1)
         term = torch.dot(zero, grad.reshape(-1)) if grad is not None else zero.sum() * 0.0
-        out = term if out is None else out + term
+        out = term if out is None else out - term
     if out is None:
         return torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return out - (-value)  # the kernel of the differences above: one fewer to fetch
+    return out - (-value)
 
 
 def collapse_terms(
@@ -371,7 +372,8 @@ def _collapse_terms(
     frob: Scalar = 0.0
     if nc2 != 0:
         gram = centred @ centred.T if left else centred.T @ centred
-        frob = _item(torch.linalg.vector_norm(gram), host)
+        gram_flat = gram.view(-1)
+        frob = _sqrt(_item(torch.dot(gram_flat, gram_flat), host))
     w = None if wf is None else wf.detach()
     w2: Scalar = 0.0
     inner: Scalar = 0.0
@@ -484,7 +486,8 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
         row_sum = v.sum(0)
         trace = _item(torch.trace(gram), host)
         total = _item(torch.dot(row_sum, row_sum), host)
-        frob = _item(torch.linalg.vector_norm(gram), host)
+        gram_flat = gram.view(-1)
+        frob = _sqrt(_item(torch.dot(gram_flat, gram_flat), host))
         valid = num_rows >= 2
         value: Scalar = 0.0
         coefficients: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)

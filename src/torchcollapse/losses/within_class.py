@@ -286,9 +286,14 @@ class WithinClassVariabilityLoss(nn.Module):
             all_reduce_sum(packed, self.process_group)
             counts = packed[:, dim]
             batch_mean = packed[:, :dim].div_(counts.clamp_min(1.0).unsqueeze(1))
+            count_list = None
         elif assign is not None:
             counts = assign.sum(0)
-            batch_mean = (assign / counts.clamp_min(1.0)).T @ h
+            count_list = counts.tolist() if num_classes <= 256 else None
+            if count_list is None or 0.0 in count_list:
+                batch_mean = (assign / counts.clamp_min(1.0)).T @ h
+            else:  # every class present
+                batch_mean = (assign / counts).T @ h
         else:
             sums = h.new_zeros((num_classes, dim)).index_add_(0, target, h)
             if host_scalars(h):
@@ -296,7 +301,8 @@ class WithinClassVariabilityLoss(nn.Module):
             else:
                 counts = count_classes(target, num_classes, h.dtype)
             batch_mean = sums.div_(counts.clamp_min(1.0).unsqueeze(1))
-        factor, present = self._factors(counts)
+            count_list = None
+        factor, present = self._factors(counts, count_list)
         if self.running_mean.dtype == h.dtype:
             self.running_mean.lerp_(batch_mean, factor)
         else:
@@ -304,13 +310,13 @@ class WithinClassVariabilityLoss(nn.Module):
             self.running_mean.copy_(running)
         self.class_batches.add_(present)
 
-    def _factors(self, counts: Tensor) -> tuple[Tensor, Tensor]:
+    def _factors(self, counts: Tensor, count_list: list[float] | None) -> tuple[Tensor, Tensor]:
         """``(K, 1)`` update factors of the running means and the present-class mask: 0 for
         classes absent from the batch, 1 for a class seen for the first time, else the momentum
         (or ``1 / (batches seen + 1)`` for the cumulative average)."""
         if host_scalars(counts) and counts.shape[0] <= 256:  # a few Python floats
             seen = self.class_batches.tolist()
-            present = [c > 0 for c in counts.tolist()]
+            present = [c > 0 for c in (counts.tolist() if count_list is None else count_list)]
             if self.momentum is None:
                 factors = [1.0 / (b + 1.0) if p else 0.0 for p, b in zip(present, seen)]
             else:
