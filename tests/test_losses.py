@@ -6,11 +6,18 @@ code with the library; NC2/NC3 are also cross-checked with the shared metric ref
 Tolerances: float64 inputs differ from the references by summation order only (rtol 1e-10);
 float32/bfloat16 inputs are compared on the *rounded* inputs, and statistics are computed in
 float32 (rtol 1e-5 covers a few hundred ulps of float32).
+
+The regularizers have three implementations of the same maths: one-hot products for small CPU
+batches, index kernels for larger ones, and tensor scalars for accelerators and ``torch.compile``.
+The ``compute_path`` fixture runs a test on each (the last by making the library believe it is
+being compiled, which is what selects that path on CPU).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import torchcollapse.losses._fused as fused
 from tests._helpers.reference import reference_neural_collapse
 from tests._helpers.testers import check_module
 from torchcollapse.losses import (
@@ -31,8 +39,24 @@ from torchcollapse.losses import (
     class_weights_from_counts,
     target_penalty,
 )
+from torchcollapse.losses._batch import batch_class_statistics
+from torchcollapse.losses.self_duality import self_duality_distance
+from torchcollapse.losses.simplex_geometry import simplex_geometry_of_means, simplex_gram_distance
+from torchcollapse.losses.within_class import within_class_variability
 
 RTOL64 = 1e-10  # float64 vs float64 reference: summation order only
+
+PATHS = ("one-hot", "index", "tensor")
+
+
+@pytest.fixture(params=PATHS)
+def compute_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Select one implementation of the regularizers for the test (see the module docstring)."""
+    if request.param == "index":
+        monkeypatch.setattr(fused, "ONEHOT_MAX", 0)
+    elif request.param == "tensor":
+        monkeypatch.setattr(fused, "_is_compiling", lambda: True)
+    return str(request.param)
 
 
 def make_batch(
@@ -93,8 +117,9 @@ def ref_self_duality(w: np.ndarray, m: np.ndarray) -> float:
 
 def ref_dot_regression(
     h: np.ndarray, y: np.ndarray, frame: np.ndarray, counts: np.ndarray | None
-) -> tuple[float, np.ndarray]:
-    """Yang et al.'s loss by a loop, and its gradient in ``h`` with the norms held constant.
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Yang et al.'s loss by a loop, and its gradients in ``h`` and in the frame with the norms
+    held constant.
 
     Re-weighting as in the authors' ``produce_Ew``: ``E_c = sqrt(gamma / n_c)`` with ``gamma`` the
     mean count of the classes present, multiplying the loss of class ``c``.
@@ -105,14 +130,15 @@ def ref_dot_regression(
         present = counts > 0
         gamma = counts.sum() / present.sum()
         weights[present] = np.sqrt(gamma / counts[present])
-    total, grad = 0.0, np.zeros_like(h)
+    total, grad, grad_frame = 0.0, np.zeros_like(h), np.zeros_like(frame)
     for i in range(n):
         m = frame[y[i]]
         dot = float(np.dot(h[i], m))
         scale = math.sqrt(float(np.dot(h[i], h[i]))) * math.sqrt(float(np.dot(m, m)))
         total += weights[y[i]] * 0.5 * (dot - scale) ** 2 / scale
         grad[i] = weights[y[i]] * (dot - scale) / scale * m / n
-    return total / n, grad
+        grad_frame[y[i]] += weights[y[i]] * (dot - scale) / scale * h[i] / n
+    return total / n, grad, grad_frame
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +147,7 @@ def ref_dot_regression(
 
 @pytest.mark.parametrize("counts_mode", [None, "batch", "given"])
 def test_dot_regression_matches_loop_value_and_detached_norm_gradient(
-    counts_mode: str | None,
+    counts_mode: str | None, compute_path: str
 ) -> None:
     features, target = make_batch(40, 6, 5, seed=1, singletons=(4,))
     frame = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -135,9 +161,10 @@ def test_dot_regression_matches_loop_value_and_detached_norm_gradient(
     else:
         loss_fn, counts = DotRegressionLoss(), None
     h = features.clone().requires_grad_()
-    loss = loss_fn(h, target, frame)
+    learnable = frame.clone().requires_grad_()
+    loss = loss_fn(h, target, learnable)
     loss.backward()
-    expected, expected_grad = ref_dot_regression(
+    expected, expected_grad, expected_frame_grad = ref_dot_regression(
         features.numpy(), target.numpy(), frame.numpy(), counts
     )
     assert loss.dtype == torch.float64
@@ -145,9 +172,19 @@ def test_dot_regression_matches_loop_value_and_detached_norm_gradient(
     # norms are detached (the paper's choice), so the gradient is (cos - 1) m_y, not the derivative
     # of ||h|| ||m|| / 2 (cos - 1)^2: compare with that closed form, not with gradcheck.
     np.testing.assert_allclose(h.grad.numpy(), expected_grad, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(learnable.grad.numpy(), expected_frame_grad, rtol=1e-9, atol=1e-13)
+    # per-sample losses carry the same gradients (their sum is N times the mean)
+    h_none = features.clone().requires_grad_()
+    frame_none = frame.clone().requires_grad_()
+    loss_fn.reduction = "none"
+    per_sample = loss_fn(h_none, target, frame_none)
+    assert per_sample.sum().item() == pytest.approx(len(target) * expected, rel=RTOL64)
+    (per_sample.sum() / len(target)).backward()
+    np.testing.assert_allclose(h_none.grad.numpy(), expected_grad, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(frame_none.grad.numpy(), expected_frame_grad, rtol=1e-9, atol=1e-13)
 
 
-def test_dot_regression_is_half_squared_cosine_gap_on_unit_vectors() -> None:
+def test_dot_regression_is_half_squared_cosine_gap_on_unit_vectors(compute_path: str) -> None:
     features, target = make_batch(30, 5, 4, seed=3)
     frame = F.normalize(torch.randn(4, 5, dtype=torch.float64), dim=1)
     unit = F.normalize(features, dim=1)
@@ -156,7 +193,7 @@ def test_dot_regression_is_half_squared_cosine_gap_on_unit_vectors() -> None:
     torch.testing.assert_close(per_sample, 0.5 * (cosine - 1) ** 2, rtol=RTOL64, atol=1e-14)
 
 
-def test_dot_regression_reductions_and_frame_module() -> None:
+def test_dot_regression_reductions_and_frame_module(compute_path: str) -> None:
     features, target = make_batch(12, 4, 3, seed=4)
     head = nn.Linear(4, 3, bias=False).double()
     none = DotRegressionLoss(reduction="none")(features, target, head)
@@ -167,7 +204,7 @@ def test_dot_regression_reductions_and_frame_module() -> None:
     torch.testing.assert_close(DotRegressionLoss()(features, target, head.weight), none.mean())
 
 
-def test_dot_regression_zero_feature_is_finite() -> None:
+def test_dot_regression_zero_feature_is_finite(compute_path: str) -> None:
     features = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
     loss = DotRegressionLoss()(
         features, torch.tensor([0, 1, 2]), torch.eye(3, 4, dtype=torch.float64)
@@ -260,7 +297,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("form", ["bounded", "ratio"])
-def test_within_class_variability_matches_loop(case: str, form: str) -> None:
+def test_within_class_variability_matches_loop(case: str, form: str, compute_path: str) -> None:
     features, target = make_batch(30, 5, 6, seed=8, **CASES[case])  # type: ignore[arg-type]
     reg = WithinClassVariabilityLoss(6, weight=-0.7, form=form)  # type: ignore[arg-type]
     expected = -0.7 * ref_nc1(features.numpy(), target.numpy(), 6, form)
@@ -268,7 +305,7 @@ def test_within_class_variability_matches_loop(case: str, form: str) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_simplex_geometry_and_self_duality_match_loops(case: str) -> None:
+def test_simplex_geometry_and_self_duality_match_loops(case: str, compute_path: str) -> None:
     features, target = make_batch(30, 7, 6, seed=9, **CASES[case])  # type: ignore[arg-type]
     weight = torch.randn(6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     _, _, present, centred = ref_traces(features.numpy(), target.numpy(), 6)
@@ -285,7 +322,9 @@ def test_simplex_geometry_and_self_duality_match_loops(case: str) -> None:
     assert nc3.item() == pytest.approx(2.0 * metrics["nc3"] ** 2, rel=1e-9)
 
 
-def test_simplex_geometry_is_zero_at_any_simplex_and_large_k_uses_small_gram() -> None:
+def test_simplex_geometry_is_zero_at_any_simplex_and_large_k_uses_small_gram(
+    compute_path: str,
+) -> None:
     k, d = 9, 4  # K > d: the d x d Gram path
     g = torch.Generator().manual_seed(11)
     vectors = torch.randn(k, d, dtype=torch.float64, generator=g)
@@ -298,7 +337,9 @@ def test_simplex_geometry_is_zero_at_any_simplex_and_large_k_uses_small_gram() -
 
 
 @pytest.mark.parametrize("target_mode", ["squared", "at_most", "at_least"])
-def test_collapse_regularizer_is_the_weighted_sum_with_target(target_mode: str) -> None:
+def test_collapse_regularizer_is_the_weighted_sum_with_target(
+    target_mode: str, compute_path: str
+) -> None:
     features, target = make_batch(40, 6, 5, seed=12, absent=(3,))
     weight = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
     h, y = features.numpy(), target.numpy()
@@ -345,7 +386,7 @@ def test_target_penalty_modes() -> None:
 # regularizers: gradients, module contract
 
 
-def test_regularizers_gradcheck_with_absent_and_single_sample_classes() -> None:
+def test_regularizers_gradcheck_with_absent_and_single_sample_classes(compute_path: str) -> None:
     features, target = make_batch(14, 4, 6, seed=14, absent=(1,), singletons=(3,))
     weight = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
     h = features.clone().requires_grad_()
@@ -390,7 +431,7 @@ def test_regularizers_pass_module_checks() -> None:
 
 
 @pytest.mark.parametrize("momentum", [0.3, None])
-def test_running_form_matches_loop_over_steps(momentum: float | None) -> None:
+def test_running_form_matches_loop_over_steps(momentum: float | None, compute_path: str) -> None:
     k, d = 5, 3
     reg = WithinClassVariabilityLoss(
         k, weight=2.0, form="running", in_features=d, momentum=momentum
@@ -427,7 +468,7 @@ def test_running_form_matches_loop_over_steps(momentum: float | None) -> None:
     torch.testing.assert_close(reg.running_mean, before, rtol=0, atol=0)  # no update in eval
 
 
-def test_running_form_excludes_classes_never_seen() -> None:
+def test_running_form_excludes_classes_never_seen(compute_path: str) -> None:
     reg = WithinClassVariabilityLoss(4, form="running", in_features=2).double().eval()
     features = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     loss = reg(features, torch.tensor([0, 1, 2, 3, 0]))
@@ -464,7 +505,7 @@ def call(name: str, reg: nn.Module, features: Tensor, target: Tensor, weight: Te
 
 
 @pytest.mark.parametrize("n", [0, 1, 7])
-def test_fewer_than_two_classes_give_a_connected_zero(n: int) -> None:
+def test_fewer_than_two_classes_give_a_connected_zero(n: int, compute_path: str) -> None:
     """Documented: exactly zero, no warning, and a graph reaching the inputs with zero gradient."""
     weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     for name, reg in all_regularizers(4).items():
@@ -476,7 +517,7 @@ def test_fewer_than_two_classes_give_a_connected_zero(n: int) -> None:
         assert torch.equal(grad, torch.zeros_like(features)), name
 
 
-def test_identical_features_stay_finite() -> None:
+def test_identical_features_stay_finite(compute_path: str) -> None:
     features = torch.ones(6, 3, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     weight = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
@@ -489,7 +530,9 @@ def test_identical_features_stay_finite() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs_and_autocast_give_float32_statistics(dtype: torch.dtype) -> None:
+def test_half_inputs_and_autocast_give_float32_statistics(
+    dtype: torch.dtype, compute_path: str
+) -> None:
     features64, target = make_batch(48, 8, 5, seed=40, absent=(2,))
     features = features64.to(dtype)
     rounded = features.double()  # the reference sees the rounded inputs
@@ -602,3 +645,206 @@ def test_documented_loss_errors() -> None:
         RescaledMSELoss(reduction="avg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"labels in \[0, 2\]"):
         RescaledMSELoss()(features, torch.tensor([0, 1, 5, 0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the closed-form implementations against autograd, labels, evaluation mode
+
+
+def composable(
+    features: Tensor, target: Tensor, k: int, weight: Tensor, config: dict[str, object]
+) -> Tensor:
+    """The same total from the composable functions, differentiated by autograd."""
+    stats = batch_class_statistics(features, target, k)
+    total = features.new_zeros(())
+    if config.get("nc1"):
+        nc1 = within_class_variability(stats, config.get("form", "bounded"))  # type: ignore[arg-type]
+        level = config.get("target_nc1")
+        if level is not None:
+            mode = config.get("target_mode", "squared")
+            penalty = target_penalty(nc1, level, mode)  # type: ignore[arg-type]
+            nc1 = torch.where(stats.valid, penalty, nc1)
+        total = total + config["nc1"] * nc1  # type: ignore[operator]
+    if config.get("nc2"):
+        total = total + config["nc2"] * simplex_geometry_of_means(stats)  # type: ignore[operator]
+    if config.get("nc3"):
+        total = total + config["nc3"] * self_duality_distance(weight, stats)  # type: ignore[operator]
+    return total
+
+
+CONFIGS: dict[str, dict[str, object]] = {
+    "bounded": {"nc1": 0.7},
+    "ratio": {"nc1": -0.3, "form": "ratio"},
+    "nc2": {"nc2": 1.3},
+    "nc3": {"nc3": 0.9},
+    "all, squared target": {"nc1": 1.0, "nc2": 0.5, "nc3": -0.5, "target_nc1": 0.1},
+    "all, at most": {
+        "nc1": 1.0,
+        "nc2": 0.5,
+        "nc3": 0.5,
+        "target_nc1": 0.05,
+        "target_mode": "at_most",
+    },
+    "ratio, at least": {
+        "nc1": 1.0,
+        "form": "ratio",
+        "nc3": 2.0,
+        "target_nc1": 50.0,
+        "target_mode": "at_least",
+    },
+}
+SHAPES = {
+    "plain": (30, 5, 6, {}),
+    "absent classes": (30, 5, 6, {"absent": (1, 4)}),
+    "single-sample classes": (30, 5, 6, {"absent": (0,), "singletons": (2, 5)}),
+    "more classes than dimensions": (40, 4, 9, {"absent": (3,)}),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_closed_form_gradients_equal_autograd_of_the_composable_functions(
+    shape: str, compute_path: str
+) -> None:
+    """Values and gradients (features and classifier) of every term and combination equal those
+    of the composable functions (``batch_class_statistics`` and friends) under autograd."""
+    n, d, k, kwargs = SHAPES[shape]
+    features, target = make_batch(n, d, k, seed=50, **kwargs)  # type: ignore[arg-type]
+    weight = torch.randn(k, d, dtype=torch.float64, generator=torch.Generator().manual_seed(51))
+    for name, config in CONFIGS.items():
+        h1, w1 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+        reg = CollapseRegularizer(
+            k,
+            nc1=float(config.get("nc1", 0.0)),  # type: ignore[arg-type]
+            nc2=float(config.get("nc2", 0.0)),  # type: ignore[arg-type]
+            nc3=float(config.get("nc3", 0.0)),  # type: ignore[arg-type]
+            nc1_form=config.get("form", "bounded"),  # type: ignore[arg-type]
+            target_nc1=config.get("target_nc1"),  # type: ignore[arg-type]
+            target_mode=config.get("target_mode", "squared"),  # type: ignore[arg-type]
+        )
+        value = reg(h1, target, w1)
+        grads = torch.autograd.grad(value, [h1, w1], allow_unused=True)
+        h2, w2 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+        expected = composable(h2, target, k, w2, config)
+        expected_grads = torch.autograd.grad(expected, [h2, w2], allow_unused=True)
+        where = f"{shape}, {name}, {compute_path}"
+        torch.testing.assert_close(value, expected, rtol=RTOL64, atol=1e-13, msg=where)
+        torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-9, atol=1e-13, msg=where)
+        if config.get("nc3"):
+            torch.testing.assert_close(
+                grads[1], expected_grads[1], rtol=1e-9, atol=1e-13, msg=where
+            )
+    # the classifier's geometry, with a mask of the rows that take part
+    present = torch.arange(k) % 3 != 1
+    w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    value = simplex_gram_distance(w1, present)
+    expected = ref_gram_distance(weight.numpy()[present.numpy()])
+    assert value.item() == pytest.approx(expected, rel=RTOL64)
+    (grad,) = torch.autograd.grad(value, w1)
+    (expected_grad,) = torch.autograd.grad(gram_distance_by_autograd(w2, present), w2)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+def gram_distance_by_autograd(vectors: Tensor, present: Tensor) -> Tensor:
+    """``||G / ||G||_F - E||_F^2`` of the masked rows with the K x K Gram, by autograd."""
+    rows = vectors[present]
+    k = rows.shape[0]
+    gram = rows @ rows.T
+    etf = (torch.eye(k, dtype=rows.dtype) - 1.0 / k) / math.sqrt(k - 1)
+    return (gram / gram.pow(2).sum().sqrt() - etf).pow(2).sum()
+
+
+def label_cases(k: int, d: int) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    weight = torch.randn(k, d)
+    running = WithinClassVariabilityLoss(k, form="running", in_features=d)
+    return {
+        "bounded": lambda f, y: WithinClassVariabilityLoss(k)(f, y),
+        "running, training": lambda f, y: running.train()(f, y),
+        "running, evaluation": lambda f, y: running.eval()(f, y),
+        "nc2": lambda f, y: SimplexGeometryLoss(k)(f, y),
+        "nc3": lambda f, y: SelfDualityLoss(k)(f, y, weight),
+        "collapse": lambda f, y: CollapseRegularizer(k, nc1=1.0, nc2=1.0, nc3=1.0)(f, y, weight),
+        "dot regression, batch counts": lambda f, y: DotRegressionLoss(class_counts="batch")(
+            f, y, weight
+        ),
+        "dot regression, per sample": lambda f, y: DotRegressionLoss(reduction="none")(
+            f, y, weight
+        ),
+    }
+
+
+@pytest.mark.parametrize("path", ["one-hot", "index"])
+def test_labels_out_of_range_raise_the_documented_error(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the range check rides on the indexing by the labels: the same ValueError as an
+    up-front check, before any running buffer changes; unvalidated, bad labels still raise."""
+    if path == "index":
+        monkeypatch.setattr(fused, "ONEHOT_MAX", 0)
+    features = torch.randn(6, 3)
+    for labels, seen in (([0, 1, 3, 0, 2, 1], "[0, 3]"), ([0, -1, 2, 0, 2, 1], "[-1, 2]")):
+        target = torch.tensor(labels)
+        message = rf"`target` to hold labels in \[0, 2\], but got labels in {re.escape(seen)}"
+        for call in label_cases(3, 3).values():
+            with pytest.raises(ValueError, match=message):
+                call(features, target)
+    running = WithinClassVariabilityLoss(3, form="running", in_features=3)
+    running(features, torch.tensor([0, 1, 2, 0, 1, 2]))
+    before = (running.running_mean.clone(), running.class_batches.clone())
+    with pytest.raises(ValueError, match="labels in"):
+        running(features, torch.tensor([0, 1, 2, 0, 1, 5]))
+    assert torch.equal(running.running_mean, before[0])
+    assert torch.equal(running.class_batches, before[1])
+    unvalidated = (
+        WithinClassVariabilityLoss(3, validate_args=False),
+        CollapseRegularizer(3, nc1=1.0, nc2=1.0, validate_args=False),
+    )
+    for reg in unvalidated:
+        with pytest.raises((IndexError, RuntimeError)):  # never a silent value
+            reg(features, torch.tensor([0, 1, 3, 0, 2, 1]))
+
+
+def test_evaluation_without_autograd_gives_the_same_values(compute_path: str) -> None:
+    features, target = make_batch(24, 5, 4, seed=60, absent=(2,))
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(61))
+    cases: dict[str, Callable[[Tensor], Tensor]] = {
+        "collapse": lambda f: CollapseRegularizer(4, nc1=1.0, nc2=1.0, nc3=1.0)(f, target, weight),
+        "nc2 classifier": lambda f: SimplexGeometryLoss(4)(classifier=weight) + 0 * f.sum(),
+        "running": lambda f: (
+            WithinClassVariabilityLoss(4, form="running", in_features=5).double().eval()(f, target)
+        ),
+        "dot regression": lambda f: DotRegressionLoss(class_counts="batch")(f, target, weight),
+    }
+    for name, call in cases.items():
+        with_grad = call(features.clone().requires_grad_())
+        with torch.no_grad():
+            without = call(features.clone().requires_grad_())
+        assert without.grad_fn is None, name
+        assert without.dtype == torch.float64, name
+        torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0, msg=name)
+
+
+def test_many_classes_int32_labels_and_strided_features(compute_path: str) -> None:
+    """More than 256 classes (counted with a reduction rather than on the host), 32-bit labels
+    and features that are a transposed view."""
+    k, d = 300, 3
+    features, target = make_batch(40, d, k, seed=70)
+    strided = features.T.contiguous().T  # same values, column-major
+    assert not strided.is_contiguous()
+    labels = target.to(torch.int32)
+    h, y = features.numpy(), target.numpy()
+    assert WithinClassVariabilityLoss(k)(strided, labels).item() == pytest.approx(
+        ref_nc1(h, y, k, "bounded"), rel=RTOL64
+    )
+    _, _, _, centred = ref_traces(h, y, k)
+    assert SimplexGeometryLoss(k)(strided, labels).item() == pytest.approx(
+        ref_gram_distance(centred), rel=RTOL64
+    )
+    frame = torch.randn(k, d, dtype=torch.float64, generator=torch.Generator().manual_seed(71))
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    loss = DotRegressionLoss(class_counts="batch")(strided, labels, frame)
+    expected, _, _ = ref_dot_regression(h, y, frame.numpy(), counts)
+    assert loss.item() == pytest.approx(expected, rel=RTOL64)
+    running = WithinClassVariabilityLoss(k, form="running", in_features=d, momentum=0.5).double()
+    running(strided, labels)
+    for c in np.unique(y):
+        np.testing.assert_allclose(running.running_mean[c].numpy(), h[y == c].mean(0), rtol=1e-12)

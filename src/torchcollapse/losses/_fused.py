@@ -48,11 +48,13 @@ from torchcollapse.losses._batch import compute_dtype, count_classes, label_rang
 __all__ = [
     "ONEHOT_MAX",
     "WIDE_DTYPES",
+    "as_tensor",
     "collapse_terms",
     "gram_distance",
     "host_scalars",
     "identity",
     "no_autocast",
+    "onehot_products",
     "with_gradients",
 ]
 
@@ -60,6 +62,13 @@ ONEHOT_MAX = 1 << 18
 """Largest ``N K d`` whose class sums and gathers are one-hot products (CPU only)."""
 WIDE_DTYPES = (torch.float32, torch.float64)
 _TINY = {dtype: torch.finfo(dtype).tiny for dtype in WIDE_DTYPES}
+
+
+def onehot_products(num_samples: int, num_classes: int, dim: int) -> bool:
+    """Whether a CPU batch is small enough (``N K d <= ONEHOT_MAX``) for one-hot products."""
+    return num_samples * num_classes * dim <= ONEHOT_MAX
+
+
 _IDENTITIES: dict[tuple[int, torch.dtype], Tensor] = {}
 
 
@@ -212,6 +221,14 @@ def _terms(
     return total, values, coefficients
 
 
+def as_tensor(value: Scalar, like: Tensor) -> Tensor:
+    """A 0-dim tensor of ``like``'s dtype and device; a Python float is filled in on the device
+    (no host-to-device copy)."""
+    if isinstance(value, Tensor):
+        return value.to(like.dtype)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
 def with_gradients(
     value: Scalar, like: Tensor, *pairs: tuple[Tensor, Tensor, Tensor | None]
 ) -> Tensor:
@@ -228,7 +245,7 @@ def with_gradients(
         term = torch.dot(zero, grad.reshape(-1)) if grad is not None else zero.sum() * 0.0
         out = term if out is None else out - term
     if out is None:
-        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+        return as_tensor(value, like)
     return out - (-value)
 
 
@@ -307,7 +324,7 @@ def _collapse_terms(
     n, d = h.shape
     dtype = h.dtype
     host = h.is_cpu and not _is_compiling()
-    onehot = host and n * num_classes * d <= ONEHOT_MAX
+    onehot = host and onehot_products(n, num_classes, d)
     # class counts and sums (or the one-hot assignment), indexing by the labels: on CPU, labels
     # out of range raise here
     try:
@@ -397,7 +414,7 @@ def _collapse_terms(
         if host:
             parts = torch.tensor([float(v) for v in values], dtype=dtype, device=h.device)
         else:
-            parts = torch.stack([torch.as_tensor(v, dtype=dtype, device=h.device) for v in values])
+            parts = torch.stack([as_tensor(v, h) for v in values])
     grad_enabled = torch.is_grad_enabled()
     need_h = grad_enabled and hf.requires_grad
     need_w = grad_enabled and wf is not None and wf.requires_grad

@@ -39,10 +39,11 @@ from torchcollapse.losses._batch import (
     resolve_weight,
 )
 from torchcollapse.losses._fused import (
-    ONEHOT_MAX,
     WIDE_DTYPES,
+    as_tensor,
     host_scalars,
     identity,
+    onehot_products,
     with_gradients,
 )
 
@@ -151,7 +152,7 @@ def _dot_regression_terms(
     host = host_scalars(hf)
     n, d = hf.shape
     try:  # index by the labels: on CPU, labels out of range raise here
-        if host and n * num_classes * d <= ONEHOT_MAX:  # one-hot products, one matrix kernel
+        if host and onehot_products(n, num_classes, d):  # one-hot products, one matrix kernel
             assign = identity(num_classes, hf.dtype).index_select(0, target)
             m = assign @ mf
         else:
@@ -354,6 +355,6 @@ class DotRegressionLoss(nn.Module):
         if self.batch_counts and counts is not None:
             num_samples = counts.sum().to(local.dtype)  # already global
         else:
-            num_samples = local.new_tensor(float(features.shape[0]))
+            num_samples = as_tensor(float(features.shape[0]), local)
             all_reduce_sum(num_samples, self.process_group)
         return total / num_samples.clamp_min(1.0)

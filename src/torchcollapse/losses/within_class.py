@@ -43,11 +43,12 @@ from torchcollapse.losses._batch import (
     where_valid,
 )
 from torchcollapse.losses._fused import (
-    ONEHOT_MAX,
     WIDE_DTYPES,
+    as_tensor,
     collapse_terms,
     host_scalars,
     identity,
+    onehot_products,
     with_gradients,
 )
 
@@ -244,7 +245,7 @@ class WithinClassVariabilityLoss(nn.Module):
         host = host_scalars(h) and not sync
         assign = None
         try:
-            if host and n * self.num_classes * d <= ONEHOT_MAX:
+            if host and onehot_products(n, self.num_classes, d):
                 assign = identity(self.num_classes, h.dtype).index_select(0, target)
             if self.training:
                 self._update(h, target, sync, assign)
@@ -271,7 +272,7 @@ class WithinClassVariabilityLoss(nn.Module):
             return with_gradients(value, h, (hf, h, residual * (2.0 * scale)))
         local = with_gradients(torch.dot(flat, flat), h, (hf, h, residual * 2.0))
         total = global_sum(local, sync_dist=sync, group=self.process_group)
-        counted = h.new_tensor(float(n)) if seen is None else seen.to(h.dtype).sum()
+        counted = as_tensor(float(n), h) if seen is None else seen.to(h.dtype).sum()
         if sync:
             counted = all_reduce_sum(counted.clone(), self.process_group)
         return self.weight * where_valid(counted > 0, total / counted.clamp_min(1.0))
