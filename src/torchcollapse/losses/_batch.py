@@ -97,17 +97,16 @@ def check_features_target(
             "Expected arguments `features` and `target` to have the same number of samples, but "
             f"got {features.shape[0]} and {target.shape[0]}."
         )
-    check_range = validate_args and not torch.compiler.is_compiling()
-    if not check_range or num_classes is None or target.numel() == 0:
+    if not validate_args or num_classes is None or (target.is_cpu and defer_cpu_range):
         return
-    if target.device.type != "cpu":
+    if torch.compiler.is_compiling() or target.numel() == 0:
+        return
+    if not target.is_cpu:
         # no host synchronisation on accelerators: a device-side assertion
         torch._assert_async(
             ((target >= 0) & (target < num_classes)).all(),
             f"Expected argument `target` to hold labels in [0, {num_classes - 1}].",
         )
-        return
-    if defer_cpu_range:
         return
     error = label_range_error(target, num_classes)
     if error is not None:

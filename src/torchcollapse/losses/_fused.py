@@ -80,7 +80,7 @@ def identity(size: int, dtype: torch.dtype) -> Tensor:
     if eye is None:
         with torch.inference_mode(False), torch.no_grad():
             eye = torch.eye(size, dtype=dtype)
-        if size <= 256 and len(_IDENTITIES) < 32:
+        if size <= 256 and len(_IDENTITIES) < 8:  # at most 4 MB kept
             _IDENTITIES[key] = eye
     return eye
 
@@ -94,7 +94,7 @@ _is_compiling = torch.compiler.is_compiling
 
 def host_scalars(tensor: Tensor) -> bool:
     """Whether scalar maths on ``tensor``'s values may run in Python: on CPU, outside compile."""
-    return tensor.device.type == "cpu" and not _is_compiling()
+    return tensor.is_cpu and not _is_compiling()
 
 
 def no_autocast(device_type: str) -> AbstractContextManager[Any]:
