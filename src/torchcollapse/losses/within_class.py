@@ -49,7 +49,6 @@ from torchcollapse.losses._fused import (
     host_scalars,
     identity,
     onehot_products,
-    with_gradients,
 )
 
 __all__ = ["WithinClassVariabilityLoss", "within_class_variability"]
@@ -237,8 +236,9 @@ class WithinClassVariabilityLoss(nn.Module):
     def _running_distance(self, hf: Tensor, target: Tensor, sync: bool) -> Tensor:
         """Update the running means (in training), then the weighted mean squared distance.
 
-        The value's gradient, ``2 weight (h_i - r_{y_i}) / count`` for the counted samples (the
-        running means are constants), is handed to autograd in closed form.
+        The running means are constants of the distance, so plain autograd through the
+        residuals gives the closed-form gradient ``2 weight (h_i - r_{y_i}) / count`` in a few
+        nodes.
         """
         h = hf.detach()
         n, d = h.shape
@@ -259,18 +259,16 @@ class WithinClassVariabilityLoss(nn.Module):
         running = self.running_mean
         running = running if running.dtype == h.dtype else running.to(h.dtype)
         if assign is not None:
-            residual = torch.addmm(h, assign, running, alpha=-1.0)
+            residual = torch.addmm(hf, assign, running, alpha=-1.0)
         else:
-            residual = h - running.index_select(0, target)
+            residual = hf - running.index_select(0, target)
         if seen is not None:
             residual = residual * seen.unsqueeze(1)
         flat = residual.reshape(-1)
+        local = torch.dot(flat, flat)
         if host:
             count = n if seen is None else int(torch.count_nonzero(seen))
-            scale = self.weight / max(count, 1)
-            value = torch.dot(flat, flat).item() * scale
-            return with_gradients(value, h, (hf, h, residual * (2.0 * scale)))
-        local = with_gradients(torch.dot(flat, flat), h, (hf, h, residual * 2.0))
+            return local * (self.weight / max(count, 1))
         total = global_sum(local, sync_dist=sync, group=self.process_group)
         counted = as_tensor(float(n), h) if seen is None else seen.to(h.dtype).sum()
         if sync:
