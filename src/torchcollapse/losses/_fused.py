@@ -79,7 +79,7 @@ def identity(size: int, dtype: torch.dtype) -> Tensor:
     eye = _IDENTITIES.get(key)
     if eye is None:
         with torch.inference_mode(False), torch.no_grad():
-            eye = torch.eye(size, dtype=dtype)
+            eye = torch.eye(size, dtype=dtype, device="cpu")
         if size <= 256 and len(_IDENTITIES) < 8:  # at most 4 MB kept
             _IDENTITIES[key] = eye
     return eye

@@ -323,8 +323,8 @@ class WithinClassVariabilityLoss(nn.Module):
                 factors = [
                     (momentum if b > 0 else 1.0) if p else 0.0 for p, b in zip(present, seen)
                 ]
-            factor = torch.tensor(factors, dtype=counts.dtype).unsqueeze(1)
-            return factor, torch.tensor(present)
+            factor = torch.tensor(factors, dtype=counts.dtype, device=counts.device).unsqueeze(1)
+            return factor, torch.tensor(present, device=counts.device)
         present_mask = counts > 0
         present_f = present_mask.to(counts.dtype)
         if self.momentum is None:
