@@ -848,3 +848,43 @@ def test_many_classes_int32_labels_and_strided_features(compute_path: str) -> No
     running(strided, labels)
     for c in np.unique(y):
         np.testing.assert_allclose(running.running_mean[c].numpy(), h[y == c].mean(0), rtol=1e-12)
+
+
+def test_large_batches_hand_their_gradients_to_autograd(compute_path: str) -> None:
+    """At ``N d >= HANDOFF_MIN`` the closed-form gradients go through one custom node: values and
+    gradients still match autograd of the composable functions and the loops, scale with the
+    incoming gradient and survive a retained graph's second backward pass."""
+    n, d, k = 1200, 32, 6
+    assert n * d >= fused.HANDOFF_MIN
+    features, target = make_batch(n, d, k, seed=80, absent=(4,))
+    weight = torch.randn(k, d, dtype=torch.float64, generator=torch.Generator().manual_seed(81))
+    config: dict[str, object] = {"nc1": 1.0, "nc2": 0.5, "nc3": 0.5}
+    h1, w1 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = CollapseRegularizer(k, nc1=1.0, nc2=0.5, nc3=0.5)(h1, target, w1)
+    (3.0 * loss).backward(retain_graph=True)  # an incoming gradient of 3
+    h2, w2 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = composable(h2, target, k, w2, config)
+    (3.0 * expected).backward()
+    torch.testing.assert_close(loss, expected, rtol=RTOL64, atol=1e-13)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-9, atol=1e-13)
+    loss.backward()  # the retained graph again, incoming gradient 1: 3 + 1 = 4 times
+    torch.testing.assert_close(h1.grad, 4.0 / 3.0 * h2.grad, rtol=1e-9, atol=1e-13)
+    # running means: the first batch's loss is the within-class mean squared distance
+    h3 = features.clone().requires_grad_()
+    running = WithinClassVariabilityLoss(k, form="running", in_features=d).double()
+    value = running(h3, target)
+    value.backward()
+    x, y = features.numpy(), target.numpy()
+    means = np.stack([x[y == c].mean(0) if (y == c).any() else np.zeros(d) for c in range(k)])
+    assert value.item() == pytest.approx(np.mean(np.sum((x - means[y]) ** 2, 1)), rel=RTOL64)
+    np.testing.assert_allclose(h3.grad.numpy(), 2.0 * (x - means[y]) / n, rtol=1e-9, atol=1e-14)
+    # dot regression with batch counts and a learnable frame
+    h4, frame = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    dot = DotRegressionLoss(class_counts="batch")(h4, target, frame)
+    dot.backward()
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    expected_dot, grad_h, grad_frame = ref_dot_regression(x, y, weight.numpy(), counts)
+    assert dot.item() == pytest.approx(expected_dot, rel=RTOL64)
+    np.testing.assert_allclose(h4.grad.numpy(), grad_h, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(frame.grad.numpy(), grad_frame, rtol=1e-9, atol=1e-13)

@@ -46,6 +46,7 @@ from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse.losses._batch import compute_dtype, count_classes, label_range_error
 
 __all__ = [
+    "HANDOFF_MIN",
     "ONEHOT_MAX",
     "WIDE_DTYPES",
     "as_tensor",
@@ -229,24 +230,72 @@ def as_tensor(value: Scalar, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
+HANDOFF_MIN = 1 << 15
+"""Inputs with at least this many elements get their gradient through :class:`_HandOff`."""
+
+
+class _HandOff(torch.autograd.Function):
+    """``value``, whose gradients with respect to ``x`` and ``y`` are the given tensors (times
+    the incoming gradient). For large inputs, where the memory passes of the inner-product form
+    of :func:`with_gradients` cost more than a Python backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        value: Tensor,
+        x: Tensor,
+        grad_x: Tensor,
+        y: Tensor | None,
+        grad_y: Tensor | None,
+    ) -> Tensor:
+        ctx.save_for_backward(grad_x, grad_y)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grad_x, grad_y = ctx.saved_tensors
+        if host_scalars(grad) and float(grad) == 1.0:  # the common case: no pass over x
+            return None, grad_x, None, grad_y, None
+        return (
+            None,
+            grad_x * grad,
+            None,
+            None if grad_y is None else grad_y * grad,
+            None,
+        )
+
+
 def with_gradients(
     value: Scalar, like: Tensor, *pairs: tuple[Tensor, Tensor, Tensor | None]
 ) -> Tensor:
     """``value`` as a tensor (``like``'s dtype and device) whose gradient with respect to each
-    ``x`` of ``(x, x_detached, g)`` is ``g`` (``None``: zero, still connected), computed as
-    ``value + sum <x - x_detached, g>``.
+    ``x`` of ``(x, x_detached, g)`` is ``g`` (``None``: zero, still connected).
 
-    ``x - x_detached`` is exactly zero (for finite ``x``), so the result equals ``value``.
+    Small inputs: ``value + sum <x - x_detached, g>`` (``x - x_detached`` is exactly zero for
+    finite ``x``, so the result equals ``value``), a few built-in operations and backward nodes;
+    on CPU, where each distinct kernel is fetched cold after the model's forward pass, that is
+    cheaper than a Python backward. Large inputs (``HANDOFF_MIN`` elements or more, at most
+    two, every ``g`` given): :class:`_HandOff`, which makes no pass over ``x``.
     """
-    # every step is a subtraction: on CPU each distinct kernel costs its cold fetch
-    out: Tensor | None = None
+    if (
+        pairs
+        and len(pairs) <= 2
+        and max(full.numel() for full, _, _ in pairs) >= HANDOFF_MIN
+        and all(grad is not None for _, _, grad in pairs)
+    ):
+        (x, _, grad_x), *rest = pairs
+        y, grad_y = (rest[0][0], rest[0][2]) if rest else (None, None)
+        out: Tensor = _HandOff.apply(as_tensor(value, like), x, grad_x, y, grad_y)
+        return out
+    # every step is a subtraction: one kernel fewer to fetch
+    total: Tensor | None = None
     for full, detached, grad in pairs:
-        zero = ((full - detached) if out is None else (detached - full)).reshape(-1)
+        zero = ((full - detached) if total is None else (detached - full)).reshape(-1)
         term = torch.dot(zero, grad.reshape(-1)) if grad is not None else zero.sum() * 0.0
-        out = term if out is None else out - term
-    if out is None:
+        total = term if total is None else total - term
+    if total is None:
         return as_tensor(value, like)
-    return out - (-value)
+    return total - (-value)
 
 
 def collapse_terms(
@@ -373,7 +422,7 @@ def _collapse_terms(
         denominator = denominator.unsqueeze(1)
         means = sums.div_(denominator)
         if nc1 != 0:
-            residual = h - means.index_select(0, target)
+            residual = means.index_select(0, target).neg_().add_(h)  # one N x d temporary
     if present_col is None:
         centred = torch.sub(means, means.sum(0), alpha=1.0 / num_classes)
     else:

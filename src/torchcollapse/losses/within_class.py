@@ -49,6 +49,7 @@ from torchcollapse.losses._fused import (
     host_scalars,
     identity,
     onehot_products,
+    with_gradients,
 )
 
 __all__ = ["WithinClassVariabilityLoss", "within_class_variability"]
@@ -236,9 +237,10 @@ class WithinClassVariabilityLoss(nn.Module):
     def _running_distance(self, hf: Tensor, target: Tensor, sync: bool) -> Tensor:
         """Update the running means (in training), then the weighted mean squared distance.
 
-        The running means are constants of the distance, so plain autograd through the
-        residuals gives the closed-form gradient ``2 weight (h_i - r_{y_i}) / count`` in a few
-        nodes.
+        The running means are constants of the distance, so the gradient is
+        ``2 weight (h_i - r_{y_i}) / count`` for the counted samples: plain autograd through the
+        residuals for small CPU batches (fewest operations), else handed to autograd in closed
+        form with one N x d temporary.
         """
         h = hf.detach()
         n, d = h.shape
@@ -258,17 +260,25 @@ class WithinClassVariabilityLoss(nn.Module):
             raise
         running = self.running_mean
         running = running if running.dtype == h.dtype else running.to(h.dtype)
-        if assign is not None:
+        if assign is not None:  # small CPU batch: plain autograd, fewest operations
             residual = torch.addmm(hf, assign, running, alpha=-1.0)
-        else:
-            residual = hf - running.index_select(0, target)
+            if seen is not None:
+                residual = residual * seen.unsqueeze(1)
+            flat = residual.reshape(-1)
+            count = n if seen is None else int(torch.count_nonzero(seen))
+            return torch.dot(flat, flat) * (self.weight / max(count, 1))
+        # one N x d temporary: the residuals, then in place the gradient 2 r of the local sum
+        residual = running.index_select(0, target).neg_().add_(h)
         if seen is not None:
-            residual = residual * seen.unsqueeze(1)
-        flat = residual.reshape(-1)
+            residual.mul_(seen.unsqueeze(1))
+        flat = residual.view(-1)
         local = torch.dot(flat, flat)
         if host:
             count = n if seen is None else int(torch.count_nonzero(seen))
-            return local * (self.weight / max(count, 1))
+            scale = self.weight / max(count, 1)
+            value = local.item() * scale
+            return with_gradients(value, h, (hf, h, residual.mul_(2.0 * scale)))
+        local = with_gradients(local, h, (hf, h, residual.mul_(2.0)))
         total = global_sum(local, sync_dist=sync, group=self.process_group)
         counted = as_tensor(float(n), h) if seen is None else seen.to(h.dtype).sum()
         if sync:
