@@ -888,3 +888,35 @@ def test_large_batches_hand_their_gradients_to_autograd(compute_path: str) -> No
     assert dot.item() == pytest.approx(expected_dot, rel=RTOL64)
     np.testing.assert_allclose(h4.grad.numpy(), grad_h, rtol=1e-9, atol=1e-14)
     np.testing.assert_allclose(frame.grad.numpy(), grad_frame, rtol=1e-9, atol=1e-13)
+
+
+def test_tensor_path_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path of accelerators and ``torch.compile`` never synchronises: no value is read."""
+    monkeypatch.setattr(fused, "_is_compiling", lambda: True)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a value was read on the host")
+
+    features, target = make_batch(20, 4, 5, seed=90, absent=(3,))
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    modules: dict[str, Callable[[Tensor], Tensor]] = {
+        "collapse": lambda f: CollapseRegularizer(5, nc1=1.0, nc2=1.0, nc3=1.0, target_nc1=0.1)(
+            f, target, weight
+        ),
+        "running": lambda f: WithinClassVariabilityLoss(5, form="running", in_features=4).double()(
+            f, target
+        ),
+        "dot regression": lambda f: DotRegressionLoss(class_counts="batch")(f, target, weight),
+        "nc2 classifier": lambda f: SimplexGeometryLoss(5)(classifier=weight) + 0 * f.sum(),
+    }
+    for name, call in modules.items():
+        expected = call(features.clone().requires_grad_()).item()  # allowed: the test's own read
+        with monkeypatch.context() as patch:
+            patch.setattr(Tensor, "item", refuse)
+            patch.setattr(Tensor, "tolist", refuse)
+            patch.setattr(Tensor, "__float__", refuse)
+            patch.setattr(Tensor, "__int__", refuse)
+            patch.setattr(Tensor, "__bool__", refuse)
+            value = call(features.clone().requires_grad_())
+            value.backward()
+        assert value.item() == pytest.approx(expected, rel=RTOL64), name
