@@ -151,6 +151,46 @@ def check_classifier_shape(weight: Tensor, num_classes: int, in_features: int) -
         )
 
 
+def check_num_classes(num_classes: Any) -> None:
+    """Raise unless ``num_classes`` is a positive integer."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
+        )
+
+
+class BatchCollapseTerm(nn.Module):
+    """Shared construction of a weighted collapse term over the (global) batch.
+
+    Args:
+        num_classes: number of classes ``K``.
+        weight: signed weight of the term.
+        sync_dist: compute over the global batch under ``torch.distributed``.
+        process_group: process group (default: the world).
+        validate_args: check the labels.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight: float = 1.0,
+        *,
+        sync_dist: bool = True,
+        process_group: Any = None,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        self.num_classes = num_classes
+        self.weight = float(weight)
+        self.sync_dist = sync_dist
+        self.process_group = process_group
+        self.validate_args = validate_args
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, weight={self.weight}"
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the backward sums the incoming gradients over ranks as well."""
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchcollapse.losses._batch import (
     check_classifier_shape,
     check_features_target,
+    check_num_classes,
     resolve_weight,
 )
 from torchcollapse.losses._fused import collapse_terms
@@ -140,10 +141,7 @@ class CollapseRegularizer(nn.Module):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
-            )
+        check_num_classes(num_classes)
         if nc1_form not in ("bounded", "ratio"):
             raise ValueError(
                 f"Expected argument `nc1_form` to be 'bounded' or 'ratio', but got {nc1_form!r}."

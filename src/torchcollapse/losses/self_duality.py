@@ -14,13 +14,12 @@ phase of deep learning training", PNAS 2020.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
+    BatchCollapseTerm,
     check_classifier_shape,
     check_features_target,
     resolve_weight,
@@ -55,7 +54,7 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
         return where_valid(stats.valid, 2.0 - 2.0 * (w * m).sum() / scale)
 
 
-class SelfDualityLoss(nn.Module):
+class SelfDualityLoss(BatchCollapseTerm):
     """Squared distance between the normalized classifier and the normalized class means (NC3).
 
     ``forward(features, target, classifier)`` returns
@@ -88,29 +87,6 @@ class SelfDualityLoss(nn.Module):
         >>> bool(reg(features, target, head) < 1e-6)
         True
     """
-
-    def __init__(
-        self,
-        num_classes: int,
-        weight: float = 1.0,
-        *,
-        sync_dist: bool = True,
-        process_group: Any = None,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
-            )
-        self.num_classes = num_classes
-        self.weight = float(weight)
-        self.sync_dist = sync_dist
-        self.process_group = process_group
-        self.validate_args = validate_args
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, weight={self.weight}"
 
     def forward(self, features: Tensor, target: Tensor, classifier: Tensor | nn.Module) -> Tensor:
         """Weighted NC3 term of the batch class means against ``classifier``."""

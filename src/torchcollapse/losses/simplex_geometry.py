@@ -22,13 +22,12 @@ phase of deep learning training", PNAS 2020.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
+    BatchCollapseTerm,
     check_features_target,
     resolve_weight,
     where_valid,
@@ -75,7 +74,7 @@ def _gram_distance(v: Tensor, k: Tensor, total: Tensor | None) -> Tensor:
     return where_valid(valid, 2.0 - 2.0 * trace / scale)
 
 
-class SimplexGeometryLoss(nn.Module):
+class SimplexGeometryLoss(BatchCollapseTerm):
     """Squared distance of the normalized Gram of the class means (or of a classifier) to the ETF.
 
     ``forward(features, target)`` uses the centred class means of the global batch (classes absent
@@ -109,29 +108,6 @@ class SimplexGeometryLoss(nn.Module):
         >>> float(reg(features, target)) < 1e-6            # orthogonal means, centred: an ETF
         True
     """
-
-    def __init__(
-        self,
-        num_classes: int,
-        weight: float = 1.0,
-        *,
-        sync_dist: bool = True,
-        process_group: Any = None,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
-            )
-        self.num_classes = num_classes
-        self.weight = float(weight)
-        self.sync_dist = sync_dist
-        self.process_group = process_group
-        self.validate_args = validate_args
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, weight={self.weight}"
 
     def forward(
         self,

@@ -36,6 +36,7 @@ from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_features_target,
+    check_num_classes,
     compute_dtype,
     count_classes,
     global_sum,
@@ -157,10 +158,7 @@ class WithinClassVariabilityLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
-            )
+        check_num_classes(num_classes)
         if form not in _FORMS:
             raise ValueError(f"Expected argument `form` to be one of {_FORMS}, but got {form!r}.")
         if momentum is not None and not 0.0 < momentum <= 1.0:
