@@ -5,7 +5,7 @@ sheet in DESIGN.md, sharing no code with ``torchcollapse``: class means by a fir
 from them by a second pass, the pseudo-inverse of ``Sigma_B`` from a full eigendecomposition
 restricted to its top ``min(K-1, d)`` eigenpairs, and every pairwise quantity by looping over pairs
 ``c < c'``.
-Meant for small problems (``K`` up to a few hundred) in tests; any engineer may reuse it.
+Meant for small problems (``K`` up to a few hundred) in tests and benchmarks.
 
 Conventions (DESIGN.md): classes without samples are left out (``K`` counts present classes); the
 global mean is the mean of the class means (``global_mean="classes"``) or of the samples
