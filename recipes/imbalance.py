@@ -58,7 +58,7 @@ from harness.config import TrainConfig, arg, parse_config
 from harness.data import Dataset, Split
 from harness.evaluate import class_means, extract
 from harness.longtail import head_tail_split, long_tail_counts, long_tail_indices
-from harness.models import CollapseModel, build_model
+from harness.models import CollapseModel, build_model, simplex_etf_head
 from harness.outputs import (
     Panel,
     Stat,
@@ -69,11 +69,10 @@ from harness.outputs import (
     write_report,
 )
 from harness.train import Experiment, Objective, Runtime
-from torch import Tensor, nn
+from torch import Tensor
 
 from torchcollapse._distributed import all_reduce_sum, gather_with_grad
 from torchcollapse.functional import neural_collapse
-from torchcollapse.heads import SimplexETFHead
 from torchcollapse.losses import BalancedSoftmaxLoss, DotRegressionLoss
 
 __all__ = [
@@ -246,14 +245,7 @@ def _builder(
     num_classes = len(counts)
 
     def build() -> tuple[CollapseModel, Objective]:
-        head: Callable[[int, int], nn.Module] | None = None
-        if method.startswith("etf"):
-
-            def head(in_features: int, classes: int) -> nn.Module:
-                return SimplexETFHead(
-                    in_features, classes, normalize_features=True, scale=config.etf_scale
-                )
-
+        head = simplex_etf_head(config.etf_scale) if method.startswith("etf") else None
         model = build_model(
             config.model,
             input_shape,

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from harness.config import TrainConfig, arg, parse_config
 from harness.data import Dataset, Split
 from harness.evaluate import evaluate
-from harness.models import CollapseModel, build_model
+from harness.models import CollapseModel, build_model, simplex_etf_head
 from harness.outputs import (
     Panel,
     Stat,
@@ -74,11 +74,10 @@ from harness.probe import (
     spearman_permutation_test,
 )
 from harness.train import Experiment, Objective, Runtime
-from torch import Tensor, nn
+from torch import Tensor
 
 from torchcollapse._distributed import gather_with_grad
 from torchcollapse.functional import neural_collapse
-from torchcollapse.heads import SimplexETFHead
 from torchcollapse.losses import CollapseRegularizer
 
 __all__ = [
@@ -209,14 +208,7 @@ def _builder(
     name: str, config: TransferConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> Callable[[], tuple[CollapseModel, Objective]]:
     def build() -> tuple[CollapseModel, Objective]:
-        head: Callable[[int, int], nn.Module] | None = None
-        if name == "etf":
-
-            def head(in_features: int, classes: int) -> nn.Module:
-                return SimplexETFHead(
-                    in_features, classes, normalize_features=True, scale=config.etf_scale
-                )
-
+        head = simplex_etf_head(config.etf_scale) if name == "etf" else None
         model = build_model(
             config.model,
             input_shape,
