@@ -65,6 +65,7 @@ from harness.outputs import (
     format_stat,
     markdown_table,
     plot_panels,
+    save_figure,
     summarize,
     write_report,
 )
@@ -493,12 +494,7 @@ def _plot_per_class(
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, handles, names, ncol=3, bottom=0.12)
 
 
 def _plot_minority(
@@ -536,12 +532,7 @@ def _plot_minority(
         ax.set_xlabel("imbalance ratio")
         ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, handles, names, ncol=3, bottom=0.14)
 
 
 def write_outputs(

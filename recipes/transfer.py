@@ -64,6 +64,7 @@ from harness.outputs import (
     format_stat,
     markdown_table,
     plot_panels,
+    save_figure,
     summarize,
     write_report,
 )
@@ -516,12 +517,7 @@ def _plot_scatter(finals: Sequence[Mapping[str, Any]], config: TransferConfig, p
             ax.set_ylabel("target accuracy", fontsize=8)
             ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, handles, names, ncol=6, bottom=0.07)
 
 
 def write_outputs(

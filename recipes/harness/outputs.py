@@ -188,9 +188,19 @@ def plot_panels(
         for handle, name in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(name, handle)
     handles, names = list(legend.values()), list(legend)
+    bottom = 0.06 + 0.05 * ((len(names) - 1) // 4)
+    return save_figure(fig, path, handles, names, ncol=4, bottom=bottom)
+
+
+def save_figure(
+    fig: Any, path: str | Path, handles: list[Any], names: list[str], *, ncol: int, bottom: float
+) -> Path:
+    """Add a figure legend below the panels (when there is one), lay out, save as PNG, close."""
+    import matplotlib.pyplot as plt
+
     if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(names) - 1) // 4), 1, 1))
+        fig.legend(handles, names, loc="lower center", ncol=min(ncol, len(names)), fontsize=8)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
