@@ -66,6 +66,33 @@ def check_target(target: Tensor, features: Tensor) -> None:
         raise TypeError(f"Expected argument `target` to hold integers, but got {target.dtype}.")
 
 
+class ScaledHeadMixin:
+    """``out_features`` and the logit ``scale`` (fixed float, or learnable in log space) of a head.
+
+    The head sets ``num_classes``, ``_scale`` (the fixed or initial scale) and ``log_scale`` (a
+    parameter, or ``None`` when the scale is fixed).
+    """
+
+    num_classes: int
+    _scale: float
+    log_scale: Tensor | None
+
+    @property
+    def out_features(self) -> int:
+        """``num_classes``, the name :class:`torch.nn.Linear` uses."""
+        return self.num_classes
+
+    def _current_scale(self) -> float:
+        return self._scale if self.log_scale is None else float(self.log_scale.detach().exp())
+
+    @property
+    def scale(self) -> Tensor | float:
+        """The logit scale: a 0-d tensor when learnable, else a float."""
+        if self.log_scale is not None:
+            return self.log_scale.exp()
+        return self._scale
+
+
 class _NormalizedLinear(torch.autograd.Function):
     """``F.linear(features, weight) * scale / max(||features||, eps)`` with a fused backward.
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchcollapse.heads._common import (
+    ScaledHeadMixin,
     check_features,
     check_positive_int,
     check_target,
@@ -43,7 +44,7 @@ __all__ = ["CosineHead"]
 MarginType = Literal["cosface", "arcface"]
 
 
-class CosineHead(nn.Module):
+class CosineHead(ScaledHeadMixin, nn.Module):
     """Learnable normalized classifier: ``scale * cos(w_c, features)``, with optional margins.
 
     Args:
@@ -135,21 +136,6 @@ class CosineHead(nn.Module):
         if self.log_scale is not None:
             with torch.no_grad():
                 self.log_scale.fill_(math.log(self._scale))
-
-    @property
-    def out_features(self) -> int:
-        """``num_classes``, the name :class:`torch.nn.Linear` uses."""
-        return self.num_classes
-
-    def _current_scale(self) -> float:
-        return self._scale if self.log_scale is None else float(self.log_scale.detach().exp())
-
-    @property
-    def scale(self) -> Tensor | float:
-        """The logit scale: a 0-d tensor when learnable, else a float."""
-        if self.log_scale is not None:
-            return self.log_scale.exp()
-        return self._scale
 
     @property
     def effective_weight(self) -> Tensor:

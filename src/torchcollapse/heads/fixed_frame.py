@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from torchcollapse.frames import orthogonal_frame, simplex_etf, spherical_code
 from torchcollapse.heads._common import (
+    ScaledHeadMixin,
     check_features,
     check_positive_int,
     normalized_linear,
@@ -37,7 +38,7 @@ from torchcollapse.heads._common import (
 __all__ = ["FixedFrameHead", "OrthogonalFrameHead", "SimplexETFHead", "SphericalCodeHead"]
 
 
-class FixedFrameHead(nn.Module):
+class FixedFrameHead(ScaledHeadMixin, nn.Module):
     """Logits from a fixed frame: ``scale * frame @ normalize(features) + bias``.
 
     The frame (``K x d``) is a persistent buffer that no optimizer touches. With
@@ -131,21 +132,6 @@ class FixedFrameHead(nn.Module):
             self.bias = nn.Parameter(torch.zeros(self.num_classes, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-
-    @property
-    def out_features(self) -> int:
-        """``num_classes``, the name :class:`torch.nn.Linear` uses."""
-        return self.num_classes
-
-    def _current_scale(self) -> float:
-        return self._scale if self.log_scale is None else float(self.log_scale.detach().exp())
-
-    @property
-    def scale(self) -> Tensor | float:
-        """The logit scale: a 0-d tensor when learnable, else a float."""
-        if self.log_scale is not None:
-            return self.log_scale.exp()
-        return self._scale
 
     @property
     def weight(self) -> Tensor:
