@@ -104,6 +104,38 @@ def test_fixed_head_forward_matches_brute_force(k: int, d: int, normalize: bool)
     torch.testing.assert_close(batched, expected.reshape(3, 3, k), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(7,), (2, 4)])
+def test_fused_gradients_match_autograd_through_the_formula(shape: tuple[int, ...]) -> None:
+    # The fused backward of the normalized head against autograd through the plain formula
+    # scale * W h / max(||h||, eps), in float64, for the features, a learnable weight and a
+    # learnable scale; one row below eps (clamped: the map is linear there) and one zero row.
+    from torchcollapse.heads._common import normalized_linear
+
+    eps = 1e-3
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    h = torch.randn(*shape, 6, generator=gen, dtype=F64)
+    h.view(-1, 6)[0] *= 1e-4 / h.view(-1, 6)[0].norm()  # norm 1e-4 < eps
+    h.view(-1, 6)[1] = 0.0
+    weight = torch.randn(5, 6, generator=gen, dtype=F64)
+    log_scale = torch.tensor(1.3, dtype=F64)
+    upstream = torch.randn(*shape, 5, generator=gen, dtype=F64)
+    grads = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (h, weight, log_scale)]
+        x, w, s = leaves
+        if fused:
+            out = normalized_linear(x, w, s.exp(), eps)
+        else:
+            out = s.exp() * F.linear(x, w) / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+        (out * upstream).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for got, expected in zip(*grads):
+        # float64 and a handful of operations: agreement to a few ulps of the largest entry
+        torch.testing.assert_close(
+            got, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max())
+        )
+
+
 def test_learnable_scale_is_learned_in_log_space() -> None:
     head = SimplexETFHead(8, 4, scale=2.0, learnable_scale=True, dtype=F64)
     assert [name for name, _ in head.named_parameters()] == ["log_scale"]

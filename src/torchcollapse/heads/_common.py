@@ -97,10 +97,11 @@ class _NormalizedLinear(torch.autograd.Function):
     """``F.linear(features, weight) * scale / max(||features||, eps)`` with a fused backward.
 
     Autograd through the composite (norm, clamp, divide, matmul, multiply) reads and writes the
-    ``N x d`` features several times in the backward pass; here the feature gradient is one
-    elementwise pass and one matrix product that accumulates into it:
+    ``N x d`` features several times in the backward pass and launches a dozen small kernels;
+    here the feature gradient is one matrix product and one fused multiply-add over the features:
     ``grad = W^T (g * inv) - ((g . out) / ||x||^2) x`` (the second term is zero where the norm is
-    clamped at ``eps``).
+    clamped at ``eps``). The forward saves ``inverse = scale / max(||x||, eps)`` and
+    ``curvature = 1 / ||x||^2`` (0 where clamped) so that the backward is five kernels.
     """
 
     @staticmethod
@@ -111,13 +112,17 @@ class _NormalizedLinear(torch.autograd.Function):
         norm = torch.linalg.vector_norm(
             features, dim=-1, keepdim=True, dtype=torch.float32 if half else None
         )
-        inverse: Tensor = scale / norm.clamp_min(eps)
+        reciprocal = norm.clamp_min(eps).reciprocal_()
+        # 1 / ||x||^2 where the norm is not clamped; 0 where it is (the map is linear there).
+        curvature = reciprocal.square().mul_(norm > eps)
+        inverse: Tensor = reciprocal.mul_(scale)
         if half:  # cap the factor: a tiny feature gives a small finite output, never inf or NaN
-            inverse = inverse.clamp_max(torch.finfo(features.dtype).max).to(features.dtype)
-        out: Tensor = F.linear(features, weight) * inverse
+            limit = torch.finfo(features.dtype).max
+            inverse = inverse.clamp_max_(limit).to(features.dtype)
+            curvature = curvature.clamp_max_(limit)
+        out = F.linear(features, weight).mul_(inverse)
         scale_tensor = scale if isinstance(scale, Tensor) else None
-        ctx.save_for_backward(features, weight, out, inverse, norm, scale_tensor)
-        ctx.eps = eps
+        ctx.save_for_backward(features, weight, out, inverse, curvature, scale_tensor)
         return out
 
     @staticmethod
@@ -125,7 +130,7 @@ class _NormalizedLinear(torch.autograd.Function):
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        features, weight, out, inverse, norm, scale = ctx.saved_tensors
+        features, weight, out, inverse, curvature, scale = ctx.saved_tensors
         need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
         k, d = weight.shape
         scaled = (grad * inverse).reshape(-1, k)
@@ -133,13 +138,13 @@ class _NormalizedLinear(torch.autograd.Function):
         dot = (grad * out).sum(-1, keepdim=True) if need_features or need_scale else None
         if need_features:
             assert dot is not None
-            norm_sq = norm.clamp_min(ctx.eps).square()
-            coef = torch.where(norm > ctx.eps, dot.to(norm.dtype) / norm_sq, 0.0)
             if features.dtype in _HALF:
                 limit = torch.finfo(features.dtype).max
-                coef = coef.clamp(-limit, limit)
-            grad_features = (-coef).to(features.dtype) * features
-            grad_features.view(-1, d).addmm_(scaled, weight)
+                coef = (dot.float() * curvature).clamp_(-limit, limit).to(features.dtype)
+            else:
+                coef = dot.mul_(curvature) if not need_scale else dot * curvature
+            grad_features = torch.mm(scaled, weight).view(features.shape)
+            grad_features.addcmul_(features, coef, value=-1)
         if need_weight:
             grad_weight = scaled.T @ features.reshape(-1, d)
         if need_scale:
