@@ -70,20 +70,32 @@ def onehot_products(num_samples: int, num_classes: int, dim: int) -> bool:
     return num_samples * num_classes * dim <= ONEHOT_MAX
 
 
-_IDENTITIES: dict[tuple[int, torch.dtype], Tensor] = {}
+_MATRICES: dict[tuple[str, int, torch.dtype], Tensor] = {}
+
+
+def _cached_matrix(kind: str, size: int, dtype: torch.dtype) -> Tensor:
+    key = (kind, size, dtype)
+    matrix = _MATRICES.get(key)
+    if matrix is None:
+        with torch.inference_mode(False), torch.no_grad():
+            matrix = torch.eye(size, dtype=dtype, device="cpu")
+            if kind == "centring":
+                matrix -= 1.0 / size
+        if size <= 256 and len(_MATRICES) < 16:  # at most 4 MB kept
+            _MATRICES[key] = matrix
+    return matrix
 
 
 def identity(size: int, dtype: torch.dtype) -> Tensor:
     """A CPU identity matrix, whose rows picked by the labels are the one-hot rows; the small
     ones are kept (read only) so that no call builds one."""
-    key = (size, dtype)
-    eye = _IDENTITIES.get(key)
-    if eye is None:
-        with torch.inference_mode(False), torch.no_grad():
-            eye = torch.eye(size, dtype=dtype, device="cpu")
-        if size <= 256 and len(_IDENTITIES) < 8:  # at most 4 MB kept
-            _IDENTITIES[key] = eye
-    return eye
+    return _cached_matrix("identity", size, dtype)
+
+
+def centring(size: int, dtype: torch.dtype) -> Tensor:
+    """The CPU centring matrix ``I - 1 1^T / size`` (kept, read only, when small): one product
+    with it subtracts the mean of the rows, one kernel instead of a sum and a subtraction."""
+    return _cached_matrix("centring", size, dtype)
 
 
 Scalar: TypeAlias = float | Tensor
@@ -287,15 +299,15 @@ def with_gradients(
         y, grad_y = (rest[0][0], rest[0][2]) if rest else (None, None)
         out: Tensor = _HandOff.apply(as_tensor(value, like), x, grad_x, y, grad_y)
         return out
-    # every step is a subtraction: one kernel fewer to fetch
+    # sums and ``x - x_detached``: their backward passes the gradient through, no kernel
     total: Tensor | None = None
     for full, detached, grad in pairs:
-        zero = ((full - detached) if total is None else (detached - full)).reshape(-1)
+        zero = (full - detached).reshape(-1)
         term = torch.dot(zero, grad.reshape(-1)) if grad is not None else zero.sum() * 0.0
-        total = term if total is None else total - term
+        total = term if total is None else total + term
     if total is None:
         return as_tensor(value, like)
-    return total - (-value)
+    return total + value
 
 
 def collapse_terms(
@@ -424,7 +436,10 @@ def _collapse_terms(
         if nc1 != 0:
             residual = means.index_select(0, target).neg_().add_(h)  # one N x d temporary
     if present_col is None:
-        centred = torch.sub(means, means.sum(0), alpha=1.0 / num_classes)
+        if onehot:
+            centred = centring(num_classes, dtype) @ means
+        else:
+            centred = torch.sub(means, means.sum(0), alpha=1.0 / num_classes)
     else:
         centred = (means - means.sum(0) / _at_least(num_present, 1.0)) * present_col
     within: Scalar = 0.0
@@ -488,7 +503,9 @@ def _collapse_terms(
                 if nc3 != 0 and w is not None:
                     # W's rows do not sum to zero: project onto the present classes' centred space
                     grad_m = _add_scaled(grad_m, w, a_wm)
-                    if present_col is None:
+                    if present_col is None and onehot:
+                        grad_m = centring(num_classes, dtype) @ grad_m
+                    elif present_col is None:
                         grad_m = torch.sub(grad_m, grad_m.sum(0), alpha=1.0 / num_classes)
                     else:
                         grad_m = grad_m * present_col
