@@ -228,3 +228,29 @@ def test_float32_products_are_close_and_ignore_global_low_precision_settings() -
     torch.testing.assert_close(fast.class_means(), exact.class_means(), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match=r"`product_dtype` to be None, torch\.float32"):
         fast.update(features, target, product_dtype=torch.float16)
+
+
+def test_new_class_shifts_agree_with_and_without_reading_back() -> None:
+    # CPU reads back which classes are new and touches only their samples; accelerators run
+    # masked arithmetic on every sample (no synchronisation). Both must pick the same shifts
+    # (each class's first sample) and hence give identical statistics, bit for bit.
+    features, target = _data(n=700, d=6, k=40, spread=0.5, offset=3.0, seed=11)
+    read, masked = ClassStatistics.zeros(40, 6), ClassStatistics.zeros(40, 6)
+    original = ClassStatistics._set_new_shifts
+
+    def sync_free(self: ClassStatistics, f: torch.Tensor, t: torch.Tensor, **_: bool) -> None:
+        original(self, f, t, read_back=False)
+
+    for f, t in zip(features.split([1, 99, 250, 350]), target.split([1, 99, 250, 350])):
+        read.update(f, t)
+        ClassStatistics._set_new_shifts = sync_free  # type: ignore[method-assign]
+        try:
+            masked.update(f, t)
+        finally:
+            ClassStatistics._set_new_shifts = original  # type: ignore[method-assign]
+    for name in ("counts", "shift", "sums", "sum_squares", "scatter"):
+        assert torch.equal(getattr(read, name), getattr(masked, name)), name
+    # the shift of every class is its first sample
+    present = read.counts > 0
+    first = torch.stack([features[(target == c).nonzero()[0, 0]] for c in range(40) if present[c]])
+    assert torch.equal(read.shift[present], first.double())

@@ -461,27 +461,10 @@ class ClassStatistics:
         ones = torch.ones(num_samples, device=self.device, dtype=state)
         shape = (num_samples, self.num_features)
         with torch.no_grad():
-            new = self.counts.index_select(0, target) == 0
+            self._set_new_shifts(features.detach(), target, read_back=self.device.type == "cpu")
             shift = torch.index_select(
                 self.shift, 0, target, out=_scratch("shift", shape, state, self.device)
             )
-            # On accelerators the new-class bookkeeping always runs (reading `new` would
-            # synchronise); on CPU reading it is free, and it is skipped when no class is new.
-            if self.device.type != "cpu" or bool(new.any()):
-                # Index, within the batch, of the first sample of every class.
-                first = torch.full((self.num_classes,), num_samples, device=self.device)
-                positions = torch.arange(num_samples, device=self.device)
-                first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
-                candidate = torch.index_select(
-                    features.detach(),
-                    0,
-                    first.index_select(0, target),
-                    out=_scratch("candidate", shape, features.dtype, self.device),
-                )
-                # Rows of classes without samples are zero: a new class's shift is its candidate.
-                shift.addcmul_(new.to(state).unsqueeze(1), candidate)
-                # Rows of one class carry identical values: duplicate indices write the same row.
-                self.shift.index_copy_(0, target, shift)
         if torch.is_grad_enabled() and features.requires_grad:
             # Out of place, so that autograd records the batch (the tensors stop being views).
             centred = features.to(state) - shift
@@ -491,11 +474,15 @@ class ClassStatistics:
             self.sum_squares = self.sum_squares.index_add(0, target, squares)
             self.scatter = self.scatter + centred.T @ centred
             return self
-        # h - s in the state dtype (inputs promoted exactly), written into a reused buffer.
-        centred = torch.sub(features, shift, out=_scratch("centred", shape, state, self.device))
+        # h - s in the state dtype, in a reused buffer: the input is copied (promoted exactly)
+        # and the shifts subtracted in place, with no temporary of the batch's size.
+        centred = _scratch("centred", shape, state, self.device).copy_(features)
+        centred.sub_(shift)
         self.counts.index_add_(0, target, ones)
         self.sums.index_add_(0, target, centred)
-        self.sum_squares.index_add_(0, target, torch.linalg.vecdot(centred, centred))
+        # one reduction pass (a product and a sum would write a batch-sized temporary)
+        squares = torch.linalg.vector_norm(centred, dim=1).square_()
+        self.sum_squares.index_add_(0, target, squares)
         if product_dtype is None or product_dtype == state:
             _add_gram_(self.scatter, centred)
         else:
@@ -505,6 +492,36 @@ class ClassStatistics:
                 _add_gram_(product, low)
             self.scatter.add_(product)
         return self
+
+    def _set_new_shifts(self, features: Tensor, target: Tensor, *, read_back: bool) -> None:
+        """Give every class seen for the first time its first sample in the batch as shift.
+
+        With ``read_back`` (free on CPU) only the samples of new classes are touched; without it
+        (accelerators, where reading a value back synchronises) masked arithmetic runs on every
+        sample. Both give the same shifts.
+        """
+        num_samples = features.shape[0]
+        new = self.counts.index_select(0, target) == 0
+        # Index, within the batch, of the first sample of every class.
+        first = torch.full((self.num_classes,), num_samples, device=self.device)
+        positions = torch.arange(num_samples, device=self.device)
+        if read_back:
+            if not bool(new.any()):
+                return
+            samples = new.nonzero().squeeze(1)
+            classes = target.index_select(0, samples)
+            first.scatter_reduce_(0, classes, samples, reduce="amin", include_self=True)
+            rows = features.index_select(0, first.index_select(0, classes))
+            # Rows of one class are identical: duplicate indices write the same values.
+            self.shift.index_copy_(0, classes, rows.to(self.dtype))
+            return
+        first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
+        candidate = features.index_select(0, first.index_select(0, target)).to(self.dtype)
+        # Rows of classes without samples are zero: a new class's shift is its candidate.
+        shift = self.shift.index_select(0, target).addcmul_(
+            new.to(self.dtype).unsqueeze(1), candidate
+        )
+        self.shift.index_copy_(0, target, shift)
 
     def merge(self, other: ClassStatistics) -> ClassStatistics:
         """Exact statistics of the union of the samples of ``self`` and ``other`` (a new object).
