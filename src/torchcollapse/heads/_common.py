@@ -112,10 +112,10 @@ class _NormalizedLinear(torch.autograd.Function):
         norm = torch.linalg.vector_norm(
             features, dim=-1, keepdim=True, dtype=torch.float32 if half else None
         )
-        reciprocal = norm.clamp_min(eps).reciprocal_()
-        # 1 / ||x||^2 where the norm is not clamped; 0 where it is (the map is linear there).
-        curvature = reciprocal.square().mul_(norm > eps)
-        inverse: Tensor = reciprocal.mul_(scale)
+        inverse: Tensor = scale / norm.clamp_min(eps)
+        # 1 / ||x||^2 where the norm is not clamped; 0 where it is (the map is linear there):
+        # clamped norms become infinite, whose inverse square is 0.
+        curvature = torch.threshold(norm, eps, math.inf).pow_(-2)
         if half:  # cap the factor: a tiny feature gives a small finite output, never inf or NaN
             limit = torch.finfo(features.dtype).max
             inverse = inverse.clamp_max_(limit).to(features.dtype)
