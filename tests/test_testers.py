@@ -436,7 +436,8 @@ def test_correct_module_passes_every_check(module_inputs: tuple[Tensor]) -> None
         "deepcopy",
         "pickle",
         "gradcheck",
-        "compile[aot_eager]",
+        "compile[aot_eager, eval]",
+        "compile[aot_eager, train]",
     ]
     assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
 
@@ -448,7 +449,11 @@ def test_integer_inputs_keyword_arguments_and_dict_outputs_are_supported(
     report = check_module(
         FramedCrossEntropy, (*module_inputs, target), forward_kwargs={"scale": 2.0}
     )
-    assert report.checks[-2:] == ["gradcheck", "compile[aot_eager]"]
+    assert report.checks[-3:] == [
+        "gradcheck",
+        "compile[aot_eager, eval]",
+        "compile[aot_eager, train]",
+    ]
 
 
 def test_frame_as_plain_attribute_fails(module_inputs: tuple[Tensor]) -> None:
@@ -491,12 +496,42 @@ def test_compile_failures_are_reported_not_skipped(module_inputs: tuple[Tensor])
 
         return run
 
-    with pytest.raises(AssertionError, match=r"compile\[broken_backend\]: compiled call failed"):
+    with pytest.raises(
+        AssertionError, match=r"compile\[broken_backend, eval\]: compiled call failed"
+    ):
         check_module(FramedLinear, module_inputs, gradcheck=False, compile_backend=broken_backend)
-    with pytest.raises(AssertionError, match=r"compile\[off_by_one_backend\] output vs eager"):
+    with pytest.raises(
+        AssertionError, match=r"compile\[off_by_one_backend, eval\] output vs eager"
+    ):
         check_module(
             FramedLinear, module_inputs, gradcheck=False, compile_backend=off_by_one_backend
         )
+
+
+class RunningMeanSkippedWhenCompiled(nn.Module):
+    """Tracks a running mean of its inputs in training, except under ``torch.compile``: the
+    kind of host/compiled branch that silently drops a buffer update."""
+
+    running: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 5))
+        self.register_buffer("running", torch.zeros(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                self.running.lerp_(x.mean(0), 0.1)
+        return x @ self.weight.T
+
+
+def test_a_buffer_update_missing_under_compile_fails_in_train_mode(
+    module_inputs: tuple[Tensor],
+) -> None:
+    # eval mode hides the bug (no update either way); the train-mode compile check finds it
+    with pytest.raises(AssertionError, match=r"compile\[aot_eager, train\] buffers vs eager"):
+        check_module(RunningMeanSkippedWhenCompiled, module_inputs, gradcheck=False)
 
 
 def _seeded(cls: type[nn.Module]) -> nn.Module:

@@ -618,7 +618,9 @@ def check_module(
        a finite gradient.
     6. ``compile`` (unless ``compile_backend`` is ``None``): ``torch.compile(module,
        backend=compile_backend)`` gives the eager output and the eager gradients (parameters and
-       floating inputs) within the dtype tolerance. A compile error is a failure, never skipped.
+       floating inputs) within the dtype tolerance, in ``eval()`` mode and in ``train()`` mode,
+       where the buffers a training call updates (running means, steps) must also match eager.
+       A compile error is a failure, never skipped.
 
     The global RNG state is restored on return.
 
@@ -718,8 +720,10 @@ def check_module(
 
         # 6. torch.compile == eager
         if compile_backend is not None:
-            _check_compile(module, inputs, kwargs, compile_backend)
-            report.checks.append(f"compile[{_backend_name(compile_backend)}]")
+            for training in (False, True):
+                _check_compile(module, inputs, kwargs, compile_backend, training)
+                mode = "train" if training else "eval"
+                report.checks.append(f"compile[{_backend_name(compile_backend)}, {mode}]")
     return report
 
 
@@ -775,6 +779,7 @@ def _check_compile(
     inputs: tuple[Tensor, ...],
     kwargs: dict[str, Any],
     backend: str | Callable[..., Any],
+    training: bool,
 ) -> None:
     import torch._dynamo
 
@@ -782,9 +787,9 @@ def _check_compile(
         print("check_module compile: torch.compile is not supported here; check skipped")
         return
     torch._dynamo.reset()
-    name = _backend_name(backend)
-    eager = copy.deepcopy(module).eval()
-    compiled_module = copy.deepcopy(module).eval()
+    name = f"{_backend_name(backend)}, {'train' if training else 'eval'}"
+    eager = copy.deepcopy(module).train(training)
+    compiled_module = copy.deepcopy(module).train(training)
     compiled = torch.compile(compiled_module, backend=backend)
     dtype = next(
         (x.dtype for x in inputs if x.is_floating_point()),
@@ -830,6 +835,22 @@ def _check_compile(
             grads_compiled,
             grads_eager,
             f"compile[{name}] gradients vs eager",
+            exact=False,
+            rtol=r_tol,
+            atol=a_tol,
+        )
+    buffers_eager = dict(eager.named_buffers())
+    buffers_compiled = dict(compiled_module.named_buffers())
+    if sorted(buffers_eager) != sorted(buffers_compiled):
+        raise AssertionError(
+            f"check_module compile[{name}]: buffers {sorted(buffers_compiled)} after the compiled "
+            f"call, {sorted(buffers_eager)} after the eager one"
+        )
+    if buffers_eager:
+        _assert_outputs(
+            [buffers_compiled[key].detach() for key in sorted(buffers_eager)],
+            [buffers_eager[key].detach() for key in sorted(buffers_eager)],
+            f"compile[{name}] buffers vs eager",
             exact=False,
             rtol=r_tol,
             atol=a_tol,
