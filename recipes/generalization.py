@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from harness.config import TrainConfig, arg, parse_config
 from harness.evaluate import evaluate
 from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
@@ -53,6 +54,7 @@ from harness.outputs import (
     summarize,
     write_report,
 )
+from harness.probe import spearman_correlation
 from harness.train import Experiment, Objective
 from torch import Tensor
 
@@ -142,28 +144,16 @@ TABLE = {
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN below three points."""
+    """Spearman rank correlation (average ranks for ties); NaN below three points or when one
+    side is constant, so that a short or flat sweep reports no correlation instead of failing."""
     if len(x) < 3:
         return float("nan")
-
-    def ranks(values: Sequence[float]) -> list[float]:
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var > 0 else float("nan")
+    try:
+        return spearman_correlation(
+            torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+        )
+    except ValueError:
+        return float("nan")
 
 
 def findings(summary: Mapping[str, Mapping[str, Stat]]) -> list[str]:
