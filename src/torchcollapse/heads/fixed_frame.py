@@ -153,13 +153,17 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         return self._logits(features, self.frame)
 
     def _logits(self, features: Tensor, frame: Tensor) -> Tensor:
-        scale = self.scale
+        # Registered parameters are read from their dict once: attribute access to them goes
+        # through ``Module.__getattr__``, a measurable part of a small head's step.
+        parameters = self._parameters
+        log_scale, bias = parameters["log_scale"], parameters["bias"]
+        scale = self._scale if log_scale is None else log_scale.exp()
         if self.normalize_features:
-            return normalized_linear(features, frame, scale, self.eps, self.bias)
-        if self.log_scale is None and self._scale == 1.0:
-            return F.linear(features, frame, self.bias)
+            return normalized_linear(features, frame, scale, self.eps, bias)
+        if log_scale is None and scale == 1.0:
+            return F.linear(features, frame, bias)
         logits = F.linear(features, frame) * scale
-        return logits if self.bias is None else logits + self.bias
+        return logits if bias is None else logits + bias
 
     def extra_repr(self) -> str:
         scale = repr(round(self._current_scale(), 6))
