@@ -502,12 +502,11 @@ class ClassStatistics:
         """
         num_samples = features.shape[0]
         new = self.counts.index_select(0, target) == 0
-        # Index, within the batch, of the first sample of every class.
+        if read_back and not bool(new.any()):
+            return
+        # Index, within the batch, of the first sample of every class (num_samples: none).
         first = torch.full((self.num_classes,), num_samples, device=self.device)
-        positions = torch.arange(num_samples, device=self.device)
         if read_back:
-            if not bool(new.any()):
-                return
             samples = new.nonzero().squeeze(1)
             classes = target.index_select(0, samples)
             first.scatter_reduce_(0, classes, samples, reduce="amin", include_self=True)
@@ -515,6 +514,7 @@ class ClassStatistics:
             # Rows of one class are identical: duplicate indices write the same values.
             self.shift.index_copy_(0, classes, rows.to(self.dtype))
             return
+        positions = torch.arange(num_samples, device=self.device)
         first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
         candidate = features.index_select(0, first.index_select(0, target)).to(self.dtype)
         # Rows of classes without samples are zero: a new class's shift is its candidate.
