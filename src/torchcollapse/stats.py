@@ -32,9 +32,10 @@ only its upper block triangle is multiplied, panel by panel, about half the flop
 product, so that a float64 update stays close to the float32 Gram ``features.T @ features`` (the
 floor). On GPUs, whose float64 throughput matches float32 (H100/H200), it is one ``addmm``.
 
-``update`` does no host-device synchronisation when ``validate_args=False`` (shifts of new classes
-are set by masked arithmetic on the counts), no per-update work is proportional to ``K x d``, and
-on CPU its batch-sized temporaries live in reused per-thread scratch buffers. For hardware where
+``update`` does no host-device synchronisation when ``validate_args=False`` (on accelerators the
+shifts of new classes are set by masked arithmetic on the counts; on CPU, where reading a value is
+free, only the samples of new classes are touched), no per-update work is proportional to
+``K x d``, and on CPU the batch is centred in place in reused per-thread scratch buffers. For hardware where
 float64 is slow, ``product_dtype=torch.float32`` trades the exact product for a float32 one.
 
 Example:
