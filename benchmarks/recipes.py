@@ -91,6 +91,10 @@ def throughput(args: argparse.Namespace) -> None:
             print(f"| {run} | {train_rate:.1f} | {with_eval:.1f} | {share:.0%} |")
 
 
+def _threads(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-default", action="store_true")
@@ -100,7 +104,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=512, help="training images per epoch")
     parser.add_argument("--test", type=int, default=256, help="test images per evaluation")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (none: default)")
+    parser.add_argument(
+        "--threads", type=_threads, default=2, help="CPU threads (none: torch's default)"
+    )
     args = parser.parse_args()
     if not args.skip_default:
         default_run()
