@@ -35,8 +35,9 @@ floor). On GPUs, whose float64 throughput matches float32 (H100/H200), it is one
 ``update`` does no host-device synchronisation when ``validate_args=False`` (on accelerators the
 shifts of new classes are set by masked arithmetic on the counts; on CPU, where reading a value is
 free, only the samples of new classes are touched), no per-update work is proportional to
-``K x d``, and on CPU the batch is centred in place in reused per-thread scratch buffers. For hardware where
-float64 is slow, ``product_dtype=torch.float32`` trades the exact product for a float32 one.
+``K x d``, and on CPU the batch is centred in place in reused per-thread scratch buffers. For
+hardware where float64 is slow, ``product_dtype=torch.float32`` trades the exact product for a
+float32 one.
 
 Example:
     >>> import torch
