@@ -333,3 +333,25 @@ def test_etf_init_linear_tensor_and_cosine_head() -> None:
 def test_orthogonal_head_frame() -> None:
     head = OrthogonalFrameHead(6, 4, dtype=F64)
     torch.testing.assert_close(head.frame, orthogonal_frame(4, 6, dtype=F64))
+
+
+def test_normalized_head_under_bfloat16_autocast_matches_float32() -> None:
+    # Under autocast the matrix product runs in bfloat16 while the features, the norms and the
+    # feature gradient stay float32. bfloat16 keeps 8 bits: logits and gradients agree with the
+    # float32 computation to a few 2**-8 of their largest entry.
+    head = SimplexETFHead(24, 6, scale=10.0)
+    h = features(32, 24, seed=int(torch.randint(0, 2**31, ())))
+    x_auto, x_ref = h.clone().requires_grad_(), h.clone().requires_grad_()
+    upstream = torch.randn(32, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x_auto)
+    assert logits.dtype == torch.bfloat16
+    (logits.float() * upstream).sum().backward()
+    reference = head(x_ref)
+    (reference * upstream).sum().backward()
+    assert x_auto.grad is not None
+    assert x_ref.grad is not None
+    assert x_auto.grad.dtype == torch.float32
+    for got, expected in ((logits.float(), reference.detach()), (x_auto.grad, x_ref.grad)):
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got.detach(), expected, rtol=0, atol=4 * 2**-8 * scale)

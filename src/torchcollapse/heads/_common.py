@@ -141,8 +141,8 @@ class _NormalizedLinear(torch.autograd.Function):
             if features.dtype in _HALF:
                 limit = torch.finfo(features.dtype).max
                 coef = (dot.float() * curvature).clamp_(-limit, limit).to(features.dtype)
-            else:
-                coef = dot.mul_(curvature) if not need_scale else dot * curvature
+            else:  # in the curvature's dtype: float32 where autocast made the logits bfloat16
+                coef = dot * curvature
             grad_features = torch.mm(scaled, weight).view(features.shape)
             grad_features.addcmul_(features, coef, value=-1)
         if need_weight:
