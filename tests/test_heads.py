@@ -355,3 +355,54 @@ def test_normalized_head_under_bfloat16_autocast_matches_float32() -> None:
     for got, expected in ((logits.float(), reference.detach()), (x_auto.grad, x_ref.grad)):
         scale = float(expected.abs().max())
         torch.testing.assert_close(got.detach(), expected, rtol=0, atol=4 * 2**-8 * scale)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_bfloat16_features_under_autocast_reach_float32_parameters(learnable: bool) -> None:
+    # A backbone under autocast hands bfloat16 features to a float32 head: the backward pass
+    # must multiply in one dtype and give the float32 parameters float32 gradients close to a
+    # float32 computation on the same (rounded) features; bfloat16 keeps 8 bits.
+    head: nn.Module = CosineHead(24, 6) if learnable else SimplexETFHead(24, 6, scale=10.0)
+    h = features(16, 24, seed=int(torch.randint(0, 2**31, ()))).bfloat16()
+    upstream = torch.randn(16, 6)
+    x = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (head(x).float() * upstream).sum().backward()
+    grads = {name: p.grad for name, p in head.named_parameters()}
+    head.zero_grad()
+    reference = h.float().requires_grad_()
+    (head(reference) * upstream).sum().backward()
+    assert x.grad is not None
+    assert reference.grad is not None
+    assert x.grad.dtype == torch.bfloat16
+    pairs = [(x.grad.float(), reference.grad)]
+    for name, p in head.named_parameters():
+        assert grads[name] is not None
+        assert grads[name].dtype == torch.float32, name
+        pairs.append((grads[name], p.grad))
+    for got, expected in pairs:
+        assert expected is not None
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=0, atol=8 * 2**-8 * scale)
+
+
+def test_float16_gradient_of_small_features_is_accurate() -> None:
+    # (g . out) / ||h||^2 exceeds float16's range for small features whose gradient does not:
+    # the correction is formed in float32. Reference: float64 autograd through the plain formula
+    # on the same float16 values; float16 keeps 11 bits.
+    head = SimplexETFHead(32, 8, scale=10.0)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    direction = torch.randn(6, 32, generator=gen)
+    norms = torch.tensor([1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1.0])
+    h = (direction / direction.norm(dim=1, keepdim=True) * norms[:, None]).half()
+    upstream = 1e-3 * torch.randn(6, 8, generator=gen)  # batch-averaged cross-entropy scale
+    x = h.clone().requires_grad_()
+    (head.half()(x).float() * upstream).sum().backward()
+    ref = h.double().requires_grad_()
+    frame = head.frame.double()
+    logits = 10.0 * F.linear(ref, frame) / ref.norm(dim=1, keepdim=True)
+    (logits * upstream.double()).sum().backward()
+    assert x.grad is not None
+    assert ref.grad is not None
+    error = (x.grad.double() - ref.grad).norm(dim=1) / ref.grad.norm(dim=1)
+    assert float(error.max()) < 8 * 2**-11, error

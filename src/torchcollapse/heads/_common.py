@@ -116,11 +116,14 @@ class _NormalizedLinear(torch.autograd.Function):
         # 1 / ||x||^2 where the norm is not clamped; 0 where it is (the map is linear there):
         # clamped norms become infinite, whose inverse square is 0.
         curvature = torch.threshold(norm, eps, math.inf).pow_(-2)
-        if half:  # cap the factor: a tiny feature gives a small finite output, never inf or NaN
-            limit = torch.finfo(features.dtype).max
-            inverse = inverse.clamp_max_(limit).to(features.dtype)
-            curvature = curvature.clamp_max_(limit)
-        out = F.linear(features, weight).mul_(inverse)
+        if half:
+            # The factors stay float32 (scale / ||x|| overflows float16 for small features):
+            # the product runs in the input precision, the rescaling in float32.
+            curvature = curvature.clamp_max_(torch.finfo(torch.float32).max)
+            lin = F.linear(features, weight)
+            out = (lin.float() * inverse).to(lin.dtype)
+        else:
+            out = F.linear(features, weight).mul_(inverse)
         scale_tensor = scale if isinstance(scale, Tensor) else None
         ctx.save_for_backward(features, weight, out, inverse, curvature, scale_tensor)
         return out
@@ -133,24 +136,57 @@ class _NormalizedLinear(torch.autograd.Function):
         features, weight, out, inverse, curvature, scale = ctx.saved_tensors
         need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
         k, d = weight.shape
+        if features.dtype in _HALF:
+            return _half_backward(ctx, grad, features, weight, out, inverse, curvature, scale)
         scaled = (grad * inverse).reshape(-1, k)
         grad_features = grad_weight = grad_scale = None
         dot = (grad * out).sum(-1, keepdim=True) if need_features or need_scale else None
         if need_features:
             assert dot is not None
-            if features.dtype in _HALF:
-                limit = torch.finfo(features.dtype).max
-                coef = (dot.float() * curvature).clamp_(-limit, limit).to(features.dtype)
-            else:  # in the curvature's dtype: float32 where autocast made the logits bfloat16
-                coef = dot * curvature
-            grad_features = torch.mm(scaled, weight).view(features.shape)
-            grad_features.addcmul_(features, coef, value=-1)
+            # the weight in the gradient's dtype: autocast may have run the forward product in a
+            # lower precision than a float32 weight; the coefficient in the curvature's dtype
+            product = torch.mm(scaled, weight.to(scaled.dtype)).view(features.shape)
+            grad_features = product.addcmul_(features, dot * curvature, value=-1)
         if need_weight:
             grad_weight = scaled.T @ features.reshape(-1, d)
         if need_scale:
             assert dot is not None
             grad_scale = (dot.sum() / scale).reshape(scale.shape).to(scale.dtype)
         return grad_features, grad_weight, grad_scale, None
+
+
+def _half_backward(
+    ctx: Any,
+    grad: Tensor,
+    features: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    inverse: Tensor,
+    curvature: Tensor,
+    scale: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    """The backward pass for float16/bfloat16 features: products in the input precision, the
+    factors and the correction term in float32 (``(g . out) / ||x||^2`` overflows float16 for
+    small features whose gradient itself is representable)."""
+    need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
+    k, d = weight.shape
+    grad32 = grad.float()
+    dot = (grad32 * out.float()).sum(-1, keepdim=True)
+    grad_features = grad_weight = grad_scale = None
+    if need_features:
+        limit = torch.finfo(features.dtype).max
+        product = torch.mm(grad.reshape(-1, k), weight.to(grad.dtype)).view(features.shape)
+        correction = (
+            product.float().mul_(inverse).addcmul_(features.float(), dot * curvature, value=-1)
+        )
+        grad_features = correction.clamp_(-limit, limit).to(features.dtype)
+    if need_weight:
+        scaled = (grad32 * inverse).reshape(-1, k)
+        grad_weight = scaled.T @ features.reshape(-1, d).float()
+    if need_scale:
+        assert scale is not None
+        grad_scale = (dot.sum() / scale).reshape(scale.shape).to(scale.dtype)
+    return grad_features, grad_weight, grad_scale, None
 
 
 def normalized_linear(

@@ -153,10 +153,8 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         return self._logits(features, self.frame)
 
     def _logits(self, features: Tensor, frame: Tensor) -> Tensor:
-        # Registered parameters are read from their dict once: attribute access to them goes
-        # through ``Module.__getattr__``, a measurable part of a small head's step.
-        parameters = self._parameters
-        log_scale, bias = parameters["log_scale"], parameters["bias"]
+        # each registered parameter read once (``Module.__getattr__`` is the slow attribute path)
+        log_scale, bias = self.log_scale, self.bias
         scale = self._scale if log_scale is None else log_scale.exp()
         if self.normalize_features:
             return normalized_linear(features, frame, scale, self.eps, bias)
