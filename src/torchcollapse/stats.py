@@ -499,8 +499,8 @@ class ClassStatistics:
         """Give every class seen for the first time its first sample in the batch as shift.
 
         With ``read_back`` (free on CPU) only the samples of new classes are touched; without it
-        (accelerators, where reading a value back synchronises) masked arithmetic runs on every
-        sample. Both give the same shifts.
+        (accelerators, where reading a value back synchronises) a masked selection runs over
+        every sample. Both give the same shifts.
         """
         num_samples = features.shape[0]
         new = self.counts.index_select(0, target) == 0
@@ -519,10 +519,7 @@ class ClassStatistics:
         positions = torch.arange(num_samples, device=self.device)
         first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
         candidate = features.index_select(0, first.index_select(0, target)).to(self.dtype)
-        # Rows of classes without samples are zero: a new class's shift is its candidate.
-        shift = self.shift.index_select(0, target).addcmul_(
-            new.to(self.dtype).unsqueeze(1), candidate
-        )
+        shift = torch.where(new.unsqueeze(1), candidate, self.shift.index_select(0, target))
         self.shift.index_copy_(0, target, shift)
 
     def merge(self, other: ClassStatistics) -> ClassStatistics:
