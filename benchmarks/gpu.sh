@@ -37,12 +37,12 @@ export PYTHON PYTHONPATH="src:.${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step() {  # step FILE LIMIT_SECONDS COMMAND...: run under a time limit, never stop the script
   local name=$1 limit=$2
   shift 2
-  echo "== $name ($(date -u +%H:%M:%S) UTC, limit ${limit} s): $*" | tee -a "$OUT_DIR/$name"
+  echo "== $name ($(date -u +%H:%M:%S) UTC, limit ${limit} s): $*" | tee "$OUT_DIR/$name"
   local run=("$@")
   if declare -F "$1" >/dev/null; then  # a function of this script: run it in a child bash
     run=(bash -c "$(declare -f "$1"); $1")
   fi
-  if ! timeout "$limit" "${run[@]}" 2>&1 | tee -a "$OUT_DIR/$name"; then
+  if ! timeout -k 10 "$limit" "${run[@]}" 2>&1 | tee -a "$OUT_DIR/$name"; then
     echo "== $name: FAILED or ran past ${limit} s" | tee -a "$OUT_DIR/$name"
   fi
 }

@@ -798,6 +798,7 @@ def _check_compile(
     r_tol, a_tol = _MODULE_TOLERANCES.get(dtype, (1e-2, 1e-2))
 
     def forward_backward(model: Callable[..., Any], target: nn.Module) -> tuple[Any, list[Tensor]]:
+        torch.manual_seed(0)  # the same random draws, if any, in the eager and compiled calls
         args = [x.clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
         out = model(*args, **kwargs)
         floating = [t for t in _leaves(out) if t.is_floating_point() and t.requires_grad]

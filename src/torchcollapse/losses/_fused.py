@@ -81,7 +81,7 @@ def _cached_matrix(kind: str, size: int, dtype: torch.dtype) -> Tensor:
             matrix = torch.eye(size, dtype=dtype, device="cpu")
             if kind == "centring":
                 matrix -= 1.0 / size
-        if size <= 256 and len(_MATRICES) < 16:  # at most 4 MB kept
+        if size <= 256 and len(_MATRICES) < 16:  # at most 8 MB kept
             _MATRICES[key] = matrix
     return matrix
 
