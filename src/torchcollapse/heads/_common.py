@@ -145,7 +145,9 @@ class _NormalizedLinear(torch.autograd.Function):
             assert dot is not None
             # the weight in the gradient's dtype: autocast may have run the forward product in a
             # lower precision than a float32 weight; the coefficient in the curvature's dtype
-            product = torch.mm(scaled, weight.to(scaled.dtype)).view(features.shape)
+            if weight.dtype != scaled.dtype:
+                weight = weight.to(scaled.dtype)
+            product = torch.mm(scaled, weight).view(features.shape)
             grad_features = product.addcmul_(features, dot * curvature, value=-1)
         if need_weight:
             grad_weight = scaled.T @ features.reshape(-1, d)

@@ -153,8 +153,7 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         return self._logits(features, self.frame)
 
     def _logits(self, features: Tensor, frame: Tensor) -> Tensor:
-        # each registered parameter read once (``Module.__getattr__`` is the slow attribute path)
-        log_scale, bias = self.log_scale, self.bias
+        log_scale, bias = self.log_scale, self.bias  # each read once
         scale = self._scale if log_scale is None else log_scale.exp()
         if self.normalize_features:
             return normalized_linear(features, frame, scale, self.eps, bias)
