@@ -47,6 +47,12 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
     ``scale * frame @ features``. The cost is one matrix product and one rescaling, as for
     :class:`torch.nn.Linear` of the same shape, minus the weight gradient.
 
+    Mixed precision works as for :class:`torch.nn.Linear`: under :func:`torch.autocast` the
+    product runs, and the logits come out, in the autocast dtype while the frame stays float32;
+    with float16/bfloat16 features the norms, the rescaling factors and the correction term of
+    the feature gradient are computed in float32, so small features neither overflow nor lose
+    their gradient.
+
     Args:
         frame: ``(num_classes, in_features)`` class vectors, used as given (the functions of
             :mod:`torchcollapse.frames` return unit rows). Copied.
