@@ -112,7 +112,8 @@ def test_fused_gradients_match_autograd_through_the_formula(shape: tuple[int, ..
     from torchcollapse.heads._common import normalized_linear
 
     eps = 1e-3
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
     h = torch.randn(*shape, 6, generator=gen, dtype=F64)
     h.view(-1, 6)[0] *= 1e-4 / h.view(-1, 6)[0].norm()  # norm 1e-4 < eps
     h.view(-1, 6)[1] = 0.0
@@ -132,7 +133,11 @@ def test_fused_gradients_match_autograd_through_the_formula(shape: tuple[int, ..
     for got, expected in zip(*grads):
         # float64 and a handful of operations: agreement to a few ulps of the largest entry
         torch.testing.assert_close(
-            got, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max())
+            got,
+            expected,
+            rtol=1e-12,
+            atol=1e-12 * float(expected.abs().max()),
+            msg=lambda m: f"seed {seed}: {m}",
         )
 
 
@@ -340,7 +345,8 @@ def test_normalized_head_under_bfloat16_autocast_matches_float32() -> None:
     # feature gradient stay float32. bfloat16 keeps 8 bits: logits and gradients agree with the
     # float32 computation to a few 2**-8 of their largest entry.
     head = SimplexETFHead(24, 6, scale=10.0)
-    h = features(32, 24, seed=int(torch.randint(0, 2**31, ())))
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    h = features(32, 24, seed=seed)
     x_auto, x_ref = h.clone().requires_grad_(), h.clone().requires_grad_()
     upstream = torch.randn(32, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -354,7 +360,13 @@ def test_normalized_head_under_bfloat16_autocast_matches_float32() -> None:
     assert x_auto.grad.dtype == torch.float32
     for got, expected in ((logits.float(), reference.detach()), (x_auto.grad, x_ref.grad)):
         scale = float(expected.abs().max())
-        torch.testing.assert_close(got.detach(), expected, rtol=0, atol=4 * 2**-8 * scale)
+        torch.testing.assert_close(
+            got.detach(),
+            expected,
+            rtol=0,
+            atol=4 * 2**-8 * scale,
+            msg=lambda m: f"seed {seed}: {m}",
+        )
 
 
 @pytest.mark.parametrize("learnable", [False, True])
@@ -363,7 +375,8 @@ def test_bfloat16_features_under_autocast_reach_float32_parameters(learnable: bo
     # must multiply in one dtype and give the float32 parameters float32 gradients close to a
     # float32 computation on the same (rounded) features; bfloat16 keeps 8 bits.
     head: nn.Module = CosineHead(24, 6) if learnable else SimplexETFHead(24, 6, scale=10.0)
-    h = features(16, 24, seed=int(torch.randint(0, 2**31, ()))).bfloat16()
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    h = features(16, 24, seed=seed).bfloat16()
     upstream = torch.randn(16, 6)
     x = h.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -383,7 +396,9 @@ def test_bfloat16_features_under_autocast_reach_float32_parameters(learnable: bo
     for got, expected in pairs:
         assert expected is not None
         scale = float(expected.abs().max())
-        torch.testing.assert_close(got, expected, rtol=0, atol=8 * 2**-8 * scale)
+        torch.testing.assert_close(
+            got, expected, rtol=0, atol=8 * 2**-8 * scale, msg=lambda m: f"seed {seed}: {m}"
+        )
 
 
 def test_float16_gradient_of_small_features_is_accurate() -> None:
@@ -391,7 +406,8 @@ def test_float16_gradient_of_small_features_is_accurate() -> None:
     # the correction is formed in float32. Reference: float64 autograd through the plain formula
     # on the same float16 values; float16 keeps 11 bits.
     head = SimplexETFHead(32, 8, scale=10.0)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(6, 32, generator=gen)
     norms = torch.tensor([1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1.0])
     h = (direction / direction.norm(dim=1, keepdim=True) * norms[:, None]).half()
@@ -405,4 +421,4 @@ def test_float16_gradient_of_small_features_is_accurate() -> None:
     assert x.grad is not None
     assert ref.grad is not None
     error = (x.grad.double() - ref.grad).norm(dim=1) / ref.grad.norm(dim=1)
-    assert float(error.max()) < 8 * 2**-11, error
+    assert float(error.max()) < 8 * 2**-11, (seed, error)
