@@ -570,8 +570,8 @@ def write_outputs(
         f"{config.minority_fraction}), {model} (feature dim {config.feature_dim}), "
         f"{config.epochs} epochs, batch {config.batch_size}, {config.optimizer} lr {config.lr} "
         f"({config.schedule}), weight decay {config.weight_decay}, ETF scale {config.etf_scale}, "
-        f"seeds {list(config.seeds)}; wall time {seconds:.0f} s with {_threads(config)} torch "
-        f"thread(s) per process.\n\n{profile}"
+        f"seeds {list(config.seeds)}; wall time {seconds:.0f} s with "
+        f"{torch.get_num_threads()} torch thread(s) per process.\n\n{profile}"
     )
     tables = []
     for ratio in config.ratios:
@@ -615,11 +615,6 @@ def long_tail_subset(data: Dataset, counts: Sequence[int], seed: int) -> Dataset
     index = index.to(data.train.targets.device)
     train = Split(data.train.inputs[index], data.train.targets[index])
     return Dataset(data.name, train, data.test, data.num_classes)
-
-
-def _threads(config: TrainConfig) -> int:
-    threads = getattr(config, "threads", None)
-    return int(threads) if threads is not None else torch.get_num_threads()
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -570,7 +570,7 @@ def write_outputs(
         f"{config.probe_weight_decay} on standardized features, fit on the target train split, "
         f"tested on the target test split; NCM: supports drawn {config.draws} times from the "
         f"target train split, queries the target test split. Wall time {seconds:.0f} s with "
-        f"{_threads(config)} torch thread(s) per process."
+        f"{torch.get_num_threads()} torch thread(s) per process."
     )
     note = (
         "Final epoch, mean ± std over seeds. NC1 = tr(Σ_W Σ_B⁺)/K and CDNV (Galanti et al., 2022) "
@@ -594,11 +594,6 @@ def _source_classes(config: TransferConfig) -> int:
     if config.source_classes is not None:
         return config.source_classes
     return 80 if config.dataset == "cifar100" else 5
-
-
-def _threads(config: TrainConfig) -> int:
-    threads = getattr(config, "threads", None)
-    return int(threads) if threads is not None else torch.get_num_threads()
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
