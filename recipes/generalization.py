@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from harness.config import TrainConfig, arg, parse_config
+from harness.config import TrainConfig, arg, check_choices, parse_config
 from harness.evaluate import evaluate
 from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
 from harness.outputs import (
@@ -103,11 +103,7 @@ class GeneralizationConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = [r for r in self.runs if r not in RUNS]
-        if unknown or not self.runs:
-            raise ValueError(
-                f"Expected argument `runs` to be among {list(RUNS)}, but got {list(self.runs)}."
-            )
+        check_choices("runs", self.runs, RUNS)
 
 
 def _builder(

@@ -54,7 +54,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from harness.config import TrainConfig, arg, parse_config
+from harness.config import TrainConfig, arg, check_choices, parse_config
 from harness.data import Dataset, Split
 from harness.evaluate import class_means, extract
 from harness.longtail import head_tail_split, long_tail_counts, long_tail_indices
@@ -132,12 +132,7 @@ class ImbalanceConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(
-                f"Expected argument `methods` to be among {list(METHODS)}, "
-                f"but got {list(self.methods)}."
-            )
+        check_choices("methods", self.methods, METHODS)
         if not self.ratios or any(not r >= 1 for r in self.ratios):
             raise ValueError(
                 f"Expected argument `ratios` to hold numbers >= 1, but got {list(self.ratios)}."

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness.config import TrainConfig, arg, parse_config
+from harness.config import TrainConfig, arg, check_choices, parse_config
 from harness.evaluate import evaluate
 from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
 from harness.outputs import Stat, final_rows, format_stat, gap_note, write_report
@@ -82,10 +82,7 @@ class LayersConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.runs or any(r not in HEADS for r in self.runs):
-            raise ValueError(
-                f"Expected argument `runs` to be among {list(HEADS)}, but got {list(self.runs)}."
-            )
+        check_choices("runs", self.runs, HEADS)
 
 
 def tracked_layers(model: CollapseModel) -> list[str]:

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from harness.config import TrainConfig, arg, parse_config
+from harness.config import TrainConfig, arg, check_choices, parse_config
 from harness.data import Dataset, Split
 from harness.evaluate import evaluate
 from harness.models import CollapseModel, build_model, simplex_etf_head
@@ -143,11 +143,7 @@ class TransferConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = [r for r in self.runs if r not in RUNS]
-        if unknown or not self.runs:
-            raise ValueError(
-                f"Expected argument `runs` to be among {list(RUNS)}, but got {list(self.runs)}."
-            )
+        check_choices("runs", self.runs, RUNS)
         if not self.shots or any(s < 1 for s in self.shots):
             raise ValueError(
                 f"Expected argument `shots` to hold positive integers, but got {list(self.shots)}."

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from harness.config import TrainConfig, arg, load_config, parse_config, save_config
+from harness.config import TrainConfig, arg, check_choices, load_config, parse_config, save_config
 from harness.data import (
     ShardedBatchSampler,
     augment_cifar,
@@ -388,3 +388,11 @@ def test_evaluate_against_brute_force_references() -> None:
         # float32 features through float64 statistics: agreement to float32 rounding
         assert row[f"{name}_nc1"] == pytest.approx(float(reference["nc1"]), rel=1e-5)
         assert row[f"{name}_nc3"] == pytest.approx(float(reference["nc3"]), rel=1e-5)
+
+
+def test_check_choices_names_the_argument_and_the_allowed_values() -> None:
+    check_choices("runs", ("a", "b"), ("a", "b", "c"))
+    with pytest.raises(ValueError, match=r"`runs` to be among \['a', 'b'\], but got \['a', 'x'\]"):
+        check_choices("runs", ("a", "x"), ("a", "b"))
+    with pytest.raises(ValueError, match=r"`methods` to be among \['a'\], but got \[\]"):
+        check_choices("methods", (), ("a",))

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union
@@ -36,6 +36,7 @@ __all__ = [
     "RUNTIME_FIELDS",
     "TrainConfig",
     "arg",
+    "check_choices",
     "config_to_dict",
     "load_config",
     "parse_config",
@@ -142,6 +143,15 @@ class TrainConfig:
             feature_dim=self.feature_dim,
             neck_batchnorm=self.neck_batchnorm,
             head=head,
+        )
+
+
+def check_choices(name: str, values: Sequence[str], allowed: Iterable[str]) -> None:
+    """Raise unless ``values`` is a non-empty sequence of names from ``allowed``."""
+    allowed = list(allowed)
+    if not values or any(v not in allowed for v in values):
+        raise ValueError(
+            f"Expected argument `{name}` to be among {allowed}, but got {list(values)}."
         )
 
 
