@@ -27,21 +27,19 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _device import sync
 from torch import nn
 
 from torchcollapse import frames
 from torchcollapse.frames import frame_angle_report, frame_min_angle, spherical_code
 from torchcollapse.heads import CosineHead, FixedFrameHead, NearestETFHead
 
-DEVICE = torch.device("cpu")
+CPU = torch.device("cpu")
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
-def interleaved_times(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved_times(
+    steps: dict[str, Callable[[], object]], repeats: int, device: torch.device = CPU
+) -> dict[str, float]:
     """Seconds per call of each step: the fastest of ``repeats`` samples, sampled in turn.
 
     Each sample runs a step enough times to last about 20 ms. Other processes only ever add
@@ -51,10 +49,10 @@ def interleaved_times(steps: dict[str, Callable[[], object]], repeats: int) -> d
     inner: dict[str, int] = {}
     for name, step in steps.items():  # warm-up (about 50 ms of calls) and calibration
         step()
-        _sync()
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync()
+        sync(device)
         once = max(time.perf_counter() - start, 1e-6)
         inner[name] = max(1, min(1000, int(0.02 / once)))
         for _ in range(max(1, min(2000, int(0.05 / once)))):
@@ -62,11 +60,11 @@ def interleaved_times(steps: dict[str, Callable[[], object]], repeats: int) -> d
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            _sync()
+            sync(device)
             start = time.perf_counter()
             for _ in range(inner[name]):
                 step()
-            _sync()
+            sync(device)
             times[name].append((time.perf_counter() - start) / inner[name])
     return {name: min(values) for name, values in times.items()}
 
@@ -84,7 +82,9 @@ def forward_backward(
     return step
 
 
-def head_table(grid: list[tuple[int, int, int]], repeats: int) -> list[str]:
+def head_table(
+    grid: list[tuple[int, int, int]], repeats: int, device: torch.device = CPU
+) -> list[str]:
     rows = [
         "| N | d | K | nn.Linear (ms) | fixed frame, normalized | fixed frame, unnormalized "
         "| CosineHead | CosineHead + ArcFace | NearestETFHead (train step) |",
@@ -93,29 +93,29 @@ def head_table(grid: list[tuple[int, int, int]], repeats: int) -> list[str]:
     print("\n".join(rows), flush=True)
     for n, d, k in grid:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(n, d, generator=gen).to(DEVICE).requires_grad_()
-        target = torch.randint(0, k, (n,), generator=gen).to(DEVICE)
+        x = torch.randn(n, d, generator=gen).to(device).requires_grad_()
+        target = torch.randint(0, k, (n,), generator=gen).to(device)
         frame = spherical_code(k, d)  # the simplex when d >= K - 1
         steps: dict[str, Callable[[], object]] = {
-            "linear": forward_backward(nn.Linear(d, k, device=DEVICE), x),
-            "normalized": forward_backward(FixedFrameHead(frame, device=DEVICE), x),
+            "linear": forward_backward(nn.Linear(d, k, device=device), x),
+            "normalized": forward_backward(FixedFrameHead(frame, device=device), x),
             "unnormalized": forward_backward(
-                FixedFrameHead(frame, normalize_features=False, device=DEVICE), x
+                FixedFrameHead(frame, normalize_features=False, device=device), x
             ),
-            "cosine": forward_backward(CosineHead(d, k, device=DEVICE), x),
+            "cosine": forward_backward(CosineHead(d, k, device=device), x),
             "arcface": forward_backward(
-                CosineHead(d, k, margin=0.5, margin_type="arcface", device=DEVICE), x, target
+                CosineHead(d, k, margin=0.5, margin_type="arcface", device=device), x, target
             ),
         }
         if d >= k - 1:
-            nearest = NearestETFHead(d, k, device=DEVICE).train()
+            nearest = NearestETFHead(d, k, device=device).train()
             steps["nearest"] = forward_backward(nearest, x, target)
         # each head is timed in turn with nn.Linear alone (pairwise), so that the other heads'
         # kernels and allocations do not sit between the two being compared
         linear = steps.pop("linear")
         ratios, bases = {}, []
         for name, step in steps.items():
-            pair = interleaved_times({"linear": linear, name: step}, repeats)
+            pair = interleaved_times({"linear": linear, name: step}, repeats, device)
             ratios[name] = pair[name] / pair["linear"]
             bases.append(pair["linear"])
         base = min(bases)
@@ -164,11 +164,11 @@ class ResNet18(nn.Module):
         return self.head(features) if target is None else self.head(features, target)
 
 
-def nearest_overhead_table(batch: int, repeats: int) -> list[str]:
+def nearest_overhead_table(batch: int, repeats: int, device: torch.device = CPU) -> list[str]:
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, 32, 32, generator=gen).to(DEVICE)
+    images = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     rows = [
-        f"ResNet-18 (CIFAR, 32x32) training step, batch {batch}, {DEVICE.type}:",
+        f"ResNet-18 (CIFAR, 32x32) training step, batch {batch}, {device.type}:",
         "",
         "| K | d | ResNet-18 step, nn.Linear head (ms) | head step: nn.Linear (ms) "
         "| head step: NearestETFHead (ms) | overhead / ResNet-18 step |",
@@ -176,22 +176,23 @@ def nearest_overhead_table(batch: int, repeats: int) -> list[str]:
     ]
     print("\n".join(rows), flush=True)
     for k in (10, 100):
-        target = torch.randint(0, k, (batch,), generator=gen).to(DEVICE)
+        target = torch.randint(0, k, (batch,), generator=gen).to(device)
         torch.manual_seed(0)
-        model = ResNet18(nn.Linear(512, k)).to(DEVICE)
+        model = ResNet18(nn.Linear(512, k)).to(device)
         model_step = forward_backward(model, images)
-        model_time = interleaved_times({"model": model_step}, max(3, repeats // 4))["model"]
+        model_time = interleaved_times({"model": model_step}, max(3, repeats // 4), device)["model"]
         # the heads alone, at the same batch, many repeats: their difference is what the
         # NearestETFHead adds to the step (the backbone's work is identical)
-        x = torch.randn(batch, 512, generator=gen).to(DEVICE).requires_grad_()
+        x = torch.randn(batch, 512, generator=gen).to(device).requires_grad_()
         heads = interleaved_times(
             {
-                "linear": forward_backward(nn.Linear(512, k, device=DEVICE), x),
+                "linear": forward_backward(nn.Linear(512, k, device=device), x),
                 "nearest": forward_backward(
-                    NearestETFHead(512, k, device=DEVICE).train(), x, target
+                    NearestETFHead(512, k, device=device).train(), x, target
                 ),
             },
             repeats * 4,
+            device,
         )
         extra = heads["nearest"] - heads["linear"]
         rows.append(
@@ -238,8 +239,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (frames are built on CPU)")
     parser.add_argument("--skip-codes", action="store_true", help="skip the spherical_code table")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 11)
@@ -249,11 +249,11 @@ def main() -> None:
     else:
         grid = [(n, d, k) for n in (256, 1024, 4096) for d in (512, 2048) for k in (10, 100, 1000)]
         codes = [(1000, 64), (10000, 128)]
-    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {where}\n")
-    head_table(grid, repeats)
+    head_table(grid, repeats, device)
     print()
-    nearest_overhead_table(args.resnet_batch, repeats)
+    nearest_overhead_table(args.resnet_batch, repeats, device)
     if not args.skip_codes:
         print()
         spherical_code_table(codes)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
+from _device import sync
 from harness.models import CNN1d, CollapseModel, ResNet18
 
 from torchcollapse.losses import (
@@ -99,11 +100,6 @@ def clock(device: torch.device) -> float:
     if device.type == "cpu":
         return time.thread_time()
     return time.perf_counter()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_benchmark(

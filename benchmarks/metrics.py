@@ -40,6 +40,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from _device import sync
+
 from torchcollapse.metrics import NeuralCollapse
 
 DEFAULT_SIZES = "20000x1024x1000,50000x256x10000,100000x4096x100"
@@ -66,11 +68,6 @@ def batches(
         yield features.to(device), target.to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -84,10 +81,10 @@ def run_floor(n: int, d: int, k: int, batch: int, device: torch.device) -> Resul
     gram = torch.zeros(d, d, device=device)
     elapsed = 0.0
     for features, _ in batches(n, d, k, batch, device):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         gram += features.T @ features
-        _sync(device)
+        sync(device)
         elapsed += time.perf_counter() - start
     return Result(elapsed, 0.0, 0.0, float(gram.trace()))
 
@@ -99,14 +96,14 @@ def run_ours(
     metric = metric.to(device)
     elapsed = 0.0
     for features, target in batches(n, d, k, batch, device):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         metric.update(features, target)
-        _sync(device)
+        sync(device)
         elapsed += time.perf_counter() - start
     start = time.perf_counter()
     out = metric.compute()
-    _sync(device)
+    sync(device)
     return Result(elapsed, time.perf_counter() - start, 0.0, float(out["nc1"]))
 
 
@@ -115,23 +112,23 @@ def run_two_pass(n: int, d: int, k: int, batch: int, device: torch.device) -> Re
     counts = torch.zeros(k, device=device)
     elapsed = 0.0
     for features, target in batches(n, d, k, batch, device):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for c in target.unique().tolist():
             rows = features[target == c]
             sums[c] += rows.sum(0)
             counts[c] += rows.shape[0]
-        _sync(device)
+        sync(device)
         elapsed += time.perf_counter() - start
     means = sums / counts.clamp_min(1)[:, None]
     within = torch.zeros(d, d, device=device)
     for features, target in batches(n, d, k, batch, device):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for c in target.unique().tolist():
             centred = features[target == c] - means[c]
             within += centred.T @ centred
-        _sync(device)
+        sync(device)
         elapsed += time.perf_counter() - start
     start = time.perf_counter()
     present = counts > 0
@@ -143,7 +140,7 @@ def run_two_pass(n: int, d: int, k: int, batch: int, device: torch.device) -> Re
     rank = min(num - 1, d)
     values, vectors = values[-rank:], vectors[:, -rank:]
     nc1 = ((sigma_w @ vectors) * vectors).sum(0).div(values).sum() / num
-    _sync(device)
+    sync(device)
     return Result(elapsed, time.perf_counter() - start, 0.0, float(nc1))
 
 
