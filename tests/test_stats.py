@@ -254,3 +254,26 @@ def test_new_class_shifts_agree_with_and_without_reading_back() -> None:
     present = read.counts > 0
     first = torch.stack([features[(target == c).nonzero()[0, 0]] for c in range(40) if present[c]])
     assert torch.equal(read.shift[present], first.double())
+
+
+def test_cpu_update_skips_exactly_the_first_samples_of_new_classes() -> None:
+    # The first sample of a class seen for the first time is its shift, so its centred row is
+    # zero; on CPU the update leaves exactly those rows out of the product.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = _data(n=300, d=5, k=30, spread=0.5, offset=2.0, seed=seed)
+    stats = ClassStatistics.zeros(30, 5)
+    for f, t in zip(features.split([40, 160, 100]), target.split([40, 160, 100])):
+        seen = {int(c) for c in torch.nonzero(stats.counts).squeeze(1)}
+        expected, firsts = [], set()
+        for i, c in enumerate(t.tolist()):
+            if c not in seen and c not in firsts:
+                firsts.add(c)
+            else:
+                expected.append(i)
+        rows = stats._set_new_shifts(f, t.long(), read_back=True)
+        if firsts:
+            assert rows is not None, f"seed {seed}"
+            assert rows.tolist() == expected, f"seed {seed}"
+        else:
+            assert rows is None, f"seed {seed}"
+        stats.counts.index_add_(0, t.long(), torch.ones(len(t), dtype=torch.float64))

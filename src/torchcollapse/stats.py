@@ -438,7 +438,9 @@ class ClassStatistics:
         Features are centred about their class's shift in the accumulation dtype and multiplied:
         on CPU the symmetric ``d x d`` product is formed panel by panel over its upper triangle
         (about half the flops of a full product), which keeps a float64 update close to the
-        float32 Gram ``features.T @ features``. Nothing proportional to ``K x d`` is computed.
+        float32 Gram ``features.T @ features``. On CPU, the first sample of each new class (its
+        own shift, so a zero row) is left out of the centring and the product: at the start of an
+        epoch, ``K`` of the rows. Nothing proportional to ``K x d`` is computed.
         """
         _check_features_target(features, target, self.num_classes, validate_args=validate_args)
         if product_dtype not in (None, torch.float32, torch.float64):
@@ -463,11 +465,12 @@ class ClassStatistics:
         ones = torch.ones(num_samples, device=self.device, dtype=state)
         shape = (num_samples, self.num_features)
         with torch.no_grad():
-            self._set_new_shifts(features.detach(), target, read_back=self.device.type == "cpu")
-            shift = torch.index_select(
-                self.shift, 0, target, out=_scratch("shift", shape, state, self.device)
+            rows = self._set_new_shifts(
+                features.detach(), target, read_back=self.device.type == "cpu"
             )
         if torch.is_grad_enabled() and features.requires_grad:
+            with torch.no_grad():
+                shift = self.shift.index_select(0, target)
             # Out of place, so that autograd records the batch (the tensors stop being views).
             centred = features.to(state) - shift
             self.counts = self.counts.index_add(0, target, ones)
@@ -476,11 +479,22 @@ class ClassStatistics:
             self.sum_squares = self.sum_squares.index_add(0, target, squares)
             self.scatter = self.scatter + centred.T @ centred
             return self
+        self.counts.index_add_(0, target, ones)
+        if rows is not None:
+            # The first sample of a new class is its shift: its centred row is exactly zero and
+            # adds nothing, so only the other rows are gathered, centred and multiplied.
+            shape = (rows.shape[0], self.num_features)
+            features = torch.index_select(
+                features, 0, rows, out=_scratch("rows", shape, features.dtype, self.device)
+            )
+            target = target.index_select(0, rows)
+        shift = torch.index_select(
+            self.shift, 0, target, out=_scratch("shift", shape, state, self.device)
+        )
         # h - s in the state dtype, in a reused buffer: the input is copied (promoted exactly)
         # and the shifts subtracted in place, with no temporary of the batch's size.
         centred = _scratch("centred", shape, state, self.device).copy_(features)
         centred.sub_(shift)
-        self.counts.index_add_(0, target, ones)
         self.sums.index_add_(0, target, centred)
         # one reduction pass (a product and a sum would write a batch-sized temporary)
         squares = torch.linalg.vector_norm(centred, dim=1).square_()
@@ -495,32 +509,38 @@ class ClassStatistics:
             self.scatter.add_(product)
         return self
 
-    def _set_new_shifts(self, features: Tensor, target: Tensor, *, read_back: bool) -> None:
+    def _set_new_shifts(
+        self, features: Tensor, target: Tensor, *, read_back: bool
+    ) -> Tensor | None:
         """Give every class seen for the first time its first sample in the batch as shift.
 
-        With ``read_back`` (free on CPU) only the samples of new classes are touched; without it
-        (accelerators, where reading a value back synchronises) a masked selection runs over
-        every sample. Both give the same shifts.
+        With ``read_back`` (free on CPU) only the samples of new classes are touched, and the
+        indices of the batch's other samples are returned (the first samples of new classes
+        centre to exactly zero); without it (accelerators, where reading a value back
+        synchronises) a masked selection runs over every sample and ``None`` (every sample) is
+        returned. Both give the same shifts.
         """
         num_samples = features.shape[0]
         new = self.counts.index_select(0, target) == 0
         if read_back and not bool(new.any()):
-            return
+            return None
         # Index, within the batch, of the first sample of every class (num_samples: none).
         first = torch.full((self.num_classes,), num_samples, device=self.device)
         if read_back:
             samples = new.nonzero().squeeze(1)
             classes = target.index_select(0, samples)
             first.scatter_reduce_(0, classes, samples, reduce="amin", include_self=True)
-            rows = features.index_select(0, first.index_select(0, classes))
+            firsts = first.index_select(0, classes)
             # Rows of one class are identical: duplicate indices write the same values.
-            self.shift.index_copy_(0, classes, rows.to(self.dtype))
-            return
+            self.shift.index_copy_(0, classes, features.index_select(0, firsts).to(self.dtype))
+            others = torch.ones(num_samples, dtype=torch.bool, device=self.device)
+            return others.index_fill_(0, firsts, False).nonzero().squeeze(1)
         positions = torch.arange(num_samples, device=self.device)
         first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
         candidate = features.index_select(0, first.index_select(0, target)).to(self.dtype)
         shift = torch.where(new.unsqueeze(1), candidate, self.shift.index_select(0, target))
         self.shift.index_copy_(0, target, shift)
+        return None
 
     def merge(self, other: ClassStatistics) -> ClassStatistics:
         """Exact statistics of the union of the samples of ``self`` and ``other`` (a new object).
