@@ -277,3 +277,33 @@ def test_cpu_update_skips_exactly_the_first_samples_of_new_classes() -> None:
         else:
             assert rows is None, f"seed {seed}"
         stats.counts.index_add_(0, t.long(), torch.ones(len(t), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_cpu_product_matches_reference(threads: int) -> None:
+    # With several threads the CPU product splits the rows into blocks (each >= 256 rows),
+    # padding the centred batch with zero rows up to a multiple of the blocks; odd and prime
+    # row counts, panels (d > 128) and batches with new classes all go through it.
+    from torchcollapse.stats import symmetric_product
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        features, target = _data(n=2333, d=150, k=9, spread=0.5, offset=4.0, seed=seed)
+        stats = ClassStatistics.zeros(9, 150)
+        for f, t in zip(features.split([3, 1031, 1299]), target.split([3, 1031, 1299])):
+            stats.update(f.float(), t)
+        _assert_matches_reference(stats, features.float(), target, rtol=1e-10)
+        matrix = torch.randn(
+            769, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+        )
+        torch.testing.assert_close(
+            symmetric_product(matrix),
+            matrix.T @ matrix,
+            rtol=1e-12,
+            atol=1e-10,
+            msg=lambda m: f"seed {seed}: {m}",
+        )
+    finally:
+        torch.set_num_threads(previous)

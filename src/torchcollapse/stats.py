@@ -492,17 +492,23 @@ class ClassStatistics:
             self.shift, 0, target, out=_scratch("shift", shape, state, self.device)
         )
         # h - s in the state dtype, in a reused buffer: the input is copied (promoted exactly)
-        # and the shifts subtracted in place, with no temporary of the batch's size.
-        centred = _scratch("centred", shape, state, self.device).copy_(features)
+        # and the shifts subtracted in place, with no temporary of the batch's size. The buffer
+        # has zero rows appended up to a multiple of the blocks the product splits the rows into.
+        num_rows = shape[0]
+        parts = _gram_parts(num_rows, self.device)
+        padded = _scratch("centred", (-(-num_rows // parts) * parts, shape[1]), state, self.device)
+        padded[num_rows:].zero_()
+        centred = padded[:num_rows].copy_(features)
         centred.sub_(shift)
         self.sums.index_add_(0, target, centred)
         # one reduction pass (a product and a sum would write a batch-sized temporary)
         squares = torch.linalg.vector_norm(centred, dim=1).square_()
         self.sum_squares.index_add_(0, target, squares)
         if product_dtype is None or product_dtype == state:
-            _add_gram_(self.scatter, centred)
+            _add_gram_(self.scatter, padded)
         else:
-            low = _scratch("low precision", shape, product_dtype, self.device).copy_(centred)
+            low = _scratch("low precision", padded.shape, product_dtype, self.device)
+            low.copy_(padded)
             product = _scratch("product", self.scatter.shape, product_dtype, self.device).zero_()
             with _full_precision_matmul():
                 _add_gram_(product, low)
@@ -705,19 +711,50 @@ def _gram_panel(num_features: int, device: torch.device) -> int:
     return 64 if num_features <= 512 else num_features // 8
 
 
+_GRAM_PART_ROWS = 256
+"""Fewest rows per row block of a split CPU product."""
+
+
+def _gram_parts(num_rows: int, device: torch.device) -> int:
+    """Row blocks the CPU product of ``num_rows`` rows is split into (1: not split).
+
+    One block per intra-op thread, each of at least ``_GRAM_PART_ROWS`` rows: the blocks' panels
+    are multiplied as one batched product, which keeps every thread on a whole product of its
+    own; a single thin panel product divides poorly among threads.
+    """
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), num_rows // _GRAM_PART_ROWS))
+
+
 def _add_gram_(scatter: Tensor, centred: Tensor) -> None:
     """``scatter += X^T X`` for ``centred = X`` of shape ``(B, d)``.
 
     On CPU only the upper block triangle is multiplied, panel by panel of columns, and mirrored:
     about half the flops of the full product, which makes float64 about as fast as a float32 Gram.
+    With several threads and a number of rows that :func:`_gram_parts` divides, the rows are
+    split into blocks whose panel products are one batched product, summed in the panel.
     """
-    num_features = centred.shape[1]
+    num_rows, num_features = centred.shape
     panel = _gram_panel(num_features, centred.device)
     if panel >= num_features:
         scatter.addmm_(centred.T, centred)
         return
+    parts = _gram_parts(num_rows, centred.device)
+    blocks = centred.unflatten(0, (parts, -1)) if num_rows % parts == 0 else None
     for start in range(0, num_features, panel):
         stop = min(num_features, start + panel)
-        scatter[start:stop, start:].addmm_(centred[:, start:stop].T, centred[:, start:])
+        upper = scatter[start:stop, start:]
+        if blocks is None or parts == 1:
+            upper.addmm_(centred[:, start:stop].T, centred[:, start:])
+        else:
+            shape = (parts, stop - start, num_features - start)
+            products = torch.bmm(
+                blocks[:, :, start:stop].transpose(1, 2),
+                blocks[:, :, start:],
+                out=_scratch("gram panels", shape, centred.dtype, centred.device),
+            )
+            for product in products.unbind(0):
+                upper.add_(product)
         if stop < num_features:
             scatter[stop:, start:stop].copy_(scatter[start:stop, stop:].T)
