@@ -480,23 +480,26 @@ class ClassStatistics:
             self.scatter = self.scatter + centred.T @ centred
             return self
         self.counts.index_add_(0, target, ones)
+        # Scratch buffers are reserved for the whole batch (plus padding): the rows kept grow
+        # batch by batch as fewer classes are new.
+        reserve = (num_samples + torch.get_num_threads()) * self.num_features
         if rows is not None:
             # The first sample of a new class is its shift: its centred row is exactly zero and
             # adds nothing, so only the other rows are gathered, centred and multiplied.
             shape = (rows.shape[0], self.num_features)
-            features = torch.index_select(
-                features, 0, rows, out=_scratch("rows", shape, features.dtype, self.device)
-            )
+            kept = _scratch("rows", shape, features.dtype, self.device, reserve=reserve)
+            features = torch.index_select(features, 0, rows, out=kept)
             target = target.index_select(0, rows)
         shift = torch.index_select(
-            self.shift, 0, target, out=_scratch("shift", shape, state, self.device)
+            self.shift, 0, target, out=_scratch("shift", shape, state, self.device, reserve=reserve)
         )
         # h - s in the state dtype, in a reused buffer: the input is copied (promoted exactly)
         # and the shifts subtracted in place, with no temporary of the batch's size. The buffer
         # has zero rows appended up to a multiple of the blocks the product splits the rows into.
         num_rows = shape[0]
         parts = _gram_parts(num_rows, self.device)
-        padded = _scratch("centred", (-(-num_rows // parts) * parts, shape[1]), state, self.device)
+        padded_shape = (-(-num_rows // parts) * parts, shape[1])
+        padded = _scratch("centred", padded_shape, state, self.device, reserve=reserve)
         padded[num_rows:].zero_()
         centred = padded[:num_rows].copy_(features)
         centred.sub_(shift)
@@ -507,7 +510,9 @@ class ClassStatistics:
         if product_dtype is None or product_dtype == state:
             _add_gram_(self.scatter, padded)
         else:
-            low = _scratch("low precision", padded.shape, product_dtype, self.device)
+            low = _scratch(
+                "low precision", padded_shape, product_dtype, self.device, reserve=reserve
+            )
             low.copy_(padded)
             product = _scratch("product", self.scatter.shape, product_dtype, self.device).zero_()
             with _full_precision_matmul():
@@ -670,12 +675,21 @@ def _full_precision_matmul() -> Iterator[None]:
 _SCRATCH = threading.local()
 
 
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def _scratch(
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    reserve: int = 0,
+) -> Tensor:
     """A reusable per-thread buffer for batch-sized temporaries of ``update``.
 
     On CPU, freshly allocated buffers of a few MB are returned to the operating system when freed
     and page-fault again on the next batch, which costs as much as the update itself; keeping the
-    last buffer of each name avoids that. Accelerators have caching allocators: a fresh tensor.
+    last buffer of each name avoids that. A new buffer holds at least ``reserve`` elements, so
+    that requests growing batch by batch (the rows an update keeps) do not reallocate each time.
+    Accelerators have caching allocators: a fresh tensor.
     """
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
@@ -686,7 +700,7 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     key = (name, dtype, torch.is_inference_mode_enabled())
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < size:
-        buffer = torch.empty(size, dtype=dtype, device=device)
+        buffer = torch.empty(max(size, reserve), dtype=dtype, device=device)
         buffers[key] = buffer
     return buffer[:size].view(shape)
 
