@@ -17,6 +17,12 @@ default), which other processes on a shared machine disturb less than wall time.
 Part 2 times one regularizer forward + backward on random features alone, for a grid of batch
 size N, feature dimension d and number of classes K, against the cost of the thing it rides on:
 a linear head plus cross-entropy (forward + backward) of the same N, d, K.
+
+``--count-ops`` instead counts the operations each term dispatches in one forward + backward
+(batch 128, d = 512, 10 classes): on the CPU path (scalars as Python floats) and on the path of
+accelerators and ``torch.compile`` (scalars as 0-dim tensors, index kernels), which it forces on
+CPU. On a GPU every one of those operations is a kernel launch, whose cost does not depend on
+the batch: a noise-free measure of what a term adds to a launch-bound training step.
 """
 
 from __future__ import annotations
@@ -192,6 +198,62 @@ def scaling_benchmark(
     return rows
 
 
+_VIEWS = {
+    f"aten::{name}"
+    for name in [
+        "view", "alias", "as_strided", "detach", "expand", "narrow", "numpy_T", "permute",
+        "reshape", "_reshape_alias", "resolve_conj", "resolve_neg", "select", "slice", "split",
+        "squeeze", "t", "transpose", "unbind", "unsqueeze", "_unsafe_view", "empty",
+        "empty_like", "empty_strided", "result_type", "item", "_local_scalar_dense",
+        "lift_fresh", "contiguous",
+    ]
+}  # fmt: skip
+"""Operations that launch no kernel (views, allocations, metadata)."""
+
+
+def count_ops(accelerator_path: bool) -> list[tuple[str, int]]:
+    """Operations (not views) each term dispatches in one forward + backward, on CPU; with
+    ``accelerator_path`` the code path of accelerators and ``torch.compile`` is forced."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import torchcollapse.losses._fused as fused
+
+    n, d, k = 128, 512, 10
+    features = torch.randn(n, d, requires_grad=True)
+    target = torch.arange(n) % k
+    head = nn.Linear(d, k)
+    rows = []
+    with ExitStack() as stack:
+        if accelerator_path:
+            stack.enter_context(mock.patch.object(fused, "_is_compiling", return_value=True))
+            for module in ("_fused", "dot_regression", "within_class"):
+                stack.enter_context(
+                    mock.patch(f"torchcollapse.losses.{module}.host_scalars", return_value=False)
+                )
+        for name, term in terms(k, d, torch.device("cpu"), False).items():
+            if name.startswith("reference"):
+                continue
+            for _ in range(2):
+                term(features, target, head).backward()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                term(features, target, head).backward()
+            ops = [
+                event
+                for event in prof.events()
+                if event.name.startswith("aten::")
+                and event.name not in _VIEWS
+                and not any(
+                    child.name.startswith("aten::") and child.name not in _VIEWS
+                    for child in event.cpu_children
+                )
+            ]
+            rows.append((name, len(ops)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -209,6 +271,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument(
+        "--count-ops", action="store_true", help="count the operations of each term and exit"
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="add a torch.compile'd CollapseRegularizer row"
     )
     args = parser.parse_args()
@@ -218,6 +283,13 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, device {device} ({machine}), {threads} CPU thread(s)")
+    if args.count_ops:
+        print("\n### Operations per forward + backward (batch 128, d = 512, 10 classes)\n")
+        print("| term | CPU path | accelerator path |")
+        print("|---|---:|---:|")
+        for (name, cpu), (_, accelerator) in zip(count_ops(False), count_ops(True)):
+            print(f"| {name} | {cpu} | {accelerator} |")
+        return
     print(
         f"\n### Training-step overhead: {args.model}, batch {args.batch_size}, "
         f"{args.num_classes} classes, amp {args.amp}\n"

@@ -137,6 +137,15 @@ def _relu(x: Scalar) -> Scalar:
     return x if x > 0 else 0.0
 
 
+def _reciprocal(x: Scalar) -> Scalar:
+    return x.reciprocal() if isinstance(x, Tensor) else 1.0 / x
+
+
+def _rsub(a: float, x: Scalar, alpha: float) -> Scalar:
+    """``a - alpha * x`` (one operation on a tensor)."""
+    return torch.rsub(x, a, alpha=alpha) if isinstance(x, Tensor) else a - alpha * x
+
+
 def _item(x: Tensor, host: bool) -> Scalar:
     return x.item() if host else x
 
@@ -150,6 +159,16 @@ def _penalty(value: Scalar, level: float, mode: str) -> tuple[Scalar, Scalar]:
         return _relu(excess), _where(excess > 0, 1.0, 0.0)
     shortfall = level - value
     return _relu(shortfall), _where(shortfall > 0, -1.0, 0.0)
+
+
+def _add(total: Scalar, term: Scalar, weight: float = 1.0) -> Scalar:
+    """``total + weight * term``: one operation on tensors, and none while ``total`` is still
+    the Python zero it started as (and ``weight`` is 1)."""
+    if not isinstance(total, Tensor) and total == 0.0:
+        return term if weight == 1.0 else term * weight
+    if isinstance(term, Tensor):
+        return torch.add(total, term, alpha=weight)
+    return total + weight * term
 
 
 def _terms(
@@ -172,6 +191,10 @@ def _terms(
     denominators and branches reproduce the autograd formulas of the composable functions;
     denominators are divided one factor at a time, so that a product never underflows to zero
     (a Python float division by zero raises).
+
+    On the tensor path every operation on a 0-dim tensor is a kernel launch, so the Python float
+    factors are multiplied together first, shared quotients are reused, and the results are
+    masked by ``valid`` in one ``where`` over their stack.
     """
     nc1, form, target_nc1, mode, nc2, nc3 = config
     present = _at_least(num_present, 1.0)
@@ -187,51 +210,63 @@ def _terms(
     b_m: Scalar = 0.0
     b_w: Scalar = 0.0
     if nc1 != 0:
+        # v1 = within / denominator; d_between is minus the derivative in tr Sigma_B
         if form == "bounded":
-            positive = (within + between) > 0
-            denominator = _where(positive, within + between, 1.0)
+            summed = within + between
+            positive = summed > 0
+            denominator = _where(positive, summed, 1.0)
             v1 = within / denominator
             d_within = _where(positive, between / denominator / denominator, 1.0)
-            d_between = _where(positive, -within / denominator / denominator, 0.0)
+            d_between = _where(positive, v1 / denominator, 0.0)
         else:
             denominator = _at_least(between, tiny)
             v1 = within / denominator
             d_within = 1.0 / denominator
-            d_between = _where(between >= tiny, -within / denominator / denominator, 0.0)
+            d_between = _where(between >= tiny, v1 / denominator, 0.0)
         penalty: Scalar = v1
         d_penalty: Scalar = 1.0
         if target_nc1 is not None:
             penalty, d_penalty = _penalty(v1, target_nc1, mode)
-        total = total + nc1 * penalty
-        a_w = a_w + nc1 * d_penalty * d_within
-        a_m = a_m + nc1 * d_penalty * d_between * 2.0 / present
+        total = nc1 * penalty
+        if isinstance(d_penalty, Tensor):  # a target level, on the tensor path
+            weight = d_penalty * nc1
+            a_w = d_within * weight
+            a_m = d_between * weight * -2.0 / present
+        else:
+            a_w = d_within * (nc1 * d_penalty)
+            a_m = d_between * (-2.0 * nc1 * d_penalty) / present
     if nc2 != 0:
         root = _sqrt(_where(valid, num_present - 1.0, 1.0))
         positive = frob > 0
         frob_safe = _where(positive, frob, 1.0)
-        v2 = 2.0 - 2.0 * msq / (frob_safe * root)
-        total = total + nc2 * v2
-        a_m = a_m - nc2 * 4.0 / (frob_safe * root)
-        cubed = 4.0 * msq / frob_safe / frob_safe / frob_safe / root
-        a_gm = a_gm + nc2 * _where(positive, cubed, 0.0)
+        scale = frob_safe * root
+        ratio = msq / scale
+        v2 = _rsub(2.0, ratio, 2.0)
+        total = _add(total, v2, nc2)
+        a_m = _add(a_m, _reciprocal(scale), -4.0 * nc2)
+        cubed = ratio / frob_safe / frob_safe
+        a_gm = _where(positive, cubed, 0.0) * (4.0 * nc2)
     if nc3 != 0:
         m2 = between * num_present
         w_positive, m_positive = w2 > 0, m2 > 0
         w2_safe, m2_safe = _where(w_positive, w2, 1.0), _where(m_positive, m2, 1.0)
         scale = _sqrt(w2_safe) * _sqrt(m2_safe)
-        v3 = 2.0 - 2.0 * inner / scale
-        total = total + nc3 * v3
-        a_wm = a_wm - nc3 * 2.0 / scale
-        b_m = b_m - nc3 * 2.0 / scale
-        b_w = b_w + nc3 * _where(w_positive, 2.0 * inner / w2_safe / scale, 0.0)
-        a_m = a_m + nc3 * _where(m_positive, 2.0 * inner / m2_safe / scale, 0.0)
-    values: tuple[Scalar, Scalar, Scalar] = (v1, v2, v3)
-    coefficients: tuple[Scalar, ...] = (a_w, a_m, a_gm, a_wm, b_m, b_w)
+        ratio = inner / scale
+        v3 = _rsub(2.0, ratio, 2.0)
+        total = _add(total, v3, nc3)
+        a_wm = b_m = _reciprocal(scale) * (-2.0 * nc3)
+        b_w = _where(w_positive, ratio / w2_safe, 0.0) * (2.0 * nc3)
+        a_m = _add(a_m, _where(m_positive, ratio / m2_safe, 0.0), 2.0 * nc3)
+    results: list[Scalar] = [total, v1, v2, v3, a_w, a_m, a_gm, a_wm, b_m, b_w]
     if isinstance(valid, Tensor):
-        total = _where(valid, total, 0.0)
-        values = (_where(valid, v1, 0.0), _where(valid, v2, 0.0), _where(valid, v3, 0.0))
-        coefficients = tuple(_where(valid, c, 0.0) for c in coefficients)
-    return total, values, coefficients
+        tensors = [i for i, result in enumerate(results) if isinstance(result, Tensor)]
+        if tensors:
+            stacked = torch.stack([results[i] for i in tensors])  # type: ignore[misc]
+            masked = torch.where(valid, stacked, 0.0).unbind(0)
+            for i, result in zip(tensors, masked):
+                results[i] = result
+    total, v1, v2, v3 = results[:4]
+    return total, (v1, v2, v3), tuple(results[4:])
 
 
 def as_tensor(value: Scalar, like: Tensor) -> Tensor:
