@@ -465,12 +465,14 @@ class ClassStatistics:
         ones = torch.ones(num_samples, device=self.device, dtype=state)
         shape = (num_samples, self.num_features)
         with torch.no_grad():
-            rows = self._set_new_shifts(
+            rows, batch_shift = self._set_new_shifts(
                 features.detach(), target, read_back=self.device.type == "cpu"
             )
         if torch.is_grad_enabled() and features.requires_grad:
-            with torch.no_grad():
-                shift = self.shift.index_select(0, target)
+            if batch_shift is None:
+                with torch.no_grad():
+                    batch_shift = self.shift.index_select(0, target)
+            shift = batch_shift
             # Out of place, so that autograd records the batch (the tensors stop being views).
             centred = features.to(state) - shift
             self.counts = self.counts.index_add(0, target, ones)
@@ -490,9 +492,14 @@ class ClassStatistics:
             kept = _scratch("rows", shape, features.dtype, self.device, reserve=reserve)
             features = torch.index_select(features, 0, rows, out=kept)
             target = target.index_select(0, rows)
-        shift = torch.index_select(
-            self.shift, 0, target, out=_scratch("shift", shape, state, self.device, reserve=reserve)
-        )
+        if batch_shift is None:
+            batch_shift = torch.index_select(
+                self.shift,
+                0,
+                target,
+                out=_scratch("shift", shape, state, self.device, reserve=reserve),
+            )
+        shift = batch_shift
         # h - s in the state dtype, in a reused buffer: the input is copied (promoted exactly)
         # and the shifts subtracted in place, with no temporary of the batch's size. The buffer
         # has zero rows appended up to a multiple of the blocks the product splits the rows into.
@@ -522,19 +529,20 @@ class ClassStatistics:
 
     def _set_new_shifts(
         self, features: Tensor, target: Tensor, *, read_back: bool
-    ) -> Tensor | None:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Give every class seen for the first time its first sample in the batch as shift.
 
-        With ``read_back`` (free on CPU) only the samples of new classes are touched, and the
-        indices of the batch's other samples are returned (the first samples of new classes
-        centre to exactly zero); without it (accelerators, where reading a value back
-        synchronises) a masked selection runs over every sample and ``None`` (every sample) is
-        returned. Both give the same shifts.
+        Returns ``(rows, shift)``: the indices of the samples to accumulate (``None``: all) and
+        the ``(B, d)`` shift of every sample (``None``: not gathered). With ``read_back`` (free on
+        CPU) only the samples of new classes are touched and ``rows`` leaves out their first
+        samples, which centre to exactly zero; without it (accelerators, where reading a value
+        back synchronises) a masked selection runs over every sample, which gathers ``shift``
+        on the way. Both give the same shifts.
         """
         num_samples = features.shape[0]
         new = self.counts.index_select(0, target) == 0
         if read_back and not bool(new.any()):
-            return None
+            return None, None
         # Index, within the batch, of the first sample of every class (num_samples: none).
         first = torch.full((self.num_classes,), num_samples, device=self.device)
         if read_back:
@@ -545,13 +553,13 @@ class ClassStatistics:
             # Rows of one class are identical: duplicate indices write the same values.
             self.shift.index_copy_(0, classes, features.index_select(0, firsts).to(self.dtype))
             others = torch.ones(num_samples, dtype=torch.bool, device=self.device)
-            return others.index_fill_(0, firsts, False).nonzero().squeeze(1)
+            return others.index_fill_(0, firsts, False).nonzero().squeeze(1), None
         positions = torch.arange(num_samples, device=self.device)
         first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
         candidate = features.index_select(0, first.index_select(0, target)).to(self.dtype)
         shift = torch.where(new.unsqueeze(1), candidate, self.shift.index_select(0, target))
         self.shift.index_copy_(0, target, shift)
-        return None
+        return None, shift
 
     def merge(self, other: ClassStatistics) -> ClassStatistics:
         """Exact statistics of the union of the samples of ``self`` and ``other`` (a new object).
