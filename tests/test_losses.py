@@ -920,3 +920,31 @@ def test_tensor_path_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) 
             value = call(features.clone().requires_grad_())
             value.backward()
         assert value.item() == pytest.approx(expected, rel=RTOL64), name
+
+
+@pytest.mark.parametrize("mode", ["squared", "at_most", "at_least"])
+def test_target_modes_agree_on_host_and_tensor_paths_in_float64(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The accelerator path computes the scalar maths on 0-dim tensors; in float64 it must keep
+    # float64 throughout (a float32 step of a hinge would round the weight to ~1e-8).
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(60, 6, 4, seed=seed, spread=0.3)
+    weight = 0.1 + 0.8 * torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+    level = 0.5 if mode == "at_least" else 0.0  # a hinge that is active
+    regularizer = CollapseRegularizer(4, nc1=weight, target_nc1=level, target_mode=mode)
+    results = []
+    for tensor_path in (False, True):
+        with monkeypatch.context() as patch:
+            if tensor_path:
+                patch.setattr(fused, "_is_compiling", lambda: True)
+            h = features.clone().requires_grad_()
+            value = regularizer(h, target)
+            value.backward()
+        assert h.grad is not None
+        results.append((value.detach(), h.grad))
+    (host_value, host_grad), (tensor_value, tensor_grad) = results
+    assert host_grad.abs().max() > 0, f"seed {seed}"
+    message = f"seed {seed}, {mode}"
+    torch.testing.assert_close(tensor_value, host_value, rtol=1e-13, atol=0, msg=message)
+    torch.testing.assert_close(tensor_grad, host_grad, rtol=1e-12, atol=1e-15, msg=message)

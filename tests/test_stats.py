@@ -258,11 +258,25 @@ def test_new_class_shifts_agree_with_and_without_reading_back() -> None:
     assert torch.equal(read.shift[present], first.double())
 
 
-def test_cpu_update_skips_exactly_the_first_samples_of_new_classes() -> None:
+def test_cpu_update_skips_exactly_the_first_samples_of_new_classes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The first sample of a class seen for the first time is its shift, so its centred row is
-    # zero; on CPU the update leaves exactly those rows out of the product.
+    # zero; on CPU the update leaves exactly those rows out of the centring and the product.
+    import torchcollapse.stats as stats_module
+
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
     features, target = _data(n=300, d=5, k=30, spread=0.5, offset=2.0, seed=seed)
+    # a last batch of classes that are all seen already: nothing left out
+    target[200:] = target[:100]
+    multiplied: list[int] = []
+    original = stats_module._add_gram_
+
+    def spy(scatter: torch.Tensor, centred: torch.Tensor, parts: int | None = None) -> None:
+        multiplied.append(int(centred.shape[0]))
+        original(scatter, centred, parts)
+
+    monkeypatch.setattr(stats_module, "_add_gram_", spy)
     stats = ClassStatistics.zeros(30, 5)
     for f, t in zip(features.split([40, 160, 100]), target.split([40, 160, 100])):
         seen = {int(c) for c in torch.nonzero(stats.counts).squeeze(1)}
@@ -272,41 +286,64 @@ def test_cpu_update_skips_exactly_the_first_samples_of_new_classes() -> None:
                 firsts.add(c)
             else:
                 expected.append(i)
-        rows, shift = stats._set_new_shifts(f, t.long(), read_back=True)
+        probe = ClassStatistics.unpack(stats.pack(), 30)
+        rows, shift = probe._set_new_shifts(f, t, read_back=True)
         assert shift is None, f"seed {seed}"
         if firsts:
             assert rows is not None, f"seed {seed}"
             assert rows.tolist() == expected, f"seed {seed}"
         else:
             assert rows is None, f"seed {seed}"
-        stats.counts.index_add_(0, t.long(), torch.ones(len(t), dtype=torch.float64))
+        stats.update(f, t)
+        assert multiplied[-1] == len(expected), f"seed {seed}"
+    assert multiplied[-1] == 100, f"seed {seed}"  # the last batch: every row
+    _assert_matches_reference(stats, features, target, rtol=1e-10)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_split_cpu_product_matches_reference(threads: int) -> None:
+def test_split_cpu_product_matches_reference(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # With several threads the CPU product splits the rows into blocks (each >= 256 rows),
     # padding the centred batch with zero rows up to a multiple of the blocks; odd and prime
-    # row counts, panels (d > 128) and batches with new classes all go through it.
+    # row counts, panels (d > 128), batches with new classes, the float32 product and
+    # differentiable inputs all go through it.
     from torchcollapse.stats import symmetric_product
 
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    batched: list[int] = []
+    original_bmm = torch.bmm
+
+    def spy(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        batched.append(int(args[0].shape[0]))
+        return original_bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", spy)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         features, target = _data(n=2333, d=150, k=9, spread=0.5, offset=4.0, seed=seed)
-        stats = ClassStatistics.zeros(9, 150)
-        for f, t in zip(features.split([3, 1031, 1299]), target.split([3, 1031, 1299])):
-            stats.update(f.float(), t)
-        _assert_matches_reference(stats, features.float(), target, rtol=1e-10)
-        matrix = torch.randn(
-            769, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
-        )
+        for product_dtype, rtol in ((None, 1e-10), (torch.float32, 1e-5)):
+            stats = ClassStatistics.zeros(9, 150)
+            sizes = [3, 1031, 1299]
+            for f, t in zip(features.split(sizes), target.split(sizes)):
+                stats.update(f.float(), t, product_dtype=product_dtype)
+            _assert_matches_reference(stats, features.float(), target, rtol=rtol)
+        generator = torch.Generator().manual_seed(seed)
+        matrix = torch.randn(768, 300, dtype=torch.float64, generator=generator)
+        message = f"seed {seed}, {threads} threads"
         torch.testing.assert_close(
-            symmetric_product(matrix),
-            matrix.T @ matrix,
-            rtol=1e-12,
-            atol=1e-10,
-            msg=lambda m: f"seed {seed}: {m}",
+            symmetric_product(matrix), matrix.T @ matrix, rtol=1e-12, atol=1e-10, msg=message
+        )
+        # differentiable: d <R, X^T X> / dX = X (R + R^T)
+        weight = torch.randn(300, 300, dtype=torch.float64, generator=generator)
+        leaf = matrix.clone().requires_grad_()
+        (symmetric_product(leaf) * weight).sum().backward()
+        assert leaf.grad is not None
+        torch.testing.assert_close(
+            leaf.grad, matrix @ (weight + weight.T), rtol=1e-10, atol=1e-9, msg=message
         )
     finally:
         torch.set_num_threads(previous)
+    if threads > 1:
+        assert threads in batched, message  # the split path ran
+    else:
+        assert not batched, message

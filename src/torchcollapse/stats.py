@@ -438,9 +438,10 @@ class ClassStatistics:
         Features are centred about their class's shift in the accumulation dtype and multiplied:
         on CPU the symmetric ``d x d`` product is formed panel by panel over its upper triangle
         (about half the flops of a full product), which keeps a float64 update close to the
-        float32 Gram ``features.T @ features``. On CPU, the first sample of each new class (its
-        own shift, so a zero row) is left out of the centring and the product: at the start of an
-        epoch, ``K`` of the rows. Nothing proportional to ``K x d`` is computed.
+        float32 Gram ``features.T @ features``. On CPU, when autograd does not record the
+        update, the first sample of each new class (its own shift, so a zero row) is left out of
+        the centring and the product: at the start of an epoch, ``K`` of the rows. Nothing
+        proportional to ``K x d`` is computed.
         """
         _check_features_target(features, target, self.num_classes, validate_args=validate_args)
         if product_dtype not in (None, torch.float32, torch.float64):
@@ -504,7 +505,7 @@ class ClassStatistics:
         # and the shifts subtracted in place, with no temporary of the batch's size. The buffer
         # has zero rows appended up to a multiple of the blocks the product splits the rows into.
         num_rows = shape[0]
-        parts = _gram_parts(num_rows, self.device)
+        parts = _gram_parts(num_rows, self.num_features, self.device)
         padded_shape = (-(-num_rows // parts) * parts, shape[1])
         padded = _scratch("centred", padded_shape, state, self.device, reserve=reserve)
         padded[num_rows:].zero_()
@@ -515,7 +516,7 @@ class ClassStatistics:
         squares = torch.linalg.vector_norm(centred, dim=1).square_()
         self.sum_squares.index_add_(0, target, squares)
         if product_dtype is None or product_dtype == state:
-            _add_gram_(self.scatter, padded)
+            _add_gram_(self.scatter, padded, parts)
         else:
             low = _scratch(
                 "low precision", padded_shape, product_dtype, self.device, reserve=reserve
@@ -523,7 +524,7 @@ class ClassStatistics:
             low.copy_(padded)
             product = _scratch("product", self.scatter.shape, product_dtype, self.device).zero_()
             with _full_precision_matmul():
-                _add_gram_(product, low)
+                _add_gram_(product, low, parts)
             self.scatter.add_(product)
         return self
 
@@ -737,45 +738,51 @@ _GRAM_PART_ROWS = 256
 """Fewest rows per row block of a split CPU product."""
 
 
-def _gram_parts(num_rows: int, device: torch.device) -> int:
-    """Row blocks the CPU product of ``num_rows`` rows is split into (1: not split).
+def _gram_parts(num_rows: int, num_features: int, device: torch.device) -> int:
+    """Row blocks the CPU product of ``num_rows x num_features`` is split into (1: not split).
 
-    One block per intra-op thread, each of at least ``_GRAM_PART_ROWS`` rows: the blocks' panels
-    are multiplied as one batched product, which keeps every thread on a whole product of its
-    own; a single thin panel product divides poorly among threads.
+    One block per intra-op thread, each of at least ``_GRAM_PART_ROWS`` rows, when the product
+    is multiplied by column panels: the blocks' panel products are one batched product, which
+    keeps every thread on a whole product of its own; a single thin panel product divides
+    poorly among threads.
     """
-    if device.type != "cpu":
+    if _gram_panel(num_features, device) >= num_features:
         return 1
     return max(1, min(torch.get_num_threads(), num_rows // _GRAM_PART_ROWS))
 
 
-def _add_gram_(scatter: Tensor, centred: Tensor) -> None:
+def _add_gram_(scatter: Tensor, centred: Tensor, parts: int | None = None) -> None:
     """``scatter += X^T X`` for ``centred = X`` of shape ``(B, d)``.
 
     On CPU only the upper block triangle is multiplied, panel by panel of columns, and mirrored:
     about half the flops of the full product, which makes float64 about as fast as a float32 Gram.
-    With several threads and a number of rows that :func:`_gram_parts` divides, the rows are
-    split into blocks whose panel products are one batched product, summed in the panel.
+    The rows are split into ``parts`` blocks (default :func:`_gram_parts`; used when it divides
+    the rows) whose panel products are one batched product, summed in the panel.
     """
     num_rows, num_features = centred.shape
     panel = _gram_panel(num_features, centred.device)
     if panel >= num_features:
         scatter.addmm_(centred.T, centred)
         return
-    parts = _gram_parts(num_rows, centred.device)
-    blocks = centred.unflatten(0, (parts, -1)) if num_rows % parts == 0 else None
+    if parts is None:
+        parts = _gram_parts(num_rows, num_features, centred.device)
+    split = parts > 1 and num_rows % parts == 0
+    blocks = centred.unflatten(0, (parts, -1)) if split else centred.unsqueeze(0)
+    # a reused output buffer, unless autograd records the product
+    differentiable = torch.is_grad_enabled() and (centred.requires_grad or scatter.requires_grad)
     for start in range(0, num_features, panel):
         stop = min(num_features, start + panel)
         upper = scatter[start:stop, start:]
-        if blocks is None or parts == 1:
+        if not split:
             upper.addmm_(centred[:, start:stop].T, centred[:, start:])
         else:
-            shape = (parts, stop - start, num_features - start)
-            products = torch.bmm(
-                blocks[:, :, start:stop].transpose(1, 2),
-                blocks[:, :, start:],
-                out=_scratch("gram panels", shape, centred.dtype, centred.device),
-            )
+            left, right = blocks[:, :, start:stop].transpose(1, 2), blocks[:, :, start:]
+            if differentiable:
+                products = torch.bmm(left, right)
+            else:
+                shape = (parts, stop - start, num_features - start)
+                out = _scratch("gram panels", shape, centred.dtype, centred.device)
+                products = torch.bmm(left, right, out=out)
             for product in products.unbind(0):
                 upper.add_(product)
         if stop < num_features:

@@ -156,9 +156,17 @@ def _penalty(value: Scalar, level: float, mode: str) -> tuple[Scalar, Scalar]:
         return (value - level) ** 2, 2.0 * (value - level)
     if mode == "at_most":
         excess = value - level
-        return _relu(excess), _where(excess > 0, 1.0, 0.0)
+        return _relu(excess), _step(excess, 1.0)
     shortfall = level - value
-    return _relu(shortfall), _where(shortfall > 0, -1.0, 0.0)
+    return _relu(shortfall), _step(shortfall, -1.0)
+
+
+def _step(x: Scalar, height: float) -> Scalar:
+    """``height`` where ``x > 0``, else 0 (a tensor of ``x``'s dtype on the tensor path)."""
+    if isinstance(x, Tensor):
+        step = (x > 0).to(x.dtype)
+        return step if height == 1.0 else step * height
+    return height if x > 0 else 0.0
 
 
 def _add(total: Scalar, term: Scalar, weight: float = 1.0) -> Scalar:
