@@ -484,7 +484,8 @@ def _collapse_terms(
         else:
             centred = torch.sub(means, means.sum(0), alpha=1.0 / num_classes)
     else:
-        centred = (means - means.sum(0) / _at_least(num_present, 1.0)) * present_col
+        present = _at_least(num_present, 1.0)
+        centred = (means - means.sum(0) / present) * present_col
     within: Scalar = 0.0
     if residual is not None:
         flat = residual.reshape(-1)
@@ -499,15 +500,15 @@ def _collapse_terms(
         gram_flat = gram.view(-1)
         frob = _sqrt(_item(torch.dot(gram_flat, gram_flat), host))
     w = None if wf is None else wf.detach()
+    rows = None  # the classifier's rows of the present classes (NC3 only)
+    if nc3 != 0 and w is not None:
+        rows = w if present_col is None else w * present_col
     w2: Scalar = 0.0
     inner: Scalar = 0.0
-    if nc3 != 0 and w is not None:
-        w_flat = w.reshape(-1)
-        if present_col is None:
-            w2 = _item(torch.dot(w_flat, w_flat), host)
-        else:
-            w2 = _item(torch.dot(w.pow(2).sum(1), present_col.view(-1)), host)
-        inner = _item(torch.dot(w_flat, centred_flat), host)
+    if rows is not None:
+        rows_flat = rows.reshape(-1)
+        w2 = _item(torch.dot(rows_flat, rows_flat), host)
+        inner = _item(torch.dot(rows_flat, centred_flat), host)
     total: Scalar = 0.0
     values: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
     coefficients: tuple[Scalar, ...] = (0.0,) * 6
@@ -550,11 +551,9 @@ def _collapse_terms(
                         grad_m = centring(num_classes, dtype) @ grad_m
                     elif present_col is None:
                         grad_m = torch.sub(grad_m, grad_m.sum(0), alpha=1.0 / num_classes)
-                    else:
-                        grad_m = grad_m * present_col
-                        grad_m = grad_m - present_col * (
-                            grad_m.sum(0) / _at_least(num_present, 1.0)
-                        )
+                    else:  # minus the mean over the present classes (one product); the
+                        # rows of absent classes are never gathered, so they are left as they are
+                        grad_m = grad_m.sub_((present_col.T @ grad_m).div_(present))
             residual_factor = a_w * 2.0 / max(n, 1)
             if onehot and residual is not None:  # host floats: one product, gather and sum
                 grad_h = torch.addmm(
@@ -569,8 +568,7 @@ def _collapse_terms(
                 grad_h = per_class.index_select(0, target)
                 if residual is not None:
                     grad_h = _add_scaled(grad_h, residual, residual_factor)
-        if need_w and w is not None:
-            rows = w if present_col is None else w * present_col
+        if need_w and rows is not None:
             grad_w = _add_scaled(centred * b_m, rows, b_w)
     pairs: list[tuple[Tensor, Tensor, Tensor | None]] = []
     if need_h:
