@@ -29,8 +29,10 @@ several processes are combined.
 **Speed.** The ``d x d`` product is the cost of an update. It runs in float64 (a float32 product of
 a batch of ``1000`` rows already errs by ``~1e-6`` relative, the whole error budget); on CPU
 only its upper block triangle is multiplied, panel by panel, about half the flops of the full
-product, so that a float64 update stays close to the float32 Gram ``features.T @ features`` (the
-floor). On GPUs, whose float64 throughput matches float32 (H100/H200), it is one ``addmm``.
+product (with several threads, as one batched product over a block of rows per thread), so that a
+float64 update stays close to the float32 Gram ``features.T @ features`` (the floor); the first
+sample of a new class, its own shift, is a zero row and is left out. On GPUs, whose float64
+throughput matches float32 (H100/H200), the product is one ``addmm``.
 
 ``update`` does no host-device synchronisation when ``validate_args=False`` (on accelerators the
 shifts of new classes are set by masked arithmetic on the counts; on CPU, where reading a value is
