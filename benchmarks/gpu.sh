@@ -14,6 +14,8 @@
 #                     K = 50,000 and d = 4,096 computes and matches a float64 two-pass on the GPU
 #   3. benchmark.md   benchmarks/metrics.py --device cuda on the sizes (floor, ours, the
 #                     float32-product option, two-pass baseline), then K = 50,000, d = 4,096
+#   3b. profile.md    benchmarks/gpu_profile.py: kernels, device time and dispatch time of one
+#                     metric update and of each regularizer (is a call launch-bound?)
 #   4. losses.md      benchmarks/losses.py: overhead of each regularizer on a ResNet-18 training
 #                     step at CIFAR size (batch 128, bf16 autocast, torch.compile row included),
 #                     and the regularizer's cost against a linear head + cross-entropy
@@ -66,12 +68,13 @@ metrics_benchmark() {
 }
 
 step device.txt 30 device_info
-step checks.txt 120 "$PYTHON" benchmarks/gpu_checks.py --device cuda --large 100000x4096x50000
+step checks.txt 110 "$PYTHON" benchmarks/gpu_checks.py --device cuda --large 100000x4096x50000
 step benchmark.md 150 metrics_benchmark
-step losses.md 120 "$PYTHON" benchmarks/losses.py --device cuda --model resnet18 \
+step profile.md 40 "$PYTHON" benchmarks/gpu_profile.py --device cuda
+step losses.md 100 "$PYTHON" benchmarks/losses.py --device cuda --model resnet18 \
   --batch-size 128 --amp bf16 --compile --rounds 5
 step heads.md 60 "$PYTHON" benchmarks/heads.py --device cuda --quick --resnet-batch 128 \
   --skip-codes
-step recipes.md 60 "$PYTHON" benchmarks/recipes.py --skip-default --device cuda \
+step recipes.md 50 "$PYTHON" benchmarks/recipes.py --skip-default --device cuda \
   --threads none --train 5000 --test 1000
 echo "results in $OUT_DIR"
