@@ -230,11 +230,14 @@ def test_float32_products_are_close_and_ignore_global_low_precision_settings() -
         fast.update(features, target, product_dtype=torch.float16)
 
 
-def test_new_class_shifts_agree_with_and_without_reading_back() -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_new_class_shifts_agree_with_and_without_reading_back(dtype: torch.dtype) -> None:
     # CPU reads back which classes are new and touches only their samples; accelerators run
-    # masked arithmetic on every sample (no synchronisation). Both must pick the same shifts
-    # (each class's first sample) and hence give identical statistics, bit for bit.
+    # masked arithmetic on every sample (no synchronisation), promoting the input's dtype on
+    # the fly. Both must pick the same shifts (each class's first sample) and hence give
+    # identical statistics, bit for bit.
     features, target = _data(n=700, d=6, k=40, spread=0.5, offset=3.0, seed=11)
+    features = features.to(dtype)
     read, masked = ClassStatistics.zeros(40, 6), ClassStatistics.zeros(40, 6)
     original = ClassStatistics._set_new_shifts
 
@@ -256,6 +259,7 @@ def test_new_class_shifts_agree_with_and_without_reading_back() -> None:
     present = read.counts > 0
     first = torch.stack([features[(target == c).nonzero()[0, 0]] for c in range(40) if present[c]])
     assert torch.equal(read.shift[present], first.double())
+    assert masked.shift.dtype == torch.float64
 
 
 def test_cpu_update_skips_exactly_the_first_samples_of_new_classes(

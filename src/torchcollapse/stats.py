@@ -465,7 +465,7 @@ class ClassStatistics:
         target = target.long()
         state = self.dtype
         num_samples = features.shape[0]
-        ones = torch.ones(num_samples, device=self.device, dtype=state)
+        ones = _counting("ones", num_samples, state, self.device)
         shape = (num_samples, self.num_features)
         with torch.no_grad():
             rows, batch_shift = self._set_new_shifts(
@@ -509,10 +509,16 @@ class ClassStatistics:
         num_rows = shape[0]
         parts = _gram_parts(num_rows, self.num_features, self.device)
         padded_shape = (-(-num_rows // parts) * parts, shape[1])
-        padded = _scratch("centred", padded_shape, state, self.device, reserve=reserve)
-        padded[num_rows:].zero_()
-        centred = padded[:num_rows].copy_(features)
-        centred.sub_(shift)
+        if self.device.type != "cpu" and torch.promote_types(features.dtype, state) == state:
+            # one kernel, promoting on the fly (on CPU a copy and an in-place subtraction are
+            # faster than a mixed-dtype subtraction)
+            padded = centred = torch.sub(features, shift)
+        else:
+            padded = _scratch("centred", padded_shape, state, self.device, reserve=reserve)
+            if padded_shape[0] > num_rows:
+                padded[num_rows:].zero_()
+            centred = padded[:num_rows].copy_(features)
+            centred.sub_(shift)
         self.sums.index_add_(0, target, centred)
         # one reduction pass (a product and a sum would write a batch-sized temporary)
         squares = torch.linalg.vector_norm(centred, dim=1).square_()
@@ -557,10 +563,13 @@ class ClassStatistics:
             self.shift.index_copy_(0, classes, features.index_select(0, firsts).to(self.dtype))
             others = torch.ones(num_samples, dtype=torch.bool, device=self.device)
             return others.index_fill_(0, firsts, False).nonzero().squeeze(1), None
-        positions = torch.arange(num_samples, device=self.device)
+        positions = _counting("arange", num_samples, torch.long, self.device)
         first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
-        candidate = features.index_select(0, first.index_select(0, target)).to(self.dtype)
+        candidate = features.index_select(0, first.index_select(0, target))
+        # where() promotes the candidates to the statistics' dtype on the fly (exactly)
         shift = torch.where(new.unsqueeze(1), candidate, self.shift.index_select(0, target))
+        if shift.dtype != self.dtype:
+            shift = shift.to(self.dtype)
         self.shift.index_copy_(0, target, shift)
         return None, shift
 
@@ -684,6 +693,25 @@ def _full_precision_matmul() -> Iterator[None]:
 
 
 _SCRATCH = threading.local()
+_COUNTING: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+
+def _counting(kind: str, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The first ``size`` entries of a kept, read-only ``ones`` or ``arange`` vector.
+
+    One per kind, dtype and device, grown to the largest batch seen, so that an update launches
+    no kernel to make them (on accelerators every launch counts at small batches).
+    """
+    key = (kind, dtype, device)
+    vector = _COUNTING.get(key)
+    if vector is None or vector.numel() < size:
+        with torch.inference_mode(False), torch.no_grad():  # usable in and out of either mode
+            if kind == "ones":
+                vector = torch.ones(size, dtype=dtype, device=device)
+            else:
+                vector = torch.arange(size, dtype=dtype, device=device)
+        _COUNTING[key] = vector
+    return vector[:size]
 
 
 def _scratch(
