@@ -616,25 +616,27 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
         value: Scalar = 0.0
         coefficients: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
         if not isinstance(valid, bool) or valid:
+            # as in _terms: Python factors first, shared quotients, one masking where
             rows = _at_least(num_rows, 1.0)
             centred_trace = trace - total / rows
             root = _sqrt(_where(valid, num_rows - 1.0, 1.0))
             positive = frob > 0
             frob_safe = _where(positive, frob, 1.0)
-            value = scale * (2.0 - 2.0 * centred_trace / (frob_safe * root))
-            cubed = 4.0 * scale * centred_trace / frob_safe / frob_safe / frob_safe / root
+            inverse = _reciprocal(frob_safe * root)
+            ratio = centred_trace * inverse
+            value = _rsub(2.0 * scale, ratio, 2.0 * scale)
+            cubed = ratio / frob_safe / frob_safe
             coefficients = (
-                -4.0 * scale / (frob_safe * root),
-                4.0 * scale / (frob_safe * root * rows),
-                _where(positive, cubed, 0.0),
+                inverse * (-4.0 * scale),
+                inverse / rows * (4.0 * scale),
+                _where(positive, cubed, 0.0) * (4.0 * scale),
             )
             if isinstance(valid, Tensor):
-                value = _where(valid, value, 0.0)
-                coefficients = (
-                    _where(valid, coefficients[0], 0.0),
-                    _where(valid, coefficients[1], 0.0),
-                    _where(valid, coefficients[2], 0.0),
+                stacked = torch.stack(
+                    [as_tensor(value, v), *(as_tensor(c, v) for c in coefficients)]
                 )
+                value, *masked = torch.where(valid, stacked, 0.0).unbind(0)
+                coefficients = (masked[0], masked[1], masked[2])
         if not (torch.is_grad_enabled() and vf.requires_grad):
             return with_gradients(value, v)
         c_v, c_sum, c_gram = coefficients
