@@ -7,10 +7,11 @@ Run by ``benchmarks/gpu.sh`` (or alone)::
 
 For each call it reports, per call: the operations dispatched (views and allocations left out;
 on a GPU each one is a kernel launch or a host-side step of one), the device kernels and their
-total time (CUDA only, from ``torch.profiler``), the host time of ``--calls`` calls issued back to
-back without synchronising (the time to dispatch them) and the wall time once the device has
-finished them. A call whose dispatch time exceeds its device time is launch-bound: fewer
-operations, CUDA graphs or ``torch.compile`` would speed it up, faster kernels would not.
+total time (CUDA only, from ``torch.profiler``; copies and fills not counted), the host time of
+``--calls`` calls issued back to back without synchronising (the time to dispatch them) and the
+wall time once the device has finished them. A call whose dispatch time exceeds its device
+time is launch-bound: fewer operations, CUDA graphs or ``torch.compile`` would speed it up,
+faster kernels would not.
 
 Calls:
 
@@ -44,11 +45,9 @@ from torchcollapse.metrics import NeuralCollapse
 
 
 def _kernel_time_us(event: object) -> float:
-    for name in ("device_time", "cuda_time", "self_device_time_total", "self_cuda_time_total"):
-        value = getattr(event, name, None)
-        if value:
-            return float(value)
-    return 0.0
+    """Device time of a kernel event (``cuda_time`` before torch 2.4)."""
+    name = "device_time" if hasattr(event, "device_time") else "cuda_time"
+    return float(getattr(event, name, 0.0) or 0.0)
 
 
 def measure(call: Callable[[], object], device: torch.device, calls: int) -> dict[str, float]:
@@ -75,7 +74,11 @@ def measure(call: Callable[[], object], device: torch.device, calls: int) -> dic
             for child in event.cpu_children
         )
     ]
-    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    kernels = [
+        event
+        for event in events
+        if event.device_type == DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset"))
+    ]
     sync(device)
     start = time.perf_counter()
     for _ in range(calls):

@@ -465,7 +465,7 @@ class ClassStatistics:
         target = target.long()
         state = self.dtype
         num_samples = features.shape[0]
-        ones = _counting("ones", num_samples, state, self.device)
+        ones = torch.ones(num_samples, device=self.device, dtype=state)
         shape = (num_samples, self.num_features)
         with torch.no_grad():
             rows, batch_shift = self._set_new_shifts(
@@ -503,15 +503,18 @@ class ClassStatistics:
                 out=_scratch("shift", shape, state, self.device, reserve=reserve),
             )
         shift = batch_shift
-        # h - s in the state dtype, in a reused buffer: the input is copied (promoted exactly)
-        # and the shifts subtracted in place, with no temporary of the batch's size. The buffer
-        # has zero rows appended up to a multiple of the blocks the product splits the rows into.
+        # h - s in the state dtype. On CPU, in a reused buffer: the input is copied (promoted
+        # exactly) and the shifts subtracted in place, with no temporary of the batch's size;
+        # the buffer has zero rows appended up to a multiple of the blocks the product splits
+        # the rows into. Elsewhere one subtraction, promoting on the fly (one kernel launch).
         num_rows = shape[0]
         parts = _gram_parts(num_rows, self.num_features, self.device)
         padded_shape = (-(-num_rows // parts) * parts, shape[1])
-        if self.device.type != "cpu" and torch.promote_types(features.dtype, state) == state:
-            # one kernel, promoting on the fly (on CPU a copy and an in-place subtraction are
-            # faster than a mixed-dtype subtraction)
+        if (
+            _one_kernel_centring(self.device)
+            and padded_shape[0] == num_rows
+            and torch.promote_types(features.dtype, state) == state
+        ):
             padded = centred = torch.sub(features, shift)
         else:
             padded = _scratch("centred", padded_shape, state, self.device, reserve=reserve)
@@ -563,7 +566,7 @@ class ClassStatistics:
             self.shift.index_copy_(0, classes, features.index_select(0, firsts).to(self.dtype))
             others = torch.ones(num_samples, dtype=torch.bool, device=self.device)
             return others.index_fill_(0, firsts, False).nonzero().squeeze(1), None
-        positions = _counting("arange", num_samples, torch.long, self.device)
+        positions = torch.arange(num_samples, device=self.device)
         first.scatter_reduce_(0, target, positions, reduce="amin", include_self=True)
         candidate = features.index_select(0, first.index_select(0, target))
         # where() promotes the candidates to the statistics' dtype on the fly (exactly)
@@ -693,25 +696,13 @@ def _full_precision_matmul() -> Iterator[None]:
 
 
 _SCRATCH = threading.local()
-_COUNTING: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
 
-def _counting(kind: str, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The first ``size`` entries of a kept, read-only ``ones`` or ``arange`` vector.
-
-    One per kind, dtype and device, grown to the largest batch seen, so that an update launches
-    no kernel to make them (on accelerators every launch counts at small batches).
-    """
-    key = (kind, dtype, device)
-    vector = _COUNTING.get(key)
-    if vector is None or vector.numel() < size:
-        with torch.inference_mode(False), torch.no_grad():  # usable in and out of either mode
-            if kind == "ones":
-                vector = torch.ones(size, dtype=dtype, device=device)
-            else:
-                vector = torch.arange(size, dtype=dtype, device=device)
-        _COUNTING[key] = vector
-    return vector[:size]
+def _one_kernel_centring(device: torch.device) -> bool:
+    """Whether ``update`` centres with one mixed-dtype subtraction (accelerators, where a launch
+    costs more than the cast) rather than a copy and an in-place subtraction (CPU, where the
+    mixed-dtype kernel is the slower)."""
+    return device.type != "cpu"
 
 
 def _scratch(
