@@ -487,7 +487,9 @@ class ClassStatistics:
         self.counts.index_add_(0, target, ones)
         # Scratch buffers are reserved for the whole batch (plus padding): the rows kept grow
         # batch by batch as fewer classes are new.
-        reserve = (num_samples + torch.get_num_threads()) * self.num_features
+        reserve = 0
+        if self.device.type == "cpu":
+            reserve = (num_samples + torch.get_num_threads()) * self.num_features
         if rows is not None:
             # The first sample of a new class is its shift: its centred row is exactly zero and
             # adds nothing, so only the other rows are gathered, centred and multiplied.
