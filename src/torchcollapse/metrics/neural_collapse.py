@@ -99,7 +99,7 @@ class NeuralCollapse(CollapseStatisticsMetric):
             these checks read values back from the device.
         product_dtype: dtype of the ``d x d`` product of each centred batch. ``torch.float64``
             (default) is exact. ``torch.float32`` (full IEEE precision, TF32 off) halves the cost
-            of ``update`` where float64 is slow (AVX2/AVX-512 CPUs, consumer and workstation GPUs
+            of that product where float64 is slow (AVX2/AVX-512 CPUs, consumer and workstation GPUs
             whose float64 rate is 1/32-1/64 of float32), at a relative error of ~1e-7 up to a few
             1e-6 on ``Sigma_W``-based keys (NC1); data-centre GPUs (A100, H100, H200) run float64
             at the float32 rate and need no change.
