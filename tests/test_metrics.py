@@ -411,3 +411,37 @@ def test_updates_inside_and_outside_inference_mode() -> None:
         metric.update(features[60:], target[60:])
     expected = _reference(3)(features, target)
     np.testing.assert_allclose(float(metric.compute()["nc1"]), expected["nc1"], rtol=RTOL)
+
+
+def test_forward_on_a_batch_without_a_value_keeps_the_accumulated_state() -> None:
+    # torchmetrics' forward resets the state to compute the batch's own value, then merges the
+    # accumulated state back; a batch of one class has no value, which must not lose the state.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, weight = _case(300, 6, 4, seed=seed)
+    last = features[-1:], target[-1:]
+    for metric in (
+        NeuralCollapse(4),
+        NeuralCollapseNC1(4),
+        NeuralCollapseNC4(4, classifier=weight),  # no reference means: NC4 has no value
+    ):
+        if isinstance(metric, NeuralCollapseNC4):
+            with pytest.warns(UserWarning, match="no value of its own"):
+                metric(features[:-1], target[:-1])
+        else:
+            metric(features[:-1], target[:-1])
+        with pytest.warns(UserWarning, match="no value of its own"):
+            value = metric(*last)
+        if isinstance(value, dict):
+            assert value == {"num_classes_present": torch.tensor(1)}, f"seed {seed}"
+        else:
+            assert torch.isnan(value), f"seed {seed}"
+        assert metric.class_statistics().total == 300, f"seed {seed}"
+        if not isinstance(metric, NeuralCollapseNC4):
+            expected = neural_collapse(features, target, num_classes=4)["nc1"]
+            result = metric.compute()
+            nc1 = result["nc1"] if isinstance(result, dict) else result
+            torch.testing.assert_close(nc1, expected, rtol=1e-10, atol=0, msg=f"seed {seed}")
+        metric.reset()
+        metric.update(*last)
+        with pytest.raises(ValueError, match="class"):  # compute itself still raises
+            metric.compute()

@@ -18,6 +18,7 @@ States:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -116,6 +117,7 @@ class CollapseStatisticsMetric(Metric):
     higher_is_better: bool | None = False
     full_state_update = False
     plot_lower_bound: float | None = 0.0
+    _batch_value = False  # inside forward (see there)
 
     statistics: Tensor
     nc4_mismatches: Tensor
@@ -187,6 +189,39 @@ class CollapseStatisticsMetric(Metric):
         self.register_buffer("_nc4_offsets", None, persistent=False)
         if class_means is not None:
             self.set_class_means(class_means)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Accumulate a batch and return its own value (torchmetrics' ``forward``).
+
+        A batch without a value of its own (fewer than two classes with samples, as a small last
+        batch may have; NC4 without counted samples) is accumulated all the same; its value is
+        NaN (``NeuralCollapse``: only ``num_classes_present``), with a warning, where ``compute``
+        would raise.
+        """
+        self._batch_value = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._batch_value = False
+
+    def _undefined_batch(self) -> str | None:
+        """Inside ``forward``: why the batch has no value (``None`` when it has one)."""
+        if not self._batch_value:
+            return None
+        present = self.class_statistics().num_present if self.statistics.numel() else 0
+        if present < 2:
+            plural = "" if present == 1 else "es"
+            return self._warn_undefined(f"{present} class{plural} with samples, fewer than two")
+        return None
+
+    def _warn_undefined(self, reason: str) -> str:
+        warnings.warn(
+            f"{type(self).__name__}.forward: the batch has no value of its own ({reason}); it"
+            " was accumulated, and its value is NaN.",
+            UserWarning,
+            stacklevel=5,
+        )
+        return reason
 
     # ------------------------------------------------------------------ classifier and reference
     @property

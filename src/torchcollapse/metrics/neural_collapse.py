@@ -156,6 +156,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """Every quantity the inputs allow (see the class docstring for the keys)."""
+        if self._undefined_batch() is not None:  # inside forward, a batch of one class
+            present = self.class_statistics().num_present if self.statistics.numel() else 0
+            return {"num_classes_present": torch.tensor(present)}
         classifier = self._classifier_weight_bias()
         return neural_collapse_compute(
             self.class_statistics(),

@@ -78,6 +78,8 @@ class _SingleQuantity(CollapseStatisticsMetric):
 
     def compute(self) -> Tensor:
         """The quantity over everything accumulated (0-d float64 tensor)."""
+        if self._undefined_batch() is not None:  # inside forward, a batch of one class
+            return torch.tensor(float("nan"), dtype=torch.float64)
         classifier = self._classifier_weight_bias()
         out = neural_collapse_compute(
             self.class_statistics(),
@@ -185,6 +187,9 @@ class NeuralCollapseNC4(_SingleQuantity):
 
     def compute(self) -> Tensor:
         """NC4 over the samples updated since the reference means were set."""
+        if self._batch_value and (not self.has_class_means or float(self.nc4_samples) == 0):
+            self._warn_undefined("no samples counted against reference class means")
+            return torch.tensor(float("nan"), dtype=torch.float64)
         if not self.has_class_means:
             raise ValueError(
                 "Expected reference class means for NeuralCollapseNC4 (pass `class_means=` or call"
