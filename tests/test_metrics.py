@@ -445,3 +445,30 @@ def test_forward_on_a_batch_without_a_value_keeps_the_accumulated_state() -> Non
         metric.update(*last)
         with pytest.raises(ValueError, match="class"):  # compute itself still raises
             metric.compute()
+
+
+def test_casting_a_model_that_holds_the_metric_keeps_the_statistics_in_float64() -> None:
+    # model.float(), .half(), .to(torch.bfloat16) reach the metric's states and buffers through
+    # _apply: the statistics (and NC4's reference means) must stay float64, counts exact past
+    # bfloat16's 256, and NC4 must keep working.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(900, 5, 3, seed=seed)
+    head = torch.nn.Linear(5, 3)
+    means = torch.stack([features[target == c].mean(0) for c in range(3)]).double()
+    model = torch.nn.Module()
+    model.head = head
+    model.metric = NeuralCollapse(3, classifier=head, class_means=means)
+    casts = [
+        lambda m: m.float(),
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.half(),
+        lambda m: m.double(),
+    ]
+    for cast in casts:
+        cast(model)
+        model.metric.update(features.to(head.weight.dtype), target)
+        for tensor in (model.metric.statistics, model.metric.nc4_samples):
+            assert tensor.dtype == torch.float64, f"seed {seed}"
+    counts = torch.bincount(target, minlength=3).double() * len(casts)
+    assert torch.equal(model.metric.class_statistics().counts, counts), f"seed {seed}"
+    assert torch.isfinite(model.metric.compute()["nc4"]), f"seed {seed}"

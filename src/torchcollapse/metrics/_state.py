@@ -190,6 +190,18 @@ class CollapseStatisticsMetric(Metric):
         if class_means is not None:
             self.set_class_means(class_means)
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Move the statistics, never cast them: they accumulate in float64 whatever the
+        dtype of the model holding the metric (``model.float()``, ``.to(torch.bfloat16)``)."""
+
+        def device_only(tensor: Tensor) -> Tensor:
+            moved: Tensor = fn(tensor)
+            if tensor.is_floating_point() and moved.dtype != tensor.dtype:
+                return tensor.to(device=moved.device)
+            return moved
+
+        return super()._apply(device_only, *args, **kwargs)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Accumulate a batch and return its own value (torchmetrics' ``forward``).
 
