@@ -293,3 +293,56 @@ def test_neural_collapse_reads_inputs_that_require_grad_detached() -> None:
     for key, value in result.items():
         assert not value.requires_grad, key
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_a_class_mean_at_the_global_mean_leaves_out_only_the_angles() -> None:
+    # Three classes on a line: the middle mean is the global mean, so the angles of the centred
+    # means are undefined; NC1, CDNV (differences of means only) and the norms are not.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[-2.0, 1.0, 0.5], [0.0, 0.0, 0.0], [2.0, -1.0, -0.5]])
+    # every sample comes with its mirror image about its class's centre: exact class means
+    half = torch.randint(-3, 4, (30, 3), generator=g).double() / 4
+    noise = torch.cat([half, -half])
+    target = torch.cat([torch.arange(30) % 3, torch.arange(30) % 3])
+    features = centres.double()[target] + noise
+    with pytest.warns(UserWarning, match=r"classes \[1\] equal the global mean"):
+        out = neural_collapse(features, target)
+    assert not [
+        k for k in out if k.startswith("nc2_") and "optimal" not in k and k != "nc2_equinorm"
+    ]
+    means = centres.double()
+    variances = torch.stack([(noise[target == c] ** 2).sum(1).mean() for c in range(3)])
+    pairs = [(a, b) for a in range(3) for b in range(a + 1, 3)]
+    cdnv = (
+        sum(
+            (variances[a] + variances[b]) / (2 * (means[a] - means[b]).square().sum())
+            for a, b in pairs
+        )
+        / 3
+    )
+    torch.testing.assert_close(out["cdnv"], cdnv, rtol=1e-10, atol=0, msg=f"seed {seed}")
+    norms = (means - means.mean(0)).norm(dim=1)
+    torch.testing.assert_close(out["nc2_equinorm"], norms.std() / norms.mean(), msg=f"seed {seed}")
+    assert "nc1" in out, f"seed {seed}"
+
+
+def test_a_zero_classifier_leaves_out_its_angles() -> None:
+    # A zero-initialised head has no directions yet: the classifier's geometry (and NC3 while
+    # every row is zero) is left out with a warning, everything else is computed.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    target = torch.arange(80) % 4
+    features = 3 * torch.randn(4, 6, generator=g)[target] + torch.randn(80, 6, generator=g)
+    weight = torch.zeros(4, 6)
+    with pytest.warns(UserWarning, match=r"rows of classes \[0, 1, 2, 3\] are zero"):
+        out = neural_collapse(features, target, weight=weight)
+    assert not [k for k in out if k.startswith(("nc2_weight_", "nc3"))], f"seed {seed}"
+    reference = neural_collapse(features, target)
+    for key, value in reference.items():
+        torch.testing.assert_close(out[key], value, msg=f"seed {seed}: {key}")
+    weight[2] = torch.randn(6, generator=g)
+    with pytest.warns(UserWarning, match=r"rows of classes \[0, 1, 3\] are zero"):
+        partial = neural_collapse(features, target, weight=weight)
+    assert "nc3" in partial, f"seed {seed}"
+    assert torch.isfinite(partial["nc3"]), f"seed {seed}"

@@ -472,3 +472,19 @@ def test_casting_a_model_that_holds_the_metric_keeps_the_statistics_in_float64()
     counts = torch.bincount(target, minlength=3).double() * len(casts)
     assert torch.equal(model.metric.class_statistics().counts, counts), f"seed {seed}"
     assert torch.isfinite(model.metric.compute()["nc4"]), f"seed {seed}"
+
+
+def test_a_zero_initialised_head_is_measured_without_its_angles() -> None:
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(200, 6, 4, seed=seed)
+    head = torch.nn.Linear(6, 4)
+    torch.nn.init.zeros_(head.weight)
+    metric, nc3 = NeuralCollapse(4, classifier=head), NeuralCollapseNC3(4, classifier=head)
+    metric.update(features, target)
+    nc3.update(features, target)
+    with pytest.warns(UserWarning, match="are zero"):
+        out = metric.compute()
+    assert "nc1" in out, f"seed {seed}"
+    assert not [k for k in out if k.startswith(("nc2_weight_", "nc3"))], f"seed {seed}"
+    with pytest.warns(UserWarning, match="are zero"), pytest.raises(ValueError, match="`nc3`"):
+        nc3.compute()

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection
 
 import torch
@@ -131,6 +132,8 @@ def neural_collapse_compute(
     total = stats.total
     # The smaller Gram matrix of the centred means, shared by NC1 and the pairwise pass.
     gram = _small_gram(centred)
+    norms = torch.linalg.vector_norm(centred, dim=1)
+    at_centre = present[norms == 0].tolist()  # classes whose mean is the global mean
     if want("nc1") or want("nc1_trace_ratio"):
         if want("nc1"):
             sigma_w = stats.within_class_scatter() / total
@@ -149,11 +152,26 @@ def neural_collapse_compute(
                 0, present
             ) / stats.counts.index_select(0, present)
             # CDNV does not depend on the global mean: pairwise distances of means are invariant.
-        geometry = pairwise_geometry(centred, variances=variances, exponent=exponent, gram=gram)
+        if not at_centre:
+            geometry = pairwise_geometry(centred, variances=variances, exponent=exponent, gram=gram)
+        else:
+            # A class mean at the global mean has no direction: the angles are undefined. CDNV
+            # is taken on the means shifted off the origin (it depends on differences only).
+            _warn_left_out(
+                f"the means of classes {at_centre} equal the global mean, so the angles of the"
+                " centred means are undefined",
+                "nc2_* keys but nc2_equinorm",
+            )
+            geometry = {"equinorm": norms.std() / norms.mean()}
+            if variances is not None:
+                shift = torch.zeros_like(centred[0])
+                shift[0] = norms.max() + 1.0
+                shifted = pairwise_geometry(centred + shift, variances=variances)
+                geometry["cdnv"] = shifted["cdnv"]
         if want("cdnv"):
             out["cdnv"] = geometry.pop("cdnv")
         for name in _GEOMETRY:
-            if want(f"nc2_{name}"):
+            if want(f"nc2_{name}") and name in geometry:
                 out[f"nc2_{name}"] = geometry[name]
     if want("nc2_min_angle_optimal"):
         best = min_angle_optimal(num_present, num_features) if num_present >= 2 else None
@@ -168,14 +186,20 @@ def neural_collapse_compute(
                 best, dtype=torch.float64, device=centred.device
             )
     if w_rows is not None:
-        if any(want(f"nc2_weight_{name}") for name in _GEOMETRY):
+        zero_rows = present[(w_rows == 0).all(1)].tolist()
+        if zero_rows:  # e.g. a zero-initialised head: its rows have no direction
+            left_out = "nc2_weight_* and nc3_cosine keys"
+            if len(zero_rows) == num_present:
+                left_out = "nc2_weight_*, nc3 and nc3_cosine keys"
+            _warn_left_out(f"the classifier's rows of classes {zero_rows} are zero", left_out)
+        elif any(want(f"nc2_weight_{name}") for name in _GEOMETRY):
             weight_geometry = pairwise_geometry(w_rows, exponent=exponent)
             for name in _GEOMETRY:
                 if want(f"nc2_weight_{name}"):
                     out[f"nc2_weight_{name}"] = weight_geometry[name]
-        if want("nc3"):
+        if want("nc3") and len(zero_rows) < num_present:
             out["nc3"] = _nc3(w_rows, centred)
-        if want("nc3_cosine"):
+        if want("nc3_cosine") and not zero_rows and not at_centre:
             out["nc3_cosine"] = _nc3_cosine(w_rows, centred).mean()
     if nc4_counts is not None and want("nc4"):
         mismatches, samples = nc4_counts
@@ -184,6 +208,10 @@ def neural_collapse_compute(
     if want("num_classes_present"):
         out["num_classes_present"] = torch.tensor(num_present, device=centred.device)
     return out
+
+
+def _warn_left_out(reason: str, keys: str) -> None:
+    warnings.warn(f"{reason}: the {keys} are left out.", UserWarning, stacklevel=3)
 
 
 def neural_collapse(

@@ -88,6 +88,11 @@ class _SingleQuantity(CollapseStatisticsMetric):
             nc4_counts=self._nc4_counts_or_none(),
             keys=(self.key,),
         )
+        if self.key not in out:  # undefined here; a warning said why
+            raise ValueError(
+                f"Expected `{self.key}` to be defined for the accumulated statistics and"
+                " classifier, but it is not (see the warning)."
+            )
         return out[self.key]
 
     def plot(
