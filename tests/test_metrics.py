@@ -314,6 +314,11 @@ def test_plot(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "num_classes_present" not in labels
     values = [metric.compute(), metric.compute()]
     fig2, _ = metric.plot(values)
+    # a key present in later results only (NC4 after reference means are set) gets a line too
+    later = {**values[1], "nc4": torch.tensor(0.25, dtype=torch.float64)}
+    for results in ([values[0], later], [later, values[0]]):
+        _, axis = metric.plot(results)
+        assert "nc4" in axis.get_legend_handles_labels()[1]
     single = NeuralCollapseNC1(3)
     single.update(features, target)
     fig3, _ = single.plot()

@@ -188,5 +188,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
         if isinstance(value, dict):
             shown: Any = {k: v for k, v in value.items() if k not in _NOT_PLOTTED}
         else:
-            shown = [{k: v for k, v in item.items() if k not in _NOT_PLOTTED} for item in value]
+            # keys may come and go between results (NC4 once reference means are set): every
+            # key gets a line, with gaps where a result lacks it
+            keys = list(dict.fromkeys(k for item in value for k in item if k not in _NOT_PLOTTED))
+            gap = torch.tensor(float("nan"), dtype=torch.float64)
+            shown = [{k: item.get(k, gap) for k in keys} for item in value]
         return self._plot(shown, ax)
