@@ -629,22 +629,40 @@ def test_documented_loss_errors() -> None:
         DotRegressionLoss(class_counts=[1, 2])(features, target, torch.randn(3, 3))
     with pytest.raises(ValueError, match="`class_counts` to be None"):
         DotRegressionLoss(class_counts="global")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="non-negative counts"):
-        DotRegressionLoss(class_counts=[1, -2, 3])
+    for counts in ([1, -2, 3], [1, math.nan, 3], [1, math.inf, 3]):
+        with pytest.raises(ValueError, match="non-negative, finite counts"):
+            DotRegressionLoss(class_counts=counts)
+    for eps in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="`eps` to be positive"):
+            DotRegressionLoss(eps=eps)
     with pytest.raises(ValueError, match="`reduction`"):
         DotRegressionLoss(reduction="avg")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="at least two positive counts"):
-        BalancedSoftmaxLoss([3, 0, 2])
+    for counts in ([3, 0, 2], [3, math.inf, 2], [3, math.nan, 2]):
+        with pytest.raises(ValueError, match="at least two positive, finite counts"):
+            BalancedSoftmaxLoss(counts)
+    with pytest.raises(ValueError, match="`tau` to be finite"):
+        BalancedSoftmaxLoss([3, 1, 2], tau=math.inf)
     with pytest.raises(ValueError, match="`logits` to have 3 columns"):
         BalancedSoftmaxLoss([3, 1, 2])(torch.randn(4, 4), target)
     with pytest.raises(ValueError, match="`reduction`"):
         BalancedSoftmaxLoss([3, 1, 2], reduction="avg")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="`k` to be positive"):
-        RescaledMSELoss(k=0.0)
+    for k in (0.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="`k` to be a positive finite number"):
+            RescaledMSELoss(k=k)
+    with pytest.raises(ValueError, match="`m` to be finite"):
+        RescaledMSELoss(m=math.nan)
+    with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
+        CollapseRegularizer(True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`target_nc1` to be in"):
+        CollapseRegularizer(3, nc1_form="ratio", target_nc1=math.inf)
     with pytest.raises(ValueError, match="`reduction`"):
         RescaledMSELoss(reduction="avg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"labels in \[0, 2\]"):
         RescaledMSELoss()(features, torch.tensor([0, 1, 5, 0]))
+    with pytest.raises(ValueError, match="`logits` to be a 2-D tensor"):
+        RescaledMSELoss()(torch.randn(4), target)
+    with pytest.raises(ValueError, match="`logits` and `target` to have the same number"):
+        BalancedSoftmaxLoss([3, 1, 2])(torch.randn(3, 3), target)
 
 
 # ----------------------------------------------------------------------------------------------

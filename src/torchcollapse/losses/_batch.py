@@ -57,6 +57,7 @@ def check_features_target(
     validate_args: bool,
     *,
     defer_cpu_range: bool = False,
+    name: str = "features",
 ) -> None:
     """Validate a ``(N, d)`` float feature batch and its ``(N,)`` integer labels.
 
@@ -65,10 +66,12 @@ def check_features_target(
     asynchronous device-side assertion, so that no call synchronises with the host. With
     ``defer_cpu_range`` the CPU check is left to the caller, which indexes by the labels anyway
     and raises :func:`label_range_error` when that indexing fails (one operation fewer).
+    ``name`` is the features' argument name in error messages (``"logits"`` for the losses on
+    logits).
     """
     if not isinstance(features, Tensor):
         raise TypeError(
-            f"Expected argument `features` to be a tensor, but got {type(features).__name__}."
+            f"Expected argument `{name}` to be a tensor, but got {type(features).__name__}."
         )
     if not isinstance(target, Tensor):
         raise TypeError(
@@ -76,12 +79,11 @@ def check_features_target(
         )
     if features.ndim != 2:
         raise ValueError(
-            "Expected argument `features` to be a 2-D tensor, but got shape "
-            f"{tuple(features.shape)}."
+            f"Expected argument `{name}` to be a 2-D tensor, but got shape {tuple(features.shape)}."
         )
     if not features.is_floating_point():
         raise TypeError(
-            "Expected argument `features` to be a floating-point tensor, but got dtype "
+            f"Expected argument `{name}` to be a floating-point tensor, but got dtype "
             f"{features.dtype}."
         )
     if target.ndim != 1:
@@ -94,7 +96,7 @@ def check_features_target(
         )
     if target.shape[0] != features.shape[0]:
         raise ValueError(
-            "Expected arguments `features` and `target` to have the same number of samples, but "
+            f"Expected arguments `{name}` and `target` to have the same number of samples, but "
             f"got {features.shape[0]} and {target.shape[0]}."
         )
     if not validate_args or num_classes is None or (target.is_cpu and defer_cpu_range):
@@ -153,9 +155,9 @@ def check_classifier_shape(weight: Tensor, num_classes: int, in_features: int) -
 
 def check_num_classes(num_classes: Any) -> None:
     """Raise unless ``num_classes`` is a positive integer."""
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(
-            f"Expected argument `num_classes` to be a positive integer, but got {num_classes}."
+            f"Expected argument `num_classes` to be a positive integer, but got {num_classes!r}."
         )
 
 

@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -72,11 +73,14 @@ class BalancedSoftmaxLoss(nn.Module):
                 f"Expected argument `reduction` to be one of {_REDUCTIONS}, but got {reduction!r}."
             )
         counts = torch.as_tensor(class_counts, dtype=torch.float64)
-        if counts.ndim != 1 or counts.numel() < 2 or not bool((counts > 0).all()):
+        valid = bool(((counts > 0) & counts.isfinite()).all()) if counts.ndim == 1 else False
+        if counts.numel() < 2 or not valid:
             raise ValueError(
-                "Expected argument `class_counts` to be a 1-D sequence of at least two positive "
-                f"counts, but got {class_counts!r}."
+                "Expected argument `class_counts` to be a 1-D sequence of at least two positive, "
+                f"finite counts, but got {class_counts!r}."
             )
+        if not math.isfinite(tau):
+            raise ValueError(f"Expected argument `tau` to be finite, but got {tau}.")
         log_prior = (counts / counts.sum()).log().float()
         self.register_buffer("log_prior", log_prior.to(device))
         self.num_classes = counts.numel()
@@ -89,7 +93,7 @@ class BalancedSoftmaxLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Balanced-softmax cross-entropy of ``logits`` (``(N, K)``) against ``target``."""
-        check_features_target(logits, target, self.num_classes, self.validate_args)
+        check_features_target(logits, target, self.num_classes, self.validate_args, name="logits")
         if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"Expected argument `logits` to have {self.num_classes} columns (classes), but "

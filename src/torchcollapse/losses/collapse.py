@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, overload
 
 import torch
@@ -153,9 +154,10 @@ class CollapseRegularizer(nn.Module):
             )
         if target_nc1 is not None:
             high = 1.0 if nc1_form == "bounded" else float("inf")
-            if not 0.0 <= target_nc1 <= high:
+            if not (0.0 <= target_nc1 <= high and math.isfinite(target_nc1)):
+                interval = "[0, 1]" if nc1_form == "bounded" else "[0, inf) (finite)"
                 raise ValueError(
-                    f"Expected argument `target_nc1` to be in [0, {high}] for "
+                    f"Expected argument `target_nc1` to be in {interval} for "
                     f"`nc1_form={nc1_form!r}`, but got {target_nc1}."
                 )
             if nc1 <= 0:

@@ -277,15 +277,18 @@ class DotRegressionLoss(nn.Module):
         counts: Tensor | None = None
         if class_counts is not None and not isinstance(class_counts, str):
             counts = torch.as_tensor(class_counts, dtype=torch.float64)
-            if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()):
+            valid = counts.ndim == 1 and bool(((counts >= 0) & counts.isfinite()).all())
+            if counts.numel() == 0 or not valid:
                 raise ValueError(
-                    "Expected argument `class_counts` to be a 1-D sequence of non-negative "
-                    f"counts, but got {class_counts!r}."
+                    "Expected argument `class_counts` to be a 1-D sequence of non-negative, "
+                    f"finite counts, but got {class_counts!r}."
                 )
             counts = counts.float()
         self.register_buffer("class_counts", counts)
         self.reweight_power = float(reweight_power)
         self.reduction = reduction
+        if not eps > 0:
+            raise ValueError(f"Expected argument `eps` to be positive, but got {eps}.")
         self.eps = eps
         self.sync_dist = sync_dist
         self.process_group = process_group

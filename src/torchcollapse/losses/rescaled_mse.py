@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -110,8 +111,10 @@ class RescaledMSELoss(nn.Module):
             raise ValueError(
                 f"Expected argument `reduction` to be one of {_REDUCTIONS}, but got {reduction!r}."
             )
-        if k <= 0:
-            raise ValueError(f"Expected argument `k` to be positive, but got {k}.")
+        if not math.isfinite(k) or k <= 0:
+            raise ValueError(f"Expected argument `k` to be a positive finite number, but got {k}.")
+        if not math.isfinite(m):
+            raise ValueError(f"Expected argument `m` to be finite, but got {m}.")
         self.k = float(k)
         self.m = float(m)
         self.reduction = reduction
@@ -122,5 +125,5 @@ class RescaledMSELoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Rescaled square loss of ``logits`` (``(N, C)``) against labels ``target``."""
-        check_features_target(logits, target, logits.shape[-1], self.validate_args)
+        check_features_target(logits, target, logits.shape[-1], self.validate_args, name="logits")
         return rescaled_mse_loss(logits, target, self.k, self.m, self.reduction)
