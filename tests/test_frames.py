@@ -115,6 +115,8 @@ def test_simplex_etf_below_k_minus_1_names_spherical_code() -> None:
         ValueError, match=r"at least `num_classes - 1` = 9.*spherical_code\(10, 8\)"
     ):
         simplex_etf(10, 8)
+    with pytest.raises(ValueError, match="only two directions"):  # no spherical code in 1-D
+        simplex_etf(3, 1)
 
 
 def test_frame_errors() -> None:

@@ -151,5 +151,7 @@ def test_cosine_head_errors() -> None:
         head(torch.randn(3, 5), torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="`target` to hold integers"):
         head(torch.randn(3, 5), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 3\], but got labels in"):
+        head(torch.randn(3, 5), torch.tensor([0, -1, 2]))
     with pytest.raises(ValueError, match="last dimension 5"):
         head(torch.randn(3, 6))

@@ -174,6 +174,8 @@ def test_nearest_head_errors() -> None:
         NearestETFHead(2, 4)
     with pytest.raises(ValueError, match=r"`target` of shape \(N,\)"):
         NearestETFHead(8, 4)(torch.randn(3, 8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 3\], but got labels in"):
+        NearestETFHead(8, 4)(torch.randn(3, 8), torch.tensor([0, 4, 1]))
     assert "momentum=0.1, proximal=0.001" in repr(NearestETFHead(8, 4))
 
 

@@ -152,6 +152,8 @@ def test_documented_errors() -> None:
         FeatureNorm()(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="`num_features` to be a positive integer"):
         FeatureCenter(0)
+    with pytest.raises(ValueError, match="`num_features` to be a positive integer, but got True"):
+        FeatureCenter(True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`momentum`"):
         FeatureCenter(3, momentum=0.0)
     with pytest.raises(ValueError, match="last dimension 3"):

@@ -167,10 +167,14 @@ def simplex_etf(
     k = _check_int(num_classes, "num_classes", 2)
     d = _check_int(dim, "dim", 1)
     if d < k - 1:
+        advice = (
+            f"use `spherical_code({k}, {d})` for maximally separated directions instead"
+            if d >= 2
+            else "in one dimension only two directions (+1 and -1) exist"
+        )
         raise ValueError(
             f"Expected argument `dim` to be at least `num_classes - 1` = {k - 1} for a simplex "
-            f"ETF, but got {d}. No simplex ETF of {k} classes exists in {d} dimensions; use "
-            f"`spherical_code({k}, {d})` for maximally separated directions instead."
+            f"ETF, but got {d}. No simplex ETF of {k} classes exists in {d} dimensions; {advice}."
         )
     gen = _cpu_generator(generator)
     rotation = _random_orthonormal(d, k - 1, gen)  # dim x (K-1)

@@ -174,10 +174,10 @@ class FeatureCenter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(
                 "Expected argument `num_features` to be a positive integer, but got "
-                f"{num_features}."
+                f"{num_features!r}."
             )
         if momentum is not None and not 0.0 < momentum <= 1.0:
             raise ValueError(

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from torchcollapse._labels import check_label_range
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
 __all__: list[str] = []
@@ -52,7 +53,7 @@ def check_features(features: Tensor, in_features: int) -> None:
         )
 
 
-def check_target(target: Tensor, features: Tensor) -> None:
+def check_target(target: Tensor, features: Tensor, num_classes: int) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(
             f"Expected argument `target` to be a Tensor, but got {type(target).__name__}."
@@ -64,6 +65,7 @@ def check_target(target: Tensor, features: Tensor) -> None:
         )
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"Expected argument `target` to hold integers, but got {target.dtype}.")
+    check_label_range(target, num_classes)
 
 
 class ScaledHeadMixin:

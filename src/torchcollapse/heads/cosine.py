@@ -172,9 +172,9 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         weight = F.normalize(self.weight, dim=1, eps=self.eps)
         if target is None or self.margin == 0.0:
             if target is not None:
-                check_target(target, features)
+                check_target(target, features, self.num_classes)
             return normalized_linear(features, weight, self.scale, self.eps)
-        check_target(target, features)
+        check_target(target, features, self.num_classes)
         cosine = normalized_linear(features, weight, 1.0, self.eps)
         index = target.long()[:, None]
         with_margin = cosine.scatter(1, index, self._target_cosine(cosine.gather(1, index)))

@@ -129,7 +129,7 @@ class NearestETFHead(FixedFrameHead):
             The new frame (also copied into the ``frame`` buffer).
         """
         check_features(features, self.in_features)
-        check_target(target, features)
+        check_target(target, features, self.num_classes)
         work = torch.promote_types(features.dtype, torch.float32)
         unit = features.detach().to(work)
         unit = unit / torch.linalg.vector_norm(unit, dim=1, keepdim=True).clamp_min(self.eps)

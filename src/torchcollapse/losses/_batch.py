@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchcollapse._distributed import gather_with_grad, is_distributed
+from torchcollapse._labels import check_label_range, label_range_error
 
 __all__ = [
     "BatchClassStatistics",
@@ -101,31 +102,7 @@ def check_features_target(
         )
     if not validate_args or num_classes is None or (target.is_cpu and defer_cpu_range):
         return
-    if torch.compiler.is_compiling() or target.numel() == 0:
-        return
-    if not target.is_cpu:
-        # no host synchronisation on accelerators: a device-side assertion
-        torch._assert_async(
-            ((target >= 0) & (target < num_classes)).all(),
-            f"Expected argument `target` to hold labels in [0, {num_classes - 1}].",
-        )
-        return
-    error = label_range_error(target, num_classes)
-    if error is not None:
-        raise error
-
-
-def label_range_error(target: Tensor, num_classes: int) -> ValueError | None:
-    """The error for CPU labels outside ``[0, num_classes)``, or ``None`` when they are inside."""
-    if target.numel() == 0:
-        return None
-    low, high = (int(v) for v in torch.aminmax(target))
-    if low >= 0 and high < num_classes:
-        return None
-    return ValueError(
-        f"Expected argument `target` to hold labels in [0, {num_classes - 1}], but got "
-        f"labels in [{low}, {high}]."
-    )
+    check_label_range(target, num_classes)
 
 
 def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> Tensor:
