@@ -276,6 +276,11 @@ def test_errors() -> None:
         equinorm(torch.ones(1, 3))
     with pytest.raises(ValueError, match="at least one finite row"):
         neural_collapse_nc4(features, weight, class_means=torch.full((3, 3), float("nan")))
+    means = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="`weight` and `class_means` to have the same number"):
+        neural_collapse_nc4(features, weight, class_means=means[:2])
+    with pytest.raises(ValueError, match="`features` to be finite"):
+        neural_collapse_nc4(torch.full_like(features, float("nan")), weight, class_means=means)
     with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
         min_angle_optimal(1, 3)
 

@@ -109,6 +109,7 @@ def neural_collapse_nc4(
     bias: Tensor | None = None,
     *,
     class_means: Tensor,
+    validate_args: bool = True,
 ) -> Tensor:
     """Fraction of ``features`` whose classifier decision differs from the nearest class centre.
 
@@ -118,6 +119,7 @@ def neural_collapse_nc4(
         bias: optional ``(K,)`` classifier bias (included in ``argmax(W h + b)``).
         class_means: ``(K, d)`` reference class means; a row with NaN marks a class absent from
             the reference, which the nearest-centre rule never picks.
+        validate_args: check that ``features`` are finite (reads a value back from the device).
 
     Returns:
         float64 0-d tensor in ``[0, 1]``.
@@ -125,8 +127,15 @@ def neural_collapse_nc4(
     _check_features(features)
     if features.shape[0] == 0:
         raise ValueError("Expected argument `features` to hold at least one sample, but got 0.")
+    if validate_args and not bool(torch.isfinite(features).all()):
+        raise ValueError("Expected argument `features` to be finite, but got NaN or Inf.")
     means = _check_class_means(class_means, features.shape[1])
     num_classes, num_features = means.shape
+    if isinstance(weight, Tensor) and weight.ndim == 2 and weight.shape[0] != num_classes:
+        raise ValueError(
+            "Expected arguments `weight` and `class_means` to have the same number of rows (one"
+            f" per class), but got {weight.shape[0]} and {num_classes}."
+        )
     w = _check_weight(weight, num_classes, num_features)
     b = _check_bias(bias, num_classes)
     mismatches, samples = _nc4_counts(features, w, b, _prepare_reference(means))
