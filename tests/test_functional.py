@@ -214,9 +214,9 @@ def test_random_configurations_never_beat_the_optimal_values(k: int, d: int) -> 
     assert spherical_energy_optimal(15, 10) is None
 
 
-def test_nc1_eigen_fallback_matches_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nc1_svd_fallback_matches_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     # Force the Cholesky factorization to "fail": NC1 then comes from the top min(K-1, d)
-    # eigenpairs, in both branches (K - 1 < d and K - 1 >= d).
+    # singular triplets of M, in both branches (K - 1 < d and K - 1 >= d).
     def failing(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return matrix, torch.ones((), dtype=torch.int32)
 
@@ -351,3 +351,26 @@ def test_a_zero_classifier_leaves_out_its_angles() -> None:
         partial = neural_collapse(features, target, weight=weight)
     assert "nc3" in partial, f"seed {seed}"
     assert torch.isfinite(partial["nc3"]), f"seed {seed}"
+
+
+@pytest.mark.parametrize(("k", "d"), [(4, 4), (4, 9), (7, 3)])
+def test_nc1_stays_accurate_when_class_means_nearly_coincide(k: int, d: int) -> None:
+    # Two class means 1e-4 apart among means ~100 apart (minority collapse): the Gram matrices
+    # square that conditioning, so NC1 must not come from a plain solve with them. Reference: the
+    # singular value decomposition of M in numpy, which never forms a Gram matrix.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    rng = np.random.default_rng(seed)
+    means = 100.0 * rng.standard_normal((k, d))
+    means[1] = means[0] + 1e-4 * rng.standard_normal(d)
+    target = np.arange(20 * k) % k
+    features = means[target] + 1e-3 * rng.standard_normal((20 * k, d))
+    class_means = np.stack([features[target == c].mean(0) for c in range(k)])
+    centred = class_means - class_means.mean(0)
+    residual = features - class_means[target]
+    sigma_w = residual.T @ residual / len(target)
+    _, values, vh = np.linalg.svd(centred, full_matrices=False)
+    rank = min(k - 1, d)
+    basis = vh[:rank].T
+    expected = float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
+    result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
+    np.testing.assert_allclose(float(result), expected, rtol=1e-8, err_msg=f"seed {seed}")

@@ -12,9 +12,12 @@
     (positive definite, ``t`` its mean eigenvalue) one has ``NC1 = tr(Sigma_W M^T A^{-2} M)``, a
     ``K x K`` Cholesky solve.
 
-  If the Cholesky factorization fails (``Sigma_B`` numerically rank deficient), the top ``r``
-  eigenpairs of the smaller of ``M M^T`` and ``M^T M`` are used directly; a zero among them gives an
-  infinite NC1, which is then the truth of the convention.
+  Both systems square the conditioning of ``M``. When the factorization fails (``Sigma_B``
+  numerically rank deficient) or its pivots say the system is ill-conditioned (some class means
+  nearly coincide, as in minority collapse: a solve could then lose the 1e-6 accuracy), NC1 is
+  taken from the top ``r`` singular triplets of ``M`` itself (an SVD, slower but accurate to the
+  precision of ``M``); a zero singular value among them gives an infinite NC1, which is then the
+  truth of the convention.
 - **Trace ratio** = ``tr Sigma_W / tr Sigma_B``.
 - **CDNV** (Galanti, Gyorgy & Hutter, 2022) = mean over pairs ``c < c'`` of
   ``(s_c + s_c') / (2 ||mu_c - mu_c'||^2)``, with ``s_c`` the mean squared distance of class ``c``'s
@@ -53,22 +56,26 @@ __all__ = [
 ]
 
 
-def _nc1_eigen(centred: Tensor, sigma_w: Tensor) -> Tensor:
-    """NC1 on the top ``min(K-1, d)`` eigenpairs of ``Sigma_B``, via the smaller Gram matrix."""
+_CONDITION_LIMIT = 1e8
+"""Largest squared ratio of Cholesky pivots (a lower bound of the condition number) for which the
+Cholesky solve is trusted; beyond it the solve could err by more than ~1e-8 in float64."""
+
+
+def _nc1_svd(centred: Tensor, sigma_w: Tensor) -> Tensor:
+    """NC1 on the top ``min(K-1, d)`` singular triplets of ``M`` (no Gram matrix formed)."""
     num, dim = centred.shape
     rank = min(num - 1, dim)
-    if num <= dim:
-        values, vectors = torch.linalg.eigh(centred @ centred.T)
-        values, vectors = values[-rank:], vectors[:, -rank:]
-        # Right singular vectors of M: columns of M^T u_k / sqrt(lambda_k).
-        basis = centred.T @ vectors / values.sqrt()
-    else:
-        values, basis = torch.linalg.eigh(centred.T @ centred)
-        values, basis = values[-rank:], basis[:, -rank:]
-    # Sigma_B eigenvalues are lambda_k / K; Sigma_B^+ = K sum_k v_k v_k^T / lambda_k.
+    _, values, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis = vh[:rank].T  # right singular vectors: eigenvectors of Sigma_B = M^T M / K
+    # Sigma_B^+ = K sum_k v_k v_k^T / sigma_k^2, and NC1 = tr(Sigma_W Sigma_B^+) / K.
     quadratic = ((sigma_w @ basis) * basis).sum(0)
-    nc1: Tensor = (quadratic / values).sum()
+    nc1: Tensor = (quadratic / values[:rank].square()).sum()
     return nc1
+
+
+def _well_conditioned(factor: Tensor) -> bool:
+    pivots = factor.diagonal().abs()
+    return bool(pivots.max().square() <= _CONDITION_LIMIT * pivots.min().square())
 
 
 def _nc1(
@@ -81,17 +88,17 @@ def _nc1(
     if num - 1 >= dim:
         system = gram  # K > d: the d x d matrix M^T M
         factor, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0:
+        if int(info) == 0 and _well_conditioned(factor):
             return torch.cholesky_solve(sigma_w, factor).diagonal().sum()
     else:
         unit = null_vector / torch.linalg.vector_norm(null_vector)
         scale = gram.diagonal().sum() / (num - 1)
         system = gram + scale * torch.outer(unit, unit)
         factor, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0:
+        if int(info) == 0 and _well_conditioned(factor):
             solved = torch.cholesky_solve(centred, factor)  # A^{-1} M, (K, d)
             return ((solved @ sigma_w) * solved).sum()
-    return _nc1_eigen(centred, sigma_w)
+    return _nc1_svd(centred, sigma_w)
 
 
 def neural_collapse_nc1(
