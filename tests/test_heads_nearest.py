@@ -199,3 +199,24 @@ def test_update_is_synchronised_across_processes() -> None:
     single(torch.cat([r["x"] for r in ranks]), torch.cat([r["y"] for r in ranks]))
     torch.testing.assert_close(ranks[0]["running_means"], single.running_means, rtol=0, atol=1e-12)
     torch.testing.assert_close(ranks[0]["frame"], single.frame, rtol=0, atol=1e-9)
+
+
+def test_float64_running_means_are_exact() -> None:
+    # The update rate of a float64 head must not be rounded to float32 (it shifted the running
+    # means by ~1e-8 relative).
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
+    head = NearestETFHead(6, 4, momentum=0.1, dtype=F64).train()
+    x, y = torch.randn(40, 6, generator=gen, dtype=F64), torch.arange(40) % 4
+    head(x, y)
+    head(2 * x + 1, y)
+
+    def unit_means(features: torch.Tensor) -> torch.Tensor:
+        unit = features / features.norm(dim=1, keepdim=True)
+        return torch.stack([unit[y == c].mean(0) for c in range(4)])
+
+    first = unit_means(x)
+    expected = first + 0.1 * (unit_means(2 * x + 1) - first)
+    torch.testing.assert_close(
+        head.running_means, expected, rtol=1e-14, atol=1e-15, msg=lambda m: f"seed {seed}: {m}"
+    )

@@ -139,7 +139,8 @@ class NearestETFHead(FixedFrameHead):
         all_reduce_sum(stats)
         sums, counts = stats[:, :-1], stats[:, -1]
         present = counts > 0
-        rate = torch.where(self.class_seen, self.momentum, 1.0) * present
+        # momentum for classes seen before, 1 for new ones, built in the working dtype
+        rate = self.class_seen.to(work).mul_(self.momentum - 1.0).add_(1.0).mul_(present)
         running = self.running_means.to(work)
         running = running + rate[:, None] * (sums / counts.clamp_min(1.0)[:, None] - running)
         self.running_means.copy_(running)
