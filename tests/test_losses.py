@@ -966,3 +966,27 @@ def test_target_modes_agree_on_host_and_tensor_paths_in_float64(
     message = f"seed {seed}, {mode}"
     torch.testing.assert_close(tensor_value, host_value, rtol=1e-13, atol=0, msg=message)
     torch.testing.assert_close(tensor_grad, host_grad, rtol=1e-12, atol=1e-15, msg=message)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-6, 1e6, 1e12])
+def test_collapse_terms_do_not_overflow_at_extreme_feature_scales(
+    scale: float, compute_path: str
+) -> None:
+    # Every term is invariant to the features' scale; in float32, ||M M^T||_F grows with its
+    # fourth power and must not overflow or underflow on the way.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(96, 8, 6, seed=seed % 10_000, spread=0.8)
+    regularizer = CollapseRegularizer(6, nc1=0.5, nc2=1.0)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        h = (features * scale).to(dtype).requires_grad_()
+        value = regularizer(h, target)
+        value.backward()
+        assert h.grad is not None
+        results.append((value.double(), h.grad.double() * scale))
+    (exact, exact_grad), (value, grad) = results
+    message = f"seed {seed}, scale {scale:g}, {compute_path}"
+    torch.testing.assert_close(value, exact, rtol=1e-4, atol=0, msg=message)
+    torch.testing.assert_close(
+        grad, exact_grad, rtol=1e-3, atol=1e-4 * float(exact_grad.abs().max()), msg=message
+    )

@@ -192,10 +192,11 @@ def _terms(
 ) -> tuple[Scalar, tuple[Scalar, Scalar, Scalar], tuple[Scalar, ...]]:
     """The weighted total, the unweighted terms and the gradient coefficients, from scalars.
 
-    Inputs: ``tr Sigma_W``, ``||M||_F^2``, ``||M M^T||_F``, ``||W_P||_F^2``, ``<W, M>``, the
-    number of present classes and whether at least two are. Coefficients, of the total's
-    gradient: ``(a_W, a_M, a_GM, a_WM, b_M, b_W)`` with ``dL/dtr Sigma_W = a_W``,
-    ``dL/dM = a_M M + a_GM M M^T M + a_WM W`` and ``dL/dW = b_M M + b_W W_P``. The safe
+    Inputs: ``tr Sigma_W``, ``||M||_F^2``, ``||M M^T||_F / ||M||_F^2`` (scale-free),
+    ``||W_P||_F^2``, ``<W, M>``, the number of present classes and whether at least two are.
+    Coefficients, of the total's gradient: ``(a_W, a_M, a_GM, a_WM, b_M, b_W)`` with
+    ``dL/dtr Sigma_W = a_W``, ``dL/dM = a_M M + a_GM (M M^T / ||M||_F^2) M + a_WM W`` and
+    ``dL/dW = b_M M + b_W W_P``. The safe
     denominators and branches reproduce the autograd formulas of the composable functions;
     denominators are divided one factor at a time, so that a product never underflows to zero
     (a Python float division by zero raises).
@@ -244,16 +245,17 @@ def _terms(
             a_w = d_within * (nc1 * d_penalty)
             a_m = d_between * (-2.0 * nc1 * d_penalty) / present
     if nc2 != 0:
+        # frob is ||M M^T||_F / ||M||_F^2, of order 1 whatever the features' scale, and a_GM
+        # the coefficient of (M M^T / ||M||_F^2) M (see _collapse_terms)
         root = _sqrt(_where(valid, num_present - 1.0, 1.0))
         positive = frob > 0
         frob_safe = _where(positive, frob, 1.0)
-        scale = frob_safe * root
-        ratio = msq / scale
+        ratio = _where(positive, _reciprocal(frob_safe * root), 0.0)  # ||M||^2 / (||MM^T|| root)
         v2 = _rsub(2.0, ratio, 2.0)
         total = _add(total, v2, nc2)
-        a_m = _add(a_m, _reciprocal(scale), -4.0 * nc2)
-        cubed = ratio / frob_safe / frob_safe
-        a_gm = _where(positive, cubed, 0.0) * (4.0 * nc2)
+        per_msq = ratio / _where(positive, msq, 1.0)
+        a_m = _add(a_m, per_msq, -4.0 * nc2)
+        a_gm = per_msq / frob_safe / frob_safe * (4.0 * nc2)
     if nc3 != 0:
         m2 = between * num_present
         w_positive, m_positive = w2 > 0, m2 > 0
@@ -496,7 +498,10 @@ def _collapse_terms(
     gram = None
     frob: Scalar = 0.0
     if nc2 != 0:
+        # the Gram matrix over ||M||_F^2 (its trace): entries of order 1, so that its Frobenius
+        # norm (~ scale^4 unnormalized) neither overflows nor underflows in float32
         gram = centred @ centred.T if left else centred.T @ centred
+        gram = gram.div_(_at_least(msq, _TINY.get(dtype) or torch.finfo(dtype).tiny))
         gram_flat = gram.view(-1)
         frob = _sqrt(_item(torch.dot(gram_flat, gram_flat), host))
     w = None if wf is None else wf.detach()
