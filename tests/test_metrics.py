@@ -493,3 +493,23 @@ def test_a_zero_initialised_head_is_measured_without_its_angles() -> None:
     assert not [k for k in out if k.startswith(("nc2_weight_", "nc3"))], f"seed {seed}"
     with pytest.warns(UserWarning, match="are zero"), pytest.raises(ValueError, match="`nc3`"):
         nc3.compute()
+
+
+def test_forward_keeps_the_state_whenever_the_batch_value_is_undefined() -> None:
+    # Also when the quantity itself is undefined (NC3 of a zero-initialised head), and NC4 of a
+    # batch of one class is a plain ratio of counts: defined.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, weight = _case(120, 6, 4, seed=seed)
+    head = torch.nn.Linear(6, 4)
+    torch.nn.init.zeros_(head.weight)
+    nc3 = NeuralCollapseNC3(4, classifier=head)
+    nc3.update(features[:100], target[:100])
+    with pytest.warns(UserWarning, match="no value of its own"):  # after the zero-rows warning
+        value = nc3(features[100:], target[100:])
+    assert torch.isnan(value), f"seed {seed}"
+    assert nc3.class_statistics().total == 120, f"seed {seed}"
+    means = torch.stack([features[target == c].mean(0) for c in range(4)]).double()
+    nc4 = NeuralCollapseNC4(4, classifier=weight, class_means=means)
+    nc4(features[:100], target[:100])
+    single = nc4(features[:1], target[:1])  # one class: NC4 is still defined
+    assert torch.isfinite(single), f"seed {seed}"

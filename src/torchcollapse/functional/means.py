@@ -57,11 +57,15 @@ def _check_global_mean(global_mean: Any) -> None:
         )
 
 
+class UndefinedCollapse(ValueError):
+    """A collapse quantity is undefined for these statistics (e.g. fewer than two classes)."""
+
+
 def _present_classes(statistics: ClassStatistics, minimum: int = 2) -> Tensor:
     """Indices of the present classes; raises when fewer than ``minimum`` are present."""
     present = torch.nonzero(statistics.present).squeeze(1)
     if present.numel() < minimum:
-        raise ValueError(
+        raise UndefinedCollapse(
             f"Expected at least {minimum} classes with samples to measure neural collapse, but got"
             f" {present.numel()} (classes {present.tolist()}) out of num_classes="
             f"{statistics.num_classes}."

@@ -19,7 +19,8 @@ States:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,13 +28,15 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from torchcollapse.functional.duality import _check_bias, _check_weight
-from torchcollapse.functional.means import _check_global_mean
+from torchcollapse.functional.means import UndefinedCollapse, _check_global_mean
 from torchcollapse.functional.nearest_class_center import (
     _check_class_means,
     _nc4_counts,
     _prepare_reference,
 )
 from torchcollapse.stats import ClassStatistics, _check_features, _check_num_classes
+
+_T = TypeVar("_T")
 
 __all__ = ["CollapseStatisticsMetric"]
 
@@ -118,6 +121,7 @@ class CollapseStatisticsMetric(Metric):
     full_state_update = False
     plot_lower_bound: float | None = 0.0
     _batch_value = False  # inside forward (see there)
+    _batch_undefined: str | None = None  # why forward's batch had no value
 
     statistics: Tensor
     nc4_mismatches: Tensor
@@ -210,30 +214,37 @@ class CollapseStatisticsMetric(Metric):
         NaN (``NeuralCollapse``: only ``num_classes_present``), with a warning, where ``compute``
         would raise.
         """
-        self._batch_value = True
+        self._batch_value, self._batch_undefined = True, None
         try:
-            return super().forward(*args, **kwargs)
+            value = super().forward(*args, **kwargs)
         finally:
             self._batch_value = False
+        reason = self._take_batch_undefined()
+        if reason is not None:
+            warnings.warn(
+                f"{type(self).__name__}.forward: the batch has no value of its own; it was"
+                f" accumulated, and its value is NaN. ({reason})",
+                UserWarning,
+                stacklevel=4,  # forward, nn.Module's call machinery (2), the caller
+            )
+        return value
 
-    def _undefined_batch(self) -> str | None:
-        """Inside ``forward``: why the batch has no value (``None`` when it has one)."""
-        if not self._batch_value:
-            return None
-        present = self.class_statistics().num_present if self.statistics.numel() else 0
-        if present < 2:
-            plural = "" if present == 1 else "es"
-            return self._warn_undefined(f"{present} class{plural} with samples, fewer than two")
-        return None
-
-    def _warn_undefined(self, reason: str) -> str:
-        warnings.warn(
-            f"{type(self).__name__}.forward: the batch has no value of its own ({reason}); it"
-            " was accumulated, and its value is NaN.",
-            UserWarning,
-            stacklevel=5,
-        )
+    def _take_batch_undefined(self) -> str | None:
+        reason, self._batch_undefined = self._batch_undefined, None
         return reason
+
+    def _batch_or_raise(self, compute: Callable[[], _T], undefined: Callable[[], _T]) -> _T:
+        """``compute()``; inside ``forward``, ``undefined()`` where the value is undefined."""
+        if not self._batch_value:
+            return compute()
+        try:
+            return compute()
+        except UndefinedCollapse as error:
+            self._batch_undefined = str(error)
+            return undefined()
+
+    def _nan(self) -> Tensor:
+        return torch.tensor(float("nan"), dtype=torch.float64, device=self.nc4_samples.device)
 
     # ------------------------------------------------------------------ classifier and reference
     @property

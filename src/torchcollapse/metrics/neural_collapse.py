@@ -156,9 +156,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """Every quantity the inputs allow (see the class docstring for the keys)."""
-        if self._undefined_batch() is not None:  # inside forward, a batch of one class
-            present = self.class_statistics().num_present if self.statistics.numel() else 0
-            return {"num_classes_present": torch.tensor(present)}
+        return self._batch_or_raise(self._compute, self._undefined_batch_value)
+
+    def _compute(self) -> dict[str, Tensor]:
         classifier = self._classifier_weight_bias()
         return neural_collapse_compute(
             self.class_statistics(),
@@ -166,6 +166,16 @@ class NeuralCollapse(CollapseStatisticsMetric):
             global_mean=self.global_mean,  # type: ignore[arg-type]
             nc4_counts=self._nc4_counts_or_none(),
         )
+
+    def _undefined_batch_value(self) -> dict[str, Tensor]:
+        """What ``forward`` returns for a batch without collapse values: its class count (and
+        NC4, which needs no second class)."""
+        device = self.nc4_samples.device
+        present = self.class_statistics().num_present if self.statistics.numel() else 0
+        out = {"num_classes_present": torch.tensor(present, device=device)}
+        if self.has_class_means and float(self.nc4_samples) > 0:
+            out["nc4"] = self.nc4_mismatches / self.nc4_samples
+        return out
 
     def plot(
         self,

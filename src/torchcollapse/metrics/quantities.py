@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from torchcollapse.functional.means import UndefinedCollapse
 from torchcollapse.functional.neural_collapse import neural_collapse_compute
 from torchcollapse.metrics._state import CollapseStatisticsMetric
 
@@ -78,8 +79,9 @@ class _SingleQuantity(CollapseStatisticsMetric):
 
     def compute(self) -> Tensor:
         """The quantity over everything accumulated (0-d float64 tensor)."""
-        if self._undefined_batch() is not None:  # inside forward, a batch of one class
-            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self._batch_or_raise(self._compute, self._nan)
+
+    def _compute(self) -> Tensor:
         classifier = self._classifier_weight_bias()
         out = neural_collapse_compute(
             self.class_statistics(),
@@ -89,7 +91,7 @@ class _SingleQuantity(CollapseStatisticsMetric):
             keys=(self.key,),
         )
         if self.key not in out:  # undefined here; a warning said why
-            raise ValueError(
+            raise UndefinedCollapse(
                 f"Expected `{self.key}` to be defined for the accumulated statistics and"
                 " classifier, but it is not (see the warning)."
             )
@@ -192,17 +194,18 @@ class NeuralCollapseNC4(_SingleQuantity):
 
     def compute(self) -> Tensor:
         """NC4 over the samples updated since the reference means were set."""
-        if self._batch_value and (not self.has_class_means or float(self.nc4_samples) == 0):
-            self._warn_undefined("no samples counted against reference class means")
-            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self._batch_or_raise(self._compute, self._nan)
+
+    def _compute(self) -> Tensor:
         if not self.has_class_means:
-            raise ValueError(
+            raise UndefinedCollapse(
                 "Expected reference class means for NeuralCollapseNC4 (pass `class_means=` or call"
                 " `set_class_means(...)` before updating), but got none."
             )
         if float(self.nc4_samples) == 0:
-            raise ValueError(
+            raise UndefinedCollapse(
                 "Expected NeuralCollapseNC4 to have counted samples against its reference class"
                 " means, but got none: update it after `set_class_means(...)`."
             )
-        return super().compute()
+        # a ratio of counts: defined whatever the number of classes seen
+        return self.nc4_mismatches / self.nc4_samples
