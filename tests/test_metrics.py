@@ -504,7 +504,10 @@ def test_forward_keeps_the_state_whenever_the_batch_value_is_undefined() -> None
     torch.nn.init.zeros_(head.weight)
     nc3 = NeuralCollapseNC3(4, classifier=head)
     nc3.update(features[:100], target[:100])
-    with pytest.warns(UserWarning, match="no value of its own"):  # after the zero-rows warning
+    with (
+        pytest.warns(UserWarning, match="no value of its own"),
+        pytest.warns(UserWarning, match="are zero"),
+    ):
         value = nc3(features[100:], target[100:])
     assert torch.isnan(value), f"seed {seed}"
     assert nc3.class_statistics().total == 120, f"seed {seed}"
