@@ -374,3 +374,29 @@ def test_nc1_stays_accurate_when_class_means_nearly_coincide(k: int, d: int) -> 
     expected = float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
     result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
     np.testing.assert_allclose(float(result), expected, rtol=1e-8, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize(("k", "d"), [(6, 10), (12, 4)])
+@pytest.mark.parametrize("condition", [1e4, 1e6])
+def test_nc1_is_accurate_for_ill_conditioned_class_means(k: int, d: int, condition: float) -> None:
+    # Centred means with singular values from 100 down to 100 / condition in a random
+    # orientation: the Cholesky systems square that conditioning, and their pivots can hide it.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    rng = np.random.default_rng(seed)
+    rank = min(k - 1, d)
+    left, _ = np.linalg.qr(rng.standard_normal((k, k)) - 1.0 / k)
+    left = left[:, :rank] - left[:, :rank].mean(0)  # columns orthogonal to the ones vector
+    left, _ = np.linalg.qr(left)
+    right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+    means = (left * np.geomspace(100.0, 100.0 / condition, rank)) @ right.T
+    target = np.arange(20 * k) % k
+    features = means[target] + 1e-2 * rng.standard_normal((20 * k, d))
+    class_means = np.stack([features[target == c].mean(0) for c in range(k)])
+    centred = class_means - class_means.mean(0)
+    residual = features - class_means[target]
+    sigma_w = residual.T @ residual / len(target)
+    _, values, vh = np.linalg.svd(centred, full_matrices=False)
+    basis = vh[:rank].T
+    expected = float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
+    result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
+    np.testing.assert_allclose(float(result), expected, rtol=1e-7, err_msg=f"seed {seed}")

@@ -57,15 +57,19 @@ __all__ = [
 
 
 _CONDITION_LIMIT = 1e8
-"""Largest squared ratio of Cholesky pivots (a lower bound of the condition number) for which the
-Cholesky solve is trusted; beyond it the solve could err by more than ~1e-8 in float64."""
+"""Largest estimated condition number of the Cholesky system for which its solve is trusted;
+beyond it the solve could err by more than ~1e-8 relative in float64."""
+_CONDITION_STEPS = 4
 
 
 def _nc1_svd(centred: Tensor, sigma_w: Tensor) -> Tensor:
     """NC1 on the top ``min(K-1, d)`` singular triplets of ``M`` (no Gram matrix formed)."""
     num, dim = centred.shape
     rank = min(num - 1, dim)
-    _, values, vh = torch.linalg.svd(centred, full_matrices=False)
+    # K > d: the triangular factor of a QR has M's singular values and right vectors, without
+    # forming the K x d left vectors
+    small = torch.linalg.qr(centred, mode="r").R if num > dim else centred
+    _, values, vh = torch.linalg.svd(small, full_matrices=False)
     basis = vh[:rank].T  # right singular vectors: eigenvectors of Sigma_B = M^T M / K
     # Sigma_B^+ = K sum_k v_k v_k^T / sigma_k^2, and NC1 = tr(Sigma_W Sigma_B^+) / K.
     quadratic = ((sigma_w @ basis) * basis).sum(0)
@@ -73,9 +77,25 @@ def _nc1_svd(centred: Tensor, sigma_w: Tensor) -> Tensor:
     return nc1
 
 
-def _well_conditioned(factor: Tensor) -> bool:
-    pivots = factor.diagonal().abs()
-    return bool(pivots.max().square() <= _CONDITION_LIMIT * pivots.min().square())
+def _well_conditioned(system: Tensor, factor: Tensor) -> bool:
+    """Whether ``system`` (positive definite, Cholesky ``factor``) has a condition number below
+    ``_CONDITION_LIMIT``, estimated by a few power and inverse iterations (``O(n^2)`` each).
+
+    The ratio of the factor's pivots can miss an ill-conditioned system by orders of magnitude;
+    the largest and smallest eigenvalues' Rayleigh quotients do not.
+    """
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(system.shape[0], 1, generator=generator, dtype=system.dtype)
+    start = start.to(system.device)
+    top = bottom = start / torch.linalg.vector_norm(start)
+    for _ in range(_CONDITION_STEPS):
+        top = system @ top
+        top = top / torch.linalg.vector_norm(top)
+        bottom = torch.cholesky_solve(bottom, factor)
+        bottom = bottom / torch.linalg.vector_norm(bottom)
+    largest = (top * (system @ top)).sum()
+    inverse_smallest = (bottom * torch.cholesky_solve(bottom, factor)).sum()
+    return bool(largest * inverse_smallest <= _CONDITION_LIMIT)
 
 
 def _nc1(
@@ -88,14 +108,14 @@ def _nc1(
     if num - 1 >= dim:
         system = gram  # K > d: the d x d matrix M^T M
         factor, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0 and _well_conditioned(factor):
+        if int(info) == 0 and _well_conditioned(system, factor):
             return torch.cholesky_solve(sigma_w, factor).diagonal().sum()
     else:
         unit = null_vector / torch.linalg.vector_norm(null_vector)
         scale = gram.diagonal().sum() / (num - 1)
         system = gram + scale * torch.outer(unit, unit)
         factor, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0 and _well_conditioned(factor):
+        if int(info) == 0 and _well_conditioned(system, factor):
             solved = torch.cholesky_solve(centred, factor)  # A^{-1} M, (K, d)
             return ((solved @ sigma_w) * solved).sum()
     return _nc1_svd(centred, sigma_w)
