@@ -300,7 +300,8 @@ def test_neural_collapse_reads_inputs_that_require_grad_detached() -> None:
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
-def test_a_class_mean_at_the_global_mean_leaves_out_only_the_angles() -> None:
+@pytest.mark.parametrize("scale", [1.0, 2.0**-30])
+def test_a_class_mean_at_the_global_mean_leaves_out_only_the_angles(scale: float) -> None:
     # Three classes on a line: the middle mean is the global mean, so the angles of the centred
     # means are undefined; NC1, CDNV (differences of means only) and the norms are not.
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
@@ -310,14 +311,14 @@ def test_a_class_mean_at_the_global_mean_leaves_out_only_the_angles() -> None:
     half = torch.randint(-3, 4, (30, 3), generator=g).double() / 4
     noise = torch.cat([half, -half])
     target = torch.cat([torch.arange(30) % 3, torch.arange(30) % 3])
-    features = centres.double()[target] + noise
+    features = (centres.double()[target] + noise) * scale  # a power of two: exact
     with pytest.warns(UserWarning, match=r"classes \[1\] equal the global mean"):
         out = neural_collapse(features, target)
     assert not [
         k for k in out if k.startswith("nc2_") and "optimal" not in k and k != "nc2_equinorm"
     ]
-    means = centres.double()
-    variances = torch.stack([(noise[target == c] ** 2).sum(1).mean() for c in range(3)])
+    means = centres.double() * scale
+    variances = torch.stack([((noise * scale)[target == c] ** 2).sum(1).mean() for c in range(3)])
     pairs = [(a, b) for a in range(3) for b in range(a + 1, 3)]
     cdnv = (
         sum(
@@ -400,3 +401,10 @@ def test_nc1_is_accurate_for_ill_conditioned_class_means(k: int, d: int, conditi
     expected = float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
     result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
     np.testing.assert_allclose(float(result), expected, rtol=1e-7, err_msg=f"seed {seed}")
+
+
+def test_equal_class_means_are_an_error_not_nan() -> None:
+    # constant features (a dead layer): every class mean is the global mean
+    features, target = torch.zeros(6, 4), torch.arange(3).repeat(2)
+    with pytest.raises(ValueError, match="all 3 present classes have the same mean"):
+        neural_collapse(features, target)

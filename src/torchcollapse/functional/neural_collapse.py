@@ -51,6 +51,7 @@ from torchcollapse.functional.geometry import (
 )
 from torchcollapse.functional.means import (
     GlobalMean,
+    UndefinedCollapse,
     _check_global_mean,
     _check_statistics,
     centred_class_means,
@@ -134,6 +135,11 @@ def neural_collapse_compute(
     gram = _small_gram(centred)
     norms = torch.linalg.vector_norm(centred, dim=1)
     at_centre = present[norms == 0].tolist()  # classes whose mean is the global mean
+    if len(at_centre) == num_present:
+        raise UndefinedCollapse(
+            f"Expected the class means to differ, but all {num_present} present classes have the"
+            " same mean (constant features?): no collapse quantity is defined."
+        )
     if want("nc1") or want("nc1_trace_ratio"):
         if want("nc1"):
             sigma_w = stats.within_class_scatter() / total
@@ -156,16 +162,18 @@ def neural_collapse_compute(
             geometry = pairwise_geometry(centred, variances=variances, exponent=exponent, gram=gram)
         else:
             # A class mean at the global mean has no direction: the angles are undefined. CDNV
-            # is taken on the means shifted off the origin (it depends on differences only).
-            _warn_left_out(
-                f"the means of classes {at_centre} equal the global mean, so the angles of the"
-                " centred means are undefined",
-                "nc2_* keys but nc2_equinorm",
-            )
+            # is taken on the means shifted off the origin (it depends on differences only), by
+            # twice the largest norm so that no shifted mean is zero, at the means' own scale.
+            if any(want(f"nc2_{name}") for name in _GEOMETRY if name != "equinorm"):
+                _warn_left_out(
+                    f"the means of classes {at_centre} equal the global mean, so the angles of the"
+                    " centred means are undefined",
+                    "nc2_* keys but nc2_equinorm",
+                )
             geometry = {"equinorm": norms.std() / norms.mean()}
             if variances is not None:
                 shift = torch.zeros_like(centred[0])
-                shift[0] = norms.max() + 1.0
+                shift[0] = 2.0 * norms.max()
                 shifted = pairwise_geometry(centred + shift, variances=variances)
                 geometry["cdnv"] = shifted["cdnv"]
         if want("cdnv"):
@@ -187,20 +195,35 @@ def neural_collapse_compute(
             )
     if w_rows is not None:
         zero_rows = present[(w_rows == 0).all(1)].tolist()
+        all_zero = len(zero_rows) == num_present
         if zero_rows:  # e.g. a zero-initialised head: its rows have no direction
-            left_out = "nc2_weight_* and nc3_cosine keys"
-            if len(zero_rows) == num_present:
-                left_out = "nc2_weight_*, nc3 and nc3_cosine keys"
-            _warn_left_out(f"the classifier's rows of classes {zero_rows} are zero", left_out)
+            undefined = [f"nc2_weight_{name}" for name in _GEOMETRY if name != "equinorm"]
+            undefined += (
+                ["nc3_cosine", "nc3", "nc2_weight_equinorm"] if all_zero else ["nc3_cosine"]
+            )
+            if any(want(key) for key in undefined):
+                _warn_left_out(
+                    f"the classifier's rows of classes {zero_rows} are zero",
+                    "nc2_weight_* (but nc2_weight_equinorm), nc3_cosine"
+                    + (", nc3 and nc2_weight_equinorm" if all_zero else "")
+                    + " keys",
+                )
+            weight_norms = torch.linalg.vector_norm(w_rows, dim=1)
+            if want("nc2_weight_equinorm") and not all_zero:
+                out["nc2_weight_equinorm"] = weight_norms.std() / weight_norms.mean()
         elif any(want(f"nc2_weight_{name}") for name in _GEOMETRY):
             weight_geometry = pairwise_geometry(w_rows, exponent=exponent)
             for name in _GEOMETRY:
                 if want(f"nc2_weight_{name}"):
                     out[f"nc2_weight_{name}"] = weight_geometry[name]
-        if want("nc3") and len(zero_rows) < num_present:
+        if want("nc3") and not all_zero:
             out["nc3"] = _nc3(w_rows, centred)
         if want("nc3_cosine") and not zero_rows and not at_centre:
             out["nc3_cosine"] = _nc3_cosine(w_rows, centred).mean()
+        elif want("nc3_cosine") and at_centre and not zero_rows:
+            _warn_left_out(
+                f"the means of classes {at_centre} equal the global mean", "nc3_cosine key"
+            )
     if nc4_counts is not None and want("nc4"):
         mismatches, samples = nc4_counts
         if float(samples) > 0:
