@@ -196,12 +196,18 @@ class CollapseStatisticsMetric(Metric):
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Move the statistics, never cast them: they accumulate in float64 whatever the
-        dtype of the model holding the metric (``model.float()``, ``.to(torch.bfloat16)``)."""
+        dtype of the model holding the metric (``model.float()``, ``.to(torch.bfloat16)``);
+        torchmetrics' ``set_dtype`` has no effect on them either."""
 
         def device_only(tensor: Tensor) -> Tensor:
-            moved: Tensor = fn(tensor)
-            if tensor.is_floating_point() and moved.dtype != tensor.dtype:
-                return tensor.to(device=moved.device)
+            if not tensor.is_floating_point():
+                moved: Tensor = fn(tensor)
+                return moved
+            # where fn would cast, learn its device from an empty tensor: no cast copy is made
+            probe = fn(tensor.new_empty(0))
+            if probe.dtype != tensor.dtype:
+                return tensor.to(device=probe.device)
+            moved = fn(tensor)
             return moved
 
         return super()._apply(device_only, *args, **kwargs)

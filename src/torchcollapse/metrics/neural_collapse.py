@@ -202,5 +202,5 @@ class NeuralCollapse(CollapseStatisticsMetric):
             # key gets a line, with gaps where a result lacks it
             keys = list(dict.fromkeys(k for item in value for k in item if k not in _NOT_PLOTTED))
             gap = torch.tensor(float("nan"), dtype=torch.float64)
-            shown = [{k: item.get(k, gap) for k in keys} for item in value]
+            shown = [{k: item.get(k, gap).detach().cpu() for k in keys} for item in value]
         return self._plot(shown, ax)
