@@ -216,9 +216,9 @@ class CollapseStatisticsMetric(Metric):
         """Accumulate a batch and return its own value (torchmetrics' ``forward``).
 
         A batch without a value of its own (fewer than two classes with samples, as a small last
-        batch may have; NC4 without counted samples) is accumulated all the same; its value is
-        NaN (``NeuralCollapse``: only ``num_classes_present``), with a warning, where ``compute``
-        would raise.
+        batch may have; NC4 without counted samples; a quantity undefined for the batch) is
+        accumulated all the same; its value is NaN (``NeuralCollapse``: ``num_classes_present``
+        and, when counted, ``nc4``), with a warning, where ``compute`` would raise.
         """
         self._batch_value, self._batch_undefined = True, None
         try:
