@@ -408,3 +408,32 @@ def test_equal_class_means_are_an_error_not_nan() -> None:
     features, target = torch.zeros(6, 4), torch.arange(3).repeat(2)
     with pytest.raises(ValueError, match="all 3 present classes have the same mean"):
         neural_collapse(features, target)
+
+
+@pytest.mark.parametrize(("k", "d"), [(5, 6), (9, 3)])
+def test_cdnv_and_energy_stay_accurate_for_nearly_coincident_means(k: int, d: int) -> None:
+    # Two class means 1e-5 of the others' spacing apart: their distance read from the Gram
+    # matrix (|v|^2 + |v'|^2 - 2 G) would keep about 6 digits; it is recomputed.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    rng = np.random.default_rng(seed)
+    means = 100.0 * rng.standard_normal((k, d))
+    means[1] = means[0] + 1e-3 * rng.standard_normal(d)
+    target = np.arange(20 * k) % k
+    features = means[target] + 1e-6 * rng.standard_normal((20 * k, d))
+    class_means = np.stack([features[target == c].mean(0) for c in range(k)])
+    variances = [((features[target == c] - class_means[c]) ** 2).sum(1).mean() for c in range(k)]
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    cdnv = np.mean(
+        [
+            (variances[a] + variances[b]) / (2 * ((class_means[a] - class_means[b]) ** 2).sum())
+            for a, b in pairs
+        ]
+    )
+    centred = class_means - class_means.mean(0)
+    units = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    energy = np.mean([1.0 / np.linalg.norm(units[a] - units[b]) for a, b in pairs])
+    out = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))
+    np.testing.assert_allclose(float(out["cdnv"]), cdnv, rtol=1e-8, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(
+        float(out["nc2_spherical_energy"]), energy, rtol=1e-8, err_msg=f"seed {seed}"
+    )

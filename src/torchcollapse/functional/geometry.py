@@ -130,6 +130,12 @@ class _PairSums:
         self.best_pair = torch.zeros(2, dtype=torch.long, device=device)
 
 
+_CLOSE = 1e-6
+"""Pairs whose squared distance is below this fraction of twice the largest squared norm (of
+unit vectors: of 2) could lose more than ~1e-10 of it to cancellation when it is read from the
+Gram matrix (``|v|^2 + |v'|^2 - 2 G``); their distances are recomputed from differences."""
+
+
 def _accumulate(
     sums: _PairSums,
     cos: Tensor,
@@ -138,11 +144,14 @@ def _accumulate(
     pair_index: Callable[[Tensor], Tensor],
     constants: dict[str, float],
     exponent: float,
+    vectors: tuple[Tensor, Tensor],
 ) -> None:
     """Add the pairs whose cosines are ``cos`` (any shape; factors broadcast against it).
 
-    ``pair_index(flat) -> (2,)`` maps the position of the largest cosine to its two rows. All work
-    is a few in-place passes over ``cos``-sized buffers; nothing reads back from the device.
+    ``pair_index(flat) -> (2, n)`` maps positions in ``cos`` to their two rows; ``vectors`` are
+    the rows and their unit vectors. All work is a few in-place passes over ``cos``-sized
+    buffers; only the check for nearly coincident pairs reads a value back, and those few pairs'
+    distances (whose Gram form cancels) are recomputed from their differences.
     """
     sums.cos += cos.sum()
     work = _scratch("pairwise work", tuple(cos.shape), cos.dtype, cos.device)
@@ -157,6 +166,11 @@ def _accumulate(
     # Riesz energy of the unit vectors: ||u_i - u_j||^2 = 2 - 2 cos
     torch.mul(cos, -2.0, out=work)
     work.add_(2.0).clamp_min_(0.0)
+    close = work < 2.0 * _CLOSE
+    if bool(close.any()):
+        i, j = pair_index(close.reshape(-1).nonzero().squeeze(1))
+        units = vectors[1]
+        work[close] = (units[i] - units[j]).square().sum(1)
     if exponent == 1.0:
         work.rsqrt_()
     else:
@@ -166,6 +180,11 @@ def _accumulate(
         # CDNV: (s_i + s_j) / (2 ||v_i - v_j||^2), ||v_i - v_j||^2 = |v_i|^2 + |v_j|^2 - 2 G_ij
         torch.mul(cos, row["minus_twice_norm"], out=work)
         work.mul_(col["norm"]).add_(row["squared"]).add_(col["squared"]).clamp_min_(0.0)
+        close = work < constants["close_squared"]
+        if bool(close.any()):
+            i, j = pair_index(close.reshape(-1).nonzero().squeeze(1))
+            rows = vectors[0]
+            work[close] = (rows[i] - rows[j]).square().sum(1)
         ratio = _scratch("pairwise ratio", tuple(cos.shape), cos.dtype, cos.device)
         torch.add(row["variance"], col["variance"], out=ratio).div_(work)
         sums.cdnv += 0.5 * ratio.sum()
@@ -242,6 +261,8 @@ def pairwise_geometry(
     inverse_norms = 1.0 / norms
     pairs = num * (num - 1) // 2
     constants = {
+        # squared distances below this are recomputed from differences (see _CLOSE)
+        "close_squared": float(2.0 * _CLOSE * squared.max()),
         "centre": float((units.sum(0).square().sum() - num) / (num * (num - 1))),
         "simplex": -1.0 / (num - 1),
         "etf_off": -1.0 / (num * math.sqrt(num - 1)),
@@ -278,6 +299,7 @@ def pairwise_geometry(
                 functools.partial(_square_pair, rows=rows, cols=cols),
                 constants,
                 exponent,
+                (v, units),
             )
         # Rectangle right of it: rows [start, stop) against every row after stop.
         if stop < num:
@@ -297,6 +319,7 @@ def pairwise_geometry(
                 functools.partial(_rectangle_pair, start=start, stop=stop, width=width),
                 constants,
                 exponent,
+                (v, units),
             )
 
     mean_cos = sums.cos / pairs
