@@ -437,3 +437,16 @@ def test_cdnv_and_energy_stay_accurate_for_nearly_coincident_means(k: int, d: in
     np.testing.assert_allclose(
         float(out["nc2_spherical_energy"]), energy, rtol=1e-8, err_msg=f"seed {seed}"
     )
+
+
+def test_nc1_of_collinear_means_is_zero_without_spread_and_infinite_with_it() -> None:
+    # Four collinear class means in 2-D (exactly centred): Sigma_B has a zero among its top
+    # min(K-1, d) = 2 eigenvalues. No within-class variance: NC1 = 0 (not 0/0); variance across
+    # the line: inf.
+    means = torch.tensor([[-3.0, -6.0], [-1.0, -2.0], [1.0, 2.0], [3.0, 6.0]], dtype=torch.float64)
+    target = torch.arange(4).repeat(4)
+    assert float(neural_collapse(means[target], target)["nc1"]) == 0.0
+    features = means[target].clone()
+    features[0] += torch.tensor([0.2, -0.1], dtype=torch.float64)  # across the line, mirrored
+    features[4] -= torch.tensor([0.2, -0.1], dtype=torch.float64)
+    assert math.isinf(float(neural_collapse(features, target)["nc1"]))

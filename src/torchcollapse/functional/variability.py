@@ -73,7 +73,9 @@ def _nc1_svd(centred: Tensor, sigma_w: Tensor) -> Tensor:
     basis = vh[:rank].T  # right singular vectors: eigenvectors of Sigma_B = M^T M / K
     # Sigma_B^+ = K sum_k v_k v_k^T / sigma_k^2, and NC1 = tr(Sigma_W Sigma_B^+) / K.
     quadratic = ((sigma_w @ basis) * basis).sum(0)
-    nc1: Tensor = (quadratic / values[:rank].square()).sum()
+    # a direction without within-class variance adds nothing, even where Sigma_B is zero too
+    terms = torch.where(quadratic == 0, 0.0, quadratic / values[:rank].square())
+    nc1: Tensor = terms.sum()
     return nc1
 
 
