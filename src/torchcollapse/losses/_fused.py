@@ -497,11 +497,12 @@ def _collapse_terms(
     left = num_classes <= d
     gram = None
     frob: Scalar = 0.0
+    tiny = _TINY.get(dtype) or torch.finfo(dtype).tiny
     if nc2 != 0:
         # the Gram matrix over ||M||_F^2 (its trace): entries of order 1, so that its Frobenius
         # norm (~ scale^4 unnormalized) neither overflows nor underflows in float32
         gram = centred @ centred.T if left else centred.T @ centred
-        gram = gram.div_(_at_least(msq, _TINY.get(dtype) or torch.finfo(dtype).tiny))
+        gram = gram.div_(_at_least(msq, tiny))
         gram_flat = gram.view(-1)
         frob = _sqrt(_item(torch.dot(gram_flat, gram_flat), host))
     w = None if wf is None else wf.detach()
@@ -518,7 +519,6 @@ def _collapse_terms(
     values: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
     coefficients: tuple[Scalar, ...] = (0.0,) * 6
     if not host or valid:  # else fewer than two classes: every term is zero
-        tiny = _TINY.get(dtype) or torch.finfo(dtype).tiny
         total, values, coefficients = _terms(
             within, msq, frob, w2, inner, num_present, valid, tiny, config
         )
