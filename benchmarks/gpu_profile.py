@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 from _device import sync
-from losses import _HOST_READS, _VIEWS, terms
+from losses import dispatched_ops, terms
 
 from torchcollapse.metrics import NeuralCollapse
 
@@ -62,18 +62,6 @@ def measure(call: Callable[[], object], device: torch.device, calls: int) -> dic
         call()
         sync(device)
     events = prof.events()
-    skip = _VIEWS | _HOST_READS
-    ops = [
-        event
-        for event in events
-        if event.name.startswith("aten::")
-        and event.device_type == DeviceType.CPU
-        and event.name not in skip
-        and not any(
-            child.name.startswith("aten::") and child.name not in skip
-            for child in event.cpu_children
-        )
-    ]
     kernels = [
         event
         for event in events
@@ -87,7 +75,7 @@ def measure(call: Callable[[], object], device: torch.device, calls: int) -> dic
     sync(device)
     wall = time.perf_counter() - start
     return {
-        "ops": len(ops),
+        "ops": dispatched_ops(events),
         "kernels": len(kernels),
         "device_us": sum(_kernel_time_us(event) for event in kernels),
         "dispatch_us": dispatched / calls * 1e6,

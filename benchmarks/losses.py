@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +215,24 @@ _VIEWS = {
 _HOST_READS = {"aten::item", "aten::_local_scalar_dense"}
 
 
+def dispatched_ops(events: Any) -> int:
+    """Operations among profiler ``events`` that do work: innermost ``aten::`` calls on the host
+    side, views, allocations and host reads left out."""
+    from torch.autograd import DeviceType
+
+    skip = _VIEWS | _HOST_READS
+    return sum(
+        event.name.startswith("aten::")
+        and event.device_type == DeviceType.CPU
+        and event.name not in skip
+        and not any(
+            child.name.startswith("aten::") and child.name not in skip
+            for child in event.cpu_children
+        )
+        for event in events
+    )
+
+
 def count_ops(accelerator_path: bool) -> list[tuple[str, int, int]]:
     """Operations (not views) each term dispatches in one forward + backward, on CPU, and the
     values it reads on the host; with ``accelerator_path`` the code path of accelerators and
@@ -246,17 +265,7 @@ def count_ops(accelerator_path: bool) -> list[tuple[str, int, int]]:
                 term(features, target, head).backward()
             events = prof.events()
             reads = sum(event.name == "aten::item" for event in events)
-            ops = [
-                event
-                for event in events
-                if event.name.startswith("aten::")
-                and event.name not in _VIEWS | _HOST_READS
-                and not any(
-                    child.name.startswith("aten::") and child.name not in _VIEWS | _HOST_READS
-                    for child in event.cpu_children
-                )
-            ]
-            rows.append((name, len(ops), reads))
+            rows.append((name, dispatched_ops(events), reads))
     return rows
 
 
