@@ -354,6 +354,19 @@ def test_a_zero_classifier_leaves_out_its_angles() -> None:
     assert torch.isfinite(partial["nc3"]), f"seed {seed}"
 
 
+def _nc1_by_svd(features: np.ndarray, target: np.ndarray, k: int) -> float:
+    """NC1 from the singular value decomposition of the centred means (no Gram matrix formed):
+    ``sum_k v_k^T Sigma_W v_k / sigma_k^2`` over the top ``min(K-1, d)`` triplets."""
+    class_means = np.stack([features[target == c].mean(0) for c in range(k)])
+    centred = class_means - class_means.mean(0)
+    residual = features - class_means[target]
+    sigma_w = residual.T @ residual / len(target)
+    _, values, vh = np.linalg.svd(centred, full_matrices=False)
+    rank = min(k - 1, features.shape[1])
+    basis = vh[:rank].T
+    return float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
+
+
 @pytest.mark.parametrize(("k", "d"), [(4, 4), (4, 9), (7, 3)])
 def test_nc1_stays_accurate_when_class_means_nearly_coincide(k: int, d: int) -> None:
     # Two class means 1e-4 apart among means ~100 apart (minority collapse): the Gram matrices
@@ -365,14 +378,7 @@ def test_nc1_stays_accurate_when_class_means_nearly_coincide(k: int, d: int) -> 
     means[1] = means[0] + 1e-4 * rng.standard_normal(d)
     target = np.arange(20 * k) % k
     features = means[target] + 1e-3 * rng.standard_normal((20 * k, d))
-    class_means = np.stack([features[target == c].mean(0) for c in range(k)])
-    centred = class_means - class_means.mean(0)
-    residual = features - class_means[target]
-    sigma_w = residual.T @ residual / len(target)
-    _, values, vh = np.linalg.svd(centred, full_matrices=False)
-    rank = min(k - 1, d)
-    basis = vh[:rank].T
-    expected = float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
+    expected = _nc1_by_svd(features, target, k)
     result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
     np.testing.assert_allclose(float(result), expected, rtol=1e-8, err_msg=f"seed {seed}")
 
@@ -392,13 +398,7 @@ def test_nc1_is_accurate_for_ill_conditioned_class_means(k: int, d: int, conditi
     means = (left * np.geomspace(100.0, 100.0 / condition, rank)) @ right.T
     target = np.arange(20 * k) % k
     features = means[target] + 1e-2 * rng.standard_normal((20 * k, d))
-    class_means = np.stack([features[target == c].mean(0) for c in range(k)])
-    centred = class_means - class_means.mean(0)
-    residual = features - class_means[target]
-    sigma_w = residual.T @ residual / len(target)
-    _, values, vh = np.linalg.svd(centred, full_matrices=False)
-    basis = vh[:rank].T
-    expected = float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
+    expected = _nc1_by_svd(features, target, k)
     result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
     np.testing.assert_allclose(float(result), expected, rtol=1e-7, err_msg=f"seed {seed}")
 
