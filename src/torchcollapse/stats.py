@@ -789,14 +789,14 @@ def _add_gram_(scatter: Tensor, centred: Tensor, parts: int | None = None) -> No
         return
     if parts is None:
         parts = _gram_parts(num_rows, num_features, centred.device)
-    split = parts > 1 and num_rows % parts == 0
-    blocks = centred.unflatten(0, (parts, -1)) if split else centred.unsqueeze(0)
+    # the row blocks, or None when the product is not split
+    blocks = centred.unflatten(0, (parts, -1)) if parts > 1 and num_rows % parts == 0 else None
     # a reused output buffer, unless autograd records the product
     differentiable = torch.is_grad_enabled() and (centred.requires_grad or scatter.requires_grad)
     for start in range(0, num_features, panel):
         stop = min(num_features, start + panel)
         upper = scatter[start:stop, start:]
-        if not split:
+        if blocks is None:
             upper.addmm_(centred[:, start:stop].T, centred[:, start:])
         else:
             left, right = blocks[:, :, start:stop].transpose(1, 2), blocks[:, :, start:]
