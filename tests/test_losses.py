@@ -969,6 +969,34 @@ def test_target_modes_agree_on_host_and_tensor_paths_in_float64(
 
 
 @pytest.mark.parametrize("scale", [1e-12, 1e-6, 1e6, 1e12])
+@pytest.mark.parametrize("shape", [(6, 10), (9, 4)])  # K <= d and K > d (the d x d Gram)
+def test_classifier_simplex_geometry_does_not_overflow_at_extreme_weight_scales(
+    scale: float, shape: tuple[int, int], compute_path: str
+) -> None:
+    # NC2 of a classifier is invariant to the weight's scale; in float32 ||W W^T||_F grows with
+    # its fourth power and must not overflow or underflow on the way.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    vectors = torch.randn(
+        *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+    loss = SimplexGeometryLoss(shape[0], weight=0.7)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        weight = (vectors * scale).to(dtype).requires_grad_()
+        value = loss(classifier=weight)
+        value.backward()
+        assert weight.grad is not None
+        results.append((value.detach().double(), weight.grad.double() * scale))
+    (exact, exact_grad), (value, grad) = results
+    message = f"seed {seed}, scale {scale:g}, {compute_path}"
+    assert float(exact) == pytest.approx(0.7 * ref_gram_distance(vectors.numpy()), rel=1e-9)
+    torch.testing.assert_close(value, exact, rtol=1e-4, atol=0, msg=message)
+    torch.testing.assert_close(
+        grad, exact_grad, rtol=1e-3, atol=1e-4 * float(exact_grad.abs().max()), msg=message
+    )
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-6, 1e6, 1e12])
 def test_collapse_terms_do_not_overflow_at_extreme_feature_scales(
     scale: float, compute_path: str
 ) -> None:

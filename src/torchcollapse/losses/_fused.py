@@ -596,7 +596,10 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
     See :func:`~torchcollapse.losses.simplex_geometry.simplex_gram_distance` (``scale=1``). With
     ``v`` the (masked) rows, ``s`` their sum, ``k`` their number, ``t = ||v||_F^2 - ||s||^2 / k``
     and ``f = ||v v^T||_F``, the value is ``2 - 2 t / (f sqrt(k - 1))`` and its gradient
-    ``-4 (v - 1 s^T / k) / (f sqrt(k - 1)) + 4 t v v^T v / (f^3 sqrt(k - 1))``.
+    ``-4 (v - 1 s^T / k) / (f sqrt(k - 1)) + 4 t v v^T v / (f^3 sqrt(k - 1))``. The Gram matrix is
+    taken over ``||v||_F^2`` (entries of order 1; ``f`` itself grows as the fourth power of the
+    rows' scale and would leave the float32 range beyond ~1e+-9), and every quotient is formed
+    from those scale-free quantities.
     """
     dtype = compute_dtype(vectors.dtype)
     with no_autocast(vectors.device.type):
@@ -611,19 +614,21 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
             num_rows = _item(present_f.sum(), host)
         v = vf.detach()
         left = v.shape[0] <= v.shape[1]
-        gram = v @ v.T if left else v.T @ v
+        v_flat = v.reshape(-1)
+        trace = _item(torch.dot(v_flat, v_flat), host)  # ||v||_F^2
+        norm = _at_least(trace, _TINY.get(dtype) or torch.finfo(dtype).tiny)
+        gram = (v @ v.T if left else v.T @ v).div_(norm)
         row_sum = v.sum(0)
-        trace = _item(torch.trace(gram), host)
         total = _item(torch.dot(row_sum, row_sum), host)
         gram_flat = gram.view(-1)
-        frob = _sqrt(_item(torch.dot(gram_flat, gram_flat), host))
+        frob = _sqrt(_item(torch.dot(gram_flat, gram_flat), host))  # ||v v^T||_F / norm
         valid = num_rows >= 2
         value: Scalar = 0.0
         coefficients: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
         if not isinstance(valid, bool) or valid:
             # as in _terms: Python factors first, shared quotients, one masking where
             rows = _at_least(num_rows, 1.0)
-            centred_trace = trace - total / rows
+            centred_trace = (trace - total / rows) / norm
             root = _sqrt(_where(valid, num_rows - 1.0, 1.0))
             positive = frob > 0
             frob_safe = _where(positive, frob, 1.0)
@@ -631,10 +636,12 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
             ratio = centred_trace * inverse
             value = _rsub(2.0 * scale, ratio, 2.0 * scale)
             cubed = ratio / frob_safe / frob_safe
+            # the gradient's coefficients carry one 1 / norm (the normalized Gram's one)
+            per_norm = inverse / norm
             coefficients = (
-                inverse * (-4.0 * scale),
-                inverse / rows * (4.0 * scale),
-                _where(positive, cubed, 0.0) * (4.0 * scale),
+                per_norm * (-4.0 * scale),
+                per_norm / rows * (4.0 * scale),
+                _where(positive, cubed, 0.0) / norm * (4.0 * scale),
             )
             if isinstance(valid, Tensor):
                 stacked = torch.stack(
