@@ -84,6 +84,28 @@ def test_feature_norm_is_safe_in_half_precision(dtype: torch.dtype) -> None:
     assert torch.isfinite(leaf.grad[:2]).all()
 
 
+def test_feature_norm_float16_gradient_is_exact_where_representable_and_inf_beyond() -> None:
+    # The gradient is of order scale / ||h||: for the first row (norm ~2e-3) it fits float16 and
+    # must match float64 to float16's resolution; for the second (norm ~2e-5) it exceeds 65504
+    # and must come back as inf of the right sign (GradScaler's overflow signal), not clamped.
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    direction = torch.nn.functional.normalize(torch.randn(2, 4, generator=g), dim=1)
+    rows = direction * torch.tensor([[2e-3], [2e-5]])
+    upstream = torch.randn(2, 4, generator=g).half()
+    norm = FeatureNorm(scale=8.0)
+    half = rows.half().requires_grad_()
+    (norm(half) * upstream).sum().backward()
+    exact = half.detach().double().requires_grad_()  # the same rounded inputs, in float64
+    (norm.double()(exact) * upstream.double()).sum().backward()
+    assert half.grad is not None and exact.grad is not None
+    # float16 output rounding (2**-11) relative to the row's gradient
+    atol = 2e-3 * float(exact.grad[0].abs().max())
+    torch.testing.assert_close(half.grad[0].double(), exact.grad[0], rtol=2e-3, atol=atol)
+    beyond = exact.grad[1].abs() > torch.finfo(torch.float16).max
+    assert beyond.any()
+    assert torch.equal(half.grad[1][beyond].double(), exact.grad[1][beyond].sign() * math.inf)
+
+
 def test_feature_center_matches_loop_over_steps() -> None:
     g = torch.Generator().manual_seed(1)
     for momentum in (0.25, None):

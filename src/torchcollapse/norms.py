@@ -40,7 +40,11 @@ class FeatureNorm(nn.Module):
     learned scale stays positive and its steps are relative), a buffer otherwise. The norm is
     computed in at least float32 and the output is cast back to the input dtype, so float16 and
     bfloat16 inputs (or autocast) neither overflow in ``h^2`` nor divide by a rounded-to-zero
-    norm; norms below ``eps`` are clamped to ``eps``, which maps a zero vector to zero.
+    norm; norms below ``eps`` are clamped to ``eps``, which maps a zero vector to zero. The
+    gradient is computed in float32 too and cast to the input dtype at the end: in float16, a row
+    whose gradient (of order ``scale / ||h||``) lies beyond float16's range comes back as
+    ``inf``, the overflow that ``torch.amp.GradScaler`` detects (it skips the step and lowers
+    its scale), never as a silently clamped value.
 
     Args:
         scale: the radius of the output sphere (initial value when learnable), positive.
