@@ -304,6 +304,34 @@ def test_within_class_variability_matches_loop(case: str, form: str, compute_pat
     assert reg(features, target).item() == pytest.approx(expected, rel=RTOL64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [None, "squared", "at_most", "at_least"])
+def test_ratio_nc1_is_capped_when_class_means_coincide(
+    dtype: torch.dtype, mode: str | None, compute_path: str
+) -> None:
+    # Identical class means with some spread: tr Sigma_B = 0, the ratio is capped at 1 / eps,
+    # where it is constant, so values (also squared as a target penalty) and gradients are finite.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    features = block.repeat(4, 1).to(dtype).requires_grad_()  # every class: the same 3 rows
+    target = torch.arange(4).repeat_interleave(3)
+    level = 0.5
+    extra = {} if mode is None else {"target_nc1": level, "target_mode": mode}
+    regularizer = CollapseRegularizer(4, nc1=0.3, nc1_form="ratio", **extra)  # type: ignore[arg-type]
+    value = regularizer(features, target)
+    value.backward()
+    cap = 1.0 / torch.finfo(dtype).eps
+    penalty = {None: cap, "squared": (cap - level) ** 2, "at_most": cap - level, "at_least": 0.0}
+    message = f"seed {seed}, {compute_path}"
+    assert value.item() == pytest.approx(0.3 * penalty[mode], rel=1e-6), message
+    assert features.grad is not None
+    assert torch.equal(features.grad, torch.zeros_like(features)), message
+    stats = batch_class_statistics(features.detach(), target, 4)
+    composable = within_class_variability(stats, "ratio")
+    assert composable.item() == cap, message
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_simplex_geometry_and_self_duality_match_loops(case: str, compute_path: str) -> None:
     features, target = make_batch(30, 7, 6, seed=9, **CASES[case])  # type: ignore[arg-type]

@@ -97,7 +97,8 @@ def test_feature_norm_float16_gradient_is_exact_where_representable_and_inf_beyo
     (norm(half) * upstream).sum().backward()
     exact = half.detach().double().requires_grad_()  # the same rounded inputs, in float64
     (norm.double()(exact) * upstream.double()).sum().backward()
-    assert half.grad is not None and exact.grad is not None
+    assert half.grad is not None
+    assert exact.grad is not None
     # float16 output rounding (2**-11) relative to the row's gradient
     atol = 2e-3 * float(exact.grad[0].abs().max())
     torch.testing.assert_close(half.grad[0].double(), exact.grad[0], rtol=2e-3, atol=atol)

@@ -63,6 +63,7 @@ ONEHOT_MAX = 1 << 18
 """Largest ``N K d`` whose class sums and gathers are one-hot products (CPU only)."""
 WIDE_DTYPES = (torch.float32, torch.float64)
 _TINY = {dtype: torch.finfo(dtype).tiny for dtype in WIDE_DTYPES}
+_CAP = {dtype: 1.0 / torch.finfo(dtype).eps for dtype in WIDE_DTYPES}
 
 
 def onehot_products(num_samples: int, num_classes: int, dim: int) -> bool:
@@ -188,12 +189,14 @@ def _terms(
     num_present: Scalar,
     valid: bool | Tensor,
     tiny: float,
+    cap: float,
     config: tuple[float, str, float | None, str, float, float],
 ) -> tuple[Scalar, tuple[Scalar, Scalar, Scalar], tuple[Scalar, ...]]:
     """The weighted total, the unweighted terms and the gradient coefficients, from scalars.
 
     Inputs: ``tr Sigma_W``, ``||M||_F^2``, ``||M M^T||_F / ||M||_F^2`` (scale-free),
-    ``||W_P||_F^2``, ``<W, M>``, the number of present classes and whether at least two are.
+    ``||W_P||_F^2``, ``<W, M>``, the number of present classes and whether at least two are;
+    the dtype's smallest normal number and the cap of the ratio form of NC1 (``1 / eps``).
     Coefficients, of the total's gradient: ``(a_W, a_M, a_GM, a_WM, b_M, b_W)`` with
     ``dL/dtr Sigma_W = a_W``, ``dL/dM = a_M M + a_GM (M M^T / ||M||_F^2) M + a_WM W`` and
     ``dL/dW = b_M M + b_W W_P``. The safe
@@ -228,10 +231,14 @@ def _terms(
             d_within = _where(positive, between / denominator / denominator, 1.0)
             d_between = _where(positive, v1 / denominator, 0.0)
         else:
+            # capped at 1 / eps (where it is constant): coinciding class means give a finite
+            # value, also squared as a target penalty
             denominator = _at_least(between, tiny)
-            v1 = within / denominator
-            d_within = 1.0 / denominator
-            d_between = _where(between >= tiny, v1 / denominator, 0.0)
+            ratio = within / denominator
+            below = ratio <= cap
+            v1 = _where(below, ratio, cap)
+            d_within = _where(below, _reciprocal(denominator), 0.0)
+            d_between = _where(below & (between >= tiny), v1 / denominator, 0.0)
         penalty: Scalar = v1
         d_penalty: Scalar = 1.0
         if target_nc1 is not None:
@@ -498,6 +505,7 @@ def _collapse_terms(
     gram = None
     frob: Scalar = 0.0
     tiny = _TINY.get(dtype) or torch.finfo(dtype).tiny
+    cap = _CAP.get(dtype) or 1.0 / torch.finfo(dtype).eps
     if nc2 != 0:
         # the Gram matrix over ||M||_F^2 (its trace): entries of order 1, so that its Frobenius
         # norm (~ scale^4 unnormalized) neither overflows nor underflows in float32
@@ -520,7 +528,7 @@ def _collapse_terms(
     coefficients: tuple[Scalar, ...] = (0.0,) * 6
     if not host or valid:  # else fewer than two classes: every term is zero
         total, values, coefficients = _terms(
-            within, msq, frob, w2, inner, num_present, valid, tiny, config
+            within, msq, frob, w2, inner, num_present, valid, tiny, cap, config
         )
     parts = None
     if want_parts:

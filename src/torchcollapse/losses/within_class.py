@@ -7,7 +7,8 @@ loss with a positive weight induces collapse and with a negative weight holds it
 - ``form="bounded"`` (default): ``tr Sigma_W / (tr Sigma_W + tr Sigma_B)``, in ``[0, 1]``. Being
   bounded and scale-free, it can be pushed either way without the features blowing up.
 - ``form="ratio"``: the plain trace ratio ``tr Sigma_W / tr Sigma_B`` (unbounded above; as a
-  penalty with a negative weight it diverges by inflating the within-class spread).
+  penalty with a negative weight it diverges by inflating the within-class spread; capped at
+  ``1 / eps`` of the compute dtype, the value of coinciding class means).
 - ``form="running"``: the mean squared distance of each feature to its class's *running* mean
   (buffers updated with momentum from the global batch, identical on every rank), the centre loss
   of Wen et al. (2016) with exponential-average centres. For batches too small to hold several
@@ -71,8 +72,10 @@ def within_class_variability(
     Returns:
         A scalar; zero (connected to the graph, with a finite zero gradient) when fewer than two
         classes are present. The bounded form is 0 when all features are identical (0 / 0). The
-        ratio divides by ``tr Sigma_B`` clamped below at the dtype's smallest normal number, so
-        identical class means with some within-class spread give a huge value.
+        ratio divides by ``tr Sigma_B`` clamped below at the dtype's smallest normal number and
+        is capped at ``1 / eps`` of the dtype (8.4e6 in float32, 4.5e15 in float64), where its
+        gradient is zero: identical class means with some within-class spread give that cap,
+        finite also when squared as a target penalty.
     """
     within, between = stats.trace_within, stats.trace_between
     one = torch.ones_like(between)
@@ -80,8 +83,9 @@ def within_class_variability(
         total = within + between
         denominator = torch.where(total > 0, total, one)
     else:
-        tiny = torch.finfo(between.dtype).tiny
-        denominator = torch.where(stats.valid, between.clamp_min(tiny), one)
+        finfo = torch.finfo(between.dtype)
+        denominator = torch.where(stats.valid, between.clamp_min(finfo.tiny), one)
+        return where_valid(stats.valid, (within / denominator).clamp_max(1.0 / finfo.eps))
     return where_valid(stats.valid, within / denominator)
 
 
