@@ -29,7 +29,8 @@ several processes are combined.
 **Speed.** The ``d x d`` product is the cost of an update. It runs in float64 (a float32 product of
 a batch of ``1000`` rows already errs by ``~1e-6`` relative, the whole error budget); on CPU
 only its upper block triangle is multiplied, panel by panel, about half the flops of the full
-product (with several threads, as one batched product over a block of rows per thread), so that a
+product (with several threads, as one batched product over a block of rows per thread; small
+batches, where the panels' overhead outweighs the flops saved, take one product), so that a
 float64 update stays close to the float32 Gram ``features.T @ features`` (the floor); the first
 sample of a new class, its own shift, is a zero row and is left out. On GPUs, whose float64
 throughput matches float32 (H100/H200), the product is one ``addmm``.
@@ -438,8 +439,9 @@ class ClassStatistics:
 
         A class seen for the first time takes its first sample in the batch as its shift.
         Features are centred about their class's shift in the accumulation dtype and multiplied:
-        on CPU the symmetric ``d x d`` product is formed panel by panel over its upper triangle
-        (about half the flops of a full product), which keeps a float64 update close to the
+        on CPU the symmetric ``d x d`` product of a large enough batch (at least ``2**15``
+        elements per thread) is formed panel by panel over its upper triangle (about half the
+        flops of a full product), which keeps a float64 update close to the
         float32 Gram ``features.T @ features``. On CPU, when autograd does not record the
         update, the first sample of each new class (its own shift, so a zero row) is left out of
         the centring and the product: at the start of an epoch, ``K`` of the rows. Nothing
@@ -750,9 +752,21 @@ def symmetric_product(matrix: Tensor) -> Tensor:
     return out
 
 
-def _gram_panel(num_features: int, device: torch.device) -> int:
-    """Columns per panel of the blocked symmetric product (the whole matrix on accelerators)."""
+_GRAM_PANEL_WORK = 1 << 15
+"""Fewest ``rows x columns`` per intra-op thread for which the CPU product goes by panels."""
+
+
+def _gram_panel(num_rows: int, num_features: int, device: torch.device) -> int:
+    """Columns per panel of the blocked symmetric product (the whole matrix: one product).
+
+    Panels halve the flops but each adds a product call and a transposed copy of its block
+    into the lower triangle, a cost of the ``d x d`` output: below about ``2**15`` elements of
+    input per thread (256 rows at ``d = 256`` on 2 threads, 64 at ``d = 1024``), one full
+    product is faster (up to 3-4x for a few rows). Accelerators always take one product.
+    """
     if device.type != "cpu" or num_features <= 128:
+        return num_features
+    if num_rows * num_features < _GRAM_PANEL_WORK * torch.get_num_threads():
         return num_features
     return 64 if num_features <= 512 else num_features // 8
 
@@ -769,7 +783,7 @@ def _gram_parts(num_rows: int, num_features: int, device: torch.device) -> int:
     keeps every thread on a whole product of its own; a single thin panel product divides
     poorly among threads.
     """
-    if _gram_panel(num_features, device) >= num_features:
+    if _gram_panel(num_rows, num_features, device) >= num_features:
         return 1
     return max(1, min(torch.get_num_threads(), num_rows // _GRAM_PART_ROWS))
 
@@ -778,12 +792,13 @@ def _add_gram_(scatter: Tensor, centred: Tensor, parts: int | None = None) -> No
     """``scatter += X^T X`` for ``centred = X`` of shape ``(B, d)``.
 
     On CPU only the upper block triangle is multiplied, panel by panel of columns, and mirrored:
-    about half the flops of the full product, which makes float64 about as fast as a float32 Gram.
+    about half the flops of the full product, which makes float64 about as fast as a float32 Gram
+    (small products, see :func:`_gram_panel`, are one ``addmm``).
     The rows are split into ``parts`` blocks (default :func:`_gram_parts`; used when it divides
     the rows) whose panel products are one batched product, summed in the panel.
     """
     num_rows, num_features = centred.shape
-    panel = _gram_panel(num_features, centred.device)
+    panel = _gram_panel(num_rows, num_features, centred.device)
     if panel >= num_features:
         scatter.addmm_(centred.T, centred)
         return
