@@ -439,10 +439,10 @@ class ClassStatistics:
 
         A class seen for the first time takes its first sample in the batch as its shift.
         Features are centred about their class's shift in the accumulation dtype and multiplied:
-        on CPU the symmetric ``d x d`` product of a large enough batch (at least ``2**15``
-        elements per thread) is formed panel by panel over its upper triangle (about half the
-        flops of a full product), which keeps a float64 update close to the
-        float32 Gram ``features.T @ features``. On CPU, when autograd does not record the
+        on CPU the symmetric ``d x d`` product of a large enough batch (from ~80 rows per
+        thread at ``d = 256`` to 512) is formed panel by panel over its upper triangle (about
+        half the flops of a full product), which keeps a float64 update close to the float32
+        Gram ``features.T @ features``. On CPU, when autograd does not record the
         update, the first sample of each new class (its own shift, so a zero row) is left out of
         the centring and the product: at the start of an epoch, ``K`` of the rows. Nothing
         proportional to ``K x d`` is computed.
@@ -752,23 +752,25 @@ def symmetric_product(matrix: Tensor) -> Tensor:
     return out
 
 
-_GRAM_PANEL_WORK = 1 << 15
-"""Fewest ``rows x columns`` per intra-op thread for which the CPU product goes by panels."""
-
-
 def _gram_panel(num_rows: int, num_features: int, device: torch.device) -> int:
     """Columns per panel of the blocked symmetric product (the whole matrix: one product).
 
-    Panels halve the flops but each adds a product call and a transposed copy of its block
-    into the lower triangle, a cost of the ``d x d`` output: below about ``2**15`` elements of
-    input per thread (256 rows at ``d = 256`` on 2 threads, 64 at ``d = 1024``), one full
-    product is faster (up to 3-4x for a few rows). Accelerators always take one product.
+    Panels halve the flops but each adds a product call and a transposed copy of its block into
+    the lower triangle, a cost of the ``d x d`` output; with few rows one full product is faster
+    (up to 3-4x for a few rows). Where the two cross was measured on a 2-core AVX-512 machine
+    (``benchmarks/gram_product.py``): above ``d = 512`` (eight panels of ``d / 8`` columns) at
+    64 rows or ``2**16`` elements per intra-op thread, whichever is more; for ``256 <= d <= 512``
+    (panels of 64) at ~80 rows per thread; below ``d = 256`` (three panels or fewer save less) at
+    ~300 rows per thread. Accelerators always take one product.
     """
     if device.type != "cpu" or num_features <= 128:
         return num_features
-    if num_rows * num_features < _GRAM_PANEL_WORK * torch.get_num_threads():
-        return num_features
-    return 64 if num_features <= 512 else num_features // 8
+    threads = torch.get_num_threads()
+    if num_features > 512:
+        panel, min_rows = num_features // 8, max(64, (1 << 16) * threads // num_features)
+    else:
+        panel, min_rows = 64, (80 if num_features >= 256 else 320) * threads
+    return panel if num_rows >= min_rows else num_features
 
 
 _GRAM_PART_ROWS = 256
