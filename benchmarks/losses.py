@@ -18,6 +18,11 @@ Part 2 times one regularizer forward + backward on random features alone, for a 
 size N, feature dimension d and number of classes K, against the cost of the thing it rides on:
 a linear head plus cross-entropy (forward + backward) of the same N, d, K.
 
+``--in-step`` instead times each term's forward inside the training step (right after the
+model's forward, with the caches full of the step before) against the same call repeated alone:
+on a CPU the first is several times the second, which is why a term's share of a small step is
+larger than its standalone cost suggests.
+
 ``--count-ops`` instead counts the operations each term dispatches in one forward + backward
 (batch 128, d = 512, 10 classes): on the CPU path (scalars as Python floats) and on the path of
 accelerators and ``torch.compile`` (scalars as 0-dim tensors, index kernels), which it forces on
@@ -162,6 +167,54 @@ def step_benchmark(
     return rows
 
 
+def in_step_benchmark(args: argparse.Namespace, device: torch.device) -> list[tuple[str, ...]]:
+    """Each term's forward timed inside the training step (right after the model's forward, its
+    code and data cold from the step that ran before) and the same call repeated alone (warm),
+    forward and backward; medians of ``args.rounds * args.steps`` calls, microseconds."""
+    model, shape = build(args.model, args.num_classes, device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(args.batch_size, *shape, generator=g).to(device)
+    target = (torch.arange(args.batch_size) % args.num_classes).to(device)
+    calls = args.rounds * args.steps
+    rows = []
+    for name, term in terms(args.num_classes, model.feature_dim, device, False).items():
+        in_step = []
+        for _ in range(args.warmup + calls):
+            features = model.forward_features(inputs)
+            loss = F.cross_entropy(model.forward_head(features), target)
+            sync(device)
+            start = clock(device)
+            value = term(features, target, model.head)
+            sync(device)
+            in_step.append(clock(device) - start)
+            opt.zero_grad(set_to_none=True)
+            (loss + value).backward()
+            opt.step()
+        leaf = model.forward_features(inputs).detach().requires_grad_()
+        forward, backward = [], []
+        for _ in range(args.warmup + calls):
+            sync(device)
+            start = clock(device)
+            value = term(leaf, target, model.head)
+            sync(device)
+            middle = clock(device)
+            value.backward()
+            sync(device)
+            forward.append(middle - start)
+            backward.append(clock(device) - middle)
+        rows.append(
+            (
+                name,
+                *(
+                    f"{statistics.median(times[args.warmup :]) * 1e6:.0f}"
+                    for times in (in_step, forward, backward)
+                ),
+            )
+        )
+    return rows
+
+
 def scaling_benchmark(
     args: argparse.Namespace, device: torch.device
 ) -> list[tuple[int, int, int, float, float, float]]:
@@ -291,6 +344,11 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="add a torch.compile'd CollapseRegularizer row"
     )
+    parser.add_argument(
+        "--in-step",
+        action="store_true",
+        help="time each term's forward inside the training step and alone, then exit",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -304,6 +362,13 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         for (name, cpu, _), (_, accelerator, reads) in zip(count_ops(False), count_ops(True)):
             print(f"| {name} | {cpu} | {accelerator} | {reads} |")
+        return
+    if args.in_step:
+        print(f"\n### Term forward inside the step vs alone (microseconds, {args.model})\n")
+        print("| term | forward in the step | forward alone | backward alone |")
+        print("|---|---:|---:|---:|")
+        for row in in_step_benchmark(args, device):
+            print("| " + " | ".join(row) + " |")
         return
     print(
         f"\n### Training-step overhead: {args.model}, batch {args.batch_size}, "
