@@ -647,6 +647,14 @@ def test_documented_errors() -> None:
         CollapseRegularizer(3, nc1_form="running")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`target_mode`"):
         CollapseRegularizer(3, target_nc1=0.5, target_mode="hinge")  # type: ignore[arg-type]
+    # a NaN or infinite weight would make every loss value NaN or inf
+    for bad in (math.nan, math.inf, -math.inf, True):
+        for make in (WithinClassVariabilityLoss, SimplexGeometryLoss, SelfDualityLoss):
+            with pytest.raises(ValueError, match="`weight` to be a finite number"):
+                make(3, bad)
+        for name in ("nc1", "nc2", "nc3"):
+            with pytest.raises(ValueError, match=f"`{name}` to be a finite number"):
+                CollapseRegularizer(3, **{name: bad})
 
 
 def test_documented_loss_errors() -> None:

@@ -23,6 +23,7 @@ phase of deep learning training", PNAS 2020.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "batch_class_statistics",
     "check_classifier_shape",
     "check_features_target",
+    "check_weight",
     "compute_dtype",
     "count_classes",
     "global_sum",
@@ -138,6 +140,19 @@ def check_num_classes(num_classes: Any) -> None:
         )
 
 
+def check_weight(value: Any, name: str = "weight") -> float:
+    """``value`` as a float; raise unless it is a finite real number (a bool is not a weight)."""
+    number = None
+    if not isinstance(value, (bool, str)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"Expected argument `{name}` to be a finite number, but got {value!r}.")
+    return number
+
+
 class BatchCollapseTerm(nn.Module):
     """Shared construction of a weighted collapse term over the (global) batch.
 
@@ -161,7 +176,7 @@ class BatchCollapseTerm(nn.Module):
         super().__init__()
         check_num_classes(num_classes)
         self.num_classes = num_classes
-        self.weight = float(weight)
+        self.weight = check_weight(weight)
         self.sync_dist = sync_dist
         self.process_group = process_group
         self.validate_args = validate_args

@@ -25,6 +25,7 @@ from torchcollapse.losses._batch import (
     check_classifier_shape,
     check_features_target,
     check_num_classes,
+    check_weight,
     resolve_weight,
 )
 from torchcollapse.losses._fused import collapse_terms
@@ -143,6 +144,9 @@ class CollapseRegularizer(nn.Module):
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
+        nc1, nc2, nc3 = (
+            check_weight(w, name) for w, name in ((nc1, "nc1"), (nc2, "nc2"), (nc3, "nc3"))
+        )
         if nc1_form not in ("bounded", "ratio"):
             raise ValueError(
                 f"Expected argument `nc1_form` to be 'bounded' or 'ratio', but got {nc1_form!r}."

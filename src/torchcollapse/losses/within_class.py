@@ -38,6 +38,7 @@ from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_features_target,
     check_num_classes,
+    check_weight,
     compute_dtype,
     count_classes,
     global_sum,
@@ -170,7 +171,7 @@ class WithinClassVariabilityLoss(nn.Module):
                 f"Expected argument `momentum` to be in (0, 1] or None, but got {momentum}."
             )
         self.num_classes = num_classes
-        self.weight = float(weight)
+        self.weight = check_weight(weight)
         self.form = form
         self.momentum = momentum
         self.sync_dist = sync_dist
