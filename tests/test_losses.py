@@ -254,9 +254,10 @@ def test_rescaled_mse_matches_loop(k: float, m: float) -> None:
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.5])
-def test_balanced_softmax_matches_loop(tau: float) -> None:
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_balanced_softmax_matches_loop(tau: float, smoothing: float) -> None:
     counts = [500.0, 120.0, 30.0, 7.0]
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     logits = torch.randn(10, 4, dtype=torch.float64, generator=g)
     target = torch.randint(0, 4, (10,), generator=g)
     total = sum(counts)
@@ -264,8 +265,11 @@ def test_balanced_softmax_matches_loop(tau: float) -> None:
     for i in range(10):
         z = [float(logits[i, j]) + tau * math.log(counts[j] / total) for j in range(4)]
         top = max(z)
-        expected += -z[int(target[i])] + top + math.log(math.fsum(math.exp(v - top) for v in z))
-    loss = BalancedSoftmaxLoss(counts, tau=tau)(logits, target)
+        log_norm = top + math.log(math.fsum(math.exp(v - top) for v in z))
+        # smoothed target: (1 - s) on the label, s / K on every class
+        expected += (1 - smoothing) * (log_norm - z[int(target[i])])
+        expected += smoothing / 4 * math.fsum(log_norm - v for v in z)
+    loss = BalancedSoftmaxLoss(counts, tau=tau, label_smoothing=smoothing)(logits, target)
     assert loss.item() == pytest.approx(expected / 10, rel=1e-7)  # log_prior buffer is float32
 
 
@@ -682,6 +686,10 @@ def test_documented_loss_errors() -> None:
         BalancedSoftmaxLoss([3, 1, 2])(torch.randn(4, 4), target)
     with pytest.raises(ValueError, match="`reduction`"):
         BalancedSoftmaxLoss([3, 1, 2], reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`label_smoothing` to be in"):
+        BalancedSoftmaxLoss([3, 1, 2], label_smoothing=1.5)
+    with pytest.raises(ValueError, match="`logits` to have 2 columns"):  # before the labels
+        BalancedSoftmaxLoss([3, 1])(torch.randn(4, 3), target)
     for k in (0.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="`k` to be a positive finite number"):
             RescaledMSELoss(k=k)

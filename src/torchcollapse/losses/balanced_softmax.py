@@ -43,6 +43,9 @@ class BalancedSoftmaxLoss(nn.Module):
         class_counts: ``K`` positive class counts of the training set.
         tau: scale of the adjustment (1 is the balanced softmax).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: in ``[0, 1]``, as in ``nn.CrossEntropyLoss``: the target is
+            ``(1 - label_smoothing)`` on the label plus ``label_smoothing / K`` on every class,
+            against the adjusted logits.
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
         device: device of the ``log_prior`` buffer.
@@ -64,6 +67,7 @@ class BalancedSoftmaxLoss(nn.Module):
         *,
         tau: float = 1.0,
         reduction: Literal["mean", "sum", "none"] = "mean",
+        label_smoothing: float = 0.0,
         validate_args: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
@@ -81,25 +85,39 @@ class BalancedSoftmaxLoss(nn.Module):
             )
         if not math.isfinite(tau):
             raise ValueError(f"Expected argument `tau` to be finite, but got {tau}.")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(
+                f"Expected argument `label_smoothing` to be in [0, 1], but got {label_smoothing}."
+            )
         log_prior = (counts / counts.sum()).log().float()
         self.register_buffer("log_prior", log_prior.to(device))
         self.num_classes = counts.numel()
         self.tau = float(tau)
         self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
         self.validate_args = validate_args
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}"
+        extra = f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}"
+        if self.label_smoothing:
+            extra += f", label_smoothing={self.label_smoothing}"
+        return extra
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Balanced-softmax cross-entropy of ``logits`` (``(N, K)``) against ``target``."""
-        check_features_target(logits, target, self.num_classes, self.validate_args, name="logits")
-        if logits.shape[1] != self.num_classes:
+        # the classes first: a label range check against the wrong K would mislead
+        if isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"Expected argument `logits` to have {self.num_classes} columns (classes), but "
                 f"got shape {tuple(logits.shape)}."
             )
+        check_features_target(logits, target, self.num_classes, self.validate_args, name="logits")
         dtype = compute_dtype(logits.dtype)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             adjusted = logits.to(dtype) + self.tau * self.log_prior.to(dtype)
-            return F.cross_entropy(adjusted, target.long(), reduction=self.reduction)
+            return F.cross_entropy(
+                adjusted,
+                target.long(),
+                reduction=self.reduction,
+                label_smoothing=self.label_smoothing,
+            )
