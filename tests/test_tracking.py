@@ -87,7 +87,7 @@ def test_hooks_record_only_inside_targets_and_are_removed() -> None:
     x, y = _data()
     tracker = CollapseTracker(model, ["0"], NUM_CLASSES)
     model(x)  # outside the context: nothing recorded
-    with pytest.raises(RuntimeError, match="saw none"):
+    with pytest.raises(RuntimeError, match="none did"):
         tracker.compute()
     out = tracker.update(x, y)  # runs under no_grad and returns the model's output
     assert not out.requires_grad
@@ -286,3 +286,84 @@ def test_readme_api_tour_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     namespace = run_api_tour(readme.read_text(), monkeypatch)
     per_layer = namespace["per_layer"]
     assert set(per_layer) == {"0.1", "0.3"}  # type: ignore[arg-type]
+
+
+class _Reused(nn.Module):
+    """A shared activation called twice per forward, as in torchvision's BasicBlock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.act, self.second = nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5)
+        self.unused = nn.Linear(5, 5)  # never called
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.act(self.first(x))
+        return self.act(self.second(hidden))
+
+
+def test_reused_module_records_its_first_call_once_and_silent_layers_are_left_out() -> None:
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = _Reused().double()
+    x = torch.randn(30, 4, dtype=torch.float64)
+    y = torch.arange(30) % 3
+    with CollapseTracker(model, ["act", "unused", "first"], 3) as tracker:
+        with pytest.warns(UserWarning, match="'act' ran more than once"):
+            tracker.update(x, y)
+        with pytest.warns(UserWarning, match="'act' ran more than once"):
+            tracker.update(x, y)  # a new targets() block records again
+        stats = tracker.metrics["act"].class_statistics()  # type: ignore[operator]
+        assert stats.counts.tolist() == [20.0, 20.0, 20.0]  # 2 batches x 10, not 4 x 10
+        with pytest.warns(UserWarning, match=r"\['unused'\] recorded no samples"):
+            results = tracker.compute()
+    assert list(results) == ["act", "first"]
+    # the first call's features: ReLU of the first linear layer, twice the same batch
+    first_call = torch.relu(model.first(x)).detach()
+    expected = neural_collapse(torch.cat([first_call, first_call]), torch.cat([y, y]))
+    torch.testing.assert_close(results["act"]["nc1"], expected["nc1"], rtol=1e-10, atol=0)
+
+
+def test_tracker_computes_metrics_restored_from_a_state_dict() -> None:
+    model = _model()
+    x, y = _data()
+    with CollapseTracker(model, ["4"], NUM_CLASSES) as tracker:
+        tracker.update(x, y)
+        expected = tracker.compute()["4"]["nc1"]
+    for metric in tracker.metrics.values():
+        metric.persistent(True)
+    saved = {name: metric.state_dict() for name, metric in tracker.metrics.items()}
+    with CollapseTracker(model, ["4"], NUM_CLASSES) as restored:
+        for name, metric in restored.metrics.items():
+            metric.load_state_dict(saved[name])
+        assert float(restored.compute()["4"]["nc1"]) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_tracker_refuses_multi_device_data_parallel_and_frees_its_hooks_when_dropped() -> None:
+    import gc
+
+    model = _model()
+    parallel = nn.DataParallel(model)
+    parallel.device_ids = [0, 1]  # as on a two-GPU machine (nothing runs here)
+    with pytest.raises(ValueError, match=r"nn\.DataParallel over several devices"):
+        CollapseTracker(parallel, ["0"], NUM_CLASSES)
+    tracker = CollapseTracker(model, ["0", "2"], NUM_CLASSES)
+    assert model[0]._forward_hooks
+    del tracker
+    gc.collect()
+    assert not model[0]._forward_hooks
+    assert not model[2]._forward_hooks
+
+
+def test_pool_callable_tracks_token_outputs() -> None:
+    # (N, L, D) outputs come features-last: the documented callable pools over the tokens
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0).double()
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(24, 5, 8, dtype=torch.float64)
+    y = torch.arange(24) % 3
+    with CollapseTracker(model, ["0"], 3, pool=lambda out: out.mean(1)) as tracker:
+        tracker.update(x, y)
+        assert tracker.metrics["0"].class_statistics().num_features == 8  # type: ignore[operator]
+        got = tracker.compute()["0"]["nc1"]
+    with torch.no_grad():
+        expected = neural_collapse(model(x).mean(1), y)["nc1"]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)

@@ -18,6 +18,8 @@ over processes.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -47,6 +49,11 @@ def pool_features(output: Tensor, pool: Pool = "mean") -> Tensor:
     A ``(N, C)`` output is returned as it is. A ``(N, C, *spatial)`` output (conv feature maps,
     channels first) is reduced over the spatial axes: ``"mean"`` (global average pooling, the
     default) or ``"max"``; ``"flatten"`` keeps everything, ``(N, C * prod(spatial))``.
+
+    Outputs are taken channels first, as ``nn.Conv1d``/``nn.Conv2d`` give them. A layer whose
+    features come last, such as a transformer block's ``(N, L, D)`` tokens or a channels-last
+    map, needs its own pooling: pass the tracker a callable, e.g. ``pool=lambda out: out.mean(1)``
+    (mean over the tokens) or ``pool=lambda out: out[:, 0]`` (the class token).
 
     Args:
         output: the layer's output, at least 2-D, batch first.
@@ -147,12 +154,20 @@ class CollapseTracker:
     :class:`~torchcollapse.metrics.NeuralCollapse`. Outside that context the hooks do nothing, so
     tracking can sit around a training loop and record only the batches you choose.
     :meth:`compute` returns ``{layer: {quantity: value}}``. As a context manager the tracker
-    removes its hooks on exit; :meth:`remove` does the same by hand.
+    removes its hooks on exit; :meth:`remove` does the same by hand, and a tracker that is
+    garbage-collected removes them too (the hooks hold it only weakly).
+
+    Each layer records one output per ``targets()`` block: a module that runs several times in one
+    forward pass (a shared activation, such as torchvision's ``BasicBlock.relu``) records its first
+    call only and warns, since its later outputs are other features of the same samples. The
+    model runs in whatever mode it is in: call ``model.eval()`` first to measure without dropout
+    and without updating BatchNorm statistics.
 
     Works under ``torch.no_grad``, autocast and ``DistributedDataParallel`` (pass the wrapped or the
     inner model; names are those of the inner model, a ``module.`` prefix is accepted): each process
     records its own samples and :meth:`compute` reduces the statistics over processes, as
-    torchmetrics does.
+    torchmetrics does. ``nn.DataParallel`` over several devices is refused (its replicas run the
+    hooks in threads on slices of the batch); use ``DistributedDataParallel``.
 
     Args:
         model: the network to watch.
@@ -160,9 +175,10 @@ class CollapseTracker:
             ``"blocks.0"``), a module type or tuple of types (every submodule of those types, in
             registration order), or a predicate ``(name, module) -> bool``.
         num_classes: number of classes ``K``.
-        pool: ``"mean"``, ``"max"`` or ``"flatten"`` for outputs with more than two axes, or a
-            callable ``output -> (N, D) tensor`` (also the way to track a layer whose output is a
-            tuple).
+        pool: ``"mean"``, ``"max"`` or ``"flatten"`` for outputs with more than two axes, taken
+            channels first (see :func:`pool_features`), or a callable ``output -> (N, D) tensor``
+            (the way to track token outputs ``(N, L, D)``, channels-last maps, or a layer whose
+            output is a tuple).
         metric_factory: ``name -> Metric`` to build each layer's metric yourself (for instance to
             give the last layer its ``classifier`` for NC3/NC4); default
             ``NeuralCollapse(num_classes, **metric_kwargs)``.
@@ -219,6 +235,13 @@ class CollapseTracker:
                 "Expected at most one of the arguments `metric_factory` and `metric_kwargs`, "
                 "but got both."
             )
+        if isinstance(model, nn.DataParallel) and len(model.device_ids or []) > 1:
+            raise ValueError(
+                "Expected argument `model` not to be an nn.DataParallel over several devices (its"
+                " replicas run the hooks in threads, each on a slice of the batch), but got one"
+                f" over {len(model.device_ids)} devices; use DistributedDataParallel, or track"
+                " `model.module` on one device."
+            )
         self.model = model
         self.num_classes = num_classes
         self.pool = pool
@@ -227,9 +250,13 @@ class CollapseTracker:
         self.modules: dict[str, nn.Module] = _select_layers(model, layers)
         self.metrics: dict[str, Metric] = {name: factory(name) for name in self.modules}
         self._target: Tensor | None = None
+        self._recorded: set[str] = set()  # layers that recorded in the current targets() block
         self._handles: list[RemovableHandle] = [
-            module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()
+            module.register_forward_hook(_hook(weakref.ref(self), name))
+            for name, module in self.modules.items()
         ]
+        # a tracker dropped without remove() takes its hooks with it
+        weakref.finalize(self, _remove_handles, self._handles)
 
     @property
     def layers(self) -> list[str]:
@@ -241,31 +268,39 @@ class CollapseTracker:
         """Hooks still registered (0 after :meth:`remove`)."""
         return len(self._handles)
 
-    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            target = self._target
-            if target is None:
-                return
-            pooled = self.pool(output) if callable(self.pool) else pool_features(output, self.pool)
-            if not isinstance(pooled, Tensor) or pooled.ndim != 2:
-                raise ValueError(
-                    f"Expected the pooled output of layer {name!r} to be a 2-D tensor, but got "
-                    f"{getattr(pooled, 'shape', type(pooled).__name__)}."
-                )
-            if pooled.shape[0] != target.shape[0]:
-                raise ValueError(
-                    f"Expected layer {name!r} to output one row per target ({target.shape[0]}), "
-                    f"but got {pooled.shape[0]}."
-                )
-            features = pooled.detach()
-            if features.dtype in (torch.float16, torch.bfloat16):
-                features = features.float()
-            metric = self.metrics[name]
-            if metric.device != features.device:
-                metric.to(features.device)
-            metric.update(features, target.to(features.device))
-
-        return hook
+    def _record(self, name: str, output: Any) -> None:
+        """The forward hook's work: pool ``output`` and update the layer's metric."""
+        target = self._target
+        if target is None:
+            return
+        if name in self._recorded:
+            warnings.warn(
+                f"Layer {name!r} ran more than once in one forward pass inside `targets()` (a"
+                " module reused in the forward, or several forward passes in one block); only its"
+                " first output is recorded. Track a module that runs once per forward pass.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        pooled = self.pool(output) if callable(self.pool) else pool_features(output, self.pool)
+        if not isinstance(pooled, Tensor) or pooled.ndim != 2:
+            raise ValueError(
+                f"Expected the pooled output of layer {name!r} to be a 2-D tensor, but got "
+                f"{getattr(pooled, 'shape', type(pooled).__name__)}."
+            )
+        if pooled.shape[0] != target.shape[0]:
+            raise ValueError(
+                f"Expected layer {name!r} to output one row per target ({target.shape[0]}), "
+                f"but got {pooled.shape[0]}."
+            )
+        features = pooled.detach()
+        if features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()
+        metric = self.metrics[name]
+        if metric.device != features.device:
+            metric.to(features.device)
+        metric.update(features, target.to(features.device))
+        self._recorded.add(name)
 
     @contextlib.contextmanager
     def targets(self, target: Tensor) -> Iterator[CollapseTracker]:
@@ -280,26 +315,47 @@ class CollapseTracker:
                 "Expected the tracker's hooks to be registered, but they were removed."
             )
         previous, self._target = self._target, target
+        recorded, self._recorded = self._recorded, set()
         try:
             yield self
         finally:
-            self._target = previous
+            self._target, self._recorded = previous, recorded
 
     def update(self, inputs: Any, target: Tensor) -> Any:
-        """Run ``model(inputs)`` under ``torch.no_grad`` inside :meth:`targets`; return it."""
+        """Run ``model(inputs)`` under ``torch.no_grad`` inside :meth:`targets`; return it.
+
+        The model runs in its current mode (``model.eval()`` first to measure without dropout
+        and without touching BatchNorm's running statistics)."""
         with torch.no_grad(), self.targets(target):
             return self.model(inputs)
 
     def compute(self) -> dict[str, dict[str, Tensor]]:
-        """``{layer: {quantity: value}}`` over everything recorded since the last :meth:`reset`."""
+        """``{layer: {quantity: value}}`` over everything recorded since the last :meth:`reset`.
+
+        Layers that recorded nothing (never called by the forward passes, say an unused head)
+        are left out with a warning; if no layer recorded anything, a ``RuntimeError``.
+        """
+        silent = [name for name, metric in self.metrics.items() if not _has_data(metric)]
+        if len(silent) == len(self.metrics):
+            raise RuntimeError(
+                f"Expected the tracked layers to have recorded samples, but none did ({silent}); "
+                "run the model inside `with tracker.targets(y):`."
+            )
+        if silent:
+            warnings.warn(
+                f"Layers {silent} recorded no samples (not called by the forward passes run "
+                "inside `targets()`); they are left out of the results.",
+                UserWarning,
+                stacklevel=2,
+            )
         results: dict[str, dict[str, Tensor]] = {}
         for name, metric in self.metrics.items():
-            if metric.update_count == 0:
-                raise RuntimeError(
-                    f"Expected layer {name!r} to have recorded samples, but it saw none; run the "
-                    "model inside `with tracker.targets(y):`."
-                )
-            results[name] = metric.compute()
+            if name in silent:
+                continue
+            with warnings.catch_warnings():
+                # a metric restored from a state_dict has data but no update count
+                warnings.filterwarnings("ignore", "The ``compute`` method of metric")
+                results[name] = metric.compute()
         return results
 
     def reset(self) -> None:
@@ -309,9 +365,7 @@ class CollapseTracker:
 
     def remove(self) -> None:
         """Remove every hook (safe to call twice); the metrics keep what they recorded."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove_handles(self._handles)
 
     def __enter__(self) -> CollapseTracker:
         return self
@@ -325,3 +379,36 @@ class CollapseTracker:
             f"{type(self).__name__}(layers={self.layers}, num_classes={self.num_classes}, "
             f"pool={pool!r}, hooks={self.num_hooks})"
         )
+
+
+def _hook(
+    tracker: weakref.ref[CollapseTracker], name: str
+) -> Callable[[nn.Module, Any, Any], None]:
+    """A forward hook that records ``name``'s output into ``tracker`` while it is alive."""
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        alive = tracker()
+        if alive is not None:
+            alive._record(name, output)
+
+    return hook
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _has_data(metric: Metric) -> bool:
+    """Whether ``metric`` holds samples: updated, or restored from a ``state_dict``."""
+    if metric.update_count > 0:
+        return True
+    statistics = getattr(metric, "statistics", None)
+    if (
+        isinstance(statistics, Tensor)
+        and statistics.numel() > 0
+        and isinstance(metric, NeuralCollapse)
+    ):
+        return float(metric.class_statistics().total) > 0
+    return False
