@@ -283,6 +283,28 @@ def test_errors() -> None:
         neural_collapse_nc4(torch.full_like(features, float("nan")), weight, class_means=means)
     with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
         min_angle_optimal(1, 3)
+    with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
+        neural_collapse(features, target, num_classes=0)
+    with pytest.raises(ValueError, match="`exponent` to be a finite number"):
+        pairwise_geometry(torch.randn(4, 3), exponent=float("nan"))
+    # a classifier with NaN or Inf: an error naming it, never a silent NaN or a wrong NC4
+    bad = weight.clone()
+    bad[0, 0] = float("nan")
+    stats = ClassStatistics.from_features(features, target, 3)
+    with pytest.raises(ValueError, match="`weight` to be finite"):
+        neural_collapse(features, target, weight=bad)
+    with pytest.raises(ValueError, match="`weight` to be finite"):
+        neural_collapse_nc4(features, bad, class_means=means)
+    with pytest.raises(ValueError, match="`weight` to be finite"):
+        neural_collapse_nc3(stats, bad)
+    with pytest.raises(ValueError, match="`bias` to be finite"):
+        neural_collapse(features, target, weight=weight, bias=torch.tensor([math.inf, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="rows of the present classes are all zero"):
+        neural_collapse_nc3(stats, torch.zeros(3, 3))
+    zero_row = weight.clone()
+    zero_row[1] = 0.0
+    with pytest.raises(ValueError, match=r"rows of argument `weight` .* classes \[1\] are zero"):
+        neural_collapse_nc3_cosine(stats, zero_row)
 
 
 def test_neural_collapse_reads_inputs_that_require_grad_detached() -> None:

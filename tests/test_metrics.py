@@ -402,6 +402,53 @@ def test_construction_errors() -> None:
         NeuralCollapse(3, classifier=torch.randn(3, 4), class_means=torch.randn(3, 5))
     with pytest.raises(ValueError, match="at least one finite row"):
         NeuralCollapse(3, class_means=torch.full((3, 4), float("nan")))
+    with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
+        NeuralCollapse(1)
+    with pytest.warns(UserWarning, match="no `classifier`, so NC4 is not measured"):
+        NeuralCollapse(3, class_means=torch.randn(3, 4))
+
+
+def test_classifier_with_nan_is_named_at_compute_and_in_validated_updates() -> None:
+    features, target, _ = _case(30, 4, 3, seed=3)
+    layer = torch.nn.Linear(4, 3).double()
+    metric = NeuralCollapse(3, classifier=layer, class_means=torch.randn(3, 4))
+    metric.update(features, target)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"`classifier\.weight` to be finite"):
+        metric.compute()
+    with pytest.raises(ValueError, match=r"`classifier\.weight` to be finite"):
+        metric.update(features, target)  # NC4 would count against a NaN classifier
+    with torch.no_grad():
+        layer.weight[0, 0] = 0.0
+        layer.bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"`classifier\.bias` to be finite"):
+        metric.compute()
+
+
+def test_nc4_survives_a_state_dict_round_trip_without_reference_means() -> None:
+    # The counts are saved; the reference means are not (they are inputs, set each epoch).
+    features, target, _ = _case(60, 4, 3, seed=4)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    metric = NeuralCollapse(3, classifier=weight, class_means=torch.randn(3, 4))
+    metric.update(features, target)
+    metric.persistent(True)
+    expected = metric.compute()["nc4"]
+    restored = NeuralCollapse(3, classifier=weight)
+    restored.load_state_dict(metric.state_dict())
+    with pytest.warns(UserWarning, match="called before the ``update``"):  # torchmetrics' own
+        result = restored.compute()
+    torch.testing.assert_close(result["nc4"], expected, rtol=0, atol=0)
+    assert "nc4" not in NeuralCollapse(3, classifier=weight).forward(features, target)
+
+
+def test_merging_states_of_other_sizes_names_the_mismatch() -> None:
+    features, target, _ = _case(30, 4, 3, seed=5)
+    mine, theirs = NeuralCollapse(3), NeuralCollapse(3)
+    mine.update(features, target)
+    theirs.update(torch.cat([features, features], 1), target)
+    with pytest.raises(ValueError, match="3 classes and 4 features like this metric"):
+        mine.merge_state(theirs)
 
 
 def test_updates_inside_and_outside_inference_mode() -> None:

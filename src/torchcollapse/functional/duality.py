@@ -28,8 +28,12 @@ from torchcollapse.stats import ClassStatistics
 __all__ = ["neural_collapse_nc3", "neural_collapse_nc3_cosine"]
 
 
-def _check_weight(weight: Any, num_classes: int, num_features: int, name: str = "weight") -> Tensor:
-    """Validate a ``(K, d)`` classifier weight; return it detached in float64."""
+def _check_weight(
+    weight: Any, num_classes: int, num_features: int, name: str = "weight", *, finite: bool = True
+) -> Tensor:
+    """Validate a ``(K, d)`` classifier weight; return it detached in float64.
+
+    With ``finite`` (a host read on accelerators) NaN or Inf entries raise."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"Expected argument `{name}` to be a torch.Tensor, but got {type(weight)}.")
     if tuple(weight.shape) != (num_classes, num_features):
@@ -41,10 +45,14 @@ def _check_weight(weight: Any, num_classes: int, num_features: int, name: str = 
         raise TypeError(
             f"Expected argument `{name}` to be a floating point tensor, but got {weight.dtype}."
         )
+    if finite and not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"Expected argument `{name}` to be finite, but got NaN or Inf.")
     return weight.detach().to(torch.float64)
 
 
-def _check_bias(bias: Any, num_classes: int, name: str = "bias") -> Tensor | None:
+def _check_bias(
+    bias: Any, num_classes: int, name: str = "bias", *, finite: bool = True
+) -> Tensor | None:
     """Validate an optional ``(K,)`` classifier bias; return it detached in float64."""
     if bias is None:
         return None
@@ -55,6 +63,12 @@ def _check_bias(bias: Any, num_classes: int, name: str = "bias") -> Tensor | Non
             f"Expected argument `{name}` to have shape (num_classes,) = ({num_classes},), but got"
             f" {tuple(bias.shape)}."
         )
+    if not bias.is_floating_point():
+        raise TypeError(
+            f"Expected argument `{name}` to be a floating point tensor, but got {bias.dtype}."
+        )
+    if finite and not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"Expected argument `{name}` to be finite, but got NaN or Inf.")
     return bias.detach().to(torch.float64)
 
 
@@ -84,7 +98,13 @@ def neural_collapse_nc3(
     """
     centred, present = centred_class_means(statistics, global_mean)
     w = _check_weight(weight, statistics.num_classes, statistics.num_features)
-    return _nc3(w.to(centred.device).index_select(0, present), centred)
+    rows = w.to(centred.device).index_select(0, present)
+    if not bool(rows.any()):
+        raise ValueError(
+            "Expected argument `weight` to have a non-zero row among the present classes (NC3"
+            " normalizes it), but its rows of the present classes are all zero."
+        )
+    return _nc3(rows, centred)
 
 
 def neural_collapse_nc3_cosine(
@@ -105,4 +125,12 @@ def neural_collapse_nc3_cosine(
     """
     centred, present = centred_class_means(statistics, global_mean)
     w = _check_weight(weight, statistics.num_classes, statistics.num_features)
-    return _nc3_cosine(w.to(centred.device).index_select(0, present), centred)
+    rows = w.to(centred.device).index_select(0, present)
+    for matrix, name, what in ((rows, "weight", "rows"), (centred, "statistics", "centred means")):
+        zero = present[torch.linalg.vector_norm(matrix, dim=1) == 0].tolist()
+        if zero:
+            raise ValueError(
+                f"Expected the {what} of argument `{name}` to be non-zero for every present class"
+                f" (a cosine is undefined otherwise), but those of classes {zero} are zero."
+            )
+    return _nc3_cosine(rows, centred)

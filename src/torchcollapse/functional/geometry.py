@@ -240,6 +240,14 @@ def pairwise_geometry(
         >>> out["equinorm"]
         tensor(0., dtype=torch.float64)
     """
+    try:
+        finite = not isinstance(exponent, bool) and math.isfinite(exponent)
+    except TypeError:  # not a real number
+        finite = False
+    if not finite:
+        raise ValueError(
+            f"Expected argument `exponent` to be a finite number, but got {exponent!r}."
+        )
     v = _check_vectors(vectors)
     num, _ = v.shape
     device = v.device

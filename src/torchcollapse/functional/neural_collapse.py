@@ -58,7 +58,12 @@ from torchcollapse.functional.means import (
 )
 from torchcollapse.functional.nearest_class_center import _nc4_counts, _prepare_reference
 from torchcollapse.functional.variability import _nc1
-from torchcollapse.stats import ClassStatistics, _check_features, _check_features_target
+from torchcollapse.stats import (
+    ClassStatistics,
+    _check_features,
+    _check_features_target,
+    _check_num_classes,
+)
 
 __all__ = [
     "MEAN_KEYS",
@@ -281,6 +286,8 @@ def neural_collapse(
             num_classes = int(target.max()) + 1
         else:
             num_classes = 1
+    else:
+        _check_num_classes(num_classes)
     _check_features_target(features, target, num_classes, validate_args=validate_args)
     stats = ClassStatistics.from_features(features, target, num_classes, validate_args=False)
     if bias is not None and weight is None:

@@ -82,9 +82,10 @@ class _SharedClassifier:
 
 
 def _classifier_tensors(
-    classifier: nn.Module | Tensor, num_classes: int
+    classifier: nn.Module | Tensor, num_classes: int, *, finite: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """Weight ``(K, d)`` and optional bias ``(K,)`` of a classifier, validated."""
+    """Weight ``(K, d)`` and optional bias ``(K,)`` of a classifier, validated (``finite``: also
+    free of NaN and Inf, a host read on accelerators)."""
     weight: Any
     bias: Any
     if isinstance(classifier, Tensor):
@@ -103,9 +104,9 @@ def _classifier_tensors(
             f"Expected argument `classifier` to have a `weight` of shape ({num_classes},"
             f" num_features) for num_classes={num_classes}, but got {tuple(weight.shape)}."
         )
-    _check_weight(weight, num_classes, weight.shape[1], name="classifier.weight")
+    _check_weight(weight, num_classes, weight.shape[1], name="classifier.weight", finite=finite)
     if bias is not None:
-        _check_bias(bias, num_classes, name="classifier.bias")
+        _check_bias(bias, num_classes, name="classifier.bias", finite=finite)
     return weight, bias
 
 
@@ -141,6 +142,11 @@ class CollapseStatisticsMetric(Metric):
     ) -> None:
         super().__init__(**kwargs)
         _check_num_classes(num_classes)
+        if num_classes < 2:
+            raise ValueError(
+                "Expected argument `num_classes` to be at least 2 (every collapse quantity"
+                f" compares classes), but got {num_classes}."
+            )
         _check_global_mean(global_mean)
         if not isinstance(validate_args, bool):
             raise ValueError(
@@ -258,10 +264,12 @@ class CollapseStatisticsMetric(Metric):
         """The classifier read for the classifier quantities (not a submodule of the metric)."""
         return None if self._classifier is None else self._classifier.module
 
-    def _classifier_weight_bias(self) -> tuple[Tensor, Tensor | None] | None:
+    def _classifier_weight_bias(self, *, finite: bool) -> tuple[Tensor, Tensor | None] | None:
+        """The classifier's detached weight and bias; ``finite``: NaN or Inf raise (a host read,
+        at compute; in ``update`` only with ``validate_args``)."""
         if self._classifier is None:
             return None
-        weight, bias = _classifier_tensors(self._classifier.module, self.num_classes)
+        weight, bias = _classifier_tensors(self._classifier.module, self.num_classes, finite=finite)
         if self.num_features is not None and weight.shape[1] != self.num_features:
             raise ValueError(
                 f"Expected argument `classifier` to have a `weight` of shape ({self.num_classes},"
@@ -290,6 +298,13 @@ class CollapseStatisticsMetric(Metric):
             raise ValueError(
                 f"Expected argument `class_means` to have {self.num_classes} rows (num_classes),"
                 f" but got shape {tuple(means.shape)}."
+            )
+        if self._classifier is None:
+            warnings.warn(
+                f"{type(self).__name__} has no `classifier`, so NC4 is not measured against these"
+                " class means; pass `classifier=` at construction.",
+                UserWarning,
+                stacklevel=2,
             )
         centre, centred, offsets = _prepare_reference(means.to(self.nc4_samples.device))
         self._nc4_centre, self._nc4_means, self._nc4_offsets = centre, centred, offsets
@@ -345,7 +360,7 @@ class CollapseStatisticsMetric(Metric):
                     f"Expected argument `features` to have {self._nc4_means.shape[1]} features like"
                     f" the reference class means, but got shape {tuple(features.shape)}."
                 )
-            classifier = self._classifier_weight_bias()
+            classifier = self._classifier_weight_bias(finite=self.validate_args)
             assert classifier is not None  # a classifier is set (checked above)
             reference = (self._nc4_centre, self._nc4_means, self._nc4_offsets)
             mismatches, samples = _nc4_counts(features, classifier[0], classifier[1], reference)
@@ -361,6 +376,13 @@ class CollapseStatisticsMetric(Metric):
                     f" {list(incoming_state)}"
                 )
         theirs, mine = incoming_state["statistics"], self.statistics
+        if theirs.numel() and mine.numel() and theirs.numel() != mine.numel():
+            dim = ClassStatistics.num_features_from_packed_size(mine.numel(), self.num_classes)
+            raise ValueError(
+                f"Expected the incoming state to hold statistics of {self.num_classes} classes and"
+                f" {dim} features like this metric ({mine.numel()} values), but got"
+                f" {theirs.numel()} values (another number of classes or features)."
+            )
         if theirs.numel() == 0:
             merged = mine
         elif mine.numel() == 0:
@@ -372,6 +394,9 @@ class CollapseStatisticsMetric(Metric):
         self.nc4_samples = self.nc4_samples + incoming_state["nc4_samples"]
 
     def _nc4_counts_or_none(self) -> tuple[Tensor, Tensor] | None:
-        if self._nc4_means is None or self._classifier is None:
-            return None
-        return self.nc4_mismatches, self.nc4_samples
+        """The NC4 counts while they are measured, or once anything was counted (counts restored
+        from a ``state_dict`` without the reference means, which are not saved)."""
+        measuring = self._nc4_means is not None and self._classifier is not None
+        if measuring or float(self.nc4_samples) > 0:
+            return self.nc4_mismatches, self.nc4_samples
+        return None

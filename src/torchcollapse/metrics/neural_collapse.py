@@ -159,7 +159,7 @@ class NeuralCollapse(CollapseStatisticsMetric):
         return self._batch_or_raise(self._compute, self._undefined_batch_value)
 
     def _compute(self) -> dict[str, Tensor]:
-        classifier = self._classifier_weight_bias()
+        classifier = self._classifier_weight_bias(finite=True)
         return neural_collapse_compute(
             self.class_statistics(),
             weight=None if classifier is None else classifier[0],

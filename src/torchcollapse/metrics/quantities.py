@@ -82,7 +82,7 @@ class _SingleQuantity(CollapseStatisticsMetric):
         return self._batch_or_raise(self._compute, self._nan)
 
     def _compute(self) -> Tensor:
-        classifier = self._classifier_weight_bias()
+        classifier = self._classifier_weight_bias(finite=True)
         out = neural_collapse_compute(
             self.class_statistics(),
             weight=None if classifier is None else classifier[0],
