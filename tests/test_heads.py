@@ -422,3 +422,41 @@ def test_float16_gradient_of_small_features_is_accurate() -> None:
     assert ref.grad is not None
     error = (x.grad.double() - ref.grad).norm(dim=1) / ref.grad.norm(dim=1)
     assert float(error.max()) < 8 * 2**-11, (seed, error)
+
+
+@pytest.mark.parametrize("kind", ["etf", "cosine", "nearest"])
+def test_logits_may_be_edited_in_place_before_backward(kind: str) -> None:
+    # As with nn.Linear: temperature scaling or masking the returned logits in place must not
+    # break the backward pass (the head keeps its own copy of what the backward needs).
+    from torchcollapse.heads import NearestETFHead
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    heads = {
+        "etf": lambda: SimplexETFHead(12, 5, scale=4.0, dtype=F64),
+        "cosine": lambda: CosineHead(12, 5, dtype=F64),
+        "nearest": lambda: NearestETFHead(12, 5, dtype=F64),
+    }
+    head = heads[kind]()
+    h = features(8, 12, seed=seed, dtype=F64)
+    x_edit, x_ref = h.clone().requires_grad_(), h.clone().requires_grad_()
+    logits = head(x_edit)
+    logits /= 2.0
+    logits[:, 0] = -math.inf  # masks a class
+    logits[:, 1:].sum().backward()
+    reference = head(x_ref) / 2.0
+    reference[:, 1:].sum().backward()
+    assert x_edit.grad is not None
+    assert x_ref.grad is not None
+    torch.testing.assert_close(x_edit.grad, x_ref.grad, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+
+
+def test_bias_keeps_the_autocast_dtype_and_meta_construction_works() -> None:
+    head = SimplexETFHead(16, 5, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(torch.randn(2, 16)).dtype == torch.bfloat16  # as nn.Linear
+    with torch.device("meta"):
+        meta = SimplexETFHead(16, 5, learnable_scale=True, bias=True)
+    assert meta.frame.is_meta
+    assert "SimplexETFHead(" in repr(meta)
+    assert CosineHead(16, 5, device="meta").weight.is_meta
+    assert "CosineHead(" in repr(CosineHead(16, 5, learnable_scale=True, device="meta"))

@@ -220,3 +220,37 @@ def test_float64_running_means_are_exact() -> None:
     torch.testing.assert_close(
         head.running_means, expected, rtol=1e-14, atol=1e-15, msg=lambda m: f"seed {seed}: {m}"
     )
+
+
+def test_unlabelled_then_labelled_call_in_one_step_backpropagates() -> None:
+    # Semi-supervised steps: a call without labels, then one with labels (which updates the frame
+    # buffer in place), then one backward through both.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    head = NearestETFHead(16, 4, dtype=torch.float64)
+    unlabelled = torch.randn(8, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    frame_before = head.frame.clone()
+    logits = head(unlabelled)
+    head(torch.randn(8, 16, generator=g, dtype=torch.float64), torch.arange(4).repeat(2))
+    assert not torch.equal(head.frame, frame_before)  # the labelled call moved the frame
+    (logits * logits).sum().backward()
+    # the unlabelled call's gradient is that of the frame it used
+    reference = unlabelled.detach().clone().requires_grad_()
+    expected = NearestETFHead(16, 4, dtype=torch.float64)
+    expected.frame.copy_(frame_before)
+    out = expected(reference)
+    (out * out).sum().backward()
+    assert unlabelled.grad is not None
+    torch.testing.assert_close(unlabelled.grad, reference.grad, msg=f"seed {seed}")
+
+
+def test_nearest_etf_is_exact_under_autocast() -> None:
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    points = torch.randn(5, 16, generator=torch.Generator().manual_seed(seed))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        frame = nearest_simplex_etf(points)
+    assert frame.dtype == torch.float32
+    gram = frame.double() @ frame.double().T
+    etf = (torch.eye(5, dtype=torch.float64) - 0.2) * 1.25
+    # float32 rounding of an SVD product (a few 1e-7), not bfloat16's 1e-3
+    torch.testing.assert_close(gram, etf, rtol=0, atol=2e-6, msg=f"seed {seed}")

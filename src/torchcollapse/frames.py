@@ -253,17 +253,20 @@ def nearest_simplex_etf(
         raise ValueError(
             f"Expected `points` of shape (K, d) with K >= 2 and d >= K - 1, but got {(k, d)}."
         )
+    if proximal and (previous is None or previous.shape != points.shape):
+        raise ValueError(
+            "Expected argument `previous` of the same shape as `points` when `proximal` > 0."
+        )
     work = torch.promote_types(points.dtype, torch.float32)
-    target = points.detach().to(work)
-    target = target / torch.linalg.vector_norm(target, dim=1, keepdim=True).clamp_min(eps)
-    if proximal:
-        if previous is None or previous.shape != points.shape:
-            raise ValueError(
-                "Expected argument `previous` of the same shape as `points` when `proximal` > 0."
-            )
-        target = target + proximal * previous.detach().to(device=target.device, dtype=work)
-    u, _, vh = torch.linalg.svd(_helmert_transpose_times(target), full_matrices=False)
-    frame = math.sqrt(k / (k - 1)) * _helmert_times(u @ vh)
+    # at least float32 also under autocast, whose lower-precision products would leave the
+    # frame only approximately an ETF
+    with torch.autocast(points.device.type, enabled=False):
+        target = points.detach().to(work)
+        target = target / torch.linalg.vector_norm(target, dim=1, keepdim=True).clamp_min(eps)
+        if proximal and previous is not None:
+            target = target + proximal * previous.detach().to(device=target.device, dtype=work)
+        u, _, vh = torch.linalg.svd(_helmert_transpose_times(target), full_matrices=False)
+        frame = math.sqrt(k / (k - 1)) * _helmert_times(u @ vh)
     return frame.to(points.dtype)
 
 

@@ -85,7 +85,9 @@ class ScaledHeadMixin:
         return self.num_classes
 
     def _current_scale(self) -> float:
-        return self._scale if self.log_scale is None else float(self.log_scale.detach().exp())
+        if self.log_scale is None or self.log_scale.is_meta:  # meta: no value to read
+            return self._scale
+        return float(self.log_scale.detach().exp())
 
     @property
     def scale(self) -> Tensor | float:
@@ -102,8 +104,10 @@ class _NormalizedLinear(torch.autograd.Function):
     ``N x d`` features several times in the backward pass and launches a dozen small kernels;
     here the feature gradient is one matrix product and one fused multiply-add over the features:
     ``grad = W^T (g * inv) - ((g . out) / ||x||^2) x`` (the second term is zero where the norm is
-    clamped at ``eps``). The forward saves ``inverse = scale / max(||x||, eps)`` and
-    ``curvature = 1 / ||x||^2`` (0 where clamped) so that the backward is five kernels.
+    clamped at ``eps``). The forward saves the product ``x W^T`` before its rescaling (not the
+    returned logits, which the caller may edit in place, as with ``nn.Linear``), ``inverse =
+    scale / max(||x||, eps)`` and ``curvature = 1 / ||x||^2`` (0 where clamped), so that the
+    backward is five kernels.
     """
 
     @staticmethod
@@ -125,9 +129,11 @@ class _NormalizedLinear(torch.autograd.Function):
             lin = F.linear(features, weight)
             out = (lin.float() * inverse).to(lin.dtype)
         else:
-            out = F.linear(features, weight).mul_(inverse)
+            lin = F.linear(features, weight)
+            # in the product's dtype (autocast may have run it in a lower precision)
+            out = torch.mul(lin, inverse, out=torch.empty_like(lin))
         scale_tensor = scale if isinstance(scale, Tensor) else None
-        ctx.save_for_backward(features, weight, out, inverse, curvature, scale_tensor)
+        ctx.save_for_backward(features, weight, lin, inverse, curvature, scale_tensor)
         return out
 
     @staticmethod
@@ -135,14 +141,19 @@ class _NormalizedLinear(torch.autograd.Function):
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        features, weight, out, inverse, curvature, scale = ctx.saved_tensors
+        features, weight, lin, inverse, curvature, scale = ctx.saved_tensors
         need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
         k, d = weight.shape
         if features.dtype in _HALF:
-            return _half_backward(ctx, grad, features, weight, out, inverse, curvature, scale)
+            return _half_backward(ctx, grad, features, weight, lin, inverse, curvature, scale)
         scaled = (grad * inverse).reshape(-1, k)
         grad_features = grad_weight = grad_scale = None
-        dot = (grad * out).sum(-1, keepdim=True) if need_features or need_scale else None
+        # g . out = (g . x W^T) * inverse
+        dot = (
+            (grad * lin).sum(-1, keepdim=True).mul_(inverse)
+            if need_features or need_scale
+            else None
+        )
         if need_features:
             assert dot is not None
             # the weight in the gradient's dtype: autocast may have run the forward product in a
@@ -164,18 +175,18 @@ def _half_backward(
     grad: Tensor,
     features: Tensor,
     weight: Tensor,
-    out: Tensor,
+    lin: Tensor,
     inverse: Tensor,
     curvature: Tensor,
     scale: Tensor | None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
     """The backward pass for float16/bfloat16 features: products in the input precision, the
     factors and the correction term in float32 (``(g . out) / ||x||^2`` overflows float16 for
-    small features whose gradient itself is representable)."""
+    small features whose gradient itself is representable); ``lin`` is ``x W^T`` unscaled."""
     need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
     k, d = weight.shape
     grad32 = grad.float()
-    dot = (grad32 * out.float()).sum(-1, keepdim=True)
+    dot = (grad32 * lin.float()).sum(-1, keepdim=True).mul_(inverse)
     grad_features = grad_weight = grad_scale = None
     if need_features:
         limit = torch.finfo(features.dtype).max
@@ -203,4 +214,5 @@ def normalized_linear(
     features each way. Not twice differentiable.
     """
     logits: Tensor = _NormalizedLinear.apply(features, weight, scale, eps)
-    return logits if bias is None else logits + bias
+    # in the logits' dtype, as nn.Linear under autocast (a float32 bias would promote them)
+    return logits if bias is None else logits + bias.to(logits.dtype)

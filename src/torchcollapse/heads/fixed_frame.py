@@ -114,7 +114,10 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
                 "Expected argument `frame` to be a 2-D tensor (num_classes, in_features) with at "
                 f"least 2 rows, but got shape {tuple(frame.shape)}."
             )
-        if not frame.is_floating_point() or not bool(torch.isfinite(frame).all()):
+        # (a frame on the meta device, for deferred initialisation, has no values to check)
+        if not frame.is_floating_point() or (
+            not frame.is_meta and not bool(torch.isfinite(frame).all())
+        ):
             raise ValueError("Expected argument `frame` to be a finite floating-point tensor.")
         if not eps > 0:
             raise ValueError(f"Expected argument `eps` to be > 0, but got {eps}.")

@@ -163,7 +163,10 @@ class NearestETFHead(FixedFrameHead):
             # A fresh tensor, not the buffer, enters the graph: updating the buffer in a later
             # step cannot invalidate this step's backward pass.
             return self._logits(features, self.update(features, target))
-        return self._logits(features, self.frame)
+        # The same without a target while autograd records: a labelled call later in the step
+        # (semi-supervised steps) updates the buffer in place before this call's backward.
+        frame = self.frame.clone() if torch.is_grad_enabled() else self.frame
+        return self._logits(features, frame)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, proximal={self.proximal}"
