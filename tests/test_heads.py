@@ -221,8 +221,18 @@ def test_fixed_head_errors() -> None:
         SimplexETFHead(8, 4, scale=0.0)
     with pytest.raises(ValueError, match="`eps` to be > 0"):
         SimplexETFHead(8, 4, eps=0.0)
-    with pytest.raises(ValueError, match="spherical_code"):
+    with pytest.raises(
+        ValueError, match=r"`in_features` to be at least .* SphericalCodeHead\(3, 10\)"
+    ):
         SimplexETFHead(3, 10)
+    with pytest.raises(ValueError, match=r"`in_features` to be at least `num_classes` = 5"):
+        OrthogonalFrameHead(4, 5)
+    with pytest.raises(ValueError, match="`eps` to be > 0"):
+        SimplexETFHead(8, 4, eps=None)  # type: ignore[arg-type]
+    # a fixed-frame head's `weight` is computed from its frame: filling it would do nothing
+    fixed = OrthogonalFrameHead(16, 5, bias=True)
+    with pytest.raises(TypeError, match="computed on access"):
+        etf_init_(fixed)
     with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
         SimplexETFHead(3, 1)
     with pytest.raises(TypeError, match="`features` to be floating point"):

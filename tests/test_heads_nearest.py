@@ -168,8 +168,9 @@ def test_nearest_head_learns_a_separable_problem() -> None:
 def test_nearest_head_errors() -> None:
     with pytest.raises(ValueError, match=r"`momentum` to be in \(0, 1\]"):
         NearestETFHead(8, 4, momentum=0.0)
-    with pytest.raises(ValueError, match="`proximal` to be a float >= 0"):
-        NearestETFHead(8, 4, proximal=-1.0)
+    for proximal in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="`proximal` to be a finite float >= 0"):
+            NearestETFHead(8, 4, proximal=proximal)
     with pytest.raises(ValueError, match="spherical_code"):
         NearestETFHead(2, 4)
     with pytest.raises(ValueError, match=r"`target` of shape \(N,\)"):

@@ -188,3 +188,22 @@ def test_no_classifier_is_a_clear_error() -> None:
         find_head("resnet18")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`factory` to return an nn\.Module"):
         replace_head(ResNetLike(), lambda d, k: None)  # type: ignore[arg-type,return-value]
+
+
+def test_find_head_skips_a_classifier_wrapper_whose_classifier_was_removed() -> None:
+    # timm's reset_classifier(0): the wrapper keeps `in_features` but has `num_classes = 0` and an
+    # identity inside; it is no classifier to replace.
+    class ClassifierHeadLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features, self.num_classes = 10, 0
+            self.fc = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    model = nn.Module()
+    model.stem = nn.Linear(4, 10)
+    model.head = ClassifierHeadLike()
+    with pytest.raises(ValueError, match="classifier"):
+        find_head(model)

@@ -111,8 +111,8 @@ class CosineHead(ScaledHeadMixin, nn.Module):
                 f"Expected argument `margin` to be a number in {interval} for {margin_type}, "
                 f"but got {margin!r}."
             )
-        if not eps > 0:
-            raise ValueError(f"Expected argument `eps` to be > 0, but got {eps}.")
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"Expected argument `eps` to be > 0, but got {eps!r}.")
         self.margin = float(margin)
         self.margin_type: MarginType = margin_type
         self.easy_margin = bool(easy_margin)

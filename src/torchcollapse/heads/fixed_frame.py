@@ -119,8 +119,8 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
             not frame.is_meta and not bool(torch.isfinite(frame).all())
         ):
             raise ValueError("Expected argument `frame` to be a finite floating-point tensor.")
-        if not eps > 0:
-            raise ValueError(f"Expected argument `eps` to be > 0, but got {eps}.")
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"Expected argument `eps` to be > 0, but got {eps!r}.")
         self.num_classes, self.in_features = int(frame.shape[0]), int(frame.shape[1])
         self.normalize_features = bool(normalize_features)
         self.learnable_scale = bool(learnable_scale)
@@ -216,6 +216,13 @@ class SimplexETFHead(FixedFrameHead):
     ) -> None:
         check_positive_int(in_features, "in_features")
         check_positive_int(num_classes, "num_classes", 2)
+        if in_features < num_classes - 1:
+            raise ValueError(
+                f"Expected argument `in_features` to be at least `num_classes - 1` ="
+                f" {num_classes - 1} for a simplex ETF, but got {in_features}; use"
+                f" SphericalCodeHead({in_features}, {num_classes}) for more classes than"
+                " dimensions + 1."
+            )
         frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
         super().__init__(
             frame,
@@ -318,6 +325,13 @@ class OrthogonalFrameHead(FixedFrameHead):
     ) -> None:
         check_positive_int(in_features, "in_features")
         check_positive_int(num_classes, "num_classes", 2)
+        if in_features < num_classes:
+            raise ValueError(
+                f"Expected argument `in_features` to be at least `num_classes` = {num_classes} for"
+                f" orthogonal class vectors, but got {in_features}; use"
+                f" SimplexETFHead({in_features}, {num_classes}) (in_features >= num_classes - 1)"
+                f" or SphericalCodeHead({in_features}, {num_classes})."
+            )
         frame = orthogonal_frame(num_classes, in_features, generator=generator, dtype=dtype)
         super().__init__(
             frame,

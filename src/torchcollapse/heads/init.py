@@ -57,6 +57,14 @@ def etf_init_(
                 f"Expected argument `target` to be a tensor or a module with a `weight` tensor, "
                 f"but {type(target).__name__} has none."
             )
+        stored = (*target.parameters(recurse=False), *target.buffers(recurse=False))
+        if not any(weight is tensor for tensor in stored):
+            # e.g. a fixed-frame head, whose `weight` is computed from its frame on each access:
+            # filling it would change nothing but the bias
+            raise TypeError(
+                f"Expected the `weight` of {type(target).__name__} to be a parameter or buffer of"
+                " the module, but it is computed on access (a fixed-frame head keeps its frame)."
+            )
         etf_init_(weight, gain=gain, generator=generator)
         bias = getattr(target, "bias", None)
         if isinstance(bias, Tensor):

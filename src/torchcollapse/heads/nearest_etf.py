@@ -25,6 +25,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -93,9 +95,13 @@ class NearestETFHead(FixedFrameHead):
             raise TypeError(f"Expected argument `momentum` to be a float, but got {momentum!r}.")
         if not 0 < momentum <= 1:
             raise ValueError(f"Expected argument `momentum` to be in (0, 1], but got {momentum}.")
-        if isinstance(proximal, bool) or not isinstance(proximal, (int, float)) or proximal < 0:
+        if (
+            isinstance(proximal, bool)
+            or not isinstance(proximal, (int, float))
+            or not 0 <= proximal < math.inf
+        ):
             raise ValueError(
-                f"Expected argument `proximal` to be a float >= 0, but got {proximal!r}."
+                f"Expected argument `proximal` to be a finite float >= 0, but got {proximal!r}."
             )
         frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
         super().__init__(

@@ -32,7 +32,12 @@ def _head_shape(module: nn.Module) -> tuple[int, int] | None:
         return module.in_features, module.out_features
     in_features = getattr(module, "in_features", None)
     num_classes = getattr(module, "num_classes", None)
-    if isinstance(in_features, int) and isinstance(num_classes, int) and in_features > 0:
+    if (
+        isinstance(in_features, int)
+        and isinstance(num_classes, int)
+        and in_features > 0
+        and num_classes > 0  # not a wrapper whose classifier was removed (timm, num_classes=0)
+    ):
         return in_features, num_classes  # a torchcollapse head (or one that follows its naming)
     return None
 
