@@ -285,6 +285,7 @@ def test_classification_losses_pass_module_checks() -> None:
         lambda: DotRegressionLoss(class_counts=[4, 3, 2, 1]),
         (features, target, frame),
         gradcheck=False,
+        fixed_dtype_buffers=("class_counts",),  # float32 counts: float16 would round them
     )
 
 
@@ -693,7 +694,7 @@ def test_documented_loss_errors() -> None:
     for k in (0.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="`k` to be a positive finite number"):
             RescaledMSELoss(k=k)
-    with pytest.raises(ValueError, match="`m` to be finite"):
+    with pytest.raises(ValueError, match="`m` to be a finite number"):
         RescaledMSELoss(m=math.nan)
     with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
         CollapseRegularizer(True)  # type: ignore[arg-type]
@@ -1062,3 +1063,73 @@ def test_collapse_terms_do_not_overflow_at_extreme_feature_scales(
     torch.testing.assert_close(
         grad, exact_grad, rtol=1e-3, atol=1e-4 * float(exact_grad.abs().max()), msg=message
     )
+
+
+def test_functional_losses_validate_like_their_modules() -> None:
+    from torchcollapse.losses.dot_regression import dot_regression_loss
+    from torchcollapse.losses.rescaled_mse import rescaled_mse_loss
+
+    h, y, frame = torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.randn(3, 3)
+    with pytest.raises(ValueError, match="`reduction` to be one of"):
+        dot_regression_loss(h, y, frame, reduction="Sum")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`reduction` to be one of"):
+        rescaled_mse_loss(h, y, reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`k` to be a positive finite number"):
+        rescaled_mse_loss(h, y, k=-1.0)
+    with pytest.raises(ValueError, match="`reweight_power` to be a finite number"):
+        DotRegressionLoss(reweight_power=math.nan)
+    with pytest.raises(ValueError, match="`eps` to be positive and finite"):
+        DotRegressionLoss(eps=math.inf)
+    with pytest.raises(TypeError, match="`logits` to be a tensor"):
+        RescaledMSELoss()([[1.0, 2.0]], torch.tensor([0]))  # type: ignore[arg-type]
+
+
+def test_many_classes_do_not_build_a_class_by_class_identity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A tiny batch of many classes fits N K d <= 2**18, but the one-hot rows would come from a
+    # K x K identity (K = 12,000: 576 MB): such batches take the index path.
+    built: list[int] = []
+    original = fused._cached_matrix
+
+    def spy(kind: str, size: int, dtype: torch.dtype) -> Tensor:
+        built.append(size)
+        return original(kind, size, dtype)
+
+    monkeypatch.setattr(fused, "_cached_matrix", spy)
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 12_000, (4,), generator=g)
+    value = CollapseRegularizer(12_000, nc1=1.0, nc2=0.5)(h, y)
+    value.backward()
+    assert all(size <= 256 for size in built), f"seed {seed}: {built}"
+    monkeypatch.setattr(fused, "ONEHOT_MAX", 0)  # the index path everywhere: the same result
+    h2 = h.detach().clone().requires_grad_()
+    CollapseRegularizer(12_000, nc1=1.0, nc2=0.5)(h2, y).backward()
+    assert h.grad is not None
+    assert h2.grad is not None
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-12, atol=1e-14, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_composable_simplex_geometry_holds_at_extreme_scales_in_float32(scale: float) -> None:
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(60, 6, 5, seed=seed % 10_000, spread=0.5)
+    values = []
+    for dtype in (torch.float64, torch.float32):
+        stats = batch_class_statistics((features * scale).to(dtype), target, 5)
+        values.append(float(simplex_geometry_of_means(stats)))
+    assert values[1] == pytest.approx(values[0], rel=1e-4), f"seed {seed}"
+
+
+def test_composable_terms_refuse_double_backward() -> None:
+    # Closed-form gradients are first order: a gradient penalty through them must fail loudly
+    # rather than drop their second-order terms.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(24, 4, 3, seed=seed % 10_000)
+    h = features.clone().requires_grad_()
+    nc1 = within_class_variability(batch_class_statistics(h, target, 3))
+    (grad,) = torch.autograd.grad(nc1, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.square().sum().backward()

@@ -155,7 +155,8 @@ def test_feature_center_half_inputs_accumulate_in_float32() -> None:
 
 def test_norm_modules_pass_module_checks() -> None:
     features = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
-    check_module(lambda: FeatureNorm(scale=2.0), (features,))
+    # a fixed scale keeps its float32 log under .to(dtype): float16 would round it
+    check_module(lambda: FeatureNorm(scale=2.0), (features,), fixed_dtype_buffers=("log_scale",))
     check_module(lambda: FeatureNorm(scale=2.0, learnable=True), (features,))
 
     def trained_center() -> FeatureCenter:
@@ -220,3 +221,21 @@ def test_feature_center_averages_across_processes() -> None:
             results[0]["output"][: sizes[0]] if step == 0 else results[0]["output"][SPLITS[0][0] :]
         )
         torch.testing.assert_close(rank0, outputs[step][: sizes[0]], rtol=1e-12, atol=1e-12)
+
+
+def test_fixed_scale_and_class_counts_survive_half_precision_conversion() -> None:
+    from torchcollapse.losses import DotRegressionLoss
+
+    norm = FeatureNorm(scale=16.0).half()
+    assert norm.log_scale.dtype == torch.float32
+    assert float(norm.scale) == pytest.approx(16.0, rel=1e-6)  # float16 would give 16.0156
+    out = norm(torch.tensor([[3.0, 4.0]], dtype=torch.float16))
+    assert out.dtype == torch.float16
+    assert torch.equal(out, torch.tensor([[9.6, 12.8]], dtype=torch.float16))
+    loss = DotRegressionLoss(class_counts=[70000.0, 4973.0, 100.0]).half()
+    assert loss.class_counts is not None
+    assert loss.class_counts.tolist() == [70000.0, 4973.0, 100.0]  # no inf, no rounding
+    value = loss(
+        torch.randn(6, 3).half(), torch.tensor([0, 1, 2, 0, 1, 2]), torch.randn(3, 3).half()
+    )
+    assert torch.isfinite(value)

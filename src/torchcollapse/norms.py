@@ -101,6 +101,15 @@ class FeatureNorm(nn.Module):
         with torch.no_grad():
             self.log_scale.fill_(math.log(self._init_scale))
 
+    def _apply(self, fn: Any, recurse: bool = True) -> FeatureNorm:
+        fixed = None if self.learnable else self.log_scale
+        super()._apply(fn, recurse)
+        if fixed is not None:
+            # a fixed scale keeps its dtype (``.half()`` would round it, 16 -> 16.0156); the
+            # device follows. A learnable scale is a parameter and converts like one.
+            self.log_scale = fixed.to(device=self.log_scale.device)
+        return self
+
     @property
     def scale(self) -> Tensor:
         """The current scale, ``exp(log_scale)``."""

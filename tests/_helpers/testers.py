@@ -25,7 +25,7 @@ import copy
 import io
 import os
 import pickle
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -570,13 +570,15 @@ def _plain_tensor_attributes(module: nn.Module) -> list[str]:
     return found
 
 
-def _moved(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``copy.deepcopy(module).to(dtype)``, checked to hold only floating ``dtype`` tensors."""
+def _moved(module: nn.Module, dtype: torch.dtype, keep: Collection[str] = ()) -> nn.Module:
+    """``copy.deepcopy(module).to(dtype)``, checked to hold only floating ``dtype`` tensors
+    (but the buffers named in ``keep``, which must keep their dtype)."""
     moved = copy.deepcopy(module).to(dtype)
+    before = dict(module.named_buffers())
     wrong = [
         f"{name} ({t.dtype})"
         for name, t in [*moved.named_parameters(), *moved.named_buffers()]
-        if t.is_floating_point() and t.dtype != dtype
+        if t.is_floating_point() and t.dtype != (before[name].dtype if name in keep else dtype)
     ]
     if wrong:
         raise AssertionError(f"check_module .to({dtype}): not converted: {wrong}")
@@ -595,6 +597,7 @@ def check_module(
     compile_backend: str | Callable[..., Any] | None = "aot_eager",
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
     forward_kwargs: Mapping[str, Any] | None = None,
+    fixed_dtype_buffers: Collection[str] = (),
 ) -> ModuleCheckReport:
     """Check that an ``nn.Module`` saves, moves, copies, differentiates and compiles correctly.
 
@@ -632,6 +635,8 @@ def check_module(
             compiles C++ and is slow), or ``None`` to skip check 6.
         dtypes: floating dtypes for check 3.
         forward_kwargs: keyword arguments passed to every ``forward`` call.
+        fixed_dtype_buffers: buffers that deliberately keep their dtype under ``.to(dtype)``
+            (counts, fixed constants); check 3 requires exactly that of them.
 
     Returns:
         A :class:`ModuleCheckReport` of the checks made.
@@ -689,9 +694,9 @@ def check_module(
         report.checks.append("tensor attributes")
 
         # 3. .to(dtype)
-        reference64 = _moved(module, torch.float64)
+        reference64 = _moved(module, torch.float64, fixed_dtype_buffers)
         for dtype in dtypes:
-            moved = _moved(module, dtype)
+            moved = _moved(module, dtype, fixed_dtype_buffers)
             args = _cast_inputs(inputs, dtype)
             out = run(moved, args)
             bad = [t.dtype for t in _leaves(out) if t.is_floating_point() and t.dtype != dtype]

@@ -7,6 +7,10 @@
   over the global batch under ``torch.distributed``: :class:`WithinClassVariabilityLoss` (NC1),
   :class:`SimplexGeometryLoss` (NC2), :class:`SelfDualityLoss` (NC3), and their sum
   :class:`CollapseRegularizer`, which can aim at a target level of NC1.
+
+The regularizers and :class:`DotRegressionLoss` hand autograd closed-form gradients: they are
+first-order only. A double backward (``create_graph=True``: gradient penalties, MAML-style
+meta-learning) does not include their second-order terms, so do not use them inside one.
 """
 
 from __future__ import annotations

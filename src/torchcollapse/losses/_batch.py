@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse._labels import check_label_range, label_range_error
@@ -38,6 +39,7 @@ __all__ = [
     "batch_class_statistics",
     "check_classifier_shape",
     "check_features_target",
+    "check_reduction",
     "check_weight",
     "compute_dtype",
     "count_classes",
@@ -137,6 +139,17 @@ def check_num_classes(num_classes: Any) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(
             f"Expected argument `num_classes` to be a positive integer, but got {num_classes!r}."
+        )
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: Any) -> None:
+    """Raise unless ``reduction`` is ``"mean"``, ``"sum"`` or ``"none"``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"Expected argument `reduction` to be one of {REDUCTIONS}, but got {reduction!r}."
         )
 
 
@@ -262,6 +275,7 @@ class _WithinAndCentredMeans(torch.autograd.Function):
         return trace_within, centered, means
 
     @staticmethod
+    @once_differentiable
     def backward(
         ctx: Any, grad_within: Tensor, grad_centered: Tensor, _: Tensor
     ) -> tuple[Tensor | None, None, None, None]:

@@ -67,8 +67,9 @@ _CAP = {dtype: 1.0 / torch.finfo(dtype).eps for dtype in WIDE_DTYPES}
 
 
 def onehot_products(num_samples: int, num_classes: int, dim: int) -> bool:
-    """Whether a CPU batch is small enough (``N K d <= ONEHOT_MAX``) for one-hot products."""
-    return num_samples * num_classes * dim <= ONEHOT_MAX
+    """Whether a CPU batch is small enough (``N K d <= ONEHOT_MAX``, and ``K <= 256``: the one-hot
+    rows are rows of a ``K x K`` identity) for one-hot products."""
+    return num_classes <= 256 and num_samples * num_classes * dim <= ONEHOT_MAX
 
 
 _MATRICES: dict[tuple[str, int, torch.dtype], Tensor] = {}

@@ -23,6 +23,7 @@ network?", NeurIPS 2022.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ from torch import Tensor, nn
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse.losses._batch import (
     check_features_target,
+    check_reduction,
+    check_weight,
     compute_dtype,
     count_classes,
     global_sum,
@@ -48,8 +51,6 @@ from torchcollapse.losses._fused import (
 )
 
 __all__ = ["DotRegressionLoss", "class_weights_from_counts", "dot_regression_loss"]
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def class_weights_from_counts(counts: Tensor, power: float = 0.5) -> Tensor:
@@ -97,6 +98,7 @@ def dot_regression_loss(
         ...                     frame, reduction="none")   # aligned: 0; orthogonal: 1/2 * 1 * 1
         tensor([0.0000, 0.5000])
     """
+    check_reduction(reduction)
     if reduction == "none":
         scale = None
     else:
@@ -264,10 +266,7 @@ class DotRegressionLoss(nn.Module):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(
-                f"Expected argument `reduction` to be one of {_REDUCTIONS}, but got {reduction!r}."
-            )
+        check_reduction(reduction)
         self.batch_counts = isinstance(class_counts, str)
         if isinstance(class_counts, str) and class_counts != "batch":
             raise ValueError(
@@ -284,15 +283,25 @@ class DotRegressionLoss(nn.Module):
                     f"finite counts, but got {class_counts!r}."
                 )
             counts = counts.float()
+        # float32 whatever the module's dtype (see _apply): float16 would round them, or
+        # overflow beyond 65504
         self.register_buffer("class_counts", counts)
-        self.reweight_power = float(reweight_power)
+        self.reweight_power = check_weight(reweight_power, "reweight_power")
         self.reduction = reduction
-        if not eps > 0:
-            raise ValueError(f"Expected argument `eps` to be positive, but got {eps}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"Expected argument `eps` to be positive and finite, but got {eps!r}.")
         self.eps = eps
         self.sync_dist = sync_dist
         self.process_group = process_group
         self.validate_args = validate_args
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DotRegressionLoss:
+        counts = self.class_counts
+        super()._apply(fn, recurse)
+        if counts is not None and self.class_counts is not None:
+            # the device follows; the dtype stays (from the original, not a rounded copy)
+            self.class_counts = counts.to(device=self.class_counts.device)
+        return self
 
     def extra_repr(self) -> str:
         counts = (

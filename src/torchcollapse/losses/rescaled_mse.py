@@ -22,17 +22,23 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse.losses._batch import check_features_target, compute_dtype
+from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["RescaledMSELoss", "rescaled_mse_loss"]
 
-_REDUCTIONS = ("mean", "sum", "none")
+
+def _check_arguments(k: Any, m: Any, reduction: Any) -> None:
+    check_reduction(reduction)
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < math.inf:
+        raise ValueError(f"Expected argument `k` to be a positive finite number, but got {k!r}.")
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+        raise ValueError(f"Expected argument `m` to be a finite number, but got {m!r}.")
 
 
 def rescaled_mse_loss(
@@ -61,6 +67,7 @@ def rescaled_mse_loss(
         >>> rescaled_mse_loss(logits, target, k=2.0, m=2.0)  # 2 * 1.5^2 / 2
         tensor(2.2500)
     """
+    _check_arguments(k, m, reduction)
     dtype = compute_dtype(logits.dtype)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         f = logits.to(dtype)
@@ -107,14 +114,7 @@ class RescaledMSELoss(nn.Module):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(
-                f"Expected argument `reduction` to be one of {_REDUCTIONS}, but got {reduction!r}."
-            )
-        if not math.isfinite(k) or k <= 0:
-            raise ValueError(f"Expected argument `k` to be a positive finite number, but got {k}.")
-        if not math.isfinite(m):
-            raise ValueError(f"Expected argument `m` to be finite, but got {m}.")
+        _check_arguments(k, m, reduction)
         self.k = float(k)
         self.m = float(m)
         self.reduction = reduction
@@ -125,5 +125,6 @@ class RescaledMSELoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Rescaled square loss of ``logits`` (``(N, C)``) against labels ``target``."""
-        check_features_target(logits, target, logits.shape[-1], self.validate_args, name="logits")
+        num_classes = logits.shape[-1] if isinstance(logits, Tensor) and logits.ndim else 0
+        check_features_target(logits, target, num_classes, self.validate_args, name="logits")
         return rescaled_mse_loss(logits, target, self.k, self.m, self.reduction)

@@ -64,14 +64,17 @@ def _gram_distance(v: Tensor, k: Tensor, total: Tensor | None) -> Tensor:
     """``2 - 2 (tr G - total / k) / (||G||_F sqrt(k - 1))`` for masked rows ``v``; ``total`` is
     ``||sum of rows||^2`` (``None``: the rows sum to zero)."""
     trace = v.pow(2).sum()
-    gram = v @ v.T if v.shape[0] <= v.shape[1] else v.T @ v
+    # the Gram matrix over ||v||_F^2: entries of order 1, so that ||G||_F^2 (the eighth power of
+    # the rows' scale) neither overflows nor underflows in float32
+    norm = trace.detach().clamp_min(torch.finfo(v.dtype).tiny)
+    gram = (v @ v.T if v.shape[0] <= v.shape[1] else v.T @ v) / norm
     frob2 = gram.pow(2).sum()
     valid = k >= 2
     # safe denominators: 1 where the value is replaced anyway or the Gram is zero
     scale = (torch.where(frob2 > 0, frob2, 1.0) * torch.where(valid, k - 1, 1.0)).sqrt()
     if total is not None:
         trace = trace - total / k.clamp_min(1.0)
-    return where_valid(valid, 2.0 - 2.0 * trace / scale)
+    return where_valid(valid, 2.0 - 2.0 * (trace / norm) / scale)
 
 
 class SimplexGeometryLoss(BatchCollapseTerm):
