@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,41 +98,87 @@ class ScaledHeadMixin:
         return self._scale
 
 
+def _normalized_forward(
+    features: Tensor, weight: Tensor, scale: float | Tensor, eps: float, inplace: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The logits ``x W^T * inverse`` and what the backward needs: the product ``x W^T`` before
+    its rescaling (not the logits, which the caller may edit in place, as with ``nn.Linear``),
+    ``inverse = scale / max(||x||, eps)`` and ``curvature = 1 / ||x||^2`` (0 where clamped)."""
+    half = features.dtype in _HALF
+    norm = torch.linalg.vector_norm(
+        features, dim=-1, keepdim=True, dtype=torch.float32 if half else None
+    )
+    inverse: Tensor = scale / norm.clamp_min(eps)
+    # 1 / ||x||^2 where the norm is not clamped; 0 where it is (the map is linear there):
+    # clamped norms become infinite, whose inverse square is 0.
+    curvature = torch.threshold(norm, eps, math.inf)
+    curvature = curvature.pow_(-2) if inplace else curvature.pow(-2)
+    lin = F.linear(features, weight)
+    if half:
+        # The factors stay float32 (scale / ||x|| overflows float16 for small features):
+        # the product runs in the input precision, the rescaling in float32.
+        curvature = curvature.clamp_max(torch.finfo(torch.float32).max)
+        out = (lin.float() * inverse).to(lin.dtype)
+    elif inplace:
+        # in the product's dtype (autocast may have run it in a lower precision)
+        out = torch.mul(lin, inverse, out=torch.empty_like(lin))
+    else:
+        out = (lin * inverse).to(lin.dtype)
+    return out, lin, inverse, curvature
+
+
+def _normalized_backward(
+    needs: tuple[bool, ...],
+    grad: Tensor,
+    saved: tuple[Tensor, ...],
+    inplace: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    """Gradients of :func:`_normalized_forward` for ``features``, ``weight`` and ``scale``:
+    ``W^T (g * inv) - ((g . out) / ||x||^2) x``, ``(g * inv)^T x`` and ``sum(g . out) / scale``."""
+    features, weight, lin, inverse, curvature, scale = saved
+    need_features, need_weight, need_scale = needs
+    k, d = weight.shape
+    if features.dtype in _HALF:
+        return _half_backward(
+            needs, grad, features, weight, lin, inverse, curvature, scale, inplace
+        )
+    scaled = (grad * inverse).reshape(-1, k)
+    grad_features = grad_weight = grad_scale = None
+    # g . out = (g . x W^T) * inverse
+    dot = (grad * lin).sum(-1, keepdim=True) * inverse if need_features or need_scale else None
+    if need_features:
+        assert dot is not None
+        # the weight in the gradient's dtype: autocast may have run the forward product in a
+        # lower precision than a float32 weight; the coefficient in the curvature's dtype
+        if weight.dtype != scaled.dtype:
+            weight = weight.to(scaled.dtype)
+        product = torch.mm(scaled, weight).view(features.shape)
+        if inplace:
+            grad_features = product.addcmul_(features, dot * curvature, value=-1)
+        else:  # torch.func has no batching rule for the in-place form
+            grad_features = torch.addcmul(product, features, dot * curvature, value=-1)
+    if need_weight:
+        grad_weight = scaled.T @ features.reshape(-1, d)
+    if need_scale:
+        assert dot is not None
+        grad_scale = (dot.sum() / scale).reshape(scale.shape).to(scale.dtype)
+    return grad_features, grad_weight, grad_scale, None
+
+
 class _NormalizedLinear(torch.autograd.Function):
     """``F.linear(features, weight) * scale / max(||features||, eps)`` with a fused backward.
 
     Autograd through the composite (norm, clamp, divide, matmul, multiply) reads and writes the
     ``N x d`` features several times in the backward pass and launches a dozen small kernels;
-    here the feature gradient is one matrix product and one fused multiply-add over the features:
-    ``grad = W^T (g * inv) - ((g . out) / ||x||^2) x`` (the second term is zero where the norm is
-    clamped at ``eps``). The forward saves the product ``x W^T`` before its rescaling (not the
-    returned logits, which the caller may edit in place, as with ``nn.Linear``), ``inverse =
-    scale / max(||x||, eps)`` and ``curvature = 1 / ||x||^2`` (0 where clamped), so that the
-    backward is five kernels.
+    here the feature gradient is one matrix product and one fused multiply-add over the features
+    (:func:`_normalized_backward`), five kernels in all.
     """
 
     @staticmethod
     def forward(
         ctx: Any, features: Tensor, weight: Tensor, scale: float | Tensor, eps: float
     ) -> Tensor:
-        half = features.dtype in _HALF
-        norm = torch.linalg.vector_norm(
-            features, dim=-1, keepdim=True, dtype=torch.float32 if half else None
-        )
-        inverse: Tensor = scale / norm.clamp_min(eps)
-        # 1 / ||x||^2 where the norm is not clamped; 0 where it is (the map is linear there):
-        # clamped norms become infinite, whose inverse square is 0.
-        curvature = torch.threshold(norm, eps, math.inf).pow_(-2)
-        if half:
-            # The factors stay float32 (scale / ||x|| overflows float16 for small features):
-            # the product runs in the input precision, the rescaling in float32.
-            curvature = curvature.clamp_max_(torch.finfo(torch.float32).max)
-            lin = F.linear(features, weight)
-            out = (lin.float() * inverse).to(lin.dtype)
-        else:
-            lin = F.linear(features, weight)
-            # in the product's dtype (autocast may have run it in a lower precision)
-            out = torch.mul(lin, inverse, out=torch.empty_like(lin))
+        out, lin, inverse, curvature = _normalized_forward(features, weight, scale, eps, True)
         scale_tensor = scale if isinstance(scale, Tensor) else None
         ctx.save_for_backward(features, weight, lin, inverse, curvature, scale_tensor)
         return out
@@ -141,37 +188,46 @@ class _NormalizedLinear(torch.autograd.Function):
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        features, weight, lin, inverse, curvature, scale = ctx.saved_tensors
-        need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
-        k, d = weight.shape
-        if features.dtype in _HALF:
-            return _half_backward(ctx, grad, features, weight, lin, inverse, curvature, scale)
-        scaled = (grad * inverse).reshape(-1, k)
-        grad_features = grad_weight = grad_scale = None
-        # g . out = (g . x W^T) * inverse
-        dot = (
-            (grad * lin).sum(-1, keepdim=True).mul_(inverse)
-            if need_features or need_scale
-            else None
-        )
-        if need_features:
-            assert dot is not None
-            # the weight in the gradient's dtype: autocast may have run the forward product in a
-            # lower precision than a float32 weight; the coefficient in the curvature's dtype
-            if weight.dtype != scaled.dtype:
-                weight = weight.to(scaled.dtype)
-            product = torch.mm(scaled, weight).view(features.shape)
-            grad_features = product.addcmul_(features, dot * curvature, value=-1)
-        if need_weight:
-            grad_weight = scaled.T @ features.reshape(-1, d)
-        if need_scale:
-            assert dot is not None
-            grad_scale = (dot.sum() / scale).reshape(scale.shape).to(scale.dtype)
-        return grad_features, grad_weight, grad_scale, None
+        return _normalized_backward(ctx.needs_input_grad[:3], grad, ctx.saved_tensors, True)
+
+
+class _NormalizedLinearForTransforms(torch.autograd.Function):
+    """:class:`_NormalizedLinear` in the form ``torch.func`` transforms need (``vmap``, ``grad``,
+    ``jacrev``; per-sample gradients): a separate ``setup_context``, no in-place operations, and
+    a batching rule derived from the forward and backward. Slower outside the transforms (the
+    four outputs of the forward cost autograd bookkeeping), so used only inside them."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        features: Tensor, weight: Tensor, scale: float | Tensor, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _normalized_forward(features, weight, scale, eps, False)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        features, weight, scale, _ = inputs
+        _, lin, inverse, curvature = output
+        ctx.mark_non_differentiable(lin, inverse, curvature)
+        scale_tensor = scale if isinstance(scale, Tensor) else None
+        ctx.save_for_backward(features, weight, lin, inverse, curvature, scale_tensor)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad: Tensor, *_: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        return _normalized_backward(ctx.needs_input_grad[:3], grad, ctx.saved_tensors, False)
+
+
+_transforms_active: Callable[[], bool] = getattr(
+    torch._C, "_are_functorch_transforms_active", lambda: False
+)
 
 
 def _half_backward(
-    ctx: Any,
+    needs: tuple[bool, ...],
     grad: Tensor,
     features: Tensor,
     weight: Tensor,
@@ -179,22 +235,28 @@ def _half_backward(
     inverse: Tensor,
     curvature: Tensor,
     scale: Tensor | None,
+    inplace: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
     """The backward pass for float16/bfloat16 features: products in the input precision, the
     factors and the correction term in float32 (``(g . out) / ||x||^2`` overflows float16 for
     small features whose gradient itself is representable); ``lin`` is ``x W^T`` unscaled."""
-    need_features, need_weight, need_scale = ctx.needs_input_grad[:3]
+    need_features, need_weight, need_scale = needs
     k, d = weight.shape
     grad32 = grad.float()
-    dot = (grad32 * lin.float()).sum(-1, keepdim=True).mul_(inverse)
+    dot = (grad32 * lin.float()).sum(-1, keepdim=True) * inverse
     grad_features = grad_weight = grad_scale = None
     if need_features:
         limit = torch.finfo(features.dtype).max
         product = torch.mm(grad.reshape(-1, k), weight.to(grad.dtype)).view(features.shape)
-        correction = (
-            product.float().mul_(inverse).addcmul_(features.float(), dot * curvature, value=-1)
-        )
-        grad_features = correction.clamp_(-limit, limit).to(features.dtype)
+        if inplace:
+            correction = product.float().mul_(inverse)
+            correction = correction.addcmul_(features.float(), dot * curvature, value=-1)
+            correction = correction.clamp_(-limit, limit)
+        else:
+            correction = torch.addcmul(
+                product.float() * inverse, features.float(), dot * curvature, value=-1
+            ).clamp(-limit, limit)
+        grad_features = correction.to(features.dtype)
     if need_weight:
         scaled = (grad32 * inverse).reshape(-1, k)
         grad_weight = scaled.T @ features.reshape(-1, d).float()
@@ -213,6 +275,9 @@ def normalized_linear(
     (:class:`_NormalizedLinear`): the cost is that of ``nn.Linear`` plus one pass over the
     features each way. Not twice differentiable.
     """
-    logits: Tensor = _NormalizedLinear.apply(features, weight, scale, eps)
+    if _transforms_active():
+        logits: Tensor = _NormalizedLinearForTransforms.apply(features, weight, scale, eps)[0]
+    else:
+        logits = _NormalizedLinear.apply(features, weight, scale, eps)
     # in the logits' dtype, as nn.Linear under autocast (a float32 bias would promote them)
     return logits if bias is None else logits + bias.to(logits.dtype)
