@@ -47,6 +47,7 @@ Outputs in ``--out`` (default ``runs/imbalance/<timestamp>``): ``config.json``, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -627,6 +628,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
             )
             for ratio in config.ratios
         }
+        # before any training: the minority-collapse measures need >= 2 minority classes
+        num_minority = math.floor(config.minority_fraction * k)
+        if not 2 <= num_minority <= k - 1:
+            raise ValueError(
+                f"Expected argument `minority_fraction` to make between 2 and {k - 1} of the {k}"
+                f" classes minority classes, but {config.minority_fraction} makes {num_minority}."
+            )
         for ratio in config.ratios:
             data = long_tail_subset(full, counts[ratio], config.subset_seed)
             experiment.data = data

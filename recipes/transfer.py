@@ -148,6 +148,8 @@ class TransferConfig(TrainConfig):
             raise ValueError(
                 f"Expected argument `shots` to hold positive integers, but got {list(self.shots)}."
             )
+        if self.draws < 1:
+            raise ValueError(f"Expected argument `draws` to be at least 1, but got {self.draws}.")
         if self.reg_weight <= 0:
             raise ValueError(
                 f"Expected argument `reg_weight` to be positive, but got {self.reg_weight}."
@@ -599,6 +601,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     with Experiment(config) as experiment:
         full, runtime = experiment.data, experiment.runtime
         source, target = split_classes(full, _source_classes(config))
+        # before any training: every shot count must fit the smallest target class
+        smallest = int(torch.bincount(target.train.targets.cpu()).min())
+        if max(config.shots) > smallest:
+            raise ValueError(
+                f"Expected argument `shots` to be at most {smallest} (the smallest target class of"
+                f" the training split), but got {list(config.shots)}."
+            )
         experiment.data = source
 
         def run_evaluation(model: CollapseModel) -> dict[str, float]:

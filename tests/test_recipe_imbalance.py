@@ -226,3 +226,17 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path, cache: str) ->
         for column in ("loss", "test_bal_acc", "test_tail_acc", "minority_w_cos", "train_nc1"):
             # same global batches; float32 reductions in another order drift ~1e-6 relative
             assert a[column] == pytest.approx(b[column], rel=1e-4, abs=1e-6), column
+
+
+def test_too_few_minority_classes_fail_before_training(
+    tmp_path: Path, cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 0.1 of 10 classes is one minority class: the minority-collapse measures need two, so the
+    # study must stop before it trains anything.
+    trained: list[str] = []
+    monkeypatch.setattr(imbalance.Experiment, "run", lambda self, *a, **k: trained.append("run"))
+    with pytest.raises(ValueError, match="`minority_fraction` to make between 2 and 9"):
+        imbalance.main(
+            [*TINY, "--minority-fraction", "0.1", "--cache-dir", cache, "--out", str(tmp_path)]
+        )
+    assert not trained

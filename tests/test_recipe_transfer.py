@@ -182,3 +182,17 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path, cache: str) ->
             # same global batches; float32 reductions in another order drift ~1e-6 relative, and
             # the probe's accuracy on 100 queries moves only if a prediction sits on a boundary
             assert a[column] == pytest.approx(b[column], rel=1e-3, abs=1e-6), column
+
+
+def test_bad_draws_and_shots_fail_before_training(
+    tmp_path: Path, cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained: list[str] = []
+    monkeypatch.setattr(transfer.Experiment, "run", lambda self, *a, **k: trained.append("run"))
+    with pytest.raises(ValueError, match="`draws` to be at least 1"):
+        transfer.main([*TINY, "--draws", "0", "--cache-dir", cache, "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="`shots` to be at most"):
+        transfer.main(
+            [*TINY, "--shots", "1", "100000", "--cache-dir", cache, "--out", str(tmp_path)]
+        )
+    assert not trained

@@ -396,3 +396,27 @@ def test_check_choices_names_the_argument_and_the_allowed_values() -> None:
         check_choices("runs", ("a", "x"), ("a", "b"))
     with pytest.raises(ValueError, match=r"`methods` to be among \['a'\], but got \[\]"):
         check_choices("methods", (), ("a",))
+
+
+def test_runtime_device_cuda_takes_this_process_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--device cuda` must name an index for torch.cuda.set_device (LOCAL_RANK under torchrun);
+    # without a GPU it is a clear error, not a CUDA traceback.
+    from harness.train import Runtime
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no GPU"):
+        Runtime.from_environment("cuda")
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    runtime = Runtime.from_environment("cuda")
+    assert runtime.device == torch.device("cuda:1")
+    assert chosen == [torch.device("cuda:1")]
+
+
+def test_config_rejects_repeated_seeds_and_resume_without_a_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="distinct `seeds`"):
+        parse_config(_Config, ["--seeds", "0", "0", "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="to name a run folder"):
+        parse_config(_Config, ["--resume", "--out", str(tmp_path)])

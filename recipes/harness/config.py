@@ -115,6 +115,8 @@ class TrainConfig:
                 raise ValueError(f"Expected argument `{name}` to be at least 2, but got {value}.")
         if not self.seeds:
             raise ValueError("Expected argument `seeds` to hold at least one seed, but got ().")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"Expected distinct `seeds`, but got {list(self.seeds)}.")
         if self.lr <= 0:
             raise ValueError(f"Expected argument `lr` to be positive, but got {self.lr}.")
         if self.dataset != "mnist1d" and self.model != "resnet18":
@@ -321,6 +323,11 @@ def parse_config(
     if explicit.get("resume"):
         out = explicit.get("out")
         folder = Path(out) if out else _latest_run(getattr(cls, "study", "recipe"))
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Expected --resume --out {folder} to name a run folder (holding config.json),"
+                " but it holds none; drop --resume to start a run there."
+            )
         saved = load_config(cls, folder / "config.json")
         changed = {
             k: v for k, v in explicit.items() if k not in RUNTIME_FIELDS and getattr(saved, k) != v

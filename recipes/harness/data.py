@@ -107,7 +107,7 @@ class Dataset:
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """``override``, else ``$TORCHCOLLAPSE_CACHE``, else ``~/.cache/torchcollapse``."""
     if override is not None:
-        return Path(override)
+        return Path(override).expanduser()
     env = os.environ.get("TORCHCOLLAPSE_CACHE")
     if env:
         return Path(env)
@@ -197,7 +197,7 @@ def load_cifar(
     )
     if root is None:
         raise FileNotFoundError(f"Dataset {name!r} needs --data-root: {hint}.")
-    base = Path(root)
+    base = Path(root).expanduser()
     folder = base if base.name == folder_name else base / folder_name
     if name == "cifar10":
         train_files = [folder / f"data_batch_{i}" for i in range(1, 6)]

@@ -82,10 +82,15 @@ class Runtime:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "auto":
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and world > 1:
+        elif device == "cuda":  # this process's GPU (set_device needs an index)
             device = f"cuda:{local_rank}"
         target = torch.device(device)
         if target.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"Expected a CUDA device for `--device {device}`, but torch sees no GPU (torch"
+                    f" {torch.__version__}); use `--device cpu` or `auto`."
+                )
             torch.cuda.set_device(target)
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
