@@ -16,7 +16,7 @@ training set (train NC1) and whether test accuracy and test NC1 follow, with the
 
 Commands::
 
-    # default: MNIST-1D, 1-D CNN, 4 runs x 2 seeds, a few minutes on 2 CPU cores
+    # default: MNIST-1D, 1-D CNN, 4 runs x 2 seeds, about a minute on 2 CPU cores
     python recipes/generalization.py
     python recipes/generalization.py --model mlp           # the MLP instead of the CNN
     python recipes/generalization.py --preset paper        # 200 epochs, 3 seeds (long)

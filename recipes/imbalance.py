@@ -30,7 +30,7 @@ minority means apart, and whether that buys balanced accuracy.
 
 Commands::
 
-    # default: MNIST-1D, step profile, ratios 10 and 100, 5 runs x 2 seeds each (~5 min, 2 cores)
+    # default: MNIST-1D, step profile, ratios 10 and 100, 5 runs x 2 seeds each (~1 min, 2 cores)
     python recipes/imbalance.py
     python recipes/imbalance.py --profile exponential --ratios 10 100
     python recipes/imbalance.py --preset paper              # 200 epochs, 3 seeds, ratios 1-100

@@ -28,7 +28,7 @@ those numbers whether each claim held here.
 
 Commands::
 
-    # default: MNIST-1D, 6 objectives x 3 seeds (~4 min on 2 CPU cores)
+    # default: MNIST-1D, 6 objectives x 3 seeds (~1 min on 2 CPU cores)
     python recipes/transfer.py
     python recipes/transfer.py --preset paper        # 100 epochs, 5 seeds (long)
     python recipes/transfer.py --resume --out runs/transfer/<stamp>   # continue

@@ -51,7 +51,9 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
     product runs, and the logits come out, in the autocast dtype while the frame stays float32;
     with float16/bfloat16 features the norms, the rescaling factors and the correction term of
     the feature gradient are computed in float32, so small features neither overflow nor lose
-    their gradient.
+    their gradient. The product itself sees the raw features, as ``nn.Linear`` would: under
+    float16 autocast, features of norm beyond float16's range (65504) give infinite logits and
+    norms below ~1e-4 lose precision; bfloat16 has float32's range.
 
     Args:
         frame: ``(num_classes, in_features)`` class vectors, used as given (the functions of
