@@ -1133,3 +1133,26 @@ def test_composable_terms_refuse_double_backward() -> None:
     (grad,) = torch.autograd.grad(nc1, h, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("n", [24, 4096])  # the inner-product hand-off and the custom node
+def test_fused_terms_refuse_create_graph(n: int, compute_path: str) -> None:
+    # A gradient penalty or MAML step through closed-form gradients would silently miss their
+    # second-order terms: the backward with create_graph=True raises instead, and a plain
+    # backward (also retain_graph twice) still works. (The running-means NC1 of small CPU
+    # batches is plain autograd, exact to any order, and does not raise.)
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(n, 8, 3, seed=seed % 10_000)
+    net = nn.Linear(8, 8).double()
+    terms = {
+        "regularizer": lambda h: CollapseRegularizer(3, nc1=1.0, nc2=0.5)(h, target),
+        "dot": lambda h: DotRegressionLoss()(h, target, torch.eye(3, 8, dtype=torch.float64)),
+    }
+    for name, term in terms.items():
+        with pytest.raises(RuntimeError, match="first-order only"):
+            torch.autograd.grad(term(net(features)), list(net.parameters()), create_graph=True)
+        value = term(net(features))
+        value.backward(retain_graph=True)
+        value.backward()
+        assert net.weight.grad is not None, name
+        net.zero_grad()

@@ -9,8 +9,10 @@
   :class:`CollapseRegularizer`, which can aim at a target level of NC1.
 
 The regularizers and :class:`DotRegressionLoss` hand autograd closed-form gradients: they are
-first-order only. A double backward (``create_graph=True``: gradient penalties, MAML-style
-meta-learning) does not include their second-order terms, so do not use them inside one.
+first-order only. A backward with ``create_graph=True`` (gradient penalties, MAML-style
+meta-learning, Hessian-vector products) raises a ``RuntimeError`` rather than silently leave out
+their second-order terms (under ``torch.compile`` the check is skipped: do not compile them into
+such a step).
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ def with_gradients(
         (x, _, grad_x), *rest = pairs
         y, grad_y = (rest[0][0], rest[0][2]) if rest else (None, None)
         out: Tensor = _HandOff.apply(as_tensor(value, like), x, grad_x, y, grad_y)
-        return out
+        return _first_order(out)
     # sums and ``x - x_detached``: their backward passes the gradient through, no kernel
     total: Tensor | None = None
     for full, detached, grad in pairs:
@@ -360,7 +360,27 @@ def with_gradients(
         total = term if total is None else total + term
     if total is None:
         return as_tensor(value, like)
-    return total + value
+    return _first_order(total + value)
+
+
+def _first_order(out: Tensor) -> Tensor:
+    """``out``, whose backward raises under ``create_graph=True``: the gradients handed over are
+    closed-form constants, so a double backward (gradient penalties, MAML) would silently miss
+    their second-order terms. A tensor hook (no extra operation); not under ``torch.compile``."""
+    # torch.compiler itself, not this module's alias (which the tests use to force the
+    # accelerator path on CPU): eager accelerators register the hook too
+    if out.requires_grad and not torch.compiler.is_compiling():
+        out.register_hook(_refuse_double_backward)
+    return out
+
+
+def _refuse_double_backward(grad: Tensor) -> None:
+    if torch.is_grad_enabled():  # in a backward pass: create_graph=True
+        raise RuntimeError(
+            "The collapse regularizers and DotRegressionLoss hand autograd closed-form gradients"
+            " and are first-order only: a double backward (create_graph=True) through them is"
+            " not supported."
+        )
 
 
 def collapse_terms(
