@@ -501,3 +501,51 @@ def test_torch_func_vmap_and_per_sample_gradients(kind: str) -> None:
             torch.testing.assert_close(
                 per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"seed {seed}, {name}"
             )
+
+
+def test_float16_autocast_with_large_float32_features_keeps_finite_gradients() -> None:
+    # x W^T is ||x|| / scale times the logits: under float16 autocast its product with the
+    # upstream gradient must not overflow (the backward takes it in float32).
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    h = features(8, 64, seed=seed) * 200.0
+    # large upstream gradients (a loss scale); not constant: the ETF's rows sum to zero
+    upstream = 300.0 * features(8, 5, seed=seed + 1)
+    head = SimplexETFHead(64, 5, scale=16.0)
+    x = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = head(x)
+    (logits.float() * upstream).sum().backward()
+    exact = h.double().requires_grad_()
+    reference = SimplexETFHead(64, 5, scale=16.0, dtype=F64)
+    reference.frame.copy_(head.frame.double())
+    (reference(exact) * upstream.double()).sum().backward()
+    assert x.grad is not None
+    assert exact.grad is not None
+    assert torch.isfinite(x.grad).all(), f"seed {seed}"
+    # float16 products (2**-11 relative) of the logits and the feature gradient
+    atol = 4e-3 * float(exact.grad.abs().max())
+    torch.testing.assert_close(
+        x.grad.double(), exact.grad, rtol=1e-2, atol=atol, msg=f"seed {seed}"
+    )
+
+
+def test_number_arguments_accept_numpy_scalars_and_0_dim_tensors() -> None:
+    import numpy as np
+
+    assert SimplexETFHead(4, 3, eps=np.float32(1e-3)).eps == pytest.approx(1e-3)
+    assert CosineHead(4, 3, eps=torch.tensor(1e-3)).eps == pytest.approx(1e-3)
+
+
+def test_etf_init_fills_a_weight_property_that_returns_a_submodule_parameter() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        @property
+        def weight(self) -> torch.Tensor:
+            return self.fc.weight
+
+    wrapper = etf_init_(Wrapper())
+    gram = wrapper.fc.weight.detach().double() @ wrapper.fc.weight.detach().double().T
+    torch.testing.assert_close(gram, (torch.eye(4, dtype=F64) - 0.25) * 4 / 3, rtol=0, atol=1e-6)

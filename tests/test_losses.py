@@ -1156,3 +1156,20 @@ def test_fused_terms_refuse_create_graph(n: int, compute_path: str) -> None:
         value.backward()
         assert net.weight.grad is not None, name
         net.zero_grad()
+
+
+def test_number_arguments_accept_numpy_scalars_and_nan_features_give_nan_gradients(
+    compute_path: str,
+) -> None:
+    assert RescaledMSELoss(k=np.float32(2.0), m=np.int64(3)).k == 2.0
+    assert DotRegressionLoss(eps=torch.tensor(1e-6)).eps == pytest.approx(1e-6)
+    # a NaN feature is a NaN loss *and* NaN gradients (GradScaler reads the gradients), also on
+    # the capped ratio form
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(30, 4, 3, seed=seed % 10_000)
+    features[0, 0] = math.nan
+    for extra in ({}, {"target_nc1": 0.5}):
+        h = features.clone().requires_grad_()
+        CollapseRegularizer(3, nc1=1.0, nc1_form="ratio", **extra)(h, target).backward()  # type: ignore[arg-type]
+        assert h.grad is not None
+        assert torch.isnan(h.grad).any(), f"seed {seed}, {extra}"

@@ -239,3 +239,15 @@ def test_fixed_scale_and_class_counts_survive_half_precision_conversion() -> Non
         torch.randn(6, 3).half(), torch.tensor([0, 1, 2, 0, 1, 2]), torch.randn(3, 3).half()
     )
     assert torch.isfinite(value)
+
+
+def test_dtype_keeping_buffers_allow_deferred_initialisation_from_meta() -> None:
+    from torchcollapse.losses import DotRegressionLoss
+
+    norm = FeatureNorm(scale=16.0).to("meta").to_empty(device="cpu")
+    norm.reset_parameters()
+    assert float(norm.scale) == pytest.approx(16.0, rel=1e-6)
+    loss = DotRegressionLoss(class_counts=[7.0, 3.0, 5.0]).to("meta").to_empty(device="cpu")
+    assert loss.class_counts is not None
+    assert loss.class_counts.device.type == "cpu"
+    assert loss.class_counts.dtype == torch.float32

@@ -367,3 +367,20 @@ def test_pool_callable_tracks_token_outputs() -> None:
     with torch.no_grad():
         expected = neural_collapse(model(x).mean(1), y)["nc1"]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+
+
+def test_tracker_computes_restored_single_quantity_metrics() -> None:
+    from torchcollapse.metrics import NeuralCollapseNC1
+
+    model = _model()
+    x, y = _data()
+    factory = lambda name: NeuralCollapseNC1(NUM_CLASSES)  # noqa: E731
+    with CollapseTracker(model, ["4"], NUM_CLASSES, metric_factory=factory) as tracker:
+        tracker.update(x, y)
+        expected = tracker.compute()["4"]
+        tracker.metrics["4"].persistent(True)
+        saved = tracker.metrics["4"].state_dict()
+    with CollapseTracker(model, ["4"], NUM_CLASSES, metric_factory=factory) as restored:
+        restored.metrics["4"].load_state_dict(saved)
+        got = restored.compute()["4"]
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)

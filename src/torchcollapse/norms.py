@@ -104,10 +104,13 @@ class FeatureNorm(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> FeatureNorm:
         fixed = None if self.learnable else self.log_scale
         super()._apply(fn, recurse)
-        if fixed is not None:
-            # a fixed scale keeps its dtype (``.half()`` would round it, 16 -> 16.0156); the
-            # device follows. A learnable scale is a parameter and converts like one.
-            self.log_scale = fixed.to(device=self.log_scale.device)
+        moved = self.log_scale
+        if fixed is not None and moved.dtype != fixed.dtype:
+            # a fixed scale keeps its dtype (``.half()`` would round it, 16 -> 16.0156), from the
+            # original unless that holds no values (meta); the device follows. A learnable
+            # scale is a parameter and converts like one.
+            source = moved if fixed.is_meta else fixed
+            self.log_scale = source.to(device=moved.device, dtype=fixed.dtype)
         return self
 
     @property

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
-from torchcollapse.metrics import NeuralCollapse
+from torchcollapse.metrics import CollapseStatisticsMetric, NeuralCollapse
 
 __all__ = ["CollapseTracker", "pool_features"]
 
@@ -408,7 +408,7 @@ def _has_data(metric: Metric) -> bool:
     if (
         isinstance(statistics, Tensor)
         and statistics.numel() > 0
-        and isinstance(metric, NeuralCollapse)
+        and isinstance(metric, CollapseStatisticsMetric)
     ):
         return float(metric.class_statistics().total) > 0
     return False

@@ -144,8 +144,14 @@ def _normalized_backward(
         )
     scaled = (grad * inverse).reshape(-1, k)
     grad_features = grad_weight = grad_scale = None
-    # g . out = (g . x W^T) * inverse
-    dot = (grad * lin).sum(-1, keepdim=True) * inverse if need_features or need_scale else None
+    # g . out = (g . x W^T) * inverse; in float32 when autocast ran the product in half
+    # precision (x W^T is ||x|| / scale times the logits and may overflow float16 with g)
+    dot = None
+    if need_features or need_scale:
+        if lin.dtype in _HALF:
+            dot = (grad.float() * lin.float()).sum(-1, keepdim=True) * inverse
+        else:
+            dot = (grad * lin).sum(-1, keepdim=True) * inverse
     if need_features:
         assert dot is not None
         # the weight in the gradient's dtype: autocast may have run the forward product in a

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse._numbers import as_finite_float
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
     check_features,
@@ -111,7 +112,8 @@ class CosineHead(ScaledHeadMixin, nn.Module):
                 f"Expected argument `margin` to be a number in {interval} for {margin_type}, "
                 f"but got {margin!r}."
             )
-        if not isinstance(eps, (int, float)) or not eps > 0:
+        eps_value = as_finite_float(eps)
+        if eps_value is None or not eps_value > 0:
             raise ValueError(f"Expected argument `eps` to be > 0, but got {eps!r}.")
         self.margin = float(margin)
         self.margin_type: MarginType = margin_type

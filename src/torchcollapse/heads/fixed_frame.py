@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse._numbers import as_finite_float
 from torchcollapse.frames import orthogonal_frame, simplex_etf, spherical_code
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
@@ -121,7 +122,8 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
             not frame.is_meta and not bool(torch.isfinite(frame).all())
         ):
             raise ValueError("Expected argument `frame` to be a finite floating-point tensor.")
-        if not isinstance(eps, (int, float)) or not eps > 0:
+        eps_value = as_finite_float(eps)
+        if eps_value is None or not eps_value > 0:
             raise ValueError(f"Expected argument `eps` to be > 0, but got {eps!r}.")
         self.num_classes, self.in_features = int(frame.shape[0]), int(frame.shape[1])
         self.normalize_features = bool(normalize_features)

@@ -57,7 +57,7 @@ def etf_init_(
                 f"Expected argument `target` to be a tensor or a module with a `weight` tensor, "
                 f"but {type(target).__name__} has none."
             )
-        stored = (*target.parameters(recurse=False), *target.buffers(recurse=False))
+        stored = (*target.parameters(), *target.buffers())
         if not any(weight is tensor for tensor in stored):
             # e.g. a fixed-frame head, whose `weight` is computed from its frame on each access:
             # filling it would change nothing but the bias

@@ -23,7 +23,6 @@ phase of deep learning training", PNAS 2020.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse._labels import check_label_range, label_range_error
+from torchcollapse._numbers import as_finite_float
 
 __all__ = [
     "BatchClassStatistics",
@@ -155,13 +155,8 @@ def check_reduction(reduction: Any) -> None:
 
 def check_weight(value: Any, name: str = "weight") -> float:
     """``value`` as a float; raise unless it is a finite real number (a bool is not a weight)."""
-    number = None
-    if not isinstance(value, (bool, str)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            number = None
-    if number is None or not math.isfinite(number):
+    number = as_finite_float(value)
+    if number is None:
         raise ValueError(f"Expected argument `{name}` to be a finite number, but got {value!r}.")
     return number
 

@@ -139,6 +139,10 @@ def _relu(x: Scalar) -> Scalar:
     return x if x > 0 else 0.0
 
 
+def _not(x: bool | Tensor) -> bool | Tensor:
+    return torch.logical_not(x) if isinstance(x, Tensor) else not x
+
+
 def _reciprocal(x: Scalar) -> Scalar:
     return x.reciprocal() if isinstance(x, Tensor) else 1.0 / x
 
@@ -236,7 +240,7 @@ def _terms(
             # value, also squared as a target penalty
             denominator = _at_least(between, tiny)
             ratio = within / denominator
-            below = ratio <= cap
+            below = _not(ratio > cap)  # (a NaN ratio stays NaN, with NaN gradients)
             v1 = _where(below, ratio, cap)
             d_within = _where(below, _reciprocal(denominator), 0.0)
             d_between = _where(below & (between >= tiny), v1 / denominator, 0.0)
@@ -626,9 +630,9 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
     ``v`` the (masked) rows, ``s`` their sum, ``k`` their number, ``t = ||v||_F^2 - ||s||^2 / k``
     and ``f = ||v v^T||_F``, the value is ``2 - 2 t / (f sqrt(k - 1))`` and its gradient
     ``-4 (v - 1 s^T / k) / (f sqrt(k - 1)) + 4 t v v^T v / (f^3 sqrt(k - 1))``. The Gram matrix is
-    taken over ``||v||_F^2`` (entries of order 1; ``f`` itself grows as the fourth power of the
-    rows' scale and would leave the float32 range beyond ~1e+-9), and every quotient is formed
-    from those scale-free quantities.
+    taken over ``||v||_F^2`` (entries of order 1; ``f^2``, which is computed, grows as the fourth
+    power of the rows' scale and would leave the float32 range beyond ~1e+-9), and every quotient
+    is formed from those scale-free quantities.
     """
     dtype = compute_dtype(vectors.dtype)
     with no_autocast(vectors.device.type):

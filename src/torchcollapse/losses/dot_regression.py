@@ -23,7 +23,6 @@ network?", NeurIPS 2022.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse._numbers import as_finite_float
 from torchcollapse.losses._batch import (
     check_features_target,
     check_reduction,
@@ -275,7 +275,8 @@ class DotRegressionLoss(nn.Module):
             )
         counts: Tensor | None = None
         if class_counts is not None and not isinstance(class_counts, str):
-            counts = torch.as_tensor(class_counts, dtype=torch.float64)
+            # validated on the host (also inside a meta-device context: counts are data)
+            counts = torch.as_tensor(class_counts, dtype=torch.float64, device="cpu")
             valid = counts.ndim == 1 and bool(((counts >= 0) & counts.isfinite()).all())
             if counts.numel() == 0 or not valid:
                 raise ValueError(
@@ -288,9 +289,10 @@ class DotRegressionLoss(nn.Module):
         self.register_buffer("class_counts", counts)
         self.reweight_power = check_weight(reweight_power, "reweight_power")
         self.reduction = reduction
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        eps_value = as_finite_float(eps)
+        if eps_value is None or eps_value <= 0:
             raise ValueError(f"Expected argument `eps` to be positive and finite, but got {eps!r}.")
-        self.eps = eps
+        self.eps = eps_value
         self.sync_dist = sync_dist
         self.process_group = process_group
         self.validate_args = validate_args
@@ -298,9 +300,12 @@ class DotRegressionLoss(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> DotRegressionLoss:
         counts = self.class_counts
         super()._apply(fn, recurse)
-        if counts is not None and self.class_counts is not None:
-            # the device follows; the dtype stays (from the original, not a rounded copy)
-            self.class_counts = counts.to(device=self.class_counts.device)
+        moved = self.class_counts
+        if counts is not None and moved is not None and moved.dtype != counts.dtype:
+            # the device follows; the dtype stays (from the original, not a rounded copy,
+            # unless the original holds no values: the meta device)
+            source = moved if counts.is_meta else counts
+            self.class_counts = source.to(device=moved.device, dtype=counts.dtype)
         return self
 
     def extra_repr(self) -> str:

@@ -21,13 +21,13 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse._numbers import as_finite_float
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["RescaledMSELoss", "rescaled_mse_loss"]
@@ -35,9 +35,10 @@ __all__ = ["RescaledMSELoss", "rescaled_mse_loss"]
 
 def _check_arguments(k: Any, m: Any, reduction: Any) -> None:
     check_reduction(reduction)
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < math.inf:
+    k_value = as_finite_float(k)
+    if k_value is None or k_value <= 0:
         raise ValueError(f"Expected argument `k` to be a positive finite number, but got {k!r}.")
-    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+    if as_finite_float(m) is None:
         raise ValueError(f"Expected argument `m` to be a finite number, but got {m!r}.")
 
 

@@ -64,7 +64,7 @@ def _gram_distance(v: Tensor, k: Tensor, total: Tensor | None) -> Tensor:
     """``2 - 2 (tr G - total / k) / (||G||_F sqrt(k - 1))`` for masked rows ``v``; ``total`` is
     ``||sum of rows||^2`` (``None``: the rows sum to zero)."""
     trace = v.pow(2).sum()
-    # the Gram matrix over ||v||_F^2: entries of order 1, so that ||G||_F^2 (the eighth power of
+    # the Gram matrix over ||v||_F^2: entries of order 1, so that ||G||_F^2 (the fourth power of
     # the rows' scale) neither overflows nor underflows in float32
     norm = trace.detach().clamp_min(torch.finfo(v.dtype).tiny)
     gram = (v @ v.T if v.shape[0] <= v.shape[1] else v.T @ v) / norm
