@@ -1173,3 +1173,16 @@ def test_number_arguments_accept_numpy_scalars_and_nan_features_give_nan_gradien
         CollapseRegularizer(3, nc1=1.0, nc1_form="ratio", **extra)(h, target).backward()  # type: ignore[arg-type]
         assert h.grad is not None
         assert torch.isnan(h.grad).any(), f"seed {seed}, {extra}"
+
+
+def test_torch_func_grad_through_the_regularizer_matches_autograd() -> None:
+    # torch.func.grad runs its first-order backward with grad mode on; the create_graph check
+    # must let it through (small CPU batches: the inner-product hand-off works under torch.func)
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(30, 5, 3, seed=seed % 10_000)
+    regularizer = CollapseRegularizer(3, nc1=1.0, nc2=0.5)
+    got = torch.func.grad(lambda h: regularizer(h, target))(features)
+    h = features.clone().requires_grad_()
+    regularizer(h, target).backward()
+    assert h.grad is not None
+    torch.testing.assert_close(got, h.grad, rtol=1e-12, atol=1e-14, msg=f"seed {seed}")

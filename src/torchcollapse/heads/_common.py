@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from torchcollapse._autograd import transforms_active
 from torchcollapse._labels import check_label_range
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
@@ -227,11 +227,6 @@ class _NormalizedLinearForTransforms(torch.autograd.Function):
         return _normalized_backward(ctx.needs_input_grad[:3], grad, ctx.saved_tensors, False)
 
 
-_transforms_active: Callable[[], bool] = getattr(
-    torch._C, "_are_functorch_transforms_active", lambda: False
-)
-
-
 def _half_backward(
     needs: tuple[bool, ...],
     grad: Tensor,
@@ -281,7 +276,7 @@ def normalized_linear(
     (:class:`_NormalizedLinear`): the cost is that of ``nn.Linear`` plus one pass over the
     features each way. Not twice differentiable.
     """
-    if _transforms_active():
+    if transforms_active():
         logits: Tensor = _NormalizedLinearForTransforms.apply(features, weight, scale, eps)[0]
     else:
         logits = _NormalizedLinear.apply(features, weight, scale, eps)

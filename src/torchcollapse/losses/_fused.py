@@ -42,6 +42,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
+from torchcollapse._autograd import transforms_active
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse.losses._batch import compute_dtype, count_classes, label_range_error
 
@@ -379,7 +380,9 @@ def _first_order(out: Tensor) -> Tensor:
 
 
 def _refuse_double_backward(grad: Tensor) -> None:
-    if torch.is_grad_enabled():  # in a backward pass: create_graph=True
+    # in a backward pass grad mode means create_graph=True; torch.func.grad runs its (first-
+    # order) backward that way too, and is let through
+    if torch.is_grad_enabled() and not transforms_active():
         raise RuntimeError(
             "The collapse regularizers and DotRegressionLoss hand autograd closed-form gradients"
             " and are first-order only: a double backward (create_graph=True) through them is"
