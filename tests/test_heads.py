@@ -549,3 +549,42 @@ def test_etf_init_fills_a_weight_property_that_returns_a_submodule_parameter() -
     wrapper = etf_init_(Wrapper())
     gram = wrapper.fc.weight.detach().double() @ wrapper.fc.weight.detach().double().T
     torch.testing.assert_close(gram, (torch.eye(4, dtype=F64) - 0.25) * 4 / 3, rtol=0, atol=1e-6)
+
+
+def test_reset_parameters_rebuilds_drawn_frames_after_meta_initialisation() -> None:
+    # Deferred initialisation: build on the meta device, to_empty(), reset_parameters(): the same
+    # head as one built directly (frame, scale, bias), also with a caller's generator.
+    from torchcollapse.heads import NearestETFHead
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    makers = {
+        "etf": lambda: SimplexETFHead(16, 5, learnable_scale=True, bias=True),
+        "etf, generator": lambda: SimplexETFHead(
+            16, 5, generator=torch.Generator().manual_seed(seed)
+        ),
+        "orthogonal": lambda: OrthogonalFrameHead(16, 5, dtype=F64),
+        "spherical": lambda: SphericalCodeHead(3, 8, steps=30),
+        "nearest": lambda: NearestETFHead(16, 5),
+    }
+    for name, make in makers.items():
+        reference = make()
+        with torch.device("meta"):
+            head = make()
+        head = head.to_empty(device="cpu")
+        head.reset_parameters()
+        assert torch.equal(head.frame, reference.frame), f"{name}, seed {seed}"
+        assert float(head._current_scale()) == float(reference._current_scale()), name
+        if head.bias is not None:
+            assert torch.equal(head.bias, torch.zeros_like(head.bias)), name
+    trained = NearestETFHead(16, 5)
+    trained(features(20, 16, seed=seed), torch.arange(5).repeat(4))
+    trained.reset_parameters()
+    assert not trained.class_seen.any()
+    assert torch.equal(trained.frame, NearestETFHead(16, 5).frame)
+    given = FixedFrameHead(simplex_etf(5, 16) * 2.0, bias=True)  # a given frame is data
+    with torch.no_grad():
+        given.bias.fill_(1.0)  # type: ignore[union-attr]
+    given.reset_parameters()
+    assert torch.equal(given.frame, simplex_etf(5, 16) * 2.0)
+    assert given.bias is not None
+    assert not given.bias.any()

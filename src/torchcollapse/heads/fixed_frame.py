@@ -21,6 +21,8 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +147,22 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
             self.bias = nn.Parameter(torch.zeros(self.num_classes, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        # rebuilds the frame (subclasses with a deterministic frame); a frame given as a tensor
+        # is data, like a loaded weight, and has none
+        self._frame_builder: _FrameBuilder | None = None
+
+    def reset_parameters(self) -> None:
+        """Put the scale and the bias back to their initial values, and rebuild the frame of the
+        subclasses that draw it (the same frame: the generator's state is kept); a frame given
+        to :class:`FixedFrameHead` is left as it is. For deferred initialisation: after
+        ``to_empty()`` from the meta device, call this (or load a ``state_dict``)."""
+        with torch.no_grad():
+            if self._frame_builder is not None:
+                self.frame.copy_(self._frame_builder.build(self.frame.dtype))
+            if self.log_scale is not None:
+                self.log_scale.fill_(math.log(self._scale))
+            if self.bias is not None:
+                self.bias.zero_()
 
     @property
     def weight(self) -> Tensor:
@@ -227,6 +245,7 @@ class SimplexETFHead(FixedFrameHead):
                 f" SphericalCodeHead({in_features}, {num_classes}) for more classes than"
                 " dimensions + 1."
             )
+        builder = _FrameBuilder(simplex_etf, (num_classes, in_features), generator)
         frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
         super().__init__(
             frame,
@@ -237,6 +256,7 @@ class SimplexETFHead(FixedFrameHead):
             eps=eps,
             device=device,
         )
+        self._frame_builder = builder
 
 
 class SphericalCodeHead(FixedFrameHead):
@@ -279,6 +299,7 @@ class SphericalCodeHead(FixedFrameHead):
     ) -> None:
         check_positive_int(in_features, "in_features")
         check_positive_int(num_classes, "num_classes", 2)
+        builder = _FrameBuilder(spherical_code, (num_classes, in_features), generator, steps=steps)
         frame = spherical_code(
             num_classes, in_features, steps=steps, generator=generator, dtype=dtype
         )
@@ -291,6 +312,7 @@ class SphericalCodeHead(FixedFrameHead):
             eps=eps,
             device=device,
         )
+        self._frame_builder = builder
 
 
 class OrthogonalFrameHead(FixedFrameHead):
@@ -336,6 +358,7 @@ class OrthogonalFrameHead(FixedFrameHead):
                 f" SimplexETFHead({in_features}, {num_classes}) (in_features >= num_classes - 1)"
                 f" or SphericalCodeHead({in_features}, {num_classes})."
             )
+        builder = _FrameBuilder(orthogonal_frame, (num_classes, in_features), generator)
         frame = orthogonal_frame(num_classes, in_features, generator=generator, dtype=dtype)
         super().__init__(
             frame,
@@ -346,3 +369,28 @@ class OrthogonalFrameHead(FixedFrameHead):
             eps=eps,
             device=device,
         )
+        self._frame_builder = builder
+
+
+class _FrameBuilder:
+    """Rebuilds a drawn frame: the frame function, its sizes and the generator's state as it was
+    before the frame was drawn (bytes: no tensor attribute on the module; ``None``: the
+    default seed)."""
+
+    def __init__(
+        self,
+        function: Callable[..., Tensor],
+        sizes: tuple[int, int],
+        generator: torch.Generator | None,
+        **kwargs: Any,
+    ) -> None:
+        self.function, self.sizes, self.kwargs = function, sizes, kwargs
+        self.state = None if generator is None else bytes(generator.get_state().tolist())
+
+    def build(self, dtype: torch.dtype) -> Tensor:
+        generator = None
+        if self.state is not None:
+            generator = torch.Generator()
+            generator.set_state(torch.tensor(list(self.state), dtype=torch.uint8))
+        with torch.device("cpu"):  # also inside a meta-device context
+            return self.function(*self.sizes, generator=generator, dtype=dtype, **self.kwargs)

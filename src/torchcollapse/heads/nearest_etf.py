@@ -33,7 +33,7 @@ from torch import Tensor
 from torchcollapse._distributed import all_reduce_sum
 from torchcollapse.frames import nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import check_features, check_positive_int, check_target
-from torchcollapse.heads.fixed_frame import FixedFrameHead
+from torchcollapse.heads.fixed_frame import FixedFrameHead, _FrameBuilder
 
 __all__ = ["NearestETFHead"]
 
@@ -103,6 +103,7 @@ class NearestETFHead(FixedFrameHead):
             raise ValueError(
                 f"Expected argument `proximal` to be a finite float >= 0, but got {proximal!r}."
             )
+        builder = _FrameBuilder(simplex_etf, (num_classes, in_features), generator)
         frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
         super().__init__(
             frame,
@@ -119,6 +120,14 @@ class NearestETFHead(FixedFrameHead):
         self.register_buffer(
             "class_seen", torch.zeros(num_classes, dtype=torch.bool, device=self.frame.device)
         )
+        self._frame_builder = builder
+
+    def reset_parameters(self) -> None:
+        """As :meth:`FixedFrameHead.reset_parameters`, and forget the running class means."""
+        super().reset_parameters()
+        with torch.no_grad():
+            self.running_means.zero_()
+            self.class_seen.zero_()
 
     @torch.no_grad()
     def update(self, features: Tensor, target: Tensor) -> Tensor:
