@@ -229,6 +229,9 @@ def test_fixed_head_errors() -> None:
         OrthogonalFrameHead(4, 5)
     with pytest.raises(ValueError, match="`eps` to be > 0"):
         SimplexETFHead(8, 4, eps=None)  # type: ignore[arg-type]
+    for make in (SimplexETFHead, OrthogonalFrameHead, SphericalCodeHead):
+        with pytest.raises(TypeError, match=r"`generator` to be a torch\.Generator or None"):
+            make(8, 4, generator=42)  # type: ignore[arg-type]
     # a fixed-frame head's `weight` is computed from its frame: filling it would do nothing
     fixed = OrthogonalFrameHead(16, 5, bias=True)
     with pytest.raises(TypeError, match="computed on access"):

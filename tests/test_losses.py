@@ -1186,3 +1186,29 @@ def test_torch_func_grad_through_the_regularizer_matches_autograd() -> None:
     regularizer(h, target).backward()
     assert h.grad is not None
     torch.testing.assert_close(got, h.grad, rtol=1e-12, atol=1e-14, msg=f"seed {seed}")
+
+
+def test_number_reading_refuses_bools_complex_and_overflow_and_keeps_data_after_to_empty() -> None:
+    from decimal import Decimal
+
+    from torchcollapse._numbers import as_finite_float
+    from torchcollapse.losses.rescaled_mse import rescaled_mse_loss
+
+    accepted = [(2, 2.0), (np.float32(1.5), 1.5), (torch.tensor([2.0]), 2.0), (Decimal("2"), 2.0)]
+    for value, expected in accepted:
+        assert as_finite_float(value) == expected, repr(value)
+    refused = [True, np.True_, torch.tensor(True), np.complex128(1 + 2j), 1 + 0j, b"1", "1"]
+    refused += [bytearray(b"1.5"), 10**400, math.nan, -math.inf, None, [1.0]]
+    for value in refused:
+        assert as_finite_float(value) is None, repr(value)
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(seed))
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.testing.assert_close(
+        rescaled_mse_loss(logits, target, k=Decimal("2"), m=np.int64(3)),
+        rescaled_mse_loss(logits, target, k=2.0, m=3.0),
+    )
+    # the counts are data of the constructor: to_empty() keeps them
+    loss = DotRegressionLoss(class_counts=[10.0, 20.0, 30.0]).to_empty(device="cpu")
+    assert loss.class_counts is not None
+    assert loss.class_counts.tolist() == [10.0, 20.0, 30.0]

@@ -385,7 +385,10 @@ class _FrameBuilder:
         **kwargs: Any,
     ) -> None:
         self.function, self.sizes, self.kwargs = function, sizes, kwargs
-        self.state = None if generator is None else bytes(generator.get_state().tolist())
+        # (anything but a torch.Generator is left to the frame function to refuse)
+        self.state = None
+        if isinstance(generator, torch.Generator):
+            self.state = bytes(generator.get_state().tolist())
 
     def build(self, dtype: torch.dtype) -> Tensor:
         generator = None

@@ -12,7 +12,8 @@ The regularizers and :class:`DotRegressionLoss` hand autograd closed-form gradie
 first-order only. A backward with ``create_graph=True`` (gradient penalties, MAML-style
 meta-learning, Hessian-vector products) raises a ``RuntimeError`` rather than silently leave out
 their second-order terms (under ``torch.compile`` the check is skipped: do not compile them into
-such a step).
+such a step; nested ``torch.func`` differentiation, such as ``grad`` of ``grad``, is not caught
+either).
 """
 
 from __future__ import annotations

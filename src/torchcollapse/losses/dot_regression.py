@@ -301,9 +301,10 @@ class DotRegressionLoss(nn.Module):
         counts = self.class_counts
         super()._apply(fn, recurse)
         moved = self.class_counts
-        if counts is not None and moved is not None and moved.dtype != counts.dtype:
-            # the device follows; the dtype stays (from the original, not a rounded copy,
-            # unless the original holds no values: the meta device)
+        if counts is not None and moved is not None:
+            # the device follows; dtype and values stay: copied from the original (not a rounded
+            # copy; also after to_empty(), the counts being data of the constructor), unless the
+            # original holds no values (the meta device)
             source = moved if counts.is_meta else counts
             self.class_counts = source.to(device=moved.device, dtype=counts.dtype)
         return self

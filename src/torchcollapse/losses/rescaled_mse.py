@@ -33,13 +33,15 @@ from torchcollapse.losses._batch import check_features_target, check_reduction, 
 __all__ = ["RescaledMSELoss", "rescaled_mse_loss"]
 
 
-def _check_arguments(k: Any, m: Any, reduction: Any) -> None:
+def _check_arguments(k: Any, m: Any, reduction: Any) -> tuple[float, float]:
+    """``k`` and ``m`` as floats, validated with ``reduction``."""
     check_reduction(reduction)
-    k_value = as_finite_float(k)
+    k_value, m_value = as_finite_float(k), as_finite_float(m)
     if k_value is None or k_value <= 0:
         raise ValueError(f"Expected argument `k` to be a positive finite number, but got {k!r}.")
-    if as_finite_float(m) is None:
+    if m_value is None:
         raise ValueError(f"Expected argument `m` to be a finite number, but got {m!r}.")
+    return k_value, m_value
 
 
 def rescaled_mse_loss(
@@ -68,7 +70,7 @@ def rescaled_mse_loss(
         >>> rescaled_mse_loss(logits, target, k=2.0, m=2.0)  # 2 * 1.5^2 / 2
         tensor(2.2500)
     """
-    _check_arguments(k, m, reduction)
+    k, m = _check_arguments(k, m, reduction)
     dtype = compute_dtype(logits.dtype)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         f = logits.to(dtype)
@@ -115,9 +117,7 @@ class RescaledMSELoss(nn.Module):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        _check_arguments(k, m, reduction)
-        self.k = float(k)
-        self.m = float(m)
+        self.k, self.m = _check_arguments(k, m, reduction)
         self.reduction = reduction
         self.validate_args = validate_args
 
