@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the library, in one call of at most about 9 minutes.
+# Every GPU check and benchmark of the library, in one call of at most about 9 minutes (550 s).
 #
 #   bash benchmarks/gpu.sh            # results in $OUT if set, else benchmarks/gpu-results/
 #
 # Needs a CUDA machine with torch (CUDA build), torchmetrics, einops and numpy importable by
 # $PYTHON (default: .venv/bin/python if it sees a GPU, else python3); the package is used from
 # src/. Each step writes one file, runs under its own time limit (the worst case of all of them
-# together is 540 s) and records a failure or a timeout in its file instead of stopping the
+# together is 550 s) and records a failure or a timeout in its file instead of stopping the
 # script, so that one slow step does not cost the others. In order of importance:
 #   1. device.txt     nvidia-smi name, memory, driver; torch and CUDA versions
 #   2. checks.txt     benchmarks/gpu_checks.py: every key vs the float64 reference on CPU for
@@ -16,6 +16,8 @@
 #                     float32-product option, two-pass baseline), then K = 50,000, d = 4,096
 #   3b. profile.md    benchmarks/gpu_profile.py: kernels, device time and dispatch time of one
 #                     metric update and of each regularizer (is a call launch-bound?)
+#   3c. graphs.md     benchmarks/gpu_graphs.py: the metric update captured in a CUDA graph and
+#                     replayed, against eager and the float32 floor (does a graph close the gap?)
 #   4. losses.md      benchmarks/losses.py: overhead of each regularizer on a ResNet-18 training
 #                     step at CIFAR size (batch 128, bf16 autocast, torch.compile row included),
 #                     and the regularizer's cost against a linear head + cross-entropy
@@ -69,11 +71,12 @@ metrics_benchmark() {
 
 step device.txt 30 device_info
 step checks.txt 110 "$PYTHON" benchmarks/gpu_checks.py --device cuda --large 100000x4096x50000
-step benchmark.md 150 metrics_benchmark
-step profile.md 40 "$PYTHON" benchmarks/gpu_profile.py --device cuda
+step benchmark.md 145 metrics_benchmark
+step profile.md 35 "$PYTHON" benchmarks/gpu_profile.py --device cuda
+step graphs.md 25 "$PYTHON" benchmarks/gpu_graphs.py --device cuda
 step losses.md 100 "$PYTHON" benchmarks/losses.py --device cuda --model resnet18 \
   --batch-size 128 --amp bf16 --compile --rounds 5
-step heads.md 60 "$PYTHON" benchmarks/heads.py --device cuda --quick --resnet-batch 128 \
+step heads.md 55 "$PYTHON" benchmarks/heads.py --device cuda --quick --resnet-batch 128 \
   --skip-codes
 step recipes.md 50 "$PYTHON" benchmarks/recipes.py --skip-default --device cuda \
   --threads none --train 5000 --test 1000
