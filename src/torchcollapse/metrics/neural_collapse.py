@@ -73,7 +73,10 @@ class NeuralCollapse(CollapseStatisticsMetric):
             means = metric.class_means()  # synchronised over processes
             metric.reset()
 
-    Without reference means (or without a classifier) ``nc4`` is absent from the output.
+    Without reference means (or without a classifier) ``nc4`` is absent from the output. The
+    reference means are an input, not state: the ``state_dict`` keeps the NC4 counts (reported
+    after a restore) but not the means, so call ``set_class_means`` again after loading a
+    checkpoint to go on counting.
 
     **State and cost.** Memory ``O(K d + d^2)`` float64 (``2K + 2Kd + d^2`` values; twice when
     ``num_features`` or a classifier is given, as torchmetrics keeps a copy of every state's
