@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse.losses._batch import check_features_target, compute_dtype
+from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["BalancedSoftmaxLoss"]
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 class BalancedSoftmaxLoss(nn.Module):
@@ -72,10 +70,7 @@ class BalancedSoftmaxLoss(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(
-                f"Expected argument `reduction` to be one of {_REDUCTIONS}, but got {reduction!r}."
-            )
+        check_reduction(reduction)
         counts = torch.as_tensor(class_counts, dtype=torch.float64)
         valid = bool(((counts > 0) & counts.isfinite()).all()) if counts.ndim == 1 else False
         if counts.numel() < 2 or not valid:
