@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchcollapse._numbers import as_finite_float
 from torchcollapse.stats import _scratch, symmetric_product
 
 __all__ = [
@@ -166,11 +167,7 @@ def _accumulate(
     # Riesz energy of the unit vectors: ||u_i - u_j||^2 = 2 - 2 cos
     torch.mul(cos, -2.0, out=work)
     work.add_(2.0).clamp_min_(0.0)
-    close = work < 2.0 * _CLOSE
-    if bool(close.any()):
-        i, j = pair_index(close.reshape(-1).nonzero().squeeze(1))
-        units = vectors[1]
-        work[close] = (units[i] - units[j]).square().sum(1)
+    _recompute_close(work, 2.0 * _CLOSE, vectors[1], pair_index)
     if exponent == 1.0:
         work.rsqrt_()
     else:
@@ -180,11 +177,7 @@ def _accumulate(
         # CDNV: (s_i + s_j) / (2 ||v_i - v_j||^2), ||v_i - v_j||^2 = |v_i|^2 + |v_j|^2 - 2 G_ij
         torch.mul(cos, row["minus_twice_norm"], out=work)
         work.mul_(col["norm"]).add_(row["squared"]).add_(col["squared"]).clamp_min_(0.0)
-        close = work < constants["close_squared"]
-        if bool(close.any()):
-            i, j = pair_index(close.reshape(-1).nonzero().squeeze(1))
-            rows = vectors[0]
-            work[close] = (rows[i] - rows[j]).square().sum(1)
+        _recompute_close(work, constants["close_squared"], vectors[0], pair_index)
         ratio = _scratch("pairwise ratio", tuple(cos.shape), cos.dtype, cos.device)
         torch.add(row["variance"], col["variance"], out=ratio).div_(work)
         sums.cdnv += 0.5 * ratio.sum()
@@ -192,6 +185,17 @@ def _accumulate(
     better = value > sums.best
     sums.best = torch.where(better, value, sums.best)
     sums.best_pair = torch.where(better, pair_index(flat), sums.best_pair)
+
+
+def _recompute_close(
+    squared: Tensor, below: float, rows: Tensor, pair_index: Callable[[Tensor], Tensor]
+) -> None:
+    """Replace, in place, the squared distances under ``below`` (read from a Gram identity, where
+    they cancel) by those of the differences of the pairs' ``rows``."""
+    close = squared < below
+    if bool(close.any()):
+        i, j = pair_index(close.reshape(-1).nonzero().squeeze(1))
+        squared[close] = (rows[i] - rows[j]).square().sum(1)
 
 
 def _square_pair(flat: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -240,11 +244,7 @@ def pairwise_geometry(
         >>> out["equinorm"]
         tensor(0., dtype=torch.float64)
     """
-    try:
-        finite = not isinstance(exponent, bool) and math.isfinite(exponent)
-    except TypeError:  # not a real number
-        finite = False
-    if not finite:
+    if as_finite_float(exponent) is None:
         raise ValueError(
             f"Expected argument `exponent` to be a finite number, but got {exponent!r}."
         )
