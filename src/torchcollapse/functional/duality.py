@@ -41,13 +41,7 @@ def _check_weight(
             f"Expected argument `{name}` to have shape (num_classes, num_features) ="
             f" ({num_classes}, {num_features}), but got {tuple(weight.shape)}."
         )
-    if not weight.is_floating_point():
-        raise TypeError(
-            f"Expected argument `{name}` to be a floating point tensor, but got {weight.dtype}."
-        )
-    if finite and not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"Expected argument `{name}` to be finite, but got NaN or Inf.")
-    return weight.detach().to(torch.float64)
+    return _checked_values(weight, name, finite)
 
 
 def _check_bias(
@@ -63,13 +57,19 @@ def _check_bias(
             f"Expected argument `{name}` to have shape (num_classes,) = ({num_classes},), but got"
             f" {tuple(bias.shape)}."
         )
-    if not bias.is_floating_point():
+    return _checked_values(bias, name, finite)
+
+
+def _checked_values(tensor: Tensor, name: str, finite: bool) -> Tensor:
+    """``tensor`` detached in float64; raise unless it is floating point (and, with ``finite``,
+    free of NaN and Inf: a host read on accelerators)."""
+    if not tensor.is_floating_point():
         raise TypeError(
-            f"Expected argument `{name}` to be a floating point tensor, but got {bias.dtype}."
+            f"Expected argument `{name}` to be a floating point tensor, but got {tensor.dtype}."
         )
-    if finite and not bool(torch.isfinite(bias).all()):
+    if finite and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"Expected argument `{name}` to be finite, but got NaN or Inf.")
-    return bias.detach().to(torch.float64)
+    return tensor.detach().to(torch.float64)
 
 
 def _nc3(weight_rows: Tensor, centred: Tensor) -> Tensor:

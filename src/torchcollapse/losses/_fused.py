@@ -282,14 +282,22 @@ def _terms(
         a_m = _add(a_m, _where(m_positive, ratio / m2_safe, 0.0), 2.0 * nc3)
     results: list[Scalar] = [total, v1, v2, v3, a_w, a_m, a_gm, a_wm, b_m, b_w]
     if isinstance(valid, Tensor):
-        tensors = [i for i, result in enumerate(results) if isinstance(result, Tensor)]
-        if tensors:
-            stacked = torch.stack([results[i] for i in tensors])  # type: ignore[misc]
-            masked = torch.where(valid, stacked, 0.0).unbind(0)
-            for i, result in zip(tensors, masked):
-                results[i] = result
+        results = _masked(valid, results)
     total, v1, v2, v3 = results[:4]
     return total, (v1, v2, v3), tuple(results[4:])
+
+
+def _masked(valid: Tensor, results: list[Scalar]) -> list[Scalar]:
+    """``results`` with their tensors zeroed where not ``valid``: one ``where`` over their stack,
+    not one launch each."""
+    tensors = [i for i, result in enumerate(results) if isinstance(result, Tensor)]
+    if not tensors:
+        return results
+    stacked = torch.stack([results[i] for i in tensors])  # type: ignore[misc]
+    out = list(results)
+    for i, result in zip(tensors, torch.where(valid, stacked, 0.0).unbind(0)):
+        out[i] = result
+    return out
 
 
 def as_tensor(value: Scalar, like: Tensor) -> Tensor:
@@ -680,10 +688,7 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
                 _where(positive, cubed, 0.0) / norm * (4.0 * scale),
             )
             if isinstance(valid, Tensor):
-                stacked = torch.stack(
-                    [as_tensor(value, v), *(as_tensor(c, v) for c in coefficients)]
-                )
-                value, *masked = torch.where(valid, stacked, 0.0).unbind(0)
+                value, *masked = _masked(valid, [value, *coefficients])
                 coefficients = (masked[0], masked[1], masked[2])
         if not (torch.is_grad_enabled() and vf.requires_grad):
             return with_gradients(value, v)
