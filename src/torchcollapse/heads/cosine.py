@@ -119,7 +119,7 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         self.margin_type: MarginType = margin_type
         self.easy_margin = bool(easy_margin)
         self.learnable_scale = bool(learnable_scale)
-        self.eps = float(eps)
+        self.eps = eps_value
         self._scale = resolve_scale(scale, self.num_classes, True)
         self.weight = nn.Parameter(
             torch.empty(self.num_classes, self.in_features, device=device, dtype=dtype)

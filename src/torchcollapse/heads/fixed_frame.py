@@ -130,7 +130,7 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         self.num_classes, self.in_features = int(frame.shape[0]), int(frame.shape[1])
         self.normalize_features = bool(normalize_features)
         self.learnable_scale = bool(learnable_scale)
-        self.eps = float(eps)
+        self.eps = eps_value
         self._scale = resolve_scale(scale, self.num_classes, self.normalize_features)
         dtype = frame.dtype if dtype is None else dtype
         device = frame.device if device is None else device
@@ -245,8 +245,8 @@ class SimplexETFHead(FixedFrameHead):
                 f" SphericalCodeHead({in_features}, {num_classes}) for more classes than"
                 " dimensions + 1."
             )
-        builder = _FrameBuilder(simplex_etf, (num_classes, in_features), generator)
-        frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
+        builder = _FrameBuilder(simplex_etf, (num_classes, in_features))
+        frame = builder.draw(generator, dtype)
         super().__init__(
             frame,
             normalize_features=normalize_features,
@@ -299,10 +299,8 @@ class SphericalCodeHead(FixedFrameHead):
     ) -> None:
         check_positive_int(in_features, "in_features")
         check_positive_int(num_classes, "num_classes", 2)
-        builder = _FrameBuilder(spherical_code, (num_classes, in_features), generator, steps=steps)
-        frame = spherical_code(
-            num_classes, in_features, steps=steps, generator=generator, dtype=dtype
-        )
+        builder = _FrameBuilder(spherical_code, (num_classes, in_features), steps=steps)
+        frame = builder.draw(generator, dtype)
         super().__init__(
             frame,
             normalize_features=normalize_features,
@@ -358,8 +356,8 @@ class OrthogonalFrameHead(FixedFrameHead):
                 f" SimplexETFHead({in_features}, {num_classes}) (in_features >= num_classes - 1)"
                 f" or SphericalCodeHead({in_features}, {num_classes})."
             )
-        builder = _FrameBuilder(orthogonal_frame, (num_classes, in_features), generator)
-        frame = orthogonal_frame(num_classes, in_features, generator=generator, dtype=dtype)
+        builder = _FrameBuilder(orthogonal_frame, (num_classes, in_features))
+        frame = builder.draw(generator, dtype)
         super().__init__(
             frame,
             normalize_features=normalize_features,
@@ -373,22 +371,23 @@ class OrthogonalFrameHead(FixedFrameHead):
 
 
 class _FrameBuilder:
-    """Rebuilds a drawn frame: the frame function, its sizes and the generator's state as it was
-    before the frame was drawn (bytes: no tensor attribute on the module; ``None``: the
+    """Draws a frame and can draw it again: the frame function, its sizes and the generator's
+    state as it was before the draw (bytes: no tensor attribute on the module; ``None``: the
     default seed)."""
 
     def __init__(
-        self,
-        function: Callable[..., Tensor],
-        sizes: tuple[int, int],
-        generator: torch.Generator | None,
-        **kwargs: Any,
+        self, function: Callable[..., Tensor], sizes: tuple[int, int], **kwargs: Any
     ) -> None:
         self.function, self.sizes, self.kwargs = function, sizes, kwargs
-        # (anything but a torch.Generator is left to the frame function to refuse)
-        self.state = None
+        self.state: bytes | None = None
+
+    def draw(self, generator: torch.Generator | None, dtype: torch.dtype | None) -> Tensor:
+        """The frame from ``generator`` (advanced as the frame function advances it), its state
+        kept for :meth:`build`; anything but a ``torch.Generator`` is left to the function to
+        refuse."""
         if isinstance(generator, torch.Generator):
             self.state = bytes(generator.get_state().tolist())
+        return self.function(*self.sizes, generator=generator, dtype=dtype, **self.kwargs)
 
     def build(self, dtype: torch.dtype) -> Tensor:
         generator = None

@@ -103,8 +103,8 @@ class NearestETFHead(FixedFrameHead):
             raise ValueError(
                 f"Expected argument `proximal` to be a finite float >= 0, but got {proximal!r}."
             )
-        builder = _FrameBuilder(simplex_etf, (num_classes, in_features), generator)
-        frame = simplex_etf(num_classes, in_features, generator=generator, dtype=dtype)
+        builder = _FrameBuilder(simplex_etf, (num_classes, in_features))
+        frame = builder.draw(generator, dtype)
         super().__init__(
             frame,
             normalize_features=normalize_features,
