@@ -389,17 +389,25 @@ def _nc1_by_svd(features: np.ndarray, target: np.ndarray, k: int) -> float:
     return float((((sigma_w @ basis) * basis).sum(0) / values[:rank] ** 2).sum())
 
 
+def _two_means_nearly_coincide(
+    k: int, d: int, seed: int, *, gap: float, spread: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """20 samples per class around means ~100 apart, of which the first two are only ``gap``
+    apart (minority collapse), with within-class spread ``spread``; float64 numpy."""
+    rng = np.random.default_rng(seed)
+    means = 100.0 * rng.standard_normal((k, d))
+    means[1] = means[0] + gap * rng.standard_normal(d)
+    target = np.arange(20 * k) % k
+    return means[target] + spread * rng.standard_normal((20 * k, d)), target
+
+
 @pytest.mark.parametrize(("k", "d"), [(4, 4), (4, 9), (7, 3)])
 def test_nc1_stays_accurate_when_class_means_nearly_coincide(k: int, d: int) -> None:
     # Two class means 1e-4 apart among means ~100 apart (minority collapse): the Gram matrices
     # square that conditioning, so NC1 must not come from a plain solve with them. Reference: the
     # singular value decomposition of M in numpy, which never forms a Gram matrix.
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
-    rng = np.random.default_rng(seed)
-    means = 100.0 * rng.standard_normal((k, d))
-    means[1] = means[0] + 1e-4 * rng.standard_normal(d)
-    target = np.arange(20 * k) % k
-    features = means[target] + 1e-3 * rng.standard_normal((20 * k, d))
+    features, target = _two_means_nearly_coincide(k, d, seed, gap=1e-4, spread=1e-3)
     expected = _nc1_by_svd(features, target, k)
     result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
     np.testing.assert_allclose(float(result), expected, rtol=1e-8, err_msg=f"seed {seed}")
@@ -437,11 +445,7 @@ def test_cdnv_and_energy_stay_accurate_for_nearly_coincident_means(k: int, d: in
     # Two class means 1e-5 of the others' spacing apart: their distance read from the Gram
     # matrix (|v|^2 + |v'|^2 - 2 G) would keep about 6 digits; it is recomputed.
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
-    rng = np.random.default_rng(seed)
-    means = 100.0 * rng.standard_normal((k, d))
-    means[1] = means[0] + 1e-3 * rng.standard_normal(d)
-    target = np.arange(20 * k) % k
-    features = means[target] + 1e-6 * rng.standard_normal((20 * k, d))
+    features, target = _two_means_nearly_coincide(k, d, seed, gap=1e-3, spread=1e-6)
     class_means = np.stack([features[target == c].mean(0) for c in range(k)])
     variances = [((features[target == c] - class_means[c]) ** 2).sum(1).mean() for c in range(k)]
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
