@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 import torchcollapse.losses._fused as fused
 from tests._helpers.reference import reference_neural_collapse
-from tests._helpers.testers import check_module
+from tests._helpers.testers import check_deferred_init, check_module
 from torchcollapse.losses import (
     BalancedSoftmaxLoss,
     CollapseRegularizer,
@@ -514,6 +514,22 @@ def test_running_form_excludes_classes_never_seen(compute_path: str) -> None:
     reg.eval()
     value = reg(torch.tensor([[4.0, 5.0], [9.0, 9.0]], dtype=torch.float64), torch.tensor([2, 0]))
     assert value.item() == pytest.approx(9.0 + 16.0)  # only the class-2 sample counts
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_form_allows_deferred_initialisation_from_meta(momentum: float | None) -> None:
+    """Built on the meta device, then ``to_empty`` + ``reset_parameters`` (FSDP, Lightning's
+    ``empty_init``): the same buffers as a directly built term, and the same values and running
+    means over training batches (the first batch of a class sets its mean: garbage left in
+    ``class_batches`` would blend it with garbage means)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    batches = [make_batch(12, 3, 4, seed=seed + i, absent=(i,)) for i in range(3)]
+    batches = [(features.float(), target) for features, target in batches]
+    check_deferred_init(
+        lambda: WithinClassVariabilityLoss(4, form="running", in_features=3, momentum=momentum),
+        batches,
+    )
+    check_deferred_init(lambda: WithinClassVariabilityLoss(4, form="ratio"), batches)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tests._helpers.ddp import run_distributed
-from tests._helpers.testers import check_module
+from tests._helpers.testers import check_deferred_init, check_module
 from torchcollapse.norms import FeatureCenter, FeatureNorm
 
 
@@ -184,6 +184,19 @@ def test_documented_errors() -> None:
         FeatureCenter(3)(torch.randn(2, 4))
     with pytest.raises(TypeError, match="floating-point tensor"):
         FeatureCenter(3)(torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("momentum", [0.5, None])
+def test_feature_center_allows_deferred_initialisation_from_meta(momentum: float | None) -> None:
+    """Built on the meta device, then ``to_empty`` + ``reset_parameters`` (FSDP, Lightning's
+    ``empty_init``): zero running mean and count, as a directly built layer, and the same outputs
+    and buffers over training batches (garbage in ``num_batches_tracked`` would blend the first
+    batch's mean with the garbage running mean)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    batches = [(torch.randn(6 + i, 4, generator=g) * 2 + 5,) for i in range(3)]
+    check_deferred_init(lambda: FeatureCenter(4, momentum=momentum), batches)
+    check_deferred_init(lambda: FeatureNorm(scale=3.0), batches)
+    check_deferred_init(lambda: FeatureNorm(scale=3.0, learnable=True), batches)
 
 
 SPLITS = ((3, 9), (10, 4))  # ragged per-rank batch sizes at two steps

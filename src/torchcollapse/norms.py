@@ -215,6 +215,11 @@ class FeatureCenter(nn.Module):
         self.running_mean.zero_()
         self.num_batches_tracked.zero_()
 
+    def reset_parameters(self) -> None:
+        """Forget the running mean (the layer has no parameters); as ``BatchNorm``'s, this is
+        what deferred initialisation (``to_empty()`` after building on the meta device) calls."""
+        self.reset_running_stats()
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}"
 

@@ -36,7 +36,14 @@ from torchmetrics import Metric
 
 from tests._helpers.ddp import run_distributed
 
-__all__ = ["DDPEvidence", "MetricCheckReport", "ModuleCheckReport", "check_metric", "check_module"]
+__all__ = [
+    "DDPEvidence",
+    "MetricCheckReport",
+    "ModuleCheckReport",
+    "check_deferred_init",
+    "check_metric",
+    "check_module",
+]
 
 _SPLIT_SEED = 20240601
 _DDP_WORLD_SIZE = 2
@@ -861,3 +868,70 @@ def _check_compile(
             rtol=r_tol,
             atol=a_tol,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# check_deferred_init
+# --------------------------------------------------------------------------------------------------
+
+
+def check_deferred_init(
+    module_factory: Callable[[], nn.Module],
+    batches: Sequence[Sequence[Tensor]],
+    *,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """Check deferred initialisation: built on the meta device, then ``to_empty`` and
+    ``reset_parameters`` of every submodule that has it (what FSDP and Lightning's ``empty_init``
+    do), a module equals one built directly.
+
+    Both instances are built under the same global RNG state. Their ``state_dict``s must be
+    bit-identical (``to_empty`` leaves uninitialised memory: a buffer that ``reset_parameters``
+    does not set back fails here), and so must their outputs and buffers over ``batches``, fed in
+    training mode (running statistics update) and then once more in evaluation mode.
+
+    Raises:
+        AssertionError: naming the check (``deferred init``) and what differed.
+    """
+    kwargs = dict(forward_kwargs or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4321)
+        direct = module_factory()
+        torch.manual_seed(4321)
+        with torch.device("meta"):
+            deferred = module_factory()
+        deferred.to_empty(device="cpu")
+        for sub in deferred.modules():
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+    def compare(where: str) -> None:
+        expected, actual = direct.state_dict(), deferred.state_dict()
+        if list(expected) != list(actual):
+            raise AssertionError(
+                f"check_module {where}: state_dict keys {list(actual)}, expected {list(expected)}"
+            )
+        for key, value in expected.items():
+            other = actual[key]
+            if not isinstance(value, Tensor):
+                continue
+            if other.dtype != value.dtype or other.device != value.device:
+                raise AssertionError(
+                    f"check_module {where}: '{key}' is {other.dtype} on {other.device}, "
+                    f"expected {value.dtype} on {value.device}"
+                )
+            if not torch.equal(other, value):
+                raise AssertionError(f"check_module {where}: '{key}' differs: {other} vs {value}")
+
+    compare("deferred init, after to_empty + reset_parameters")
+    for training in (True, False):
+        direct.train(training)
+        deferred.train(training)
+        for step, batch in enumerate(batches if training else batches[-1:]):
+            where = f"deferred init, {'train' if training else 'eval'} batch {step}"
+            with torch.no_grad():
+                _assert_outputs(
+                    deferred(*batch, **kwargs), direct(*batch, **kwargs), where, exact=True
+                )
+            compare(where)

@@ -196,6 +196,12 @@ class WithinClassVariabilityLoss(nn.Module):
             self.running_mean.zero_()
             self.class_batches.zero_()
 
+    def reset_parameters(self) -> None:
+        """Forget the running class means (the term has no parameters); as ``BatchNorm``'s, this
+        is what deferred initialisation (``to_empty()`` after building on the meta device)
+        calls."""
+        self.reset_running_stats()
+
     def extra_repr(self) -> str:
         extra = f"num_classes={self.num_classes}, weight={self.weight}, form={self.form!r}"
         if self.form == "running":
