@@ -516,6 +516,35 @@ def test_running_form_excludes_classes_never_seen(compute_path: str) -> None:
     assert value.item() == pytest.approx(9.0 + 16.0)  # only the class-2 sample counts
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_running_form_means_stay_float32_when_the_module_is_cast(dtype: torch.dtype) -> None:
+    """Running means stored in 16 bits freeze near large values (float16 ulp 0.5 at 1000, an
+    update with momentum 0.01 moves them less); cast with the module, they stay float32 and
+    follow the float64 recursion on the same rounded batch means (rtol 1e-5: float32 storage)."""
+    k, d = 2, 3
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    reg = WithinClassVariabilityLoss(k, form="running", in_features=d, momentum=0.01).to(dtype)
+    assert reg.running_mean.dtype == torch.float32
+    target = torch.arange(16) % k
+    centres = torch.tensor([[1000.0, -500.0, 3.0], [-800.0, 20.0, 700.0]])
+    running = np.zeros((k, d))
+    for step in range(200):
+        features = (centres + 0.05 * step)[target] + torch.randn(16, d, generator=g)
+        features = features.to(dtype)
+        h, y = features.double().numpy(), target.numpy()
+        for c in range(k):
+            mean = h[y == c].mean(axis=0)
+            running[c] = mean if step == 0 else running[c] + 0.01 * (mean - running[c])
+        reg(features, target)
+    np.testing.assert_allclose(reg.running_mean.double().numpy(), running, rtol=1e-5, atol=1e-4)
+    reg.eval()
+    probe = torch.tensor(running, dtype=torch.float32)[target].to(dtype)
+    h = probe.double().numpy()
+    expected = np.mean([np.sum((h[i] - running[target[i]]) ** 2) for i in range(len(target))])
+    assert reg(probe, target).item() == pytest.approx(expected, rel=1e-3, abs=1e-2)
+    assert reg.double().running_mean.dtype == torch.float64
+
+
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_running_form_allows_deferred_initialisation_from_meta(momentum: float | None) -> None:
     """Built on the meta device, then ``to_empty`` + ``reset_parameters`` (FSDP, Lightning's

@@ -199,6 +199,35 @@ def test_feature_center_allows_deferred_initialisation_from_meta(momentum: float
     check_deferred_init(lambda: FeatureNorm(scale=3.0, learnable=True), batches)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_feature_center_running_mean_stays_float32_when_the_module_is_cast(
+    dtype: torch.dtype,
+) -> None:
+    """Documented: statistics accumulate in at least float32, also after ``.half()``. Stored in
+    16 bits, a mean near 1000 (float16 ulp 0.5, bfloat16 ulp 4) freezes under momentum 0.01: each
+    update moves it less than half an ulp. Reference: the same recursion in float64 on the same
+    (rounded) batch means; float32 storage loses a few ulps per step (rtol 1e-5)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    trained = FeatureCenter(2, momentum=0.01)
+    trained(torch.randn(8, 2, generator=g) + 1000.0)
+    before = trained.running_mean.clone()
+    center = trained.to(dtype)
+    assert center.running_mean.dtype == torch.float32
+    assert torch.equal(center.running_mean, before)  # not a rounded copy
+    running = before.double()
+    for step in range(200):
+        batch = (torch.tensor([1000.0, 3.0]) + 0.05 * step + torch.randn(16, 2, generator=g)).to(
+            dtype
+        )
+        running = running + 0.01 * (batch.double().mean(0) - running)
+        out = center(batch)
+        assert out.dtype == dtype
+    torch.testing.assert_close(center.running_mean.double(), running, rtol=1e-5, atol=1e-5)
+    assert abs(float(center.running_mean[0]) - float(before[0])) > 4.0  # it moved
+    assert center.double().running_mean.dtype == torch.float64  # widened with the module
+    assert FeatureCenter(2).to("meta").half().running_mean.dtype == torch.float32
+
+
 SPLITS = ((3, 9), (10, 4))  # ragged per-rank batch sizes at two steps
 
 

@@ -23,11 +23,13 @@ References:
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
@@ -102,15 +104,10 @@ class FeatureNorm(nn.Module):
             self.log_scale.fill_(math.log(self._init_scale))
 
     def _apply(self, fn: Any, recurse: bool = True) -> FeatureNorm:
-        fixed = None if self.learnable else self.log_scale
-        super()._apply(fn, recurse)
-        moved = self.log_scale
-        if fixed is not None and moved.dtype != fixed.dtype:
-            # a fixed scale keeps its dtype (``.half()`` would round it, 16 -> 16.0156), from the
-            # original unless that holds no values (meta); the device follows. A learnable
-            # scale is a parameter and converts like one.
-            source = moved if fixed.is_meta else fixed
-            self.log_scale = source.to(device=moved.device, dtype=fixed.dtype)
+        # a fixed scale keeps its dtype (``.half()`` would round it, 16 -> 16.0156); a learnable
+        # scale is a parameter and converts like one
+        fixed = () if self.learnable else ("log_scale",)
+        apply_keeping_dtypes(self, partial(super()._apply, fn, recurse), fixed, always=True)
         return self
 
     @property
@@ -146,7 +143,9 @@ class FeatureCenter(nn.Module):
     directly (unlike ``BatchNorm``, which starts from zero). In evaluation the stored mean is
     subtracted. The mean is a detached constant: the gradient passes through unchanged. Buffers
     (``running_mean``, ``num_batches_tracked``) are identical on every rank, saved in the
-    ``state_dict`` and moved by ``.to()``; statistics accumulate in at least float32.
+    ``state_dict`` and moved by ``.to()``; statistics accumulate in at least float32, and the
+    running mean stays in at least float32 when the module is cast to float16 or bfloat16
+    (``.half()``, ``.to(torch.bfloat16)``), where its updates would round away.
 
     The global mean here is the *sample* mean of the features (the layer has no labels); with
     balanced classes it is the mean of the class means of ``DESIGN.md``. For centring and scaling
@@ -159,7 +158,8 @@ class FeatureCenter(nn.Module):
             initialised.
         process_group: process group for ``sync_dist`` (default: the world).
         device: device of the buffers.
-        dtype: dtype of ``running_mean`` (default float32).
+        dtype: dtype of ``running_mean`` (default float32; kept under casts to float16 or
+            bfloat16, widened by ``.double()``).
 
     Example:
         >>> import torch
@@ -219,6 +219,12 @@ class FeatureCenter(nn.Module):
         """Forget the running mean (the layer has no parameters); as ``BatchNorm``'s, this is
         what deferred initialisation (``to_empty()`` after building on the meta device) calls."""
         self.reset_running_stats()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FeatureCenter:
+        # the running mean keeps at least float32 (in float16 an update below half an ulp of the
+        # mean rounds away, and the mean freezes); ``.double()`` widens it
+        apply_keeping_dtypes(self, partial(super()._apply, fn, recurse), ("running_mean",))
+        return self
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}"

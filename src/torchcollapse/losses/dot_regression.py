@@ -24,11 +24,13 @@ network?", NeurIPS 2022.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse._numbers import as_finite_float
 from torchcollapse.losses._batch import (
@@ -298,15 +300,15 @@ class DotRegressionLoss(nn.Module):
         self.validate_args = validate_args
 
     def _apply(self, fn: Any, recurse: bool = True) -> DotRegressionLoss:
-        counts = self.class_counts
-        super()._apply(fn, recurse)
-        moved = self.class_counts
-        if counts is not None and moved is not None:
-            # the device follows; dtype and values stay: copied from the original (not a rounded
-            # copy; also after to_empty(), the counts being data of the constructor), unless the
-            # original holds no values (the meta device)
-            source = moved if counts.is_meta else counts
-            self.class_counts = source.to(device=moved.device, dtype=counts.dtype)
+        # the counts keep their float32 dtype and values (data of the constructor, also after
+        # to_empty()); the device follows
+        apply_keeping_dtypes(
+            self,
+            partial(super()._apply, fn, recurse),
+            ("class_counts",),
+            always=True,
+            constant=True,
+        )
         return self
 
     def extra_repr(self) -> str:

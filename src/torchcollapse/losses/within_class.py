@@ -28,11 +28,13 @@ References:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
@@ -128,7 +130,8 @@ class WithinClassVariabilityLoss(nn.Module):
             without host synchronisation, on accelerators; skipped under torch.compile).
         in_features: feature dimension ``d``; required for ``form="running"`` (buffer shape).
         device: device of the running buffers.
-        dtype: dtype of the running buffers (default float32).
+        dtype: dtype of the running means (default float32; kept under casts of the module to
+            float16 or bfloat16, where their updates would round away; widened by ``.double()``).
 
     Example:
         >>> import torch
@@ -201,6 +204,12 @@ class WithinClassVariabilityLoss(nn.Module):
         is what deferred initialisation (``to_empty()`` after building on the meta device)
         calls."""
         self.reset_running_stats()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WithinClassVariabilityLoss:
+        # the running means keep at least float32 (in float16 their updates round away); the
+        # ``.double()`` of the module widens them
+        apply_keeping_dtypes(self, partial(super()._apply, fn, recurse), ("running_mean",))
+        return self
 
     def extra_repr(self) -> str:
         extra = f"num_classes={self.num_classes}, weight={self.weight}, form={self.form!r}"

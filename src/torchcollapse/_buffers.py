@@ -1,0 +1,67 @@
+"""Buffers that keep their dtype when their module is cast (``.half()``, ``.to(dtype)``).
+
+``nn.Module._apply`` converts every floating buffer with the module. Some must not follow:
+
+- fixed constants (a fixed scale, class counts, log priors), which a float16 or bfloat16 copy
+  would round (a scale of 16 becomes 16.0156) or overflow (counts beyond 65504): they keep their
+  dtype under every cast;
+- running statistics (running means), which stop moving once stored in 16 bits (an update
+  smaller than half an ulp of the mean rounds away): they keep at least float32, their own dtype
+  under casts to a narrower floating type, and widen with the module under ``.double()``.
+
+The device always follows the module. A kept buffer is converted from the original tensor, not
+from the rounded cast, unless the original is on the meta device (it holds no values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["apply_keeping_dtypes"]
+
+
+def _narrow(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a floating type narrower than float32 (float16, bfloat16, ...)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+def apply_keeping_dtypes(
+    module: nn.Module,
+    apply: Callable[[], object],
+    names: Iterable[str],
+    *,
+    always: bool = False,
+    constant: bool = False,
+) -> None:
+    """Run ``apply`` (the module's ``nn.Module._apply``), keeping the dtypes of its buffers
+    ``names`` (absent or ``None`` buffers are skipped).
+
+    Args:
+        module: the module whose ``_apply`` runs.
+        apply: the call of ``nn.Module._apply`` on it (e.g. ``partial(super()._apply, fn,
+            recurse)``).
+        names: names of the module's own buffers to keep.
+        always: keep the dtype under every cast (fixed constants); otherwise only under casts to
+            a floating type narrower than float32 (running statistics: at least float32).
+        constant: the values are data of the constructor: restore them from the original also
+            when only the storage changed (``to_empty()`` would leave uninitialised memory).
+    """
+    originals: dict[str, Tensor] = {}
+    for name in names:
+        buffer = module._buffers.get(name)
+        if buffer is not None:
+            originals[name] = buffer
+    apply()
+    for name, original in originals.items():
+        moved = module._buffers.get(name)
+        if moved is None:
+            continue
+        keep = always or (_narrow(moved.dtype) and not _narrow(original.dtype))
+        dtype = original.dtype if keep else moved.dtype
+        if moved.dtype == dtype and not constant:
+            continue
+        source = moved if original.is_meta else original
+        module._buffers[name] = source.to(device=moved.device, dtype=dtype)
