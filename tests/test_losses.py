@@ -607,6 +607,70 @@ def test_identical_features_stay_finite(compute_path: str) -> None:
     assert WithinClassVariabilityLoss(3)(features, target).item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("k", "absent"), [(5, ()), (7, ()), (6, (2,))])
+def test_coinciding_class_means_give_two_and_no_gradient(
+    dtype: torch.dtype, k: int, absent: tuple[int, ...], compute_path: str
+) -> None:
+    """Every sample alike (a dead backbone with a bias): the class means coincide, the centred
+    means are rounding noise, and NC2 and NC3 are those of all-zero means, as documented: 2,
+    with zero gradients (computed on the noise they were arbitrary, with gradients ~1e6)."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    d = 5
+    target = torch.tensor([c for c in range(k) if c not in absent]).repeat(3)
+    scale = 10.0 ** float(torch.empty(()).uniform_(-2.0, 3.0, generator=g))
+    row = scale * torch.randn(1, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64).to(dtype)
+    message = f"seed {seed}, {compute_path}, {dtype}"
+    terms: dict[str, tuple[nn.Module, float]] = {
+        "nc2": (SimplexGeometryLoss(k, weight=0.7), 2.0 * 0.7),
+        "nc3": (SelfDualityLoss(k, weight=-1.5), 2.0 * -1.5),
+        "collapse": (CollapseRegularizer(k, nc1=0.0, nc2=0.5, nc3=2.0), 2.0 * 0.5 + 2.0 * 2.0),
+    }
+    for name, (reg, expected) in terms.items():
+        h = row.repeat(len(target), 1).to(dtype).requires_grad_()
+        w = weight.clone().requires_grad_()
+        value = call(name, reg, h, target, w)
+        grads = torch.autograd.grad(value, [h, w], allow_unused=True)
+        # the weighted 2, rounded to the compute dtype
+        assert value.item() == pytest.approx(expected, rel=torch.finfo(dtype).eps), (
+            f"{name}: {message}"
+        )
+        for grad in grads:
+            assert grad is None or torch.equal(grad, torch.zeros_like(grad)), f"{name}: {message}"
+    # the composable functions agree
+    h = row.repeat(len(target), 1).to(dtype).requires_grad_()
+    w = weight.clone().requires_grad_()
+    stats = batch_class_statistics(h, target, k)
+    nc2, nc3 = simplex_geometry_of_means(stats), self_duality_distance(w, stats)
+    assert (nc2.item(), nc3.item()) == (2.0, 2.0), message
+    grads = torch.autograd.grad(nc2 + nc3, [h, w])
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads), message
+
+
+def test_class_means_apart_by_more_than_rounding_still_count(compute_path: str) -> None:
+    """The rounding level is relative and small (``4 sqrt(N) eps`` of the means' norm): class
+    means apart by 1e-9 of a common offset in float64 (a million times the level) still give the
+    loop's NC2 and NC3 (rtol 1e-4: rounding of the offset, 1e-16, is 1e-7 of the spread)."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d = 5, 6
+    target = torch.arange(20) % k
+    offset = 100.0 * torch.randn(1, d, generator=g, dtype=torch.float64)
+    spread = 1e-7 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    features = offset + spread[target]
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
+    _, _, present, centred = ref_traces(features.numpy(), target.numpy(), k)
+    nc2 = SimplexGeometryLoss(k)(features, target).item()
+    nc3 = SelfDualityLoss(k)(features, target, weight).item()
+    message = f"seed {seed}, {compute_path}"
+    assert nc2 == pytest.approx(ref_gram_distance(centred), rel=1e-4), message
+    assert nc3 == pytest.approx(ref_self_duality(weight.numpy()[present], centred), rel=1e-4), (
+        message
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_and_autocast_give_float32_statistics(
     dtype: torch.dtype, compute_path: str

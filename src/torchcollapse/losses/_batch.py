@@ -41,6 +41,7 @@ __all__ = [
     "check_features_target",
     "check_reduction",
     "check_weight",
+    "coinciding_means_level",
     "compute_dtype",
     "count_classes",
     "global_sum",
@@ -53,6 +54,21 @@ __all__ = [
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: ``dtype`` promoted to at least float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def coinciding_means_level(num_samples: int, dtype: torch.dtype) -> float:
+    """Rounding level of the centred class means, relative to the class means.
+
+    Class means that coincide (every sample alike, as from a dead backbone with a bias) come out
+    of the batch sums with rounding errors of a few ``eps`` of their size (up to about
+    ``sqrt(n_c) eps`` from summing ``n_c`` samples): the centred means ``M`` are then noise, and
+    the scale-free NC2 and NC3 terms, computed on that noise, would be arbitrary, with gradients
+    of order ``1 / ||M||``. ``||M||_F^2`` at or below this level times the squared Frobenius norm
+    of the class means (``(4 sqrt(N) eps)^2``, a margin of 20 or more over the noise observed)
+    counts as zero.
+    """
+    eps = torch.finfo(dtype).eps
+    return 16.0 * max(num_samples, 1) * eps * eps
 
 
 def check_features_target(

@@ -28,6 +28,9 @@ With ``M`` the centred means of the present classes, ``P`` the present-class mas
 counts and ``r_i = h_i - mu_{y_i}`` the residuals, a gradient ``G`` reaching ``M`` reaches ``h_i``
 as ``(G_c - mean_{c' in P} G_c') / n_c`` for ``c = y_i``, and ``tr Sigma_W`` contributes
 ``2 r_i / N``; ``G`` itself is a combination of ``M``, ``M M^T M`` and the classifier ``W``.
+Centred means at rounding level relative to the class means (coinciding class means, see
+:func:`~torchcollapse.losses._batch.coinciding_means_level`; one more dot product for NC2/NC3)
+count as zero for NC2 and NC3: value 2, zero gradient, on every path.
 
 Reference: V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal
 phase of deep learning training", PNAS 2020.
@@ -44,7 +47,12 @@ from torch import Tensor
 
 from torchcollapse._autograd import transforms_active
 from torchcollapse._distributed import gather_with_grad, is_distributed
-from torchcollapse.losses._batch import compute_dtype, count_classes, label_range_error
+from torchcollapse.losses._batch import (
+    coinciding_means_level,
+    compute_dtype,
+    count_classes,
+    label_range_error,
+)
 
 __all__ = [
     "HANDOFF_MIN",
@@ -189,6 +197,7 @@ def _add(total: Scalar, term: Scalar, weight: float = 1.0) -> Scalar:
 def _terms(
     within: Scalar,
     msq: Scalar,
+    level: Scalar,
     frob: Scalar,
     w2: Scalar,
     inner: Scalar,
@@ -200,9 +209,11 @@ def _terms(
 ) -> tuple[Scalar, tuple[Scalar, Scalar, Scalar], tuple[Scalar, ...]]:
     """The weighted total, the unweighted terms and the gradient coefficients, from scalars.
 
-    Inputs: ``tr Sigma_W``, ``||M||_F^2``, ``||M M^T||_F / ||M||_F^2`` (scale-free),
-    ``||W_P||_F^2``, ``<W, M>``, the number of present classes and whether at least two are;
-    the dtype's smallest normal number and the cap of the ratio form of NC1 (``1 / eps``).
+    Inputs: ``tr Sigma_W``, ``||M||_F^2``, its rounding level (at or below it, ``M`` is rounding
+    noise of coinciding class means and counts as zero for NC2 and NC3: value 2, no gradient),
+    ``||M M^T||_F / ||M||_F^2`` (scale-free), ``||W_P||_F^2``, ``<W, M>``, the number of present
+    classes and whether at least two are; the dtype's smallest normal number and the cap of the
+    ratio form of NC1 (``1 / eps``).
     Coefficients, of the total's gradient: ``(a_W, a_M, a_GM, a_WM, b_M, b_W)`` with
     ``dL/dtr Sigma_W = a_W``, ``dL/dM = a_M M + a_GM (M M^T / ||M||_F^2) M + a_WM W`` and
     ``dL/dW = b_M M + b_W W_P``. The safe
@@ -215,8 +226,6 @@ def _terms(
     masked by ``valid`` in one ``where`` over their stack.
     """
     nc1, form, target_nc1, mode, nc2, nc3 = config
-    present = _at_least(num_present, 1.0)
-    between = msq / present
     total: Scalar = 0.0
     v1: Scalar = 0.0
     v2: Scalar = 0.0
@@ -228,6 +237,8 @@ def _terms(
     b_m: Scalar = 0.0
     b_w: Scalar = 0.0
     if nc1 != 0:
+        present = _at_least(num_present, 1.0)
+        between = msq / present
         # v1 = within / denominator; d_between is minus the derivative in tr Sigma_B
         if form == "bounded":
             summed = within + between
@@ -257,29 +268,32 @@ def _terms(
         else:
             a_w = d_within * (nc1 * d_penalty)
             a_m = d_between * (-2.0 * nc1 * d_penalty) / present
+    # centred means at rounding level count as zero: an infinite safe denominator turns the
+    # scale-free ratios and their gradients into exact zeros (value 2), without masks
+    coincide: bool | Tensor = False
+    if nc2 != 0 or nc3 != 0:
+        coincide = msq <= level
     if nc2 != 0:
         # frob is ||M M^T||_F / ||M||_F^2, of order 1 whatever the features' scale, and a_GM
         # the coefficient of (M M^T / ||M||_F^2) M (see _collapse_terms)
         root = _sqrt(_where(valid, num_present - 1.0, 1.0))
-        positive = frob > 0
-        frob_safe = _where(positive, frob, 1.0)
-        ratio = _where(positive, _reciprocal(frob_safe * root), 0.0)  # ||M||^2 / (||MM^T|| root)
+        frob_safe = _where(coincide, math.inf, frob)
+        ratio = _reciprocal(frob_safe * root)  # ||M||^2 / (||MM^T|| root)
         v2 = _rsub(2.0, ratio, 2.0)
         total = _add(total, v2, nc2)
-        per_msq = ratio / _where(positive, msq, 1.0)
+        per_msq = ratio / _at_least(msq, tiny)
         a_m = _add(a_m, per_msq, -4.0 * nc2)
         a_gm = per_msq / frob_safe / frob_safe * (4.0 * nc2)
     if nc3 != 0:
-        m2 = between * num_present
-        w_positive, m_positive = w2 > 0, m2 > 0
-        w2_safe, m2_safe = _where(w_positive, w2, 1.0), _where(m_positive, m2, 1.0)
+        w_positive = w2 > 0
+        w2_safe, m2_safe = _where(w_positive, w2, 1.0), _where(coincide, math.inf, msq)
         scale = _sqrt(w2_safe) * _sqrt(m2_safe)
         ratio = inner / scale
         v3 = _rsub(2.0, ratio, 2.0)
         total = _add(total, v3, nc3)
         a_wm = b_m = _reciprocal(scale) * (-2.0 * nc3)
         b_w = _where(w_positive, ratio / w2_safe, 0.0) * (2.0 * nc3)
-        a_m = _add(a_m, _where(m_positive, ratio / m2_safe, 0.0), 2.0 * nc3)
+        a_m = _add(a_m, ratio / m2_safe, 2.0 * nc3)
     results: list[Scalar] = [total, v1, v2, v3, a_w, a_m, a_gm, a_wm, b_m, b_w]
     if isinstance(valid, Tensor):
         results = _masked(valid, results)
@@ -537,6 +551,10 @@ def _collapse_terms(
         within = _item(torch.dot(flat, flat), host) / max(n, 1)
     centred_flat = centred.view(-1)
     msq = _item(torch.dot(centred_flat, centred_flat), host)
+    level: Scalar = 0.0  # ||M||_F^2 at or below it: coinciding class means (NC2 and NC3)
+    if nc2 != 0 or nc3 != 0:
+        means_flat = means.view(-1)
+        level = _item(torch.dot(means_flat, means_flat), host) * coinciding_means_level(n, dtype)
     left = num_classes <= d
     gram = None
     frob: Scalar = 0.0
@@ -564,7 +582,7 @@ def _collapse_terms(
     coefficients: tuple[Scalar, ...] = (0.0,) * 6
     if not host or valid:  # else fewer than two classes: every term is zero
         total, values, coefficients = _terms(
-            within, msq, frob, w2, inner, num_present, valid, tiny, cap, config
+            within, msq, level, frob, w2, inner, num_present, valid, tiny, cap, config
         )
     parts = None
     if want_parts:

@@ -29,6 +29,7 @@ from torchcollapse.losses._batch import (
     BatchClassStatistics,
     BatchCollapseTerm,
     check_features_target,
+    coinciding_means_level,
     resolve_weight,
     where_valid,
 )
@@ -54,10 +55,25 @@ def simplex_gram_distance(vectors: Tensor, present: Tensor | None = None) -> Ten
 
 
 def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
-    """:func:`simplex_gram_distance` of a batch's centred class means (rows sum to zero)."""
+    """:func:`simplex_gram_distance` of a batch's centred class means (rows sum to zero).
+
+    Class means that coincide up to rounding (centred means at the level of
+    :func:`~torchcollapse.losses._batch.coinciding_means_level`, e.g. every sample alike) count
+    as all-zero rows: 2, with a zero gradient (the Gram of the rounding noise means nothing).
+    """
     means = stats.centered_means
     with torch.autocast(device_type=means.device.type, enabled=False):
-        return _gram_distance(means, stats.num_present, None)
+        value = _gram_distance(means, stats.num_present, None)
+        coincide = _coinciding(stats, means.dtype)
+        return where_valid(stats.valid, torch.where(coincide, 2.0, value))
+
+
+def _coinciding(stats: BatchClassStatistics, dtype: torch.dtype) -> Tensor:
+    """Whether the centred means of ``stats`` are rounding noise of coinciding class means."""
+    level = coinciding_means_level(stats.num_samples, dtype)
+    means = stats.means.to(dtype)
+    centred = stats.centered_means.detach().to(dtype)
+    return centred.pow(2).sum() <= means.pow(2).sum() * level
 
 
 def _gram_distance(v: Tensor, k: Tensor, total: Tensor | None) -> Tensor:
@@ -91,6 +107,9 @@ class SimplexGeometryLoss(BatchCollapseTerm):
     Under ``torch.distributed`` the batch means are those of the concatenated batch (features
     gathered with autograd), so values and DDP-averaged gradients equal the single-process ones.
     With fewer than two classes present the result is zero and still connected to the graph.
+    Class means that coincide up to rounding (every sample alike: centred means within
+    ``4 sqrt(N) eps`` of the means' Frobenius norm, ``eps`` of the compute dtype) count as
+    all-zero rows: ``2 * weight``, with a zero gradient.
 
     Args:
         num_classes: number of classes ``K``.
