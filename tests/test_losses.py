@@ -273,11 +273,46 @@ def test_balanced_softmax_matches_loop(tau: float, smoothing: float) -> None:
     assert loss.item() == pytest.approx(expected / 10, rel=1e-7)  # log_prior buffer is float32
 
 
+def test_balanced_softmax_priors_survive_meta_to_empty_and_half_casts() -> None:
+    """The log priors are data of the constructor: built inside a meta-device context (FSDP,
+    Lightning's ``empty_init``) and after ``to_empty()`` they are the priors of the counts, and
+    ``.bfloat16()``/``.half()`` keep them in float32 (bfloat16 rounded -13.8155 to -13.8125).
+    Reference: the loop of the cross-entropy on the adjusted logits, in float64."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    counts = [999_999.0, 1.0, float(torch.randint(1, 1000, (), generator=g))]
+    logits = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (5,), generator=g)
+
+    def loop(rounded: Tensor) -> float:
+        total, expected = sum(counts), 0.0
+        for i in range(len(target)):
+            z = [float(rounded[i, j]) + math.log(counts[j] / total) for j in range(3)]
+            top = max(z)
+            log_norm = top + math.log(math.fsum(math.exp(v - top) for v in z))
+            expected += log_norm - z[int(target[i])]
+        return expected / len(target)
+
+    check_deferred_init(lambda: BalancedSoftmaxLoss(counts), [(logits.float(), target)])
+    emptied = BalancedSoftmaxLoss(counts).to_empty(device="cpu")
+    assert emptied(logits.float(), target).item() == pytest.approx(loop(logits), rel=1e-6)
+    for dtype in (torch.bfloat16, torch.float16):
+        loss = BalancedSoftmaxLoss(counts).to(dtype)
+        assert loss.log_prior.dtype == torch.float32
+        rounded = logits.to(dtype)
+        # float32 priors and loss; the logits as the loss sees them (rounded)
+        assert loss(rounded, target).item() == pytest.approx(loop(rounded.double()), rel=1e-6)
+
+
 def test_classification_losses_pass_module_checks() -> None:
     g = torch.Generator().manual_seed(7)
     logits, target = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
     check_module(lambda: RescaledMSELoss(2.0, 3.0), (logits, target))
-    check_module(lambda: BalancedSoftmaxLoss([5, 3, 2, 1]), (logits, target))
+    # float32 log priors: bfloat16 would round them
+    check_module(
+        lambda: BalancedSoftmaxLoss([5, 3, 2, 1]),
+        (logits, target),
+        fixed_dtype_buffers=("log_prior",),
+    )
     frame = torch.randn(4, 5, generator=g)
     features = torch.randn(6, 5, generator=g)
     # Norms are detached by design, so a numerical gradcheck does not apply (see the loop test).

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["BalancedSoftmaxLoss"]
@@ -34,7 +36,8 @@ class BalancedSoftmaxLoss(nn.Module):
 
     ``forward(logits, target)`` returns ``F.cross_entropy(logits + tau * log_prior, target)`` with
     ``log_prior = log(n_c / sum_j n_j)`` from the class counts given at construction (a buffer,
-    saved in the ``state_dict``). Predict with the plain ``logits``. Like
+    saved in the ``state_dict``; float32 and unchanged under ``.half()``/``.bfloat16()`` and
+    ``to_empty()``, as data of the constructor). Predict with the plain ``logits``. Like
     ``nn.CrossEntropyLoss`` it is per process. The loss is computed in at least float32.
 
     Args:
@@ -71,7 +74,8 @@ class BalancedSoftmaxLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_reduction(reduction)
-        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        # validated on the host (also inside a meta-device context: counts are data)
+        counts = torch.as_tensor(class_counts, dtype=torch.float64, device="cpu")
         valid = bool(((counts > 0) & counts.isfinite()).all()) if counts.ndim == 1 else False
         if counts.numel() < 2 or not valid:
             raise ValueError(
@@ -84,6 +88,7 @@ class BalancedSoftmaxLoss(nn.Module):
             raise ValueError(
                 f"Expected argument `label_smoothing` to be in [0, 1], but got {label_smoothing}."
             )
+        # float32 whatever the module's dtype (see _apply): bfloat16 would round the priors
         log_prior = (counts / counts.sum()).log().float()
         self.register_buffer("log_prior", log_prior.to(device))
         self.num_classes = counts.numel()
@@ -91,6 +96,14 @@ class BalancedSoftmaxLoss(nn.Module):
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
         self.validate_args = validate_args
+
+    def _apply(self, fn: Any, recurse: bool = True) -> BalancedSoftmaxLoss:
+        # the log priors keep their float32 dtype and values (data of the constructor, also after
+        # to_empty()); the device follows
+        apply_keeping_dtypes(
+            self, partial(super()._apply, fn, recurse), ("log_prior",), always=True, constant=True
+        )
+        return self
 
     def extra_repr(self) -> str:
         extra = f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}"
