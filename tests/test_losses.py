@@ -273,6 +273,60 @@ def test_balanced_softmax_matches_loop(tau: float, smoothing: float) -> None:
     assert loss.item() == pytest.approx(expected / 10, rel=1e-7)  # log_prior buffer is float32
 
 
+@pytest.mark.parametrize("validate_args", [True, False])
+@pytest.mark.parametrize("ignore_index", [-100, 1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_balanced_softmax_ignores_samples_labelled_ignore_index(
+    validate_args: bool, ignore_index: int, reduction: str
+) -> None:
+    """As ``nn.CrossEntropyLoss``: samples labelled ``ignore_index`` add nothing (a zero with
+    ``"none"``), ``"mean"`` divides by the others, the same with and without validation (the
+    default -100 is outside the label range and no error). Reference: a float64 loop."""
+    counts, smoothing, k = [40.0, 9.0, 3.0, 1.0], 0.2, 4
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    logits = torch.randn(9, k, dtype=torch.float64, generator=g).requires_grad_()
+    target = torch.randint(0, k, (9,), generator=g)
+    target[torch.randperm(9, generator=g)[:3]] = ignore_index
+    total = sum(counts)
+    losses, grads = [], torch.zeros(9, k, dtype=torch.float64)
+    for i in range(9):
+        if int(target[i]) == ignore_index:
+            losses.append(0.0)
+            continue
+        z = [float(logits.detach()[i, j]) + math.log(counts[j] / total) for j in range(k)]
+        top = max(z)
+        log_norm = top + math.log(math.fsum(math.exp(v - top) for v in z))
+        label = int(target[i])
+        losses.append(
+            (1 - smoothing) * (log_norm - z[label])
+            + smoothing / k * math.fsum(log_norm - v for v in z)
+        )
+        for j in range(k):
+            wanted = (1 - smoothing) * (j == label) + smoothing / k
+            grads[i, j] = math.exp(z[j] - log_norm) - wanted
+    kept = sum(int(t) != ignore_index for t in target)
+    loss_fn = BalancedSoftmaxLoss(
+        counts,
+        reduction=reduction,  # type: ignore[arg-type]
+        label_smoothing=smoothing,
+        ignore_index=ignore_index,
+        validate_args=validate_args,
+    )
+    loss = loss_fn(logits, target)
+    loss.sum().backward()
+    scale = 1.0 / kept if reduction == "mean" else 1.0
+    if reduction == "none":
+        torch.testing.assert_close(loss.detach(), torch.tensor(losses, dtype=torch.float64))
+    else:
+        assert loss.item() == pytest.approx(math.fsum(losses) * scale, rel=1e-7)
+    # float32 log priors: rtol 1e-6
+    torch.testing.assert_close(logits.grad, grads * scale, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\]"):
+        BalancedSoftmaxLoss(counts, ignore_index=ignore_index)(
+            logits, torch.tensor([0, -1] * 4 + [4])
+        )
+
+
 def test_balanced_softmax_priors_survive_meta_to_empty_and_half_casts() -> None:
     """The log priors are data of the constructor: built inside a meta-device context (FSDP,
     Lightning's ``empty_init``) and after ``to_empty()`` they are the priors of the counts, and
@@ -833,6 +887,8 @@ def test_documented_loss_errors() -> None:
         BalancedSoftmaxLoss([3, 1, 2], reduction="avg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`label_smoothing` to be in"):
         BalancedSoftmaxLoss([3, 1, 2], label_smoothing=1.5)
+    with pytest.raises(ValueError, match="`ignore_index` to be an integer"):
+        BalancedSoftmaxLoss([3, 1, 2], ignore_index=True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`logits` to have 2 columns"):  # before the labels
         BalancedSoftmaxLoss([3, 1])(torch.randn(4, 3), target)
     for k in (0.0, math.nan, math.inf):

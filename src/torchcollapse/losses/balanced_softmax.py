@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchcollapse._buffers import apply_keeping_dtypes
+from torchcollapse._labels import check_label_range
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["BalancedSoftmaxLoss"]
@@ -47,6 +48,10 @@ class BalancedSoftmaxLoss(nn.Module):
         label_smoothing: in ``[0, 1]``, as in ``nn.CrossEntropyLoss``: the target is
             ``(1 - label_smoothing)`` on the label plus ``label_smoothing / K`` on every class,
             against the adjusted logits.
+        ignore_index: a label whose samples are ignored, as in ``nn.CrossEntropyLoss``: they
+            add nothing to the loss or its gradient, and ``"mean"`` averages over the other
+            samples (NaN when every sample is ignored); ``"none"`` gives them a zero. Not a
+            label-range error, with or without ``validate_args``.
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
         device: device of the ``log_prior`` buffer.
@@ -69,6 +74,7 @@ class BalancedSoftmaxLoss(nn.Module):
         tau: float = 1.0,
         reduction: Literal["mean", "sum", "none"] = "mean",
         label_smoothing: float = 0.0,
+        ignore_index: int = -100,
         validate_args: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
@@ -84,6 +90,10 @@ class BalancedSoftmaxLoss(nn.Module):
             )
         if not math.isfinite(tau):
             raise ValueError(f"Expected argument `tau` to be finite, but got {tau}.")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(
+                f"Expected argument `ignore_index` to be an integer, but got {ignore_index!r}."
+            )
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(
                 f"Expected argument `label_smoothing` to be in [0, 1], but got {label_smoothing}."
@@ -95,6 +105,7 @@ class BalancedSoftmaxLoss(nn.Module):
         self.tau = float(tau)
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
+        self.ignore_index = ignore_index
         self.validate_args = validate_args
 
     def _apply(self, fn: Any, recurse: bool = True) -> BalancedSoftmaxLoss:
@@ -109,6 +120,8 @@ class BalancedSoftmaxLoss(nn.Module):
         extra = f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}"
         if self.label_smoothing:
             extra += f", label_smoothing={self.label_smoothing}"
+        if self.ignore_index != -100:
+            extra += f", ignore_index={self.ignore_index}"
         return extra
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -119,7 +132,12 @@ class BalancedSoftmaxLoss(nn.Module):
                 f"Expected argument `logits` to have {self.num_classes} columns (classes), but "
                 f"got shape {tuple(logits.shape)}."
             )
-        check_features_target(logits, target, self.num_classes, self.validate_args, name="logits")
+        check_features_target(logits, target, None, self.validate_args, name="logits")
+        if self.validate_args:
+            labels = target
+            if not 0 <= self.ignore_index < self.num_classes:  # ignored labels are no error
+                labels = torch.where(target == self.ignore_index, 0, target)
+            check_label_range(labels, self.num_classes)
         dtype = compute_dtype(logits.dtype)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             adjusted = logits.to(dtype) + self.tau * self.log_prior.to(dtype)
@@ -128,4 +146,5 @@ class BalancedSoftmaxLoss(nn.Module):
                 target.long(),
                 reduction=self.reduction,
                 label_smoothing=self.label_smoothing,
+                ignore_index=self.ignore_index,
             )
