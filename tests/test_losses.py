@@ -1282,6 +1282,22 @@ def test_functional_losses_validate_like_their_modules() -> None:
         DotRegressionLoss(eps=math.inf)
     with pytest.raises(TypeError, match="`logits` to be a tensor"):
         RescaledMSELoss()([[1.0, 2.0]], torch.tensor([0]))  # type: ignore[arg-type]
+    # the function checks its arguments as the module does (eps=0 gave NaN on a zero feature,
+    # labels out of range a bare IndexError)
+    for eps in (0.0, -1e-8, math.nan, True):
+        with pytest.raises(ValueError, match="`eps` to be positive and finite"):
+            dot_regression_loss(h, y, frame, eps=eps)  # type: ignore[arg-type]
+    for labels in (torch.tensor([0, 5, 1, 2]), torch.tensor([0, -1, 1, 2])):
+        with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 2\]"):
+            dot_regression_loss(h, labels, frame)
+    with pytest.raises(ValueError, match="`class_weight` to be a floating-point tensor of 3"):
+        dot_regression_loss(h, y, frame, class_weight=torch.ones(2))
+    with pytest.raises(ValueError, match="`frame` to have 3 columns"):
+        dot_regression_loss(h, y, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="`frame` to have a 2-D floating-point weight"):
+        dot_regression_loss(h, y, torch.randn(3))
+    with pytest.raises(ValueError, match="same number of samples"):
+        dot_regression_loss(h, y[:3], frame)
 
 
 def test_many_classes_do_not_build_a_class_by_class_identity(

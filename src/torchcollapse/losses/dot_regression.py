@@ -80,16 +80,22 @@ def dot_regression_loss(
     class_weight: Tensor | None = None,
     reduction: Literal["mean", "sum", "none"] = "mean",
     eps: float = 1e-8,
+    validate_args: bool = True,
 ) -> Tensor:
     """Dot-regression loss of Yang et al. (2022) on one process (no gathering).
 
+    Arguments are checked as by :class:`DotRegressionLoss`: shapes and dtypes, ``eps``, the
+    length of ``class_weight`` and, with ``validate_args``, the label range.
+
     Args:
         features: ``(N, d)`` features.
-        target: ``(N,)`` integer labels.
+        target: ``(N,)`` integer labels in ``[0, K)``.
         frame: ``(K, d)`` frame, one row ``m_c`` per class.
         class_weight: optional ``(K,)`` per-class weights multiplying each sample's loss.
         reduction: ``"mean"`` (over samples, not over weights), ``"sum"`` or ``"none"``.
-        eps: lower bound of the (detached) norms.
+        eps: lower bound of the (detached) norms, positive.
+        validate_args: check the label range (a ValueError on CPU; a device-side assertion,
+            without host synchronisation, on accelerators; skipped under torch.compile).
 
     Returns:
         The loss in at least float32.
@@ -101,11 +107,54 @@ def dot_regression_loss(
         tensor([0.0000, 0.5000])
     """
     check_reduction(reduction)
+    eps = _check_eps(eps)
+    weight = _check_inputs(features, target, frame, validate_args, defer_cpu_range=True)
+    if class_weight is not None and (
+        not isinstance(class_weight, Tensor)
+        or not class_weight.is_floating_point()
+        or tuple(class_weight.shape) != (weight.shape[0],)
+    ):
+        raise ValueError(
+            f"Expected argument `class_weight` to be a floating-point tensor of {weight.shape[0]} "
+            f"entries (rows of `frame`), but got "
+            f"{tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight!r}."
+        )
     if reduction == "none":
         scale = None
     else:
         scale = 1.0 if reduction == "sum" else 1.0 / max(features.shape[0], 1)
-    return _dot_regression(features, target, frame, class_weight, eps, scale)
+    return _dot_regression(
+        features, target, weight, class_weight, eps, scale, validate_args=validate_args
+    )
+
+
+def _check_eps(eps: Any) -> float:
+    """``eps`` as a float; raise unless it is positive and finite."""
+    value = as_finite_float(eps)
+    if value is None or value <= 0:
+        raise ValueError(f"Expected argument `eps` to be positive and finite, but got {eps!r}.")
+    return value
+
+
+def _check_inputs(
+    features: Tensor,
+    target: Tensor,
+    frame: Tensor | nn.Module,
+    validate_args: bool,
+    *,
+    defer_cpu_range: bool,
+) -> Tensor:
+    """Validate features, labels and frame (its width); return the frame's ``(K, d)`` weight."""
+    weight = resolve_weight(frame, "frame")
+    check_features_target(
+        features, target, weight.shape[0], validate_args, defer_cpu_range=defer_cpu_range
+    )
+    if weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"Expected argument `frame` to have {features.shape[1]} columns (the feature "
+            f"dimension), but got shape {tuple(weight.shape)}."
+        )
+    return weight
 
 
 def _dot_regression(
@@ -291,10 +340,7 @@ class DotRegressionLoss(nn.Module):
         self.register_buffer("class_counts", counts)
         self.reweight_power = check_weight(reweight_power, "reweight_power")
         self.reduction = reduction
-        eps_value = as_finite_float(eps)
-        if eps_value is None or eps_value <= 0:
-            raise ValueError(f"Expected argument `eps` to be positive and finite, but got {eps!r}.")
-        self.eps = eps_value
+        self.eps = _check_eps(eps)
         self.sync_dist = sync_dist
         self.process_group = process_group
         self.validate_args = validate_args
@@ -322,17 +368,11 @@ class DotRegressionLoss(nn.Module):
 
     def forward(self, features: Tensor, target: Tensor, frame: Tensor | nn.Module) -> Tensor:
         """Dot-regression loss of ``features`` (``(N, d)``) towards ``frame[target]``."""
-        weight = resolve_weight(frame, "frame")
         sync = self.sync_dist and is_distributed(self.process_group)
-        num_classes = weight.shape[0]
-        check_features_target(
-            features, target, num_classes, self.validate_args, defer_cpu_range=not sync
+        weight = _check_inputs(
+            features, target, frame, self.validate_args, defer_cpu_range=not sync
         )
-        if weight.shape[1] != features.shape[1]:
-            raise ValueError(
-                f"Expected argument `frame` to have {features.shape[1]} columns (the feature "
-                f"dimension), but got shape {tuple(weight.shape)}."
-            )
+        num_classes = weight.shape[0]
         counts: Tensor | None = None
         batch_power: float | None = None
         if self.class_counts is not None:
