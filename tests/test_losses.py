@@ -15,6 +15,7 @@ being compiled, which is what selects that path on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable
@@ -1298,6 +1299,27 @@ def test_functional_losses_validate_like_their_modules() -> None:
         dot_regression_loss(h, y, torch.randn(3))
     with pytest.raises(ValueError, match="same number of samples"):
         dot_regression_loss(h, y[:3], frame)
+
+
+def test_a_fake_tensor_call_leaves_no_fake_matrix_for_real_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call under ``FakeTensorMode`` (a memory or FLOP estimate of the training step) must not
+    leave a fake one-hot or centring matrix in the process-wide cache: the real calls after it
+    use it. Reference: the loop's NC1 of the same batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(fused, "_MATRICES", {})
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target = make_batch(14, 5, 7, seed=seed % 10_000)
+    reg = CollapseRegularizer(7, nc1=1.0, nc2=0.5)
+    with FakeTensorMode(), contextlib.suppress(Exception):  # reading values may fail there
+        reg(torch.randn(14, 5, dtype=torch.float64), torch.arange(14) % 7)
+    assert all(type(matrix) is torch.Tensor for matrix in fused._MATRICES.values())
+    h, y = features.numpy(), target.numpy()
+    _, _, _, centred = ref_traces(h, y, 7)
+    expected = ref_nc1(h, y, 7, "bounded") + 0.5 * ref_gram_distance(centred)
+    assert reg(features, target).item() == pytest.approx(expected, rel=RTOL64), f"seed {seed}"
 
 
 def test_many_classes_do_not_build_a_class_by_class_identity(

@@ -92,7 +92,10 @@ def _cached_matrix(kind: str, size: int, dtype: torch.dtype) -> Tensor:
             matrix = torch.eye(size, dtype=dtype, device="cpu")
             if kind == "centring":
                 matrix -= 1.0 / size
-        if size <= 256 and len(_MATRICES) < 16:  # at most 8 MB kept
+        # at most 8 MB kept; only plain tensors: under a tensor mode (FakeTensorMode for a
+        # memory estimate, a functorch transform) eye returns a subclass that later real
+        # calls cannot use
+        if size <= 256 and len(_MATRICES) < 16 and type(matrix) is torch.Tensor:
             _MATRICES[key] = matrix
     return matrix
 
