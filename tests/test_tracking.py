@@ -143,6 +143,37 @@ def test_layer_selection_by_type_predicate_and_errors() -> None:
         tracker.update(torch.zeros(2, 2, 12, dtype=torch.float64), torch.zeros(2, 1))
 
 
+def test_a_layer_reached_under_a_second_name_is_tracked_by_either_name() -> None:
+    """``named_modules()`` lists a module held under two attributes once; the tracker finds it
+    by either name (as ``get_submodule`` does), also with DDP's ``module.`` prefix, and records
+    the same features. Reference: the loop NC1 of the layer's output pooled by hand."""
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model()
+            self.features = self.net[2]  # an alias, as models expose `features` or `backbone`
+
+        def forward(self, x: Tensor) -> Tensor:
+            out: Tensor = self.net(x)
+            return out
+
+    model = Aliased()
+    assert "features" not in dict(model.named_modules())
+    x, y = _data()
+    with CollapseTracker(model, ["features", "module.features"], NUM_CLASSES) as tracker:
+        assert tracker.layers == ["features", "module.features"]
+        tracker.update(x, y)
+        results = tracker.compute()
+    expected = _nc1_brute_force(_by_hand(model.net, x)["2"], y)
+    for name in ("features", "module.features"):
+        assert float(results[name]["nc1"]) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="name submodules of the model, but got 'featurez'"):
+        CollapseTracker(model, ["featurez"], NUM_CLASSES)
+    with pytest.raises(ValueError, match="name submodules"):
+        CollapseTracker(model, [""], NUM_CLASSES)  # the model itself is not a layer
+
+
 def test_pooling_modes_and_custom_pool() -> None:
     maps = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pool_features(maps, "mean"), maps.mean(dim=(2, 3)))

@@ -103,8 +103,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule of ``model`` called ``name`` (any of its names: ``named_modules()`` lists a
+    module reached under two names once), else ``None``; not the model itself."""
+    if not name:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _select_layers(model: nn.Module, layers: LayerSelector) -> dict[str, nn.Module]:
-    named = dict(_unwrap(model).named_modules())
+    inner = _unwrap(model)
+    named = dict(inner.named_modules())
     named.pop("", None)
     if isinstance(layers, str):
         layers = [layers]
@@ -125,14 +137,16 @@ def _select_layers(model: nn.Module, layers: LayerSelector) -> dict[str, nn.Modu
                 raise TypeError(
                     f"Expected argument `layers` to hold layer names (str), but got {name!r}."
                 )
-            key = name.removeprefix("module.") if name not in named else name
-            if key not in named:
+            module = _submodule(inner, name)
+            if module is None and name.startswith("module."):
+                module = _submodule(inner, name.removeprefix("module."))
+            if module is None:
                 available = ", ".join(list(named)[:12])
                 raise ValueError(
                     f"Expected argument `layers` to name submodules of the model, but got "
                     f"{name!r}; some names: {available}{', ...' if len(named) > 12 else ''}."
                 )
-            chosen[name] = named[key]
+            chosen[name] = module
         what = "names"
     else:
         raise TypeError(
@@ -172,8 +186,10 @@ class CollapseTracker:
     Args:
         model: the network to watch.
         layers: what to hook: layer names as in ``model.named_modules()`` (``"layer3"``,
-            ``"blocks.0"``), a module type or tuple of types (every submodule of those types, in
-            registration order), or a predicate ``(name, module) -> bool``.
+            ``"blocks.0"``; any name ``model.get_submodule`` resolves, so also a second
+            attribute holding the same module, which ``named_modules()`` lists once), a module
+            type or tuple of types (every submodule of those types, in registration order), or a
+            predicate ``(name, module) -> bool``.
         num_classes: number of classes ``K``.
         pool: ``"mean"``, ``"max"`` or ``"flatten"`` for outputs with more than two axes, taken
             channels first (see :func:`pool_features`), or a callable ``output -> (N, D) tensor``
