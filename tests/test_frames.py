@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests._helpers.ddp import run_distributed
+from tests._helpers.devices import foreign_default_device
 from torchcollapse import frames
 from torchcollapse.frames import (
     DEFAULT_SEED,
@@ -328,3 +329,57 @@ def test_frames_are_identical_on_every_process_without_a_broadcast() -> None:
     here = _build_everything(0, 1)
     for name, tensor in ranks[0].items():
         torch.testing.assert_close(tensor, here[name], rtol=0, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Under a default-device context the frames are still drawn on the CPU
+# ------------------------------------------------------------------------------------------------
+
+SIMILARITY = torch.tensor([[1.0, 0.5, -0.3], [0.5, 1.0, -0.3], [-0.3, -0.3, 1.0]])
+DRAWN_FRAMES = {
+    "simplex": lambda g: simplex_etf(6, 8, generator=g, dtype=F64),
+    "orthogonal": lambda g: orthogonal_frame(6, 8, generator=g, dtype=F64),
+    "spherical, simplex": lambda g: spherical_code(4, 5, generator=g, dtype=F64),
+    "spherical, orthoplex": lambda g: spherical_code(7, 4, generator=g, dtype=F64),
+    "spherical, polygon": lambda g: spherical_code(7, 2, generator=g, dtype=F64),
+    "spherical, descent": lambda g: spherical_code(9, 3, steps=20, generator=g, dtype=F64),
+    "hierarchy": lambda g: hierarchy_frame(SIMILARITY, 5, generator=g, dtype=F64),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAWN_FRAMES))
+def test_frames_are_drawn_on_the_cpu_under_a_default_device_context(name: str) -> None:
+    # As torch.randn: device=None is the context's device (meta: no values), but the draw is
+    # the CPU's, so the generator advances as without the context; and a default device that
+    # a CPU generator cannot draw on (CUDA, simulated) gives the CPU frame.
+    build = DRAWN_FRAMES[name]
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    eager_gen = torch.Generator().manual_seed(seed)
+    eager = build(eager_gen)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        meta = build(gen)
+    assert meta.is_meta, f"{name}, seed {seed}"
+    assert meta.shape == eager.shape
+    assert torch.equal(gen.get_state(), eager_gen.get_state()), f"{name}, seed {seed}"
+    gen = torch.Generator().manual_seed(seed)
+    with foreign_default_device():
+        foreign = build(gen)
+    assert torch.equal(foreign, eager), f"{name}, seed {seed}"
+    assert torch.equal(gen.get_state(), eager_gen.get_state()), f"{name}, seed {seed}"
+    assert build(None).device.type == "cpu"
+    on_meta = simplex_etf(4, 5, device="meta")  # an explicit device wins over the default
+    assert on_meta.is_meta
+
+
+def test_frame_reports_and_nearest_etf_work_under_a_default_device_context() -> None:
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    points = torch.randn(5, 7, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    code = spherical_code(9, 3, steps=20, dtype=F64)
+    expected = (frame_angle_report(code), min_angle_bound(30, 4), frame_min_angle(points))
+    nearest = frames.nearest_simplex_etf(points)
+    for context in (lambda: torch.device("meta"), foreign_default_device):
+        with context():
+            got = (frame_angle_report(code), min_angle_bound(30, 4), frame_min_angle(points))
+            assert torch.equal(frames.nearest_simplex_etf(points), nearest), f"seed {seed}"
+        assert got == expected, f"seed {seed}"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests._helpers.devices import foreign_default_device
 from tests._helpers.testers import check_module
 from torchcollapse.frames import hierarchy_frame, orthogonal_frame, simplex_etf, spherical_code
 from torchcollapse.heads import (
@@ -591,3 +592,41 @@ def test_reset_parameters_rebuilds_drawn_frames_after_meta_initialisation() -> N
     assert torch.equal(given.frame, simplex_etf(5, 16) * 2.0)
     assert given.bias is not None
     assert not given.bias.any()
+
+
+def test_heads_built_under_a_default_device_context_draw_their_frames_on_the_cpu() -> None:
+    # Under `with torch.device(...)` a head lands on that device, but its frame is the CPU draw:
+    # two heads from one generator differ as without the context, and come back as the eager
+    # heads after to_empty() + reset_parameters(); a default device a CPU generator cannot draw
+    # on (CUDA, simulated) builds the same head.
+    from torchcollapse.heads import NearestETFHead
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    makers = {
+        "etf": lambda g: SimplexETFHead(16, 5, generator=g, learnable_scale=True, bias=True),
+        "orthogonal": lambda g: OrthogonalFrameHead(16, 5, generator=g),
+        "spherical": lambda g: SphericalCodeHead(3, 7, steps=20, generator=g),
+        "nearest": lambda g: NearestETFHead(16, 5, generator=g),
+    }
+    for name, make in makers.items():
+        gen = torch.Generator().manual_seed(seed)
+        eager = [make(gen), make(gen)]
+        assert not torch.equal(eager[0].frame, eager[1].frame), f"{name}, seed {seed}"
+        gen = torch.Generator().manual_seed(seed)
+        with torch.device("meta"):
+            meta = [make(gen), make(gen)]
+        for built, reference in zip(meta, eager):
+            assert all(t.is_meta for t in (*built.parameters(), *built.buffers())), name
+            built.to_empty(device="cpu").reset_parameters()
+            assert torch.equal(built.frame, reference.frame), f"{name}, seed {seed}"
+        gen = torch.Generator().manual_seed(seed)
+        with foreign_default_device():
+            foreign = [make(gen), make(gen)]
+        for built, reference in zip(foreign, eager):
+            assert torch.equal(built.frame, reference.frame), f"{name}, seed {seed}"
+    with foreign_default_device():
+        assert torch.equal(SimplexETFHead(512, 10).frame, simplex_etf(10, 512))
+    linear = nn.Linear(16, 5)
+    with torch.device("meta"):  # a CPU weight initialised inside a meta context
+        etf_init_(linear)
+    torch.testing.assert_close(linear.weight.detach(), simplex_etf(5, 16), rtol=0, atol=0)

@@ -23,7 +23,10 @@ Every random frame is drawn on the CPU in float64 from a :class:`torch.Generator
 seeded with :data:`DEFAULT_SEED`), then cast to ``dtype`` and moved to ``device``. The same call
 therefore gives the same frame on every process and every device, without a broadcast (on
 identical machines and software; ``DistributedDataParallel`` also broadcasts buffers from rank 0
-when it wraps a model).
+when it wraps a model). The draw stays on the CPU under a default-device context too
+(``with torch.device("cuda")``, ``torch.set_default_device``); as for torch's factory functions,
+``device=None`` then means the context's device (``with torch.device("meta")`` gives a meta
+tensor, whose values are gone, but the generator has advanced as on the CPU).
 
 References:
     Papyan, Han & Donoho (2020), *Prevalence of neural collapse during the terminal phase of deep
@@ -69,6 +72,11 @@ _RESTART_BUDGET = 2**16  # restarts while restarts * K * neighbours * dim stays 
 _FLOAT64_WORK = 2**21  # larger problems (K * neighbours * dim) take their steps in float32
 _BLOCK_ELEMENTS = 2**22  # rows are processed in blocks of at most this many gathered numbers
 
+# Every tensor a frame function makes internally is made here, whatever the default device (a
+# ``torch.device`` context, ``torch.set_default_device``): a CPU generator draws only on the CPU,
+# and the optimiser needs values (the meta device has none).
+_CPU = torch.device("cpu")
+
 
 def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -95,10 +103,12 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
 
 
 def _finish(frame: Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> Tensor:
-    """Cast the float64 CPU frame to the requested dtype and device (always a fresh tensor)."""
+    """Cast the float64 CPU frame to the requested dtype and device (always a fresh tensor);
+    ``None`` means torch's defaults, as for a factory function (``torch.randn``)."""
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if not dtype.is_floating_point:
         raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype}.")
+    device = torch.get_default_device() if device is None else device
     return frame.to(device=device, dtype=dtype, copy=True)
 
 
@@ -107,7 +117,7 @@ def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Ten
 
     QR of a Gaussian matrix with the signs of ``diag(R)`` moved into ``Q`` (Mezzadri, 2007).
     """
-    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float64, device=_CPU)
     q, r = torch.linalg.qr(gaussian)
     signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(torch.float64)
     result: Tensor = q * signs
@@ -121,8 +131,8 @@ def _helmert(num_classes: int) -> Tensor:
     ones, so ``B^T B = I`` and ``B B^T = I - 11^T / K`` exactly (up to rounding).
     """
     k = num_classes
-    j = torch.arange(1, k, dtype=torch.float64)  # column index 1..K-1
-    rows = torch.arange(k, dtype=torch.float64)[:, None]
+    j = torch.arange(1, k, dtype=torch.float64, device=_CPU)  # column index 1..K-1
+    rows = torch.arange(k, dtype=torch.float64, device=_CPU)[:, None]
     basis = torch.where(rows < j, 1.0, 0.0) - torch.where(rows == j, j, 0.0)
     return basis / torch.sqrt(j * (j + 1))
 
@@ -147,7 +157,7 @@ def simplex_etf(
         dim: feature dimension, at least ``K - 1``.
         generator: CPU generator for the orientation; default: seeded with :data:`DEFAULT_SEED`.
         dtype: dtype of the result (default: ``torch.get_default_dtype()``).
-        device: device of the result.
+        device: device of the result (default: torch's default device, as ``torch.randn``).
 
     Returns:
         Tensor of shape ``(num_classes, dim)`` with unit-norm rows summing to zero.
@@ -285,7 +295,7 @@ def orthogonal_frame(
         dim: feature dimension, at least ``K``.
         generator: CPU generator; default: seeded with :data:`DEFAULT_SEED`.
         dtype: dtype of the result (default: ``torch.get_default_dtype()``).
-        device: device of the result.
+        device: device of the result (default: torch's default device, as ``torch.randn``).
 
     Returns:
         Tensor of shape ``(num_classes, dim)`` with orthonormal rows.
@@ -323,7 +333,7 @@ def _max_cosine(points: Tensor) -> float:
     best = -1.0
     for start, stop in _row_blocks(k, k):
         gram = x[start:stop] @ x.T
-        own = torch.arange(start, stop)
+        own = torch.arange(start, stop, device=_CPU)
         gram[own - start, own] = -math.inf
         best = max(best, float(gram.max()))
     return min(best, 1.0)
@@ -333,10 +343,10 @@ def _neighbours(points: Tensor, count: int) -> Tensor:
     """Indices (``K x count``) of each point's ``count`` closest other points (float32 search)."""
     k = points.shape[0]
     x = points.to(torch.float32)
-    out = torch.empty(k, count, dtype=torch.long)
+    out = torch.empty(k, count, dtype=torch.long, device=_CPU)
     for start, stop in _row_blocks(k, k):
         gram = x[start:stop] @ x.T
-        own = torch.arange(start, stop)
+        own = torch.arange(start, stop, device=_CPU)
         gram[own - start, own] = -math.inf
         out[start:stop] = gram.topk(count, dim=1, sorted=False).indices
     return out
@@ -356,7 +366,9 @@ def _descend(points: Tensor, steps: int, count: int) -> Tensor:
     count = min(count, k - 1)
     neighbours = None
     if count == k - 1:  # every other point: no search needed
-        neighbours = (torch.arange(1, k)[None, :] + torch.arange(k)[:, None]) % k
+        neighbours = (
+            torch.arange(1, k, device=_CPU)[None, :] + torch.arange(k, device=_CPU)[:, None]
+        ) % k
     blocks = _row_blocks(k, count * d)
     (t_first, t_last), (lr_first, lr_last) = _TEMPERATURE, _STEP_SIZE
     for step in range(steps):
@@ -389,14 +401,16 @@ def _descend(points: Tensor, steps: int, count: int) -> Tensor:
 
 
 def _regular_polygon(num_classes: int, generator: torch.Generator) -> Tensor:
-    angles = 2 * math.pi * torch.arange(num_classes, dtype=torch.float64) / num_classes
-    offset = 2 * math.pi * torch.rand((), generator=generator, dtype=torch.float64)
+    steps = torch.arange(num_classes, dtype=torch.float64, device=_CPU)
+    angles = 2 * math.pi * steps / num_classes
+    offset = 2 * math.pi * torch.rand((), generator=generator, dtype=torch.float64, device=_CPU)
     return torch.stack([torch.cos(angles + offset), torch.sin(angles + offset)], dim=1)
 
 
 def _orthoplex_subset(num_classes: int, dim: int, generator: torch.Generator) -> Tensor:
     """``K`` of the ``2 d`` vectors ``+-e_i`` (pairwise cosines 0 or -1), randomly rotated."""
-    axes = torch.cat([torch.eye(dim, dtype=torch.float64), -torch.eye(dim, dtype=torch.float64)])
+    eye = torch.eye(dim, dtype=torch.float64, device=_CPU)
+    axes = torch.cat([eye, -eye])
     return axes[:num_classes] @ _random_orthonormal(dim, dim, generator).T
 
 
@@ -420,7 +434,7 @@ def _cached_code(num_classes: int, dim: int, steps: int, state: bytes) -> tuple[
         work_dtype = torch.float64 if k * count * d <= _FLOAT64_WORK else torch.float32
         best, best_cosine = None, math.inf
         for _ in range(restarts):
-            start = torch.randn(k, d, generator=gen, dtype=torch.float64)
+            start = torch.randn(k, d, generator=gen, dtype=torch.float64, device=_CPU)
             start = (start / start.norm(dim=1, keepdim=True)).to(work_dtype)
             candidate = _descend(start, steps, count).to(torch.float64)
             candidate = candidate / candidate.norm(dim=1, keepdim=True)
@@ -467,7 +481,7 @@ def spherical_code(
         generator: CPU generator for the starting points and orientation; default: seeded with
             :data:`DEFAULT_SEED`.
         dtype: dtype of the result (default: ``torch.get_default_dtype()``).
-        device: device of the result.
+        device: device of the result (default: torch's default device, as ``torch.randn``).
 
     Returns:
         Tensor of shape ``(num_classes, dim)`` with unit-norm rows.
@@ -542,12 +556,12 @@ def _packing_bound(num_classes: int, dim: int, grid: int = 100_001) -> float:
     """
     if dim == 2:
         return 360.0 / num_classes
-    phi = torch.linspace(0.0, math.pi / 2, grid, dtype=torch.float64)
+    phi = torch.linspace(0.0, math.pi / 2, grid, dtype=torch.float64, device=_CPU)
     log_density = (dim - 2) * torch.log(torch.sin(phi).clamp_min(1e-300))
     density = torch.exp(log_density - log_density.max())
     cumulative = torch.cat([density.new_zeros(1), torch.cumulative_trapezoid(density, phi)])
     fraction = cumulative / (2 * cumulative[-1])  # cap fraction for radius 0 .. pi/2
-    target = torch.tensor([1.0 / num_classes], dtype=torch.float64)
+    target = torch.tensor([1.0 / num_classes], dtype=torch.float64, device=_CPU)
     upper = int(torch.searchsorted(fraction, target).clamp(1, grid - 1))
     low, high = float(fraction[upper - 1]), float(fraction[upper])
     position = upper - 1 + (1.0 / num_classes - low) / max(high - low, 1e-300)
@@ -710,7 +724,7 @@ def hierarchy_frame(
         tol: stop when a round changes the matrix by less than this (relative Frobenius norm).
         generator: CPU generator for the orientation; default: seeded with :data:`DEFAULT_SEED`.
         dtype: dtype of the result (default: ``torch.get_default_dtype()``).
-        device: device of the result.
+        device: device of the result (default: torch's default device, as ``torch.randn``).
 
     Returns:
         Tensor of shape ``(K, dim)`` with unit-norm rows.

@@ -213,7 +213,8 @@ class SimplexETFHead(FixedFrameHead):
         num_classes: number of classes ``K >= 2``.
         normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
         generator: CPU generator for the orientation.
-        device: device of the frame and parameters.
+        device: device of the frame and parameters (default: torch's default device; the frame
+            is drawn on the CPU in any case, then moved).
         dtype: dtype of the frame and parameters (default: ``torch.get_default_dtype()``).
 
     Example:
@@ -246,7 +247,7 @@ class SimplexETFHead(FixedFrameHead):
                 " dimensions + 1."
             )
         builder = _FrameBuilder(simplex_etf, (num_classes, in_features))
-        frame = builder.draw(generator, dtype)
+        frame = builder.draw(generator, dtype, device)
         super().__init__(
             frame,
             normalize_features=normalize_features,
@@ -272,7 +273,8 @@ class SphericalCodeHead(FixedFrameHead):
         normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
         steps: optimiser steps of :func:`~torchcollapse.frames.spherical_code`.
         generator: CPU generator.
-        device: device of the frame and parameters.
+        device: device of the frame and parameters (default: torch's default device; the frame
+            is drawn on the CPU in any case, then moved).
         dtype: dtype of the frame and parameters (default: ``torch.get_default_dtype()``).
 
     Example:
@@ -300,7 +302,7 @@ class SphericalCodeHead(FixedFrameHead):
         check_positive_int(in_features, "in_features")
         check_positive_int(num_classes, "num_classes", 2)
         builder = _FrameBuilder(spherical_code, (num_classes, in_features), steps=steps)
-        frame = builder.draw(generator, dtype)
+        frame = builder.draw(generator, dtype, device)
         super().__init__(
             frame,
             normalize_features=normalize_features,
@@ -324,7 +326,8 @@ class OrthogonalFrameHead(FixedFrameHead):
         num_classes: number of classes ``K >= 2``.
         normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
         generator: CPU generator.
-        device: device of the frame and parameters.
+        device: device of the frame and parameters (default: torch's default device; the frame
+            is drawn on the CPU in any case, then moved).
         dtype: dtype of the frame and parameters (default: ``torch.get_default_dtype()``).
 
     Example:
@@ -357,7 +360,7 @@ class OrthogonalFrameHead(FixedFrameHead):
                 f" or SphericalCodeHead({in_features}, {num_classes})."
             )
         builder = _FrameBuilder(orthogonal_frame, (num_classes, in_features))
-        frame = builder.draw(generator, dtype)
+        frame = builder.draw(generator, dtype, device)
         super().__init__(
             frame,
             normalize_features=normalize_features,
@@ -381,18 +384,28 @@ class _FrameBuilder:
         self.function, self.sizes, self.kwargs = function, sizes, kwargs
         self.state: bytes | None = None
 
-    def draw(self, generator: torch.Generator | None, dtype: torch.dtype | None) -> Tensor:
-        """The frame from ``generator`` (advanced as the frame function advances it), its state
-        kept for :meth:`build`; anything but a ``torch.Generator`` is left to the function to
-        refuse."""
+    def draw(
+        self,
+        generator: torch.Generator | None,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> Tensor:
+        """The frame from ``generator`` (advanced as the frame function advances it, on the CPU
+        whatever the default device), its state kept for :meth:`build`, on ``device`` (default:
+        torch's default device, so that a head built under ``with torch.device("meta")`` is a
+        meta head); anything but a ``torch.Generator`` is left to the function to refuse."""
         if isinstance(generator, torch.Generator):
             self.state = bytes(generator.get_state().tolist())
-        return self.function(*self.sizes, generator=generator, dtype=dtype, **self.kwargs)
+        return self.function(
+            *self.sizes, generator=generator, dtype=dtype, device=device, **self.kwargs
+        )
 
     def build(self, dtype: torch.dtype) -> Tensor:
+        """The same frame again, on the CPU (also inside a default-device context)."""
         generator = None
         if self.state is not None:
             generator = torch.Generator()
-            generator.set_state(torch.tensor(list(self.state), dtype=torch.uint8))
-        with torch.device("cpu"):  # also inside a meta-device context
-            return self.function(*self.sizes, generator=generator, dtype=dtype, **self.kwargs)
+            generator.set_state(torch.tensor(list(self.state), dtype=torch.uint8, device="cpu"))
+        return self.function(
+            *self.sizes, generator=generator, dtype=dtype, device="cpu", **self.kwargs
+        )

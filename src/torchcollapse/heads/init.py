@@ -87,7 +87,9 @@ def etf_init_(
             f"Expected `in_features` ({in_features}) to be at least `num_classes - 1` "
             f"({num_classes - 1}) for a simplex ETF initialisation."
         )
-    frame = simplex_etf(num_classes, in_features, generator=generator, dtype=target.dtype)
+    frame = simplex_etf(
+        num_classes, in_features, generator=generator, dtype=target.dtype, device=target.device
+    )
     with torch.no_grad():
-        target.copy_(frame.to(target.device) * gain)
+        target.copy_(frame * gain)
     return target

@@ -56,7 +56,8 @@ class NearestETFHead(FixedFrameHead):
             nearest ETF; the default only breaks ties).
         normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
         generator: CPU generator for the initial frame's orientation.
-        device: device of the buffers and parameters.
+        device: device of the buffers and parameters (default: torch's default device; the
+            initial frame is drawn on the CPU in any case, then moved).
         dtype: dtype of the buffers and parameters (default: ``torch.get_default_dtype()``).
 
     Example:
@@ -104,7 +105,7 @@ class NearestETFHead(FixedFrameHead):
                 f"Expected argument `proximal` to be a finite float >= 0, but got {proximal!r}."
             )
         builder = _FrameBuilder(simplex_etf, (num_classes, in_features))
-        frame = builder.draw(generator, dtype)
+        frame = builder.draw(generator, dtype, device)
         super().__init__(
             frame,
             normalize_features=normalize_features,
