@@ -147,6 +147,50 @@ def test_training_step_compiles() -> None:
     torch.testing.assert_close(compiled_module.running_means, eager.running_means)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_batch_is_refused_and_leaves_the_head_as_it_was(bad: float) -> None:
+    # The error names `features` and comes before any state changes; the next batches update
+    # the head exactly as if the refused one had never come (against a head that never saw it).
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
+    k, d = 4, 6
+    batches = [(torch.randn(12, d, generator=gen, dtype=F64), torch.arange(12) % k) for _ in "ab"]
+    head = NearestETFHead(d, k, momentum=0.5, dtype=F64)
+    clean = NearestETFHead(d, k, momentum=0.5, dtype=F64)
+    head(*batches[0])
+    clean(*batches[0])
+    before = {name: t.clone() for name, t in head.state_dict().items()}
+    poisoned = torch.randn(12, d, generator=gen, dtype=F64)
+    poisoned[int(torch.randint(0, 12, (), generator=gen)), int(torch.randint(0, d, ()))] = bad
+    with pytest.raises(ValueError, match="`features` to be finite"):
+        head(poisoned, torch.arange(12) % k)
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name}, seed {seed}"
+    torch.testing.assert_close(head(*batches[1]), clean(*batches[1]), rtol=0, atol=0)
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(tensor, clean.state_dict()[name]), f"{name}, seed {seed}"
+    # compiled (no error without a graph break): the batch is skipped
+    compiled_head = NearestETFHead(d, k, momentum=0.5, dtype=F64)
+    compiled = torch.compile(compiled_head, backend="aot_eager", fullgraph=True)
+    compiled(*batches[0])
+    compiled(poisoned, torch.arange(12) % k)
+    assert torch.isfinite(compiled_head.running_means).all(), f"seed {seed}"
+    compiled(*batches[1])
+    torch.testing.assert_close(compiled_head.frame, clean.frame, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(compiled_head.running_means, clean.running_means)
+
+
+def test_nearest_simplex_etf_refuses_non_finite_points() -> None:
+    points = torch.randn(4, 5, dtype=F64)
+    points[1, 2] = math.nan
+    with pytest.raises(ValueError, match="`points` to be finite"):
+        nearest_simplex_etf(points)
+    previous = simplex_etf(4, 5, dtype=F64)
+    previous[0, 0] = math.inf
+    with pytest.raises(ValueError, match="`previous` to be finite"):
+        nearest_simplex_etf(torch.randn(4, 5, dtype=F64), previous=previous, proximal=0.1)
+
+
 def test_nearest_head_learns_a_separable_problem() -> None:
     gen = torch.Generator().manual_seed(0)
     k, d, n = 4, 6, 120

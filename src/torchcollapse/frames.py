@@ -242,7 +242,8 @@ def nearest_simplex_etf(
         computed in at least float32.
 
     Raises:
-        ValueError: when ``d < K - 1``.
+        ValueError: when ``d < K - 1``, or ``points`` (or ``previous``, when used) holds NaN or
+            infinite values.
 
     Example:
         >>> etf = simplex_etf(4, 6, dtype=torch.float64)
@@ -267,6 +268,19 @@ def nearest_simplex_etf(
         raise ValueError(
             "Expected argument `previous` of the same shape as `points` when `proximal` > 0."
         )
+    # (reads one flag back from an accelerator; the SVD reads its status back anyway)
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("Expected argument `points` to be finite, but it holds NaN or infinity.")
+    if proximal and previous is not None and not bool(torch.isfinite(previous).all()):
+        raise ValueError("Expected argument `previous` to be finite, but it holds NaN or infinity.")
+    return _nearest_simplex_etf(points, previous, proximal, eps)
+
+
+def _nearest_simplex_etf(
+    points: Tensor, previous: Tensor | None, proximal: float, eps: float
+) -> Tensor:
+    """:func:`nearest_simplex_etf` without the checks, for arguments known to be valid."""
+    k = points.shape[0]
     work = torch.promote_types(points.dtype, torch.float32)
     # at least float32 also under autocast, whose lower-precision products would leave the
     # frame only approximately an ETF

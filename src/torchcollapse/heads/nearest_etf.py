@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from torchcollapse._distributed import all_reduce_sum
-from torchcollapse.frames import nearest_simplex_etf, simplex_etf
+from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import check_features, check_positive_int, check_target
 from torchcollapse.heads.fixed_frame import FixedFrameHead, _FrameBuilder
 
@@ -137,12 +137,23 @@ class NearestETFHead(FixedFrameHead):
         Under ``torch.distributed`` the batch statistics are summed over processes first, so every
         process takes the same step.
 
+        A batch with a NaN or infinite feature (on any process) is refused before anything
+        changes: running means, seen classes and frame stay as they were, and the next batch
+        updates them as if the refused one had not come. The check reads one flag back from an
+        accelerator (the SVD of the step waits for the device anyway, to read its status).
+        Under ``torch.compile``, where raising would need a graph break, such a batch is
+        skipped instead (the state is kept, the logits use the current frame).
+
         Args:
             features: ``(N, in_features)`` features of the batch (detached here).
             target: ``(N,)`` class indices.
 
         Returns:
             The new frame (also copied into the ``frame`` buffer).
+
+        Raises:
+            ValueError: when ``features`` holds NaN or infinite values (not under
+                ``torch.compile``).
         """
         check_features(features, self.in_features)
         check_target(target, features, self.num_classes)
@@ -153,17 +164,31 @@ class NearestETFHead(FixedFrameHead):
         stats = unit.new_zeros(self.num_classes, self.in_features + 1)
         stats.index_add_(0, target.long(), with_counts)
         all_reduce_sum(stats)
+        # a non-finite feature makes its class's row NaN (its unit vector is NaN); checked after
+        # the reduction, so that every process decides alike
+        finite = torch.isfinite(stats).all()
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not bool(finite):
+            raise ValueError(
+                "Expected argument `features` to be finite, but the batch holds NaN or infinite "
+                "values (on this or another process); the running means and the frame are left "
+                "as they were."
+            )
         sums, counts = stats[:, :-1], stats[:, -1]
         present = counts > 0
         # momentum for classes seen before, 1 for new ones, built in the working dtype
         rate = self.class_seen.to(work).mul_(self.momentum - 1.0).add_(1.0).mul_(present)
         running = self.running_means.to(work)
         running = running + rate[:, None] * (sums / counts.clamp_min(1.0)[:, None] - running)
+        if compiling:  # skip a non-finite batch without a data-dependent branch
+            running = torch.where(finite, running, self.running_means.to(work))
+            present = present & finite
+        frame = _nearest_simplex_etf(running, self.frame, self.proximal, self.eps)
+        frame = frame.to(self.frame.dtype)
+        if compiling:
+            frame = torch.where(finite, frame, self.frame)
         self.running_means.copy_(running)
         self.class_seen.logical_or_(present)
-        frame = nearest_simplex_etf(
-            running, previous=self.frame, proximal=self.proximal, eps=self.eps
-        ).to(self.frame.dtype)
         self.frame.copy_(frame)
         return frame
 
