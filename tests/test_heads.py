@@ -630,3 +630,42 @@ def test_heads_built_under_a_default_device_context_draw_their_frames_on_the_cpu
     with torch.device("meta"):  # a CPU weight initialised inside a meta context
         etf_init_(linear)
     torch.testing.assert_close(linear.weight.detach(), simplex_etf(5, 16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["etf", "etf_learnable_bias", "cosine"])
+def test_exported_normalized_heads_run_with_autograd_and_match_eager(kind: str) -> None:
+    # torch.export records the forward's operations: the exported program runs with grad
+    # enabled and autograd through those operations gives the fused backward's gradients.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    torch.manual_seed(seed)
+    heads = {
+        "etf": lambda: SimplexETFHead(8, 4, dtype=F64),
+        "etf_learnable_bias": lambda: SimplexETFHead(
+            8, 4, learnable_scale=True, bias=True, dtype=F64
+        ),
+        "cosine": lambda: CosineHead(8, 4, learnable_scale=True, dtype=F64),
+    }
+    model = nn.Sequential(nn.Linear(8, 8, dtype=F64), heads[kind]()).eval()
+    bias = getattr(model[1], "bias", None)
+    if bias is not None:
+        with torch.no_grad():
+            bias.normal_()
+    x = features(5, 8, seed=seed, dtype=F64)
+    exported = torch.export.export(model, (x,)).module()
+    x_eager, x_exported = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = features(5, 4, seed=seed + 1, dtype=F64)
+    eager_out, exported_out = model(x_eager), exported(x_exported)
+    # float64: the same operations up to the order of a few sums (a few ulps)
+    torch.testing.assert_close(exported_out, eager_out, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+    (eager_out * upstream).sum().backward()
+    (exported_out * upstream).sum().backward()
+    assert x_eager.grad is not None
+    assert x_exported.grad is not None
+    torch.testing.assert_close(x_exported.grad, x_eager.grad, rtol=1e-10, atol=1e-12)
+    exported_parameters = dict(exported.named_parameters())
+    for name, parameter in model.named_parameters():
+        got = exported_parameters[name].grad
+        assert got is not None, name
+        torch.testing.assert_close(
+            got, parameter.grad, rtol=1e-10, atol=1e-12, msg=f"{name}, seed {seed}"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +18,9 @@ from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 __all__: list[str] = []
 
 _HALF = (torch.float16, torch.bfloat16)
+
+# torch.compiler.is_exporting is missing from older torch releases
+_is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
@@ -274,10 +278,14 @@ def normalized_linear(
 
     The ``N x K`` logits are rescaled (not the ``N x d`` features), and the backward pass is fused
     (:class:`_NormalizedLinear`): the cost is that of ``nn.Linear`` plus one pass over the
-    features each way. Not twice differentiable.
+    features each way. Not twice differentiable. While ``torch.export`` traces, the same forward
+    is recorded as plain operations (no in-place ones), which autograd differentiates when the
+    exported program runs: an exported graph keeps the operations, not a custom backward.
     """
-    if transforms_active():
-        logits: Tensor = _NormalizedLinearForTransforms.apply(features, weight, scale, eps)[0]
+    if _is_exporting():
+        logits: Tensor = _normalized_forward(features, weight, scale, eps, False)[0]
+    elif transforms_active():
+        logits = _NormalizedLinearForTransforms.apply(features, weight, scale, eps)[0]
     else:
         logits = _NormalizedLinear.apply(features, weight, scale, eps)
     # in the logits' dtype, as nn.Linear under autocast (a float32 bias would promote them)
