@@ -155,3 +155,30 @@ def test_cosine_head_errors() -> None:
         head(torch.randn(3, 5), torch.tensor([0, -1, 2]))
     with pytest.raises(ValueError, match="last dimension 5"):
         head(torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+def test_per_sample_gradients_with_a_margin_match_a_loop(margin_type: str) -> None:
+    # torch.func per-sample gradients (vmap over grad) with the targets batched too: the label
+    # range cannot be read under vmap, and is not; against one plain backward per sample.
+    from torch.func import functional_call, grad, vmap
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    torch.manual_seed(seed)
+    head = CosineHead(8, 4, margin=0.3, margin_type=margin_type, learnable_scale=True, dtype=F64)
+    h, target = batch(6, 8, 4, seed=seed + 1)  # not the weight's draw (cosines of 1)
+    params = {name: p.detach() for name, p in head.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(head, p, (x[None], y[None])), y[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, h, target)
+    for i in range(h.shape[0]):
+        head.zero_grad()
+        F.cross_entropy(head(h[i : i + 1], target[i : i + 1]), target[i : i + 1]).backward()
+        for name, p in head.named_parameters():
+            assert p.grad is not None
+            # float64, the same operations batched or not: a few ulps
+            torch.testing.assert_close(
+                per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"seed {seed}, {name}"
+            )
