@@ -465,9 +465,15 @@ def test_logits_may_be_edited_in_place_before_backward(kind: str) -> None:
 
 
 def test_bias_keeps_the_autocast_dtype_and_meta_construction_works() -> None:
-    head = SimplexETFHead(16, 5, bias=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert head(torch.randn(2, 16)).dtype == torch.bfloat16  # as nn.Linear
+    heads = [
+        SimplexETFHead(16, 5, bias=True),
+        SimplexETFHead(16, 5, normalize_features=False, bias=True),
+        SimplexETFHead(16, 5, normalize_features=False, scale=2.0, bias=True),
+        SimplexETFHead(16, 5, normalize_features=False, learnable_scale=True, bias=True),
+    ]
+    for head in heads:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert head(torch.randn(2, 16)).dtype == torch.bfloat16, repr(head)  # as nn.Linear
     with torch.device("meta"):
         meta = SimplexETFHead(16, 5, learnable_scale=True, bias=True)
     assert meta.frame.is_meta

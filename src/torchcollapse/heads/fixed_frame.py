@@ -191,7 +191,8 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         if log_scale is None and scale == 1.0:
             return F.linear(features, frame, bias)
         logits = F.linear(features, frame) * scale
-        return logits if bias is None else logits + bias
+        # in the logits' dtype, as nn.Linear under autocast (a float32 bias would promote them)
+        return logits if bias is None else logits + bias.to(logits.dtype)
 
     def extra_repr(self) -> str:
         scale = repr(round(self._current_scale(), 6))
