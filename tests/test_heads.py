@@ -218,6 +218,8 @@ def test_fixed_head_errors() -> None:
         FixedFrameHead(torch.ones(3))
     with pytest.raises(ValueError, match="finite floating-point"):
         FixedFrameHead(torch.tensor([[1.0, math.inf], [0.0, 1.0]]))
+    with pytest.raises(TypeError, match=r"`dtype` to be a floating dtype, but got torch\.int64"):
+        FixedFrameHead(simplex_etf(3, 4), dtype=torch.int64)  # at construction, not forward
     with pytest.raises(ValueError, match="`scale` to be a finite number > 0"):
         SimplexETFHead(8, 4, scale=0.0)
     with pytest.raises(ValueError, match="`eps` to be > 0"):

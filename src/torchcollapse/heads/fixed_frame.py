@@ -133,6 +133,8 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         self.eps = eps_value
         self._scale = resolve_scale(scale, self.num_classes, self.normalize_features)
         dtype = frame.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype}.")
         device = frame.device if device is None else device
         self.register_buffer(
             "frame", frame.detach().to(device=device, dtype=dtype, copy=True), persistent=True
