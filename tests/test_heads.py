@@ -546,6 +546,29 @@ def test_number_arguments_accept_numpy_scalars_and_0_dim_tensors() -> None:
 
     assert SimplexETFHead(4, 3, eps=np.float32(1e-3)).eps == pytest.approx(1e-3)
     assert CosineHead(4, 3, eps=torch.tensor(1e-3)).eps == pytest.approx(1e-3)
+    # sizes: any integer (as nn.Linear), read as Python ints; the frame is the same
+    for make in (SimplexETFHead, OrthogonalFrameHead, SphericalCodeHead, CosineHead):
+        head = make(np.int64(8), torch.tensor(4))  # type: ignore[arg-type]
+        assert (type(head.in_features), type(head.num_classes)) == (int, int), make.__name__
+        assert (head.in_features, head.num_classes) == (8, 4)
+    assert torch.equal(SimplexETFHead(np.int32(8), np.int64(4)).frame, simplex_etf(4, 8))  # type: ignore[arg-type]
+    # scales: any real scalar, read as a Python float
+    for scale in (np.float32(4.0), torch.tensor(4.0), np.int64(4), 4):
+        head = SimplexETFHead(8, 4, scale=scale)  # type: ignore[arg-type]
+        assert head._scale == 4.0
+        assert type(head._scale) is float
+        assert CosineHead(8, 4, scale=scale)._scale == 4.0  # type: ignore[arg-type]
+    # bools are refused, as before; non-finite scales are value errors
+    for flag in (True, np.bool_(True), torch.tensor(True)):
+        with pytest.raises(TypeError, match="`num_classes` to be an int"):
+            SimplexETFHead(8, flag)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="`scale` to be a float"):
+            SimplexETFHead(8, 4, scale=flag)  # type: ignore[arg-type]
+    for bad in (math.nan, np.float64(math.inf), torch.tensor(-math.inf), -1.0):
+        with pytest.raises(ValueError, match="`scale` to be a finite number > 0"):
+            SimplexETFHead(8, 4, scale=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`in_features` to be an int"):
+        SimplexETFHead(8.0, 4)  # type: ignore[arg-type]
 
 
 def test_etf_init_fills_a_weight_property_that_returns_a_submodule_parameter() -> None:

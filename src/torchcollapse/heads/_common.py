@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import transforms_active
 from torchcollapse._labels import check_label_range
+from torchcollapse._numbers import as_finite_float
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
 __all__: list[str] = []
@@ -24,22 +26,47 @@ _is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lamb
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int of at least ``minimum``: any integer (Python, numpy, 0-dim integer
+    tensor; ``operator.index``), never a bool."""
+    number = _as_int(value)
+    if number is None:
         raise TypeError(f"Expected argument `{name}` to be an int, but got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"Expected argument `{name}` to be at least {minimum}, but got {value}.")
+    if number < minimum:
+        raise ValueError(f"Expected argument `{name}` to be at least {minimum}, but got {number}.")
+    return number
+
+
+def _as_int(value: object) -> int | None:
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, bool) or dtype == torch.bool or getattr(dtype, "kind", None) == "b":
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, RuntimeError):  # RuntimeError: a tensor of several elements
+        return None
+
+
+def resolve_scale(scale: object, num_classes: int, normalize_features: bool) -> float:
+    """The given scale (any real scalar: Python, numpy, 0-dim tensor; not a bool), or the
+    default: the DEFAULT_LOSS_FLOOR scale (normalized) or 1."""
+    if scale is None:
+        return scale_for_loss_floor(DEFAULT_LOSS_FLOOR, num_classes) if normalize_features else 1.0
+    value = as_finite_float(scale)
+    if value is None and not _is_non_finite_number(scale):
+        raise TypeError(f"Expected argument `scale` to be a float, but got {type(scale).__name__}.")
+    if value is None or not value > 0:
+        raise ValueError(f"Expected argument `scale` to be a finite number > 0, but got {scale}.")
     return value
 
 
-def resolve_scale(scale: float | None, num_classes: int, normalize_features: bool) -> float:
-    """The given scale, or the default: the DEFAULT_LOSS_FLOOR scale (normalized) or 1."""
-    if scale is None:
-        return scale_for_loss_floor(DEFAULT_LOSS_FLOOR, num_classes) if normalize_features else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"Expected argument `scale` to be a float, but got {type(scale).__name__}.")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"Expected argument `scale` to be a finite number > 0, but got {scale}.")
-    return float(scale)
+def _is_non_finite_number(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool or a string) that is NaN or infinite."""
+    if isinstance(value, (bool, str, bytes)):
+        return False
+    try:
+        return not math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return False
 
 
 def check_features(features: Tensor, in_features: int) -> None:

@@ -240,8 +240,8 @@ class SimplexETFHead(FixedFrameHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_positive_int(in_features, "in_features")
-        check_positive_int(num_classes, "num_classes", 2)
+        in_features = check_positive_int(in_features, "in_features")
+        num_classes = check_positive_int(num_classes, "num_classes", 2)
         if in_features < num_classes - 1:
             raise ValueError(
                 f"Expected argument `in_features` to be at least `num_classes - 1` ="
@@ -302,8 +302,8 @@ class SphericalCodeHead(FixedFrameHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_positive_int(in_features, "in_features")
-        check_positive_int(num_classes, "num_classes", 2)
+        in_features = check_positive_int(in_features, "in_features")
+        num_classes = check_positive_int(num_classes, "num_classes", 2)
         builder = _FrameBuilder(spherical_code, (num_classes, in_features), steps=steps)
         frame = builder.draw(generator, dtype, device)
         super().__init__(
@@ -353,8 +353,8 @@ class OrthogonalFrameHead(FixedFrameHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_positive_int(in_features, "in_features")
-        check_positive_int(num_classes, "num_classes", 2)
+        in_features = check_positive_int(in_features, "in_features")
+        num_classes = check_positive_int(num_classes, "num_classes", 2)
         if in_features < num_classes:
             raise ValueError(
                 f"Expected argument `in_features` to be at least `num_classes` = {num_classes} for"

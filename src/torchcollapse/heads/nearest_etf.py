@@ -90,8 +90,8 @@ class NearestETFHead(FixedFrameHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_positive_int(in_features, "in_features")
-        check_positive_int(num_classes, "num_classes", 2)
+        in_features = check_positive_int(in_features, "in_features")
+        num_classes = check_positive_int(num_classes, "num_classes", 2)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
             raise TypeError(f"Expected argument `momentum` to be a float, but got {momentum!r}.")
         if not 0 < momentum <= 1:
