@@ -207,3 +207,21 @@ def test_find_head_skips_a_classifier_wrapper_whose_classifier_was_removed() -> 
     model.head = ClassifierHeadLike()
     with pytest.raises(ValueError, match="classifier"):
         find_head(model)
+
+
+def test_a_distilled_model_with_two_classifiers_is_a_clear_error() -> None:
+    # timm's distilled DeiT: get_classifier() returns (head, head_dist), both giving logits;
+    # replacing only `head` would leave half the prediction to the old classifier
+    class Distilled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.head_dist = nn.Linear(16, 5), nn.Linear(16, 5)
+
+        def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+            return self.head, self.head_dist
+
+    model = Distilled()
+    with pytest.raises(ValueError, match=r"returns 2 \(head, head_dist; a distilled model\)"):
+        replace_head(model, SimplexETFHead)
+    assert type(model.head) is nn.Linear
+    assert type(model.head_dist) is nn.Linear

@@ -65,6 +65,16 @@ def _candidates(model: nn.Module) -> list[str]:
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         classifier = get_classifier()
+        if isinstance(classifier, (tuple, list)) and len(classifier) > 1:
+            # timm's distilled models (DeiT): a class head and a distillation head, averaged at
+            # inference; replacing one of them would leave the other giving half the logits
+            names = [_qualified_name(model, module) or "?" for module in classifier]
+            raise ValueError(
+                f"Expected one classifier, but `get_classifier()` of {type(model).__name__} "
+                f"returns {len(classifier)} ({', '.join(names)}; a distilled model): replace "
+                "each yourself (e.g. `model.head = factory(...)` and `model.head_dist = "
+                "factory(...)`)."
+            )
         if isinstance(classifier, nn.Module):
             name = _qualified_name(model, classifier)
             if name is not None:
@@ -102,8 +112,9 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
         ``(name, module)``, ``name`` as in ``model.named_modules()``.
 
     Raises:
-        ValueError: when no classifier is found; the message names the model type and what was
-            looked for.
+        ValueError: when no classifier is found (the message names the model type and what was
+            looked for), or when ``get_classifier()`` returns several (timm's distilled models,
+            whose ``head`` and ``head_dist`` both give logits: there is no one classifier).
 
     Example:
         >>> import torch
@@ -145,7 +156,8 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
         The old classifier.
 
     Raises:
-        ValueError: when no classifier is found.
+        ValueError: when no classifier is found, or ``get_classifier()`` returns several (timm's
+            distilled models: replace ``head`` and ``head_dist`` yourself).
         TypeError: when ``factory`` does not return an ``nn.Module``.
 
     Example:
