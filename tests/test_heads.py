@@ -239,6 +239,14 @@ def test_fixed_head_errors() -> None:
     fixed = OrthogonalFrameHead(16, 5, bias=True)
     with pytest.raises(TypeError, match="computed on access"):
         etf_init_(fixed)
+    # a parametrized weight is computed by its parametrization, not kept as a frame
+    for parametrization in (
+        nn.utils.parametrizations.weight_norm,
+        nn.utils.parametrizations.spectral_norm,
+        nn.utils.parametrizations.orthogonal,
+    ):
+        with pytest.raises(TypeError, match="computed by a parametrization"):
+            etf_init_(parametrization(nn.Linear(16, 5)))
     with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
         SimplexETFHead(3, 1)
     with pytest.raises(TypeError, match="`features` to be floating point"):

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from torchcollapse.frames import simplex_etf
 
@@ -59,6 +60,13 @@ def etf_init_(
             )
         stored = (*target.parameters(), *target.buffers())
         if not any(weight is tensor for tensor in stored):
+            if parametrize.is_parametrized(target, "weight"):
+                raise TypeError(
+                    f"Expected the `weight` of {type(target).__name__} to be a parameter or "
+                    "buffer of the module, but it is computed by a parametrization (e.g. "
+                    "weight_norm, spectral_norm, orthogonal) from the tensors under "
+                    "`parametrizations.weight`: initialise the module before parametrizing it."
+                )
             # e.g. a fixed-frame head, whose `weight` is computed from its frame on each access:
             # filling it would change nothing but the bias
             raise TypeError(
