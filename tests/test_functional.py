@@ -465,14 +465,101 @@ def test_cdnv_and_energy_stay_accurate_for_nearly_coincident_means(k: int, d: in
     )
 
 
-def test_nc1_of_collinear_means_is_zero_without_spread_and_infinite_with_it() -> None:
+def test_nc1_of_collinear_means_counts_the_line_only() -> None:
     # Four collinear class means in 2-D (exactly centred): Sigma_B has a zero among its top
-    # min(K-1, d) = 2 eigenvalues. No within-class variance: NC1 = 0 (not 0/0); variance across
-    # the line: inf.
+    # min(K-1, d) = 2 eigenvalues, which the pseudo-inverse leaves out. No within-class variance:
+    # NC1 = 0 (not 0/0); variance across the line adds nothing; variance along it is the NC1 of
+    # the features' coordinate on the line.
     means = torch.tensor([[-3.0, -6.0], [-1.0, -2.0], [1.0, 2.0], [3.0, 6.0]], dtype=torch.float64)
     target = torch.arange(4).repeat(4)
     assert float(neural_collapse(means[target], target)["nc1"]) == 0.0
     features = means[target].clone()
     features[0] += torch.tensor([0.2, -0.1], dtype=torch.float64)  # across the line, mirrored
     features[4] -= torch.tensor([0.2, -0.1], dtype=torch.float64)
-    assert math.isinf(float(neural_collapse(features, target)["nc1"]))
+    across = float(neural_collapse(features, target)["nc1"])
+    assert 0.0 <= across < 1e-15
+    features[1] += torch.tensor([0.3, 0.6], dtype=torch.float64)  # along the line, mirrored
+    features[5] -= torch.tensor([0.3, 0.6], dtype=torch.float64)
+    line = features @ torch.tensor([1.0, 2.0], dtype=torch.float64) / math.sqrt(5.0)
+    class_means = torch.stack([line[target == c].mean() for c in range(4)])
+    sigma_w = (line - class_means[target]).square().mean()
+    sigma_b = (class_means - class_means.mean()).square().mean()
+    expected = float(sigma_w / sigma_b / 4)  # 1-D: tr(Sigma_W Sigma_B^+) / K
+    assert expected > 1e-4
+    np.testing.assert_allclose(float(neural_collapse(features, target)["nc1"]), expected, rtol=RTOL)
+
+
+def _features_in_a_subspace(
+    k: int, d: int, rank: int, seed: int, *, axis_aligned: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(features, target, live)``: float64 features in ``R^d`` that span only ``rank``
+    dimensions, and ``live`` their coordinates in that subspace (``(N, rank)``).
+
+    ``axis_aligned``: the other ``d - rank`` features are constant (dead units: zero, or a
+    saturated value); otherwise the subspace is a random one (a linear bottleneck), in float64.
+    """
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randperm(30 * k, generator=g) % k
+    means = torch.randn(k, rank, generator=g, dtype=torch.float64)
+    live = means[target] + 0.3 * torch.randn(30 * k, rank, generator=g, dtype=torch.float64)
+    if axis_aligned:
+        features = torch.zeros(30 * k, d, dtype=torch.float64)
+        columns = torch.randperm(d, generator=g)
+        features[:, columns[:rank]] = live
+        features[:, columns[rank]] = 1.5  # a saturated unit; the others are dead (zero)
+    else:
+        basis, _ = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))
+        features = live @ basis.T
+    return features, target, live
+
+
+@pytest.mark.parametrize("axis_aligned", [True, False], ids=["dead_units", "bottleneck"])
+@pytest.mark.parametrize(
+    ("k", "d", "rank"),
+    [(60, 16, 15), (10, 5, 3), (10, 20, 5), (6, 9, 3)],
+)
+@pytest.mark.parametrize("global_mean", ["classes", "samples"])
+def test_nc1_of_rank_deficient_features_is_that_of_their_live_subspace(
+    k: int, d: int, rank: int, axis_aligned: bool, global_mean: Any
+) -> None:
+    # Features that span fewer than min(K-1, d) dimensions: the directions outside their span have
+    # singular values of M and within-class variances at rounding level (~1e-16 and ~1e-32), whose
+    # ratio is noise. NC1 must be that of the live coordinates (every path: the metric, the
+    # functions on statistics and on features).
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, live = _features_in_a_subspace(k, d, rank, seed, axis_aligned=axis_aligned)
+    expected = reference_neural_collapse(live, target, k, global_mean=global_mean)["nc1"]
+    stats = ClassStatistics.from_features(features, target, k)
+    metric = NeuralCollapse(k, global_mean=global_mean)
+    for f, t in zip(features.split(64), target.split(64)):
+        metric.update(f, t)
+    results = {
+        "neural_collapse": neural_collapse(features, target, global_mean=global_mean)["nc1"],
+        "neural_collapse_nc1": neural_collapse_nc1(stats, global_mean=global_mean),
+        "metric": metric.compute()["nc1"],
+    }
+    for name, value in results.items():
+        np.testing.assert_allclose(float(value), expected, rtol=RTOL, err_msg=f"{name} seed {seed}")
+
+
+def test_nc1_keeps_real_eigenvalues_far_below_the_largest() -> None:
+    # Singular values of M from 100 down to 1e-8 (1e-10 relative: ~1e4 times the rounding cutoff
+    # max(K, d) * eps): the smallest direction dominates NC1 and must be kept. Every sample comes
+    # with its mirror image about its class mean, so the means are exact to rounding (~1e-14,
+    # 1e-6 of the smallest singular value); the check is loose (1e-4) for that, while leaving the
+    # direction out would change NC1 by orders of magnitude.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    for k, d in [(6, 10), (12, 4)]:
+        rng = np.random.default_rng(seed + k)
+        rank = min(k - 1, d)
+        left, _ = np.linalg.qr(rng.standard_normal((k, rank)))
+        left, _ = np.linalg.qr(left - left.mean(0))  # columns orthogonal to the ones vector
+        right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+        means = (left * np.geomspace(100.0, 1e-8, rank)) @ right.T
+        target = np.arange(20 * k) % k
+        noise = 1e-2 * rng.standard_normal((10 * k, d))
+        features = means[target] + np.concatenate([noise, -noise])
+        expected = _nc1_by_svd(features, target, k)
+        result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
+        assert expected > 1e10
+        np.testing.assert_allclose(float(result), expected, rtol=1e-4, err_msg=f"seed {seed}")

@@ -1,9 +1,17 @@
 """Within-class variability collapse (NC1): ``tr(Sigma_W Sigma_B^+)/K``, trace ratio and CDNV.
 
 - **NC1** (Papyan, Han & Donoho, 2020) = ``tr(Sigma_W Sigma_B^+) / K``, with the pseudo-inverse of
-  ``Sigma_B`` taken on exactly its top ``r = min(K-1, d)`` eigenpairs (the rank of ``K`` centred
-  means in ``R^d``), in float64, without any tolerance cut: small but real eigenvalues count, and
-  nothing beyond rank ``r`` does. It is computed without an eigendecomposition:
+  ``Sigma_B`` taken on its top ``r = min(K-1, d)`` eigenpairs (the rank of ``K`` centred means in
+  ``R^d``), in float64. As for any pseudo-inverse, a direction whose singular value of the centred
+  means ``M`` is zero to float64 rounding, ``sigma_k <= max(K, d) * eps * sigma_max`` (the default
+  cutoff of :func:`torch.linalg.pinv`, ``eps`` of float64), counts as no direction of ``Sigma_B``:
+  it adds nothing, whatever the within-class variance along it. So features that span fewer than
+  ``r`` dimensions (a dead unit, a constant feature, a bottleneck) give the NC1 of their live
+  subspace. Only rounding is cut: small but real eigenvalues count, however small, and nothing
+  beyond rank ``r`` does. (Spread at the *input's* rounding level is real spread here: float32
+  features projected onto a subspace in float32 keep ``~1e-7`` relative spread outside it, which
+  counts. Project in float64 to measure the subspace alone.) NC1 is computed without an
+  eigendecomposition:
 
   - ``K - 1 >= d``: ``Sigma_B`` is ``d x d`` of full rank ``d``, so ``Sigma_B^+ = Sigma_B^{-1}`` and
     ``NC1 = tr(Sigma_W (M^T M)^{-1})`` by a Cholesky solve (``M``: the ``K x d`` centred means);
@@ -16,8 +24,7 @@
   numerically rank deficient) or its pivots say the system is ill-conditioned (some class means
   nearly coincide, as in minority collapse: a solve could then lose the 1e-6 accuracy), NC1 is
   taken from the top ``r`` singular triplets of ``M`` itself (an SVD, slower but accurate to the
-  precision of ``M``); a zero singular value among them gives an infinite NC1, which is then the
-  truth of the convention.
+  precision of ``M``), with the cutoff above.
 - **Trace ratio** = ``tr Sigma_W / tr Sigma_B``.
 - **CDNV** (Galanti, Gyorgy & Hutter, 2022) = mean over pairs ``c < c'`` of
   ``(s_c + s_c') / (2 ||mu_c - mu_c'||^2)``, with ``s_c`` the mean squared distance of class ``c``'s
@@ -63,7 +70,8 @@ _CONDITION_STEPS = 4
 
 
 def _nc1_svd(centred: Tensor, sigma_w: Tensor) -> Tensor:
-    """NC1 on the top ``min(K-1, d)`` singular triplets of ``M`` (no Gram matrix formed)."""
+    """NC1 on the top ``min(K-1, d)`` singular triplets of ``M`` (no Gram matrix formed), those
+    at float64 rounding level (``sigma_k <= max(K, d) * eps * sigma_max``) left out."""
     num, dim = centred.shape
     rank = min(num - 1, dim)
     # K > d: the triangular factor of a QR has M's singular values and right vectors, without
@@ -72,9 +80,13 @@ def _nc1_svd(centred: Tensor, sigma_w: Tensor) -> Tensor:
     _, values, vh = torch.linalg.svd(small, full_matrices=False)
     basis = vh[:rank].T  # right singular vectors: eigenvectors of Sigma_B = M^T M / K
     # Sigma_B^+ = K sum_k v_k v_k^T / sigma_k^2, and NC1 = tr(Sigma_W Sigma_B^+) / K.
-    quadratic = ((sigma_w @ basis) * basis).sum(0)
-    # a direction without within-class variance adds nothing, even where Sigma_B is zero too
-    terms = torch.where(quadratic == 0, 0.0, quadratic / values[:rank].square())
+    quadratic = ((sigma_w @ basis) * basis).sum(0).clamp_min(0.0)  # Sigma_W is PSD
+    # A singular value at rounding level is a zero one (the direction of a dead unit comes out at
+    # ~1e-16 with ~1e-32 of within-class variance, whose ratio is noise): the pseudo-inverse
+    # leaves it out, with torch.linalg.pinv's default cutoff.
+    values = values[:rank]
+    cutoff = max(num, dim) * torch.finfo(values.dtype).eps * values[0]
+    terms = torch.where(values > cutoff, quadratic / values.square(), 0.0)
     nc1: Tensor = terms.sum()
     return nc1
 
