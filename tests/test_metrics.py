@@ -21,6 +21,12 @@ from tests._helpers.ddp import run_distributed
 from tests._helpers.reference import reference_class_means, reference_neural_collapse
 from tests._helpers.testers import check_metric
 from torchcollapse.functional import neural_collapse
+from torchcollapse.heads import (
+    CosineHead,
+    NearestETFHead,
+    OrthogonalFrameHead,
+    SimplexETFHead,
+)
 from torchcollapse.metrics import (
     NeuralCollapse,
     NeuralCollapseCDNV,
@@ -256,6 +262,66 @@ def test_two_pass_nc4_with_class_means_equals_functional() -> None:
     metric.reset()
     metric.update(features, target)
     assert "nc4" not in metric.compute()
+
+
+def _heads(k: int, d: int, g: torch.Generator) -> dict[str, torch.nn.Module]:
+    """One classifier of each kind, in float64, with a bias where the kind has one."""
+    f64: Any = {"dtype": torch.float64}
+    linear = torch.nn.Linear(d, k, **f64)
+    cosine = CosineHead(d, k, scale=16.0, **f64)
+    with torch.no_grad():  # learnt rows of unequal norms: the raw weight is not what is applied
+        cosine.weight.mul_(torch.rand(k, 1, generator=g, dtype=torch.float64) * 3 + 0.1)
+    heads: dict[str, torch.nn.Module] = {
+        "linear": linear,
+        "cosine": cosine,
+        "simplex_normalized_bias": SimplexETFHead(d, k, bias=True, **f64),
+        "simplex_raw_bias": SimplexETFHead(
+            d, k, normalize_features=False, scale=2.0, bias=True, **f64
+        ),
+        "orthogonal_normalized_bias": OrthogonalFrameHead(d, k, bias=True, **f64),
+        "nearest_etf_normalized_bias": NearestETFHead(d, k, bias=True, **f64).eval(),
+    }
+    with torch.no_grad():
+        for head in heads.values():
+            if getattr(head, "bias", None) is not None:
+                head.bias.copy_(torch.randn(k, generator=g, dtype=torch.float64))
+    return heads
+
+
+def test_nc4_counts_the_heads_own_decisions_and_the_weight_quantities_read_the_applied_one() -> (
+    None
+):
+    # NC4 compares the decisions the classifier actually makes, head(h).argmax(1), with the
+    # nearest reference mean (brute force); NC2/NC3 of the classifier read the weight it applies
+    # (effective_weight). Everything in float64: the head's logits and the metric's agree up to
+    # rounding, far from any tie on random inputs.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d, n = 4, 8, 1500
+    heads = _heads(k, d, g)
+    for name, head in heads.items():
+        means = 3 * torch.randn(k, d, generator=g, dtype=torch.float64)
+        if name == "cosine":  # means along the head's rows: it decides like the nearest mean
+            means = 3 * torch.nn.functional.normalize(head.weight.detach(), dim=1)
+        target = torch.randint(0, k, (n,), generator=g)
+        features = 4 * (means[target] + 1.5 * torch.randn(n, d, generator=g, dtype=torch.float64))
+        metric = NeuralCollapse(k, classifier=head, class_means=4 * means)
+        for f, t in zip(features.split(500), target.split(500)):
+            metric.update(f, t)
+        out = metric.compute()
+        with torch.no_grad():
+            decisions = head(features).argmax(1)
+        nearest = torch.cdist(features, 4 * means).argmin(1)
+        expected = float((decisions != nearest).double().mean())
+        assert float(out["nc4"]) == expected, f"{name}, seed {seed}"
+        if name == "cosine":
+            assert expected == 0.0, f"seed {seed}"
+        applied = getattr(head, "effective_weight", head.weight).detach()
+        reference = reference_neural_collapse(features, target, k, weight=applied)
+        for key in ("nc2_weight_equinorm", "nc2_weight_etf_distance", "nc3", "nc3_cosine"):
+            np.testing.assert_allclose(
+                float(out[key]), reference[key], rtol=RTOL, atol=ATOL, err_msg=f"{name}: {key}"
+            )
 
 
 def test_ddp_rank_without_data_and_synchronised_class_means() -> None:

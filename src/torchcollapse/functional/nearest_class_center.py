@@ -83,8 +83,14 @@ def _nc4_counts(
     weight: Tensor,
     bias: Tensor | None,
     reference: tuple[Tensor, Tensor, Tensor],
+    *,
+    feature_eps: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(mismatches, samples)`` of a batch as float64 0-d tensors (no host-device sync)."""
+    """``(mismatches, samples)`` of a batch as float64 0-d tensors (no host-device sync).
+
+    ``feature_eps``: the classifier acts on L2-normalized features, ``argmax(W h / max(||h||, eps)
+    + b)`` (a head with ``normalize_features``); with a bias that changes its decisions.
+    """
     centre, centred, offsets = reference
     device = features.device
     w = weight.to(device=device, dtype=torch.float64)
@@ -94,7 +100,13 @@ def _nc4_counts(
     rows = max(1, _ROWS_TIMES_CLASSES // max(1, w.shape[0]))
     for chunk in features.detach().split(rows):
         h = chunk.to(torch.float64)
-        logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
+        if b is None:  # a positive factor per sample, as the normalization, keeps the argmax
+            logits = h @ w.T
+        elif feature_eps is None:
+            logits = torch.addmm(b, h, w.T)
+        else:
+            norms = torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(feature_eps)
+            logits = torch.addmm(b, h / norms, w.T)
         # argmin ||h - mu_c||^2 = argmax (h - centre) . (mu_c - centre) - ||mu_c - centre||^2 / 2
         scores = (h - centre) @ centred.T - offsets
         differ = logits.argmax(1) != scores.argmax(1)

@@ -81,18 +81,36 @@ class _SharedClassifier:
         return self
 
 
+_DEFAULT_FEATURE_EPS = 1e-12
+
+
 def _classifier_tensors(
     classifier: nn.Module | Tensor, num_classes: int, *, finite: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """Weight ``(K, d)`` and optional bias ``(K,)`` of a classifier, validated (``finite``: also
-    free of NaN and Inf, a host read on accelerators)."""
+) -> tuple[Tensor, Tensor | None, float | None]:
+    """Weight ``(K, d)``, optional bias ``(K,)`` and feature normalization of a classifier,
+    validated (``finite``: also free of NaN and Inf, a host read on accelerators).
+
+    The weight is the classifier actually applied: a module's ``effective_weight`` where it has one
+    (every head of :mod:`torchcollapse.heads`: ``scale * normalize(weight)`` for a
+    :class:`~torchcollapse.heads.CosineHead`, ``scale * frame`` for the fixed frames), else its
+    ``weight``. The third item is ``None`` for a classifier of the raw features, deciding by
+    ``argmax(W h + b)``, and the ``eps`` of a module that L2-normalizes its features first (a
+    ``normalize_features`` attribute set to ``True``, as the fixed-frame heads have), whose
+    decision is ``argmax(W h / max(||h||, eps) + b)``.
+    """
     weight: Any
     bias: Any
+    feature_eps: float | None = None
     if isinstance(classifier, Tensor):
         weight, bias = classifier, None
     else:
-        weight = getattr(classifier, "weight", None)
+        weight = getattr(classifier, "effective_weight", None)
+        if not isinstance(weight, Tensor):
+            weight = getattr(classifier, "weight", None)
         bias = getattr(classifier, "bias", None)
+        if getattr(classifier, "normalize_features", False) is True:
+            eps = getattr(classifier, "eps", _DEFAULT_FEATURE_EPS)
+            feature_eps = float(eps) if isinstance(eps, (int, float)) else _DEFAULT_FEATURE_EPS
     if not isinstance(weight, Tensor) or weight.ndim != 2:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(
@@ -107,7 +125,7 @@ def _classifier_tensors(
     _check_weight(weight, num_classes, weight.shape[1], name="classifier.weight", finite=finite)
     if bias is not None:
         _check_bias(bias, num_classes, name="classifier.bias", finite=finite)
-    return weight, bias
+    return weight, bias, feature_eps
 
 
 class CollapseStatisticsMetric(Metric):
@@ -163,7 +181,7 @@ class CollapseStatisticsMetric(Metric):
         self.product_dtype = product_dtype
         self._classifier: _SharedClassifier | None = None
         if classifier is not None:
-            weight, _ = _classifier_tensors(classifier, num_classes)
+            weight, _, _ = _classifier_tensors(classifier, num_classes)
             if num_features is not None and weight.shape[1] != num_features:
                 raise ValueError(
                     f"Expected argument `classifier` to have a `weight` of shape ({num_classes},"
@@ -264,18 +282,24 @@ class CollapseStatisticsMetric(Metric):
         """The classifier read for the classifier quantities (not a submodule of the metric)."""
         return None if self._classifier is None else self._classifier.module
 
-    def _classifier_weight_bias(self, *, finite: bool) -> tuple[Tensor, Tensor | None] | None:
-        """The classifier's detached weight and bias; ``finite``: NaN or Inf raise (a host read,
-        at compute; in ``update`` only with ``validate_args``)."""
+    def _classifier_weight_bias(
+        self, *, finite: bool
+    ) -> tuple[Tensor, Tensor | None, float | None] | None:
+        """The classifier's detached weight (the one applied) and bias, and the ``eps`` of its
+        feature normalization (``None`` without one; see :func:`_classifier_tensors`);
+        ``finite``: NaN or Inf raise (a host read, at compute; in ``update`` only with
+        ``validate_args``)."""
         if self._classifier is None:
             return None
-        weight, bias = _classifier_tensors(self._classifier.module, self.num_classes, finite=finite)
+        weight, bias, feature_eps = _classifier_tensors(
+            self._classifier.module, self.num_classes, finite=finite
+        )
         if self.num_features is not None and weight.shape[1] != self.num_features:
             raise ValueError(
                 f"Expected argument `classifier` to have a `weight` of shape ({self.num_classes},"
                 f" {self.num_features}), but got {tuple(weight.shape)}."
             )
-        return weight.detach(), None if bias is None else bias.detach()
+        return weight.detach(), None if bias is None else bias.detach(), feature_eps
 
     @property
     def has_class_means(self) -> bool:
@@ -363,7 +387,10 @@ class CollapseStatisticsMetric(Metric):
             classifier = self._classifier_weight_bias(finite=self.validate_args)
             assert classifier is not None  # a classifier is set (checked above)
             reference = (self._nc4_centre, self._nc4_means, self._nc4_offsets)
-            mismatches, samples = _nc4_counts(features, classifier[0], classifier[1], reference)
+            weight, bias, feature_eps = classifier
+            mismatches, samples = _nc4_counts(
+                features, weight, bias, reference, feature_eps=feature_eps
+            )
             self.nc4_mismatches += mismatches
             self.nc4_samples += samples
 

@@ -62,9 +62,11 @@ class NeuralCollapse(CollapseStatisticsMetric):
 
     **NC4** needs class means *before* it sees the samples, so it is exact only against reference
     means, never approximated: call ``set_class_means(means)`` (or pass ``class_means=``), then the
-    samples of the following updates are classified by ``argmax(W h + b)`` (bias included) and by
-    the nearest reference mean, and ``nc4`` is the fraction that disagree. Two passes over the
-    training data give the textbook NC4; the previous epoch's means give it for free each epoch::
+    samples of the following updates are classified by ``argmax(W h + b)`` (bias included;
+    ``argmax(W h / ||h|| + b)`` for a head that normalizes its features, as the head itself
+    decides) and by the nearest reference mean, and ``nc4`` is the fraction that disagree. Two
+    passes over the training data give the textbook NC4; the previous epoch's means give it for
+    free each epoch::
 
         means = None
         for epoch in range(epochs):
@@ -93,9 +95,14 @@ class NeuralCollapse(CollapseStatisticsMetric):
     Args:
         num_classes: number of classes ``K``.
         classifier: optional ``nn.Linear`` or any module with ``weight`` ``(K, d)`` and optional
-            ``bias`` ``(K,)`` (or a ``(K, d)`` weight tensor). It is read, not copied: at
-            ``compute`` for the classifier quantities, at ``update`` for NC4. It is not a
-            submodule of the metric (not moved by ``.to``, not in its ``state_dict``).
+            ``bias`` ``(K,)`` (or a ``(K, d)`` weight tensor). A module's ``effective_weight``,
+            where it has one (the heads of :mod:`torchcollapse.heads`), is read instead of its
+            ``weight``: the classifier actually applied (for a
+            :class:`~torchcollapse.heads.CosineHead`, its normalized rows times its scale). A
+            module with ``normalize_features=True`` (the fixed-frame heads) decides by
+            ``argmax(W h / max(||h||, eps) + b)``, and NC4 counts those decisions. It is read,
+            not copied: at ``compute`` for the classifier quantities, at ``update`` for NC4. It
+            is not a submodule of the metric (not moved by ``.to``, not in its ``state_dict``).
         class_means: optional reference class means for NC4 (see :meth:`set_class_means`).
         num_features: feature dimension ``d``; inferred from the classifier or the first batch when
             omitted. Give it (or a classifier) under DDP if a process may see no data at all.
