@@ -324,6 +324,35 @@ def test_nc4_counts_the_heads_own_decisions_and_the_weight_quantities_read_the_a
             )
 
 
+def _nc4_brute_force(
+    features: torch.Tensor, classifier: torch.nn.Linear, class_means: torch.Tensor
+) -> float:
+    """Fraction of samples where argmax(W h + b) differs from the nearest mean (float64 loops)."""
+    h = features.double()
+    logits = h @ classifier.weight.detach().double().T + classifier.bias.detach().double()
+    nearest = torch.cdist(h, class_means.double()).argmin(1)
+    return float((logits.argmax(1) != nearest).double().mean())
+
+
+@pytest.mark.parametrize("factory", [NeuralCollapse, NeuralCollapseNC4])
+def test_new_reference_means_restart_the_nc4_counts(factory: Any) -> None:
+    # NC4 is over the samples updated since the current reference means were set: counts against
+    # earlier means are dropped (the class statistics are kept).
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, classifier = _case(200, 5, 4, spread=1.5, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    first, second = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    metric = factory(4, classifier=classifier, class_means=first)
+    metric.update(features[:100], target[:100])
+    metric.compute()  # a cached result must not survive either
+    metric.set_class_means(second)
+    metric.update(features[100:], target[100:])
+    out = metric.compute()
+    nc4 = out["nc4"] if isinstance(out, dict) else out
+    assert float(nc4) == _nc4_brute_force(features[100:], classifier, second), f"seed {seed}"
+    assert float(metric.class_statistics().total) == 200
+
+
 def test_ddp_rank_without_data_and_synchronised_class_means() -> None:
     features, target, _ = _case(120, 5, 3, seed=6)
 

@@ -312,10 +312,14 @@ class CollapseStatisticsMetric(Metric):
         Args:
             class_means: ``(num_classes, num_features)`` means, e.g. :meth:`class_means` of a
                 first pass over the training data or of the previous epoch; rows holding NaN mark
-                classes absent from the reference. Samples updated from now on are counted.
+                classes absent from the reference. Samples updated from now on are counted; the
+                NC4 counts so far (against earlier means) are dropped, so that NC4 is always over
+                the samples updated since the current means were set. The class statistics are
+                kept.
         """
         if class_means is None:
             self._nc4_centre = self._nc4_means = self._nc4_offsets = None
+            self._clear_nc4_counts()
             return
         means = _check_class_means(class_means, self.num_features)
         if means.shape[0] != self.num_classes:
@@ -332,6 +336,13 @@ class CollapseStatisticsMetric(Metric):
             )
         centre, centred, offsets = _prepare_reference(means.to(self.nc4_samples.device))
         self._nc4_centre, self._nc4_means, self._nc4_offsets = centre, centred, offsets
+        self._clear_nc4_counts()
+
+    def _clear_nc4_counts(self) -> None:
+        # new tensors, not zeroed in place: a MetricCollection compute group may share these
+        self.nc4_mismatches = torch.zeros_like(self.nc4_mismatches)
+        self.nc4_samples = torch.zeros_like(self.nc4_samples)
+        self._computed = None  # torchmetrics' cached result of compute
 
     # ------------------------------------------------------------------ statistics
     def class_statistics(self) -> ClassStatistics:
