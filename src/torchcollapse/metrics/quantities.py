@@ -193,16 +193,19 @@ class NeuralCollapseNC4(_SingleQuantity):
     plot_upper_bound = 1.0
 
     def compute(self) -> Tensor:
-        """NC4 over the samples updated since the reference means were set."""
+        """NC4 over the samples updated since the reference means were set (or over the counts
+        restored from a ``state_dict``, which does not hold the means, as for
+        :class:`~torchcollapse.metrics.NeuralCollapse`)."""
         return self._batch_or_raise(self._compute, self._nan)
 
     def _compute(self) -> Tensor:
-        if not self.has_class_means:
+        counted = float(self.nc4_samples) > 0
+        if not self.has_class_means and not counted:
             raise UndefinedCollapse(
                 "Expected reference class means for NeuralCollapseNC4 (pass `class_means=` or call"
                 " `set_class_means(...)` before updating), but got none."
             )
-        if float(self.nc4_samples) == 0:
+        if not counted:
             raise UndefinedCollapse(
                 "Expected NeuralCollapseNC4 to have counted samples against its reference class"
                 " means, but got none: update it after `set_class_means(...)`."
