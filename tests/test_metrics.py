@@ -353,6 +353,47 @@ def test_new_reference_means_restart_the_nc4_counts(factory: Any) -> None:
     assert float(metric.class_statistics().total) == 200
 
 
+def test_reference_means_set_after_the_first_update_of_a_collection() -> None:
+    # Compute groups are formed at a MetricCollection's first update; afterwards only a group's
+    # first metric is updated. Reference means set later on another member only would count
+    # nothing: that is an error naming the cause (NeuralCollapseNC4) or a warning (NeuralCollapse),
+    # never a silent gap; set on every metric with a classifier, NC4 is right.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, classifier = _case(240, 6, 4, spread=2.0, seed=seed)
+
+    def epoch_two(*, on: tuple[str, ...]) -> MetricCollection:
+        collection = MetricCollection(
+            {
+                "all": NeuralCollapse(4, classifier=classifier),
+                "nc4": NeuralCollapseNC4(4, classifier=classifier),
+                "nc1": NeuralCollapseNC1(4),
+            }
+        )
+        collection.update(features, target)  # epoch one: no reference means
+        assert collection.compute_groups == {0: ["all", "nc1", "nc4"]}  # "all" updates
+        means = collection["all"].class_means()
+        collection.reset()
+        for name in on:
+            collection[name].set_class_means(means)
+        collection.update(features, target)
+        return collection
+
+    with pytest.raises(ValueError, match=r"MetricCollection.*compute group"):
+        epoch_two(on=("nc4",)).compute()
+    collection = epoch_two(on=("nc4", "all"))  # as the error says: every metric with a classifier
+    expected = _nc4_brute_force(
+        features, classifier, torch.from_numpy(reference_class_means(features, target, 4))
+    )
+    out = collection.compute()
+    assert 0 < expected < 1, f"seed {seed}"
+    np.testing.assert_allclose(float(out["nc4"]), expected, rtol=1e-12, err_msg=f"seed {seed}")
+    lone = NeuralCollapse(4, classifier=classifier)
+    lone.update(features, target)
+    lone.set_class_means(lone.class_means())  # and no update since
+    with pytest.warns(UserWarning, match="counted no sample for NC4"):
+        assert "nc4" not in lone.compute()
+
+
 def test_ddp_rank_without_data_and_synchronised_class_means() -> None:
     features, target, _ = _case(120, 5, 3, seed=6)
 

@@ -431,6 +431,24 @@ class CollapseStatisticsMetric(Metric):
         self.nc4_mismatches = self.nc4_mismatches + incoming_state["nc4_mismatches"]
         self.nc4_samples = self.nc4_samples + incoming_state["nc4_samples"]
 
+    def _nc4_uncounted(self) -> str | None:
+        """Why NC4 counted no sample although a classifier and reference means are set and
+        samples were accumulated; ``None`` when it counted some, or had nothing to count."""
+        if self._nc4_means is None or self._classifier is None or float(self.nc4_samples) > 0:
+            return None
+        if self.statistics.numel() == 0 or float(self.class_statistics().total) == 0:
+            return None
+        return (
+            f"{type(self).__name__} counted no sample for NC4, although its reference class means"
+            " are set and samples were accumulated. Either every sample was updated before"
+            " `set_class_means` (NC4 counts the later updates only), or the metric is in a"
+            " MetricCollection whose compute group shares its state with a metric without these"
+            " reference means: the groups are formed at the collection's first update, and only"
+            " the first metric of a group is updated after it. Set the same reference means on"
+            " every metric of the collection that has a classifier, or create the collection with"
+            " `compute_groups=False`."
+        )
+
     def _nc4_counts_or_none(self) -> tuple[Tensor, Tensor] | None:
         """The NC4 counts while they are measured, or once anything was counted (counts restored
         from a ``state_dict`` without the reference means, which are not saved)."""

@@ -8,6 +8,7 @@ batches, on any number of processes, equals the two-pass float64 computation on 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,7 +78,11 @@ class NeuralCollapse(CollapseStatisticsMetric):
             means = metric.class_means()  # synchronised over processes
             metric.reset()
 
-    Without reference means (or without a classifier) ``nc4`` is absent from the output. The
+    Without reference means (or without a classifier) ``nc4`` is absent from the output. In a
+    ``MetricCollection``, set the means on every metric that has a classifier: the metrics share
+    one state, updated by the first metric of their compute group (see
+    :mod:`~torchcollapse.metrics.quantities`); where that one lacks the means nothing is counted,
+    and ``compute`` warns. The
     reference means are an input, not state: the ``state_dict`` keeps the NC4 counts (reported
     after a restore) but not the means, so call ``set_class_means`` again after loading a
     checkpoint to go on counting.
@@ -172,6 +177,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
 
     def _compute(self) -> dict[str, Tensor]:
         classifier = self._classifier_weight_bias(finite=True)
+        reason = self._nc4_uncounted()
+        if reason is not None:
+            warnings.warn(f"{reason} The nc4 key is left out.", UserWarning, stacklevel=3)
         return neural_collapse_compute(
             self.class_statistics(),
             weight=None if classifier is None else classifier[0],

@@ -6,9 +6,15 @@ hold exactly the states of :class:`~torchcollapse.metrics.NeuralCollapse`, so in
 ``MetricCollection`` (with ``compute_groups=True``, the default) all of them are updated once, and
 each ``compute`` evaluates only its own quantity. Conventions are those of ``NeuralCollapse``.
 
-Metrics share their state when it is equal after the first update, so give them the same
-``classifier`` and reference ``class_means``: the NC4 counts accumulated against the reference means
-are part of the state (a metric without reference means counts nothing and forms its own group).
+Metrics share their state when it is equal after the collection's first update, and from then on
+only the first metric of each group is updated. So give them the same ``classifier`` and reference
+``class_means``: the NC4 counts accumulated against the reference means are part of the state. At
+the first update a metric that counts NC4 forms its own group apart from those that do not; but
+reference means set *later* (the epoch loop of :class:`~torchcollapse.metrics.NeuralCollapse`)
+must be set on every metric of the collection that has a ``classifier``: a metric whose group's
+first metric lacks them counts nothing, and
+its ``compute`` says so (``NeuralCollapseNC4`` raises, ``NeuralCollapse`` warns and leaves ``nc4``
+out). ``MetricCollection(..., compute_groups=False)`` updates every metric on its own.
 
 Example:
     >>> import torch
@@ -205,6 +211,9 @@ class NeuralCollapseNC4(_SingleQuantity):
                 "Expected reference class means for NeuralCollapseNC4 (pass `class_means=` or call"
                 " `set_class_means(...)` before updating), but got none."
             )
+        reason = self._nc4_uncounted()
+        if reason is not None:
+            raise UndefinedCollapse(reason)
         if not counted:
             raise UndefinedCollapse(
                 "Expected NeuralCollapseNC4 to have counted samples against its reference class"
