@@ -33,6 +33,7 @@ from torchcollapse.functional import (
     min_angle_optimal,
     neural_collapse,
     neural_collapse_cdnv,
+    neural_collapse_compute,
     neural_collapse_nc1,
     neural_collapse_nc1_trace_ratio,
     neural_collapse_nc2,
@@ -43,6 +44,7 @@ from torchcollapse.functional import (
     spherical_energy,
     spherical_energy_optimal,
 )
+from torchcollapse.functional.means import UndefinedCollapse
 from torchcollapse.metrics import NeuralCollapse
 from torchcollapse.stats import ClassStatistics
 
@@ -563,3 +565,76 @@ def test_nc1_keeps_real_eigenvalues_far_below_the_largest() -> None:
         result = neural_collapse(torch.from_numpy(features), torch.from_numpy(target))["nc1"]
         assert expected > 1e10
         np.testing.assert_allclose(float(result), expected, rtol=1e-4, err_msg=f"seed {seed}")
+
+
+def test_cdnv_of_a_class_mean_at_the_global_mean() -> None:
+    # Three classes on a line, the middle mean exactly the global mean: CDNV needs no angle, so
+    # neural_collapse_cdnv gives it as neural_collapse_compute does. Reference: the pairwise loop.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(4, generator=g, dtype=torch.float64)
+    means = torch.stack([-direction, torch.zeros(4, dtype=torch.float64), direction])
+    half = 0.1 * torch.randn(15, 4, generator=g, dtype=torch.float64)
+    target = torch.arange(30) % 3
+    features = means[target] + torch.cat([half, -half])  # mirrored: exact class means
+    stats = ClassStatistics.from_features(features, target, 3)
+    class_means = torch.stack([features[target == c].mean(0) for c in range(3)])
+    variances = [(features[target == c] - class_means[c]).square().sum(1).mean() for c in range(3)]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = sum(
+        float(
+            (variances[a] + variances[b]) / (2 * (class_means[a] - class_means[b]).square().sum())
+        )
+        for a, b in pairs
+    ) / len(pairs)
+    np.testing.assert_allclose(
+        float(neural_collapse_cdnv(stats)), expected, rtol=1e-10, err_msg=f"seed {seed}"
+    )
+    computed = neural_collapse_compute(stats, keys=["cdnv"])
+    np.testing.assert_allclose(float(computed["cdnv"]), expected, rtol=1e-10)
+
+
+_ON_STATISTICS: dict[str, Any] = {
+    "nc1": lambda stats, weight: neural_collapse_nc1(stats),
+    "nc1_samples": lambda stats, weight: neural_collapse_nc1(stats, global_mean="samples"),
+    "trace_ratio": lambda stats, weight: neural_collapse_nc1_trace_ratio(stats),
+    "cdnv": lambda stats, weight: neural_collapse_cdnv(stats),
+    "nc2": lambda stats, weight: neural_collapse_nc2(stats),
+    "nc3": neural_collapse_nc3,
+    "nc3_cosine": neural_collapse_nc3_cosine,
+    "compute": lambda stats, weight: neural_collapse_compute(stats, weight=weight),
+}
+
+
+@pytest.mark.parametrize("name", list(_ON_STATISTICS))
+@pytest.mark.parametrize(("k", "d"), [(3, 4), (5, 2)])
+def test_equal_class_means_are_an_error_in_every_function(name: str, k: int, d: int) -> None:
+    # Every class mean equal (constant features): no collapse quantity is defined, and every
+    # function says so with the same error rather than returning 0, inf or NaN.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randn(4, d, generator=g, dtype=torch.float64)
+    features, target = block.repeat(k, 1), torch.arange(k).repeat_interleave(4)
+    stats = ClassStatistics.from_features(features, target, k)
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
+    with pytest.raises(UndefinedCollapse, match="have the same mean"):
+        _ON_STATISTICS[name](stats, weight)
+
+
+def test_cdnv_of_two_coinciding_classes() -> None:
+    # Two classes with the same mean: with within-class variance their CDNV term, and CDNV, is
+    # inf; without any it is 0/0, an error from neural_collapse_cdnv, a key left out (with a
+    # warning) from neural_collapse.
+    target = torch.tensor([0, 0, 1, 1, 2, 2])
+    features = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1], [1, 0], [1, 0]], dtype=torch.float64)
+    stats = ClassStatistics.from_features(features, target, 3)
+    with pytest.raises(UndefinedCollapse, match="0/0"):
+        neural_collapse_cdnv(stats)
+    with pytest.warns(UserWarning, match="same mean and no within-class variance"):
+        out = neural_collapse(features, target)
+    assert "cdnv" not in out
+    features[0] += torch.tensor([0.0, 0.1], dtype=torch.float64)
+    features[1] -= torch.tensor([0.0, 0.1], dtype=torch.float64)
+    stats = ClassStatistics.from_features(features, target, 3)
+    assert math.isinf(float(neural_collapse_cdnv(stats)))
+    assert math.isinf(float(neural_collapse(features, target)["cdnv"]))

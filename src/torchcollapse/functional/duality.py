@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchcollapse.functional.means import GlobalMean, centred_class_means
+from torchcollapse.functional.means import GlobalMean, _differing_centred_means
 from torchcollapse.stats import ClassStatistics
 
 __all__ = ["neural_collapse_nc3", "neural_collapse_nc3_cosine"]
@@ -95,8 +95,11 @@ def neural_collapse_nc3(
         weight: ``(K, d)`` classifier weight (all ``K`` classes; rows of absent classes are
             dropped).
         global_mean: ``"classes"`` (default) or ``"samples"``.
+
+    Raises:
+        UndefinedCollapse: fewer than two classes have samples, or all their means are equal.
     """
-    centred, present = centred_class_means(statistics, global_mean)
+    centred, present = _differing_centred_means(statistics, global_mean)
     w = _check_weight(weight, statistics.num_classes, statistics.num_features)
     rows = w.to(centred.device).index_select(0, present)
     if not bool(rows.any()):
@@ -123,7 +126,7 @@ def neural_collapse_nc3_cosine(
         >>> neural_collapse_nc3_cosine(stats, torch.tensor([[1.0, 1.0], [5.0, 5.0], [-1.0, 0.0]]))
         tensor([0.7071, 1.0000], dtype=torch.float64)
     """
-    centred, present = centred_class_means(statistics, global_mean)
+    centred, present = _differing_centred_means(statistics, global_mean)
     w = _check_weight(weight, statistics.num_classes, statistics.num_features)
     rows = w.to(centred.device).index_select(0, present)
     for matrix, name, what in ((rows, "weight", "rows"), (centred, "statistics", "centred means")):

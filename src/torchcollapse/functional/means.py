@@ -126,6 +126,20 @@ def centred_class_means(
     return relative - centre, present
 
 
+def _differing_centred_means(
+    statistics: ClassStatistics, global_mean: GlobalMean = "classes"
+) -> tuple[Tensor, Tensor]:
+    """:func:`centred_class_means`, raising :class:`UndefinedCollapse` when every present class
+    has the same mean (no collapse quantity is defined then)."""
+    centred, present = centred_class_means(statistics, global_mean)
+    if not bool(centred.any()):
+        raise UndefinedCollapse(
+            f"Expected the class means to differ, but all {present.numel()} present classes have"
+            " the same mean (constant features?): no collapse quantity is defined."
+        )
+    return centred, present
+
+
 def within_class_covariance(statistics: ClassStatistics) -> Tensor:
     """``(d, d)`` ``Sigma_W = 1/N sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` in float64 (biased).
 

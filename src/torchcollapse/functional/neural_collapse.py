@@ -57,7 +57,7 @@ from torchcollapse.functional.means import (
     centred_class_means,
 )
 from torchcollapse.functional.nearest_class_center import _nc4_counts, _prepare_reference
-from torchcollapse.functional.variability import _nc1
+from torchcollapse.functional.variability import _cdnv, _nc1
 from torchcollapse.stats import (
     ClassStatistics,
     _check_features,
@@ -167,8 +167,7 @@ def neural_collapse_compute(
             geometry = pairwise_geometry(centred, variances=variances, exponent=exponent, gram=gram)
         else:
             # A class mean at the global mean has no direction: the angles are undefined. CDNV
-            # is taken on the means shifted off the origin (it depends on differences only), by
-            # twice the largest norm so that no shifted mean is zero, at the means' own scale.
+            # is taken on the means shifted off the origin (it depends on differences only).
             if any(want(f"nc2_{name}") for name in _GEOMETRY if name != "equinorm"):
                 _warn_left_out(
                     f"the means of classes {at_centre} equal the global mean, so the angles of the"
@@ -177,12 +176,16 @@ def neural_collapse_compute(
                 )
             geometry = {"equinorm": norms.std() / norms.mean()}
             if variances is not None:
-                shift = torch.zeros_like(centred[0])
-                shift[0] = 2.0 * norms.max()
-                shifted = pairwise_geometry(centred + shift, variances=variances)
-                geometry["cdnv"] = shifted["cdnv"]
+                geometry["cdnv"] = _cdnv(centred, variances)
         if want("cdnv"):
-            out["cdnv"] = geometry.pop("cdnv")
+            cdnv = geometry.pop("cdnv")
+            if bool(cdnv.isnan()):
+                _warn_left_out(
+                    "two classes have the same mean and no within-class variance (a 0/0 term)",
+                    "cdnv key",
+                )
+            else:
+                out["cdnv"] = cdnv
         for name in _GEOMETRY:
             if want(f"nc2_{name}") and name in geometry:
                 out[f"nc2_{name}"] = geometry[name]
@@ -239,7 +242,8 @@ def neural_collapse_compute(
 
 
 def _warn_left_out(reason: str, keys: str) -> None:
-    warnings.warn(f"{reason}: the {keys} are left out.", UserWarning, stacklevel=3)
+    verb = "is" if keys.endswith(" key") else "are"
+    warnings.warn(f"{reason}: the {keys} {verb} left out.", UserWarning, stacklevel=3)
 
 
 def neural_collapse(

@@ -50,8 +50,9 @@ from torch import Tensor
 from torchcollapse.functional.geometry import pairwise_geometry
 from torchcollapse.functional.means import (
     GlobalMean,
+    UndefinedCollapse,
     _check_statistics,
-    centred_class_means,
+    _differing_centred_means,
     within_class_covariance,
 )
 from torchcollapse.stats import ClassStatistics, symmetric_product
@@ -145,9 +146,9 @@ def neural_collapse_nc1(
         global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
 
     Raises:
-        ValueError: fewer than two classes have samples.
+        UndefinedCollapse: fewer than two classes have samples, or all their means are equal.
     """
-    centred, present = centred_class_means(statistics, global_mean)
+    centred, present = _differing_centred_means(statistics, global_mean)
     sigma_w = within_class_covariance(statistics)
     if global_mean == "classes":
         null_vector = torch.ones(present.numel(), dtype=torch.float64, device=centred.device)
@@ -167,24 +168,64 @@ def neural_collapse_nc1_trace_ratio(
         >>> stats = ClassStatistics.from_features(features, torch.tensor([0, 0, 1, 1]), 2)
         >>> neural_collapse_nc1_trace_ratio(stats)  # 1 / 25
         tensor(0.0400, dtype=torch.float64)
+
+    Raises:
+        UndefinedCollapse: fewer than two classes have samples, or all their means are equal.
     """
-    centred, present = centred_class_means(statistics, global_mean)
+    centred, present = _differing_centred_means(statistics, global_mean)
     stats = statistics.to(dtype=torch.float64)
     trace_w = stats.within_class_sum_squares().sum() / stats.total
     trace_b = centred.square().sum() / present.numel()
     return trace_w / trace_b
 
 
+def _cdnv(centred: Tensor, variances: Tensor) -> Tensor:
+    """CDNV of the centred means ``M`` (not all zero) and per-class variances ``s_c``.
+
+    CDNV depends on differences of means only, so where a mean is the global mean (a zero row,
+    which has no direction for the pairwise pass) the means are shifted off the origin, by twice
+    the largest norm so that no shifted mean is zero, at the means' own scale.
+    """
+    norms = torch.linalg.vector_norm(centred, dim=1)
+    if bool((norms == 0).any()):
+        shift = torch.zeros_like(centred[0])
+        shift[0] = 2.0 * norms.max()
+        centred = centred + shift
+    return pairwise_geometry(centred, variances=variances)["cdnv"]
+
+
 def neural_collapse_cdnv(statistics: ClassStatistics) -> Tensor:
     """Class-distance normalized variance, mean over pairs of present classes (float64, 0-d).
 
     ``(s_c + s_c') / (2 ||mu_c - mu_c'||^2)`` with ``s_c = 1/n_c sum_{y_i = c} ||h_i - mu_c||^2``;
-    pairs are processed in blocks (no ``K x K`` matrix).
+    pairs are processed in blocks (no ``K x K`` matrix). Two classes with the same mean give
+    ``inf`` (their variance is over a zero distance); if neither has any variance the pair is
+    ``0/0`` and CDNV undefined.
+
+    Example:
+        >>> from torchcollapse.stats import ClassStatistics
+        >>> features = torch.tensor([[-1.1], [-0.9], [-0.1], [0.1], [0.9], [1.1]])
+        >>> stats = ClassStatistics.from_features(features, torch.tensor([0, 0, 1, 1, 2, 2]), 3)
+        >>> neural_collapse_cdnv(stats)  # the middle mean is the global mean: no matter
+        tensor(0.0075, dtype=torch.float64)
+
+    Raises:
+        UndefinedCollapse: fewer than two classes have samples, all their means are equal, or two
+            classes have the same mean and no variance.
     """
     _check_statistics(statistics)
-    centred, present = centred_class_means(statistics, "classes")
+    centred, present = _differing_centred_means(statistics, "classes")
     stats = statistics.to(dtype=torch.float64)
     variances = stats.within_class_sum_squares().index_select(
         0, present
     ) / stats.counts.index_select(0, present)
-    return pairwise_geometry(centred, variances=variances)["cdnv"]
+    cdnv = _cdnv(centred, variances)
+    if bool(cdnv.isnan()):
+        raise UndefinedCollapse(_CDNV_UNDEFINED)
+    return cdnv
+
+
+_CDNV_UNDEFINED = (
+    "Expected the classes with equal means to have some within-class variance, but two classes"
+    " have the same mean and none: their CDNV term is 0/0, so CDNV is undefined."
+)
