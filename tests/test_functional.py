@@ -638,3 +638,20 @@ def test_cdnv_of_two_coinciding_classes() -> None:
     stats = ClassStatistics.from_features(features, target, 3)
     assert math.isinf(float(neural_collapse_cdnv(stats)))
     assert math.isinf(float(neural_collapse(features, target)["cdnv"]))
+
+
+def test_unknown_or_unanswerable_keys_are_errors() -> None:
+    # A typo, a plain string (a set of its letters) or a key whose input is missing would
+    # otherwise give an empty or partial result without a word.
+    features, target, weight, _ = _case(n=30, d=4, k=3, seed=13)
+    stats = ClassStatistics.from_features(features, target, 3)
+    with pytest.raises(ValueError, match=r"known keys .* but got \['NC3', 'nc_1'\]"):
+        neural_collapse_compute(stats, keys=["nc_1", "NC3"])
+    with pytest.raises(TypeError, match="`keys` to be a collection of key names"):
+        neural_collapse_compute(stats, keys="nc1")
+    with pytest.raises(ValueError, match=r"`weight` to be given for the keys \['nc3'\]"):
+        neural_collapse_compute(stats, keys=["nc1", "nc3"])
+    with pytest.raises(ValueError, match="`nc4_counts` to be given"):
+        neural_collapse_compute(stats, weight=weight, keys=["nc4"])
+    out = neural_collapse_compute(stats, weight=weight, keys=("nc1", "nc3"))
+    assert set(out) == {"nc1", "nc3"}

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -110,18 +111,22 @@ def neural_collapse_compute(
         global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
         nc4_counts: optional ``(mismatches, samples)`` accumulated against reference means; gives
             ``nc4`` when ``samples > 0``.
-        keys: compute only these keys (default: every key the inputs allow).
+        keys: compute only these keys (default: every key the inputs allow); a collection of
+            names from :data:`MEAN_KEYS`, :data:`WEIGHT_KEYS` (which need ``weight``),
+            ``"nc2_min_angle_optimal"``, ``"nc2_spherical_energy_optimal"`` and ``"nc4"`` (which
+            needs ``nc4_counts``).
         exponent: ``s`` of the spherical (Riesz) energy.
 
     Returns:
         A dict of 0-d tensors; see the module docstring for the keys.
 
     Raises:
-        ValueError: fewer than two present classes, or a weight of the wrong shape.
+        ValueError: fewer than two present classes, a weight of the wrong shape, or ``keys``
+            naming an unknown key or one whose input (``weight``, ``nc4_counts``) is missing.
     """
     _check_statistics(statistics)
     _check_global_mean(global_mean)
-    wanted = None if keys is None else set(keys)
+    wanted = None if keys is None else _check_keys(keys, weight=weight, nc4_counts=nc4_counts)
 
     def want(key: str) -> bool:
         return wanted is None or key in wanted
@@ -239,6 +244,36 @@ def neural_collapse_compute(
     if want("num_classes_present"):
         out["num_classes_present"] = torch.tensor(num_present, device=centred.device)
     return out
+
+
+_OPTIMAL_KEYS = ("nc2_min_angle_optimal", "nc2_spherical_energy_optimal")
+
+
+def _check_keys(
+    keys: Any, *, weight: Tensor | None, nc4_counts: tuple[Tensor, Tensor] | None
+) -> set[str]:
+    """The set of requested keys, each known and with its inputs given."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Collection):
+        raise TypeError(
+            "Expected argument `keys` to be a collection of key names (e.g. a list), but got"
+            f" {keys!r}."
+        )
+    wanted = set(keys)
+    unknown = sorted(str(k) for k in wanted - {*MEAN_KEYS, *WEIGHT_KEYS, *_OPTIMAL_KEYS, "nc4"})
+    if unknown:
+        known = ", ".join((*MEAN_KEYS, *WEIGHT_KEYS, *_OPTIMAL_KEYS, "nc4"))
+        raise ValueError(
+            f"Expected argument `keys` to hold only known keys ({known}), but got {unknown}."
+        )
+    if weight is None and (needing := sorted(wanted & set(WEIGHT_KEYS))):
+        raise ValueError(
+            f"Expected argument `weight` to be given for the keys {needing}, but got None."
+        )
+    if nc4_counts is None and "nc4" in wanted:
+        raise ValueError(
+            "Expected argument `nc4_counts` to be given for the key 'nc4', but got None."
+        )
+    return wanted
 
 
 def _warn_left_out(reason: str, keys: str) -> None:
