@@ -334,6 +334,23 @@ def _nc4_brute_force(
     return float((logits.argmax(1) != nearest).double().mean())
 
 
+def test_a_first_batch_without_feature_columns_leaves_the_metric_usable() -> None:
+    # The batch is refused (naming `features`) before any state is allocated from its shape, so
+    # the next, valid batch is accumulated as if it were the first.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(90, 5, 3, seed=seed)
+    metric = NeuralCollapse(3)
+    with pytest.raises(ValueError, match="`features` to have at least one feature"):
+        metric.update(torch.zeros(4, 0), target[:4])
+    metric.update(features, target)
+    expected = _reference(3)(features, target)
+    out = metric.compute()
+    for key, value in expected.items():
+        np.testing.assert_allclose(
+            float(out[key]), value, rtol=RTOL, atol=ATOL, err_msg=f"{key}, seed {seed}"
+        )
+
+
 @pytest.mark.parametrize("factory", [NeuralCollapse, NeuralCollapseNC4])
 def test_new_reference_means_restart_the_nc4_counts(factory: Any) -> None:
     # NC4 is over the samples updated since the current reference means were set: counts against

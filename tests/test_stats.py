@@ -184,6 +184,7 @@ def test_update_performs_no_k_by_d_work_on_absent_classes() -> None:
         (torch.tensor([[0.0, float("nan")], [1, 1]]), torch.tensor([0, 1]), ValueError, "finite"),
         (torch.zeros(3, 5), torch.tensor([0, 1, 1]), ValueError, "2 features"),
         ([[0.0, 1.0]], torch.tensor([0]), TypeError, "`features` to be a torch.Tensor"),
+        (torch.zeros(3, 0), torch.tensor([0, 1, 1]), ValueError, "`features` to have at least one"),
     ],
 )
 def test_update_errors(features: object, target: object, error: type, match: str) -> None:
@@ -396,3 +397,8 @@ def test_split_cpu_product_matches_reference(threads: int, monkeypatch: pytest.M
         assert threads in batched, message  # the split path ran
     else:
         assert not batched, message
+
+
+def test_features_without_columns_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"`features` to have at least one feature.*\(4, 0\)"):
+        ClassStatistics.from_features(torch.zeros(4, 0), torch.tensor([0, 1, 2, 0]), 3)

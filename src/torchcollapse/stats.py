@@ -96,6 +96,11 @@ def _check_features(features: Any, name: str = "features") -> None:
             f"Expected argument `{name}` to be a floating point tensor, but got dtype"
             f" {features.dtype}."
         )
+    if features.shape[1] == 0:
+        raise ValueError(
+            f"Expected argument `{name}` to have at least one feature (column), but got shape"
+            f" {_shape(features)}."
+        )
 
 
 def _check_num_classes(num_classes: Any) -> None:
