@@ -45,7 +45,7 @@ from torchcollapse.functional import (
     spherical_energy_optimal,
 )
 from torchcollapse.functional.means import UndefinedCollapse
-from torchcollapse.metrics import NeuralCollapse
+from torchcollapse.metrics import NeuralCollapse, NeuralCollapseETFDistance
 from torchcollapse.stats import ClassStatistics
 
 RTOL = 1e-6
@@ -327,7 +327,8 @@ def test_neural_collapse_reads_inputs_that_require_grad_detached() -> None:
 @pytest.mark.parametrize("scale", [1.0, 2.0**-30])
 def test_a_class_mean_at_the_global_mean_leaves_out_only_the_angles(scale: float) -> None:
     # Three classes on a line: the middle mean is the global mean, so the angles of the centred
-    # means are undefined; NC1, CDNV (differences of means only) and the norms are not.
+    # means are undefined; NC1, CDNV (differences of means only), the norms and the ETF distance
+    # (a Gram matrix, no angle) are not.
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
     g = torch.Generator().manual_seed(seed)
     centres = torch.tensor([[-2.0, 1.0, 0.5], [0.0, 0.0, 0.0], [2.0, -1.0, -0.5]])
@@ -338,10 +339,21 @@ def test_a_class_mean_at_the_global_mean_leaves_out_only_the_angles(scale: float
     features = (centres.double()[target] + noise) * scale  # a power of two: exact
     with pytest.warns(UserWarning, match=r"classes \[1\] equal the global mean"):
         out = neural_collapse(features, target)
+    without_angles = ("nc2_equinorm", "nc2_etf_distance")
     assert not [
-        k for k in out if k.startswith("nc2_") and "optimal" not in k and k != "nc2_equinorm"
+        k for k in out if k.startswith("nc2_") and "optimal" not in k and k not in without_angles
     ]
     means = centres.double() * scale
+    centred = means - means.mean(0)
+    gram = centred @ centred.T
+    simplex = (torch.eye(3, dtype=torch.float64) - 1.0 / 3) / math.sqrt(2.0)
+    etf = torch.linalg.matrix_norm(gram / torch.linalg.matrix_norm(gram) - simplex)
+    torch.testing.assert_close(out["nc2_etf_distance"], etf, rtol=1e-12, atol=0)
+    torch.testing.assert_close(etf_distance(centred), etf, rtol=1e-12, atol=0)
+    torch.testing.assert_close(equinorm(centred), out["nc2_equinorm"], rtol=1e-12, atol=0)
+    metric = NeuralCollapseETFDistance(3)
+    metric.update(features, target)
+    torch.testing.assert_close(metric.compute(), etf, rtol=1e-12, atol=0)  # no angle: no warning
     variances = torch.stack([((noise * scale)[target == c] ** 2).sum(1).mean() for c in range(3)])
     pairs = [(a, b) for a in range(3) for b in range(a + 1, 3)]
     cdnv = (

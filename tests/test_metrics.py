@@ -8,6 +8,7 @@ are exactly 0, such as an NC4 of 0).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -699,6 +700,17 @@ def test_a_zero_initialised_head_is_measured_without_its_angles() -> None:
         out = metric.compute()
     assert "nc1" in out, f"seed {seed}"
     assert not [k for k in out if k.startswith(("nc2_weight_", "nc3"))], f"seed {seed}"
+    with torch.no_grad():  # one row trained: the rows' Gram matrix (ETF distance) is defined
+        head.weight[1] = torch.randn(6, dtype=head.weight.dtype)
+    metric._computed = None
+    with pytest.warns(UserWarning, match="are zero"):
+        partial = metric.compute()
+    weight = head.weight.detach().double()
+    gram = weight @ weight.T
+    simplex = (torch.eye(4, dtype=torch.float64) - 0.25) / math.sqrt(3.0)
+    etf = torch.linalg.matrix_norm(gram / torch.linalg.matrix_norm(gram) - simplex)
+    torch.testing.assert_close(partial["nc2_weight_etf_distance"], etf, rtol=1e-12, atol=0)
+    torch.nn.init.zeros_(head.weight)
     with pytest.warns(UserWarning, match="are zero"), pytest.raises(ValueError, match="`nc3`"):
         nc3.compute()
 

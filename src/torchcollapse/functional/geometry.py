@@ -353,15 +353,37 @@ def pairwise_geometry(
     return out
 
 
+def _etf_distance_without_angles(v: Tensor, gram: Tensor | None = None) -> Tensor:
+    """ETF distance of rows ``v`` (float64, not all zero; zero rows allowed) from norms alone:
+    ``||G/||G|| - E||^2 = 2 - 2 <G, E> / ||G||`` with ``<G, E> = (||V||_F^2 - ||V^T 1||^2 / K) /
+    sqrt(K-1)`` and ``||G||_F`` that of the smaller Gram matrix ``gram``. Cancels near 0, so only
+    for rows with a zero one, which are far from a simplex."""
+    k = v.shape[0]
+    small = _small_gram(v) if gram is None else gram
+    inner = (v.square().sum() - v.sum(0).square().sum() / k) / math.sqrt(k - 1)
+    distance: Tensor = (2.0 - 2.0 * inner / torch.linalg.matrix_norm(small)).clamp_min(0.0).sqrt()
+    return distance
+
+
+def _check_not_all_zero(v: Tensor, norms: Tensor) -> None:
+    if not bool(norms.any()):
+        raise ValueError(
+            f"Expected argument `vectors` to have a non-zero row, but all {v.shape[0]} rows are"
+            " zero."
+        )
+
+
 def equinorm(vectors: Tensor) -> Tensor:
-    """Std / mean of the row norms (std with ``ddof=1``); 0 for rows of equal norm.
+    """Std / mean of the row norms (std with ``ddof=1``); 0 for rows of equal norm. Zero rows
+    count (with norm 0); not every row may be zero.
 
     Example:
         >>> equinorm(torch.tensor([[3.0, 4.0], [0.0, 5.0]]))
         tensor(0., dtype=torch.float64)
     """
     v = _check_vectors(vectors)
-    norms = _row_norms(v, "vectors")
+    norms: Tensor = torch.linalg.vector_norm(v, dim=1)
+    _check_not_all_zero(v, norms)
     return norms.std() / norms.mean()
 
 
@@ -388,11 +410,20 @@ def max_angle(vectors: Tensor) -> Tensor:
 def etf_distance(vectors: Tensor) -> Tensor:
     """``|| G/||G||_F - (I - 11^T/K)/sqrt(K-1) ||_F`` with ``G`` the Gram matrix of the rows.
 
+    It needs no angles: zero rows are allowed (not all of them).
+
     Example:
         >>> etf_distance(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # orthogonal, not antipodal
         tensor(0.7654, dtype=torch.float64)
+        >>> etf_distance(torch.tensor([[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]]))  # a zero row
+        tensor(0.7654, dtype=torch.float64)
     """
-    return pairwise_geometry(vectors)["etf_distance"]
+    v = _check_vectors(vectors)
+    norms = torch.linalg.vector_norm(v, dim=1)
+    if bool((norms == 0).any()):
+        _check_not_all_zero(v, norms)
+        return _etf_distance_without_angles(v)
+    return pairwise_geometry(v)["etf_distance"]
 
 
 def min_angle(vectors: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from torchcollapse.functional.duality import _check_bias, _check_weight, _nc3, _nc3_cosine
 from torchcollapse.functional.geometry import (
+    _etf_distance_without_angles,
     _small_gram,
     min_angle_optimal,
     pairwise_geometry,
@@ -82,6 +83,8 @@ _GEOMETRY = (
     "min_angle",
     "spherical_energy",
 )
+# The geometry that needs no angles, defined with zero rows too.
+_NO_ANGLES = ("equinorm", "etf_distance")
 #: Keys computed from the class statistics alone.
 MEAN_KEYS: tuple[str, ...] = (
     "nc1",
@@ -173,13 +176,16 @@ def neural_collapse_compute(
         else:
             # A class mean at the global mean has no direction: the angles are undefined. CDNV
             # is taken on the means shifted off the origin (it depends on differences only).
-            if any(want(f"nc2_{name}") for name in _GEOMETRY if name != "equinorm"):
+            if any(want(f"nc2_{name}") for name in _GEOMETRY if name not in _NO_ANGLES):
                 _warn_left_out(
                     f"the means of classes {at_centre} equal the global mean, so the angles of the"
                     " centred means are undefined",
-                    "nc2_* keys but nc2_equinorm",
+                    "nc2_* keys but nc2_equinorm and nc2_etf_distance",
                 )
-            geometry = {"equinorm": norms.std() / norms.mean()}
+            geometry = {
+                "equinorm": norms.std() / norms.mean(),
+                "etf_distance": _etf_distance_without_angles(centred, gram),
+            }
             if variances is not None:
                 geometry["cdnv"] = _cdnv(centred, variances)
         if want("cdnv"):
@@ -210,20 +216,23 @@ def neural_collapse_compute(
         zero_rows = present[(w_rows == 0).all(1)].tolist()
         all_zero = len(zero_rows) == num_present
         if zero_rows:  # e.g. a zero-initialised head: its rows have no direction
-            undefined = [f"nc2_weight_{name}" for name in _GEOMETRY if name != "equinorm"]
-            undefined += (
-                ["nc3_cosine", "nc3", "nc2_weight_equinorm"] if all_zero else ["nc3_cosine"]
-            )
+            undefined = [f"nc2_weight_{name}" for name in _GEOMETRY if name not in _NO_ANGLES]
+            undefined += ["nc3_cosine"]
+            if all_zero:
+                undefined += ["nc3", "nc2_weight_equinorm", "nc2_weight_etf_distance"]
             if any(want(key) for key in undefined):
                 _warn_left_out(
                     f"the classifier's rows of classes {zero_rows} are zero",
-                    "nc2_weight_* (but nc2_weight_equinorm), nc3_cosine"
-                    + (", nc3 and nc2_weight_equinorm" if all_zero else "")
+                    "nc2_weight_* (but nc2_weight_equinorm and nc2_weight_etf_distance),"
+                    " nc3_cosine"
+                    + (", nc3, nc2_weight_equinorm and nc2_weight_etf_distance" if all_zero else "")
                     + " keys",
                 )
             weight_norms = torch.linalg.vector_norm(w_rows, dim=1)
             if want("nc2_weight_equinorm") and not all_zero:
                 out["nc2_weight_equinorm"] = weight_norms.std() / weight_norms.mean()
+            if want("nc2_weight_etf_distance") and not all_zero:
+                out["nc2_weight_etf_distance"] = _etf_distance_without_angles(w_rows)
         elif any(want(f"nc2_weight_{name}") for name in _GEOMETRY):
             weight_geometry = pairwise_geometry(w_rows, exponent=exponent)
             for name in _GEOMETRY:
