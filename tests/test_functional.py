@@ -667,3 +667,24 @@ def test_unknown_or_unanswerable_keys_are_errors() -> None:
         neural_collapse_compute(stats, weight=weight, keys=["nc4"])
     out = neural_collapse_compute(stats, weight=weight, keys=("nc1", "nc3"))
     assert set(out) == {"nc1", "nc3"}
+
+
+@pytest.mark.parametrize(("k", "d"), [(4, 8), (4, 2), (6, 3)])
+def test_no_smallest_energy_is_claimed_for_a_negative_exponent(k: int, d: int) -> None:
+    # With s < 0 the energy is a mean power of the distances: nearly coincident points bring it
+    # towards 0, below any configuration the "optimal" values describe, so none is reported.
+    # With s > 0 the value stays a lower bound of random configurations.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    bunched = torch.zeros(k, d, dtype=torch.float64)
+    bunched[:, 0] = 1.0
+    bunched[:, 1] = 1e-3 * torch.randn(k, generator=g, dtype=torch.float64)
+    assert float(spherical_energy(bunched, exponent=-1.0)) < 0.01
+    assert spherical_energy_optimal(k, d, -1.0) is None
+    stats = ClassStatistics.from_features(bunched, torch.arange(k), k)
+    assert "nc2_spherical_energy_optimal" not in neural_collapse_nc2(stats, exponent=-1.0)
+    best = spherical_energy_optimal(k, d, 0.5)
+    assert best is not None
+    for _ in range(10):
+        vectors = torch.randn(k, d, generator=g, dtype=torch.float64)
+        assert float(spherical_energy(vectors, exponent=0.5)) >= best - 1e-12, f"seed {seed}"

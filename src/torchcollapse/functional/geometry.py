@@ -491,7 +491,9 @@ def spherical_energy_optimal(
 
     Known cases (universally optimal codes, Cohn & Kumar 2007): the simplex for ``K <= d + 1``,
     ``(2K/(K-1))^(-s/2)``; the cross-polytope for ``K = 2d``; the regular polygon for ``d = 2``.
-    ``None`` otherwise.
+    ``None`` otherwise, and for ``s < 0``: the energy is then a mean power of the distances, which
+    spread points *raise*; its smallest value, 0, belongs to coincident points and says nothing
+    (the simplex value for ``-2 <= s < 0`` is its largest, not its smallest).
 
     Example:
         >>> spherical_energy_optimal(2, 1)  # two antipodal points: 1/2
@@ -499,6 +501,8 @@ def spherical_energy_optimal(
     """
     _check_sizes(num_classes, num_features)
     k, d, s = num_classes, num_features, float(exponent)
+    if s < 0:
+        return None
     if k <= d + 1:
         return float((2.0 * k / (k - 1)) ** (-s / 2.0))
     if d == 2:
