@@ -446,8 +446,9 @@ def test_classifier_is_read_live_and_not_a_submodule() -> None:
     before = float(metric.compute()["nc3"])
     with torch.no_grad():
         classifier.weight.mul_(-1)
-    metric._computed = None
-    assert float(metric.compute()["nc3"]) != before
+    assert float(metric.compute()["nc3"]) != before  # no stale cached result
+    assert not NeuralCollapseNC3(3, classifier=classifier).compute_with_cache
+    assert NeuralCollapse(3, classifier=classifier, compute_with_cache=True).compute_with_cache
     assert list(metric.parameters()) == []
     assert not any("weight" in k for k in metric.state_dict())
 

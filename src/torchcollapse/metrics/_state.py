@@ -158,6 +158,9 @@ class CollapseStatisticsMetric(Metric):
         product_dtype: torch.dtype = torch.float64,
         **kwargs: Any,
     ) -> None:
+        if classifier is not None:
+            # The classifier is read live at compute: a cached result would outlive its changes.
+            kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
         _check_num_classes(num_classes)
         if num_classes < 2:

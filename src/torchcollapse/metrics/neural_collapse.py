@@ -108,6 +108,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
             ``argmax(W h / max(||h||, eps) + b)``, and NC4 counts those decisions. It is read,
             not copied: at ``compute`` for the classifier quantities, at ``update`` for NC4. It
             is not a submodule of the metric (not moved by ``.to``, not in its ``state_dict``).
+            Since it may change between two ``compute`` calls without an ``update``, a metric
+            with a classifier does not cache its result (torchmetrics' ``compute_with_cache``
+            defaults to ``False`` then; pass ``compute_with_cache=True`` to cache).
         class_means: optional reference class means for NC4 (see :meth:`set_class_means`).
         num_features: feature dimension ``d``; inferred from the classifier or the first batch when
             omitted. Give it (or a classifier) under DDP if a process may see no data at all.
