@@ -688,3 +688,17 @@ def test_no_smallest_energy_is_claimed_for_a_negative_exponent(k: int, d: int) -
     for _ in range(10):
         vectors = torch.randn(k, d, generator=g, dtype=torch.float64)
         assert float(spherical_energy(vectors, exponent=0.5)) >= best - 1e-12, f"seed {seed}"
+
+
+def test_errors_name_the_argument_at_fault() -> None:
+    # num_classes taken from a weight with too few rows: the weight is at fault, not the target;
+    # Inf in reference means is an error, not a silently absent class (NaN marks those).
+    features, target, weight, bias = _case(n=30, d=3, k=3, seed=14)
+    with pytest.raises(ValueError, match=r"`weight` to have a row for every class.*class 2"):
+        neural_collapse(features, target, weight=weight[:2])
+    means = torch.from_numpy(reference_class_means(features, target, 3))
+    means[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"`class_means` to be finite.*rows \[1\] hold Inf"):
+        neural_collapse_nc4(features, weight, bias, class_means=means)
+    with pytest.raises(ValueError, match="hold Inf"):
+        NeuralCollapse(3, classifier=weight, class_means=means)

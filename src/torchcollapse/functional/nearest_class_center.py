@@ -59,11 +59,17 @@ def _check_class_means(class_means: Any, num_features: int | None = None) -> Ten
             f" {class_means.dtype}."
         )
     means = class_means.detach().to(torch.float64)
+    if bool(torch.isinf(means).any()):
+        rows = torch.isinf(means).any(1).nonzero().squeeze(1).tolist()
+        raise ValueError(
+            "Expected argument `class_means` to be finite where a class is present (NaN rows mark"
+            f" absent classes), but rows {rows} hold Inf."
+        )
     present = torch.isfinite(means).all(1)
     if not bool(present.any()):
         raise ValueError(
             "Expected argument `class_means` to hold at least one finite row (a class present in"
-            " the reference), but every row has NaN or Inf."
+            " the reference), but every row has NaN."
         )
     return means
 

@@ -330,6 +330,18 @@ def neural_collapse(
     if num_classes is None:
         if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
             num_classes = int(weight.shape[0])
+            if (
+                validate_args
+                and isinstance(target, Tensor)
+                and target.numel() > 0
+                and not target.is_floating_point()
+                and int(target.max()) >= num_classes
+            ):
+                raise ValueError(
+                    f"Expected argument `weight` to have a row for every class in `target`"
+                    f" (num_classes is taken from its {num_classes} rows), but `target` holds"
+                    f" class {int(target.max())}. Pass `num_classes` or a weight of every class."
+                )
         elif isinstance(target, Tensor) and target.numel() > 0 and not target.is_floating_point():
             num_classes = int(target.max()) + 1
         else:
