@@ -191,6 +191,60 @@ def test_nearest_simplex_etf_refuses_non_finite_points() -> None:
         nearest_simplex_etf(torch.randn(4, 5, dtype=F64), previous=previous, proximal=0.1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eps": 0.0}, r"`eps` to be a finite number > 0, but got 0\.0"),
+        ({"eps": -1e-12}, "`eps` to be a finite number > 0"),
+        ({"eps": math.nan}, "`eps` to be a finite number > 0"),
+        ({"eps": "1e-12"}, "`eps` to be a finite number > 0, but got '1e-12'"),
+        ({"eps": True}, "`eps` to be a finite number > 0, but got True"),
+        ({"proximal": -5.0}, r"`proximal` to be a finite number >= 0, but got -5\.0"),
+        ({"proximal": math.nan}, "`proximal` to be a finite number >= 0, but got nan"),
+        ({"proximal": math.inf}, "`proximal` to be a finite number >= 0"),
+        ({"proximal": True}, "`proximal` to be a finite number >= 0, but got True"),
+        (
+            {"proximal": 0.1, "previous": [[0.0]]},
+            "`previous` to be a .* tensor or None, but got list",
+        ),
+        (
+            {"proximal": 0.1, "previous": torch.zeros(3, 5)},
+            r"`previous` .* \(4, 5\) .* shape \(3, 5\)",
+        ),
+        ({"points": torch.ones(4, 5, dtype=torch.int64)}, "`points` .* but got dtype torch.int64"),
+        ({"points": torch.ones(4, 5, 1)}, r"`points` .* but got shape \(4, 5, 1\)"),
+        ({"points": [[1.0, 0.0]] * 4}, "`points` .* but got list"),
+    ],
+)
+def test_nearest_simplex_etf_argument_errors_name_the_argument(
+    kwargs: dict[str, object], match: str
+) -> None:
+    points = torch.randn(4, 5, dtype=F64)
+    points[2] = 0.0  # a class not seen yet: with eps = 0 it would be 0/0
+    arguments: dict[str, object] = {"points": points, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        nearest_simplex_etf(**arguments)  # type: ignore[arg-type]
+
+
+def test_nearest_simplex_etf_reads_any_real_scalar_for_proximal_and_eps() -> None:
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    points = torch.randn(4, 5, generator=gen, dtype=F64)
+    previous = simplex_etf(4, 5, dtype=F64, generator=gen)
+    expected = nearest_simplex_etf(points, previous=previous, proximal=0.25, eps=1e-9)
+    for proximal, eps in [(np.float32(0.25), np.float64(1e-9)), (torch.tensor(0.25), 1e-9)]:
+        got = nearest_simplex_etf(points, previous=previous, proximal=proximal, eps=eps)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # a previous frame that is not used (proximal = 0) is not checked for shape
+    torch.testing.assert_close(
+        nearest_simplex_etf(points, previous=previous[:2], proximal=0),
+        nearest_simplex_etf(points),
+        rtol=0,
+        atol=0,
+    )
+
+
 def test_nearest_head_learns_a_separable_problem() -> None:
     gen = torch.Generator().manual_seed(0)
     k, d, n = 4, 6, 120

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchcollapse._numbers import as_finite_float
+
 __all__ = [
     "DEFAULT_SEED",
     "FrameAngleReport",
@@ -234,16 +236,18 @@ def nearest_simplex_etf(
     Args:
         points: ``(K, d)`` class means (any norms; zero rows carry no information).
         previous: ``(K, d)`` current frame, required when ``proximal > 0``.
-        proximal: weight of ``previous`` in the target.
-        eps: row norms below ``eps`` are treated as ``eps``.
+        proximal: weight of ``previous`` in the target (a finite number ``>= 0``).
+        eps: row norms below ``eps`` are treated as ``eps`` (a finite number ``> 0``).
 
     Returns:
         ``(K, d)`` simplex ETF (unit rows, cosines ``-1/(K-1)``) in ``points``' dtype and device,
         computed in at least float32.
 
     Raises:
-        ValueError: when ``d < K - 1``, or ``points`` (or ``previous``, when used) holds NaN or
-            infinite values.
+        ValueError: when ``points`` is not a 2-D floating-point tensor, ``d < K - 1``, ``proximal``
+            is negative or not finite, ``eps`` is not positive and finite, ``previous`` is not a
+            tensor of ``points``' shape when ``proximal > 0``, or ``points`` (or ``previous``,
+            when used) holds NaN or infinite values.
 
     Example:
         >>> etf = simplex_etf(4, 6, dtype=torch.float64)
@@ -254,26 +258,51 @@ def nearest_simplex_etf(
         >>> torch.allclose(nearest @ nearest.T, etf @ etf.T)  # and it is an exact simplex ETF
         True
     """
-    if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
+    if not isinstance(points, Tensor):
         raise ValueError(
             "Expected argument `points` to be a 2-D floating-point (num_classes, dim) tensor, "
-            f"but got {getattr(points, 'shape', type(points).__name__)}."
+            f"but got {type(points).__name__}."
+        )
+    if not points.is_floating_point():
+        raise ValueError(
+            "Expected argument `points` to be a 2-D floating-point (num_classes, dim) tensor, "
+            f"but got dtype {points.dtype}."
+        )
+    if points.ndim != 2:
+        raise ValueError(
+            "Expected argument `points` to be a 2-D floating-point (num_classes, dim) tensor, "
+            f"but got shape {tuple(points.shape)}."
         )
     k, d = points.shape
     if k < 2 or d < k - 1:
         raise ValueError(
             f"Expected `points` of shape (K, d) with K >= 2 and d >= K - 1, but got {(k, d)}."
         )
-    if proximal and (previous is None or previous.shape != points.shape):
+    proximal_value = as_finite_float(proximal)
+    if proximal_value is None or proximal_value < 0:
         raise ValueError(
-            "Expected argument `previous` of the same shape as `points` when `proximal` > 0."
+            f"Expected argument `proximal` to be a finite number >= 0, but got {proximal!r}."
+        )
+    eps_value = as_finite_float(eps)
+    if eps_value is None or not eps_value > 0:
+        raise ValueError(f"Expected argument `eps` to be a finite number > 0, but got {eps!r}.")
+    if previous is not None and not isinstance(previous, Tensor):
+        raise ValueError(
+            "Expected argument `previous` to be a (num_classes, dim) tensor or None, "
+            f"but got {type(previous).__name__}."
+        )
+    if proximal_value and (previous is None or previous.shape != points.shape):
+        got = "None" if previous is None else f"shape {tuple(previous.shape)}"
+        raise ValueError(
+            "Expected argument `previous` of the same shape as `points` "
+            f"{tuple(points.shape)} when `proximal` > 0, but got {got}."
         )
     # (reads one flag back from an accelerator; the SVD reads its status back anyway)
     if not bool(torch.isfinite(points).all()):
         raise ValueError("Expected argument `points` to be finite, but it holds NaN or infinity.")
-    if proximal and previous is not None and not bool(torch.isfinite(previous).all()):
+    if proximal_value and previous is not None and not bool(torch.isfinite(previous).all()):
         raise ValueError("Expected argument `previous` to be finite, but it holds NaN or infinity.")
-    return _nearest_simplex_etf(points, previous, proximal, eps)
+    return _nearest_simplex_etf(points, previous, proximal_value, eps_value)
 
 
 def _nearest_simplex_etf(
