@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -472,6 +473,53 @@ def test_logits_may_be_edited_in_place_before_backward(kind: str) -> None:
     assert x_edit.grad is not None
     assert x_ref.grad is not None
     torch.testing.assert_close(x_edit.grad, x_ref.grad, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+
+
+def _gradient_penalty_grad(
+    head: Callable[[torch.Tensor], torch.Tensor], backbone: nn.Linear, x: torch.Tensor
+) -> torch.Tensor:
+    """Gradient, with respect to the backbone's weight, of a gradient penalty on the input."""
+    target = torch.arange(x.shape[0]) % 5
+    loss = F.cross_entropy(head(backbone(x)), target)
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    (grad_weight,) = torch.autograd.grad(grad_x.square().sum(), backbone.weight)
+    return grad_weight
+
+
+@pytest.mark.parametrize("kind", ["etf", "fixed", "cosine", "nearest"])
+def test_double_backward_through_a_normalizing_head_raises(kind: str) -> None:
+    # The fused backward is first-order: a gradient penalty through a backbone would otherwise
+    # silently leave out the head's second-order terms (the backbone's own terms still flow).
+    from torchcollapse.heads import NearestETFHead
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    heads = {
+        "etf": lambda: SimplexETFHead(12, 5, scale=4.0, dtype=F64),
+        "fixed": lambda: FixedFrameHead(orthogonal_frame(5, 12, dtype=F64), scale=4.0),
+        "cosine": lambda: CosineHead(12, 5, dtype=F64),
+        "nearest": lambda: NearestETFHead(12, 5, dtype=F64).eval(),
+    }
+    head = heads[kind]()
+    backbone = nn.Linear(7, 12, dtype=F64)
+    x = features(10, 7, seed=seed, dtype=F64).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"first-order backward.*create_graph=True"):
+        _gradient_penalty_grad(head, backbone, x)
+    # first-order training is untouched
+    F.cross_entropy(head(backbone(x)), torch.arange(10) % 5).backward()
+    assert backbone.weight.grad is not None
+
+
+def test_double_backward_through_an_unnormalized_head_is_exact() -> None:
+    # without normalization the head is a plain product: a gradient penalty through it matches
+    # autograd through an independent float64 reference (same maths, a few ulps apart)
+    seed = int(torch.randint(0, 2**31, ()))
+    head = SimplexETFHead(12, 5, normalize_features=False, scale=2.0, dtype=F64)
+    frame = head.frame.clone()
+    backbone = nn.Linear(7, 12, dtype=F64)
+    x = features(10, 7, seed=seed, dtype=F64).requires_grad_()
+    got = _gradient_penalty_grad(head, backbone, x)
+    expected = _gradient_penalty_grad(lambda h: 2.0 * h @ frame.T, backbone, x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=f"seed {seed}")
 
 
 def test_bias_keeps_the_autocast_dtype_and_meta_construction_works() -> None:

@@ -202,6 +202,14 @@ def _normalized_backward(
     return grad_features, grad_weight, grad_scale, None
 
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "The heads that normalize features (SimplexETFHead and FixedFrameHead with "
+    "normalize_features=True, CosineHead, NearestETFHead) have a fused first-order backward: a "
+    "double backward (create_graph=True: gradient penalties, MAML, Hessian-vector products) "
+    "through them is not supported."
+)
+
+
 class _NormalizedLinear(torch.autograd.Function):
     """``F.linear(features, weight) * scale / max(||features||, eps)`` with a fused backward.
 
@@ -221,11 +229,23 @@ class _NormalizedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        return _normalized_backward(ctx.needs_input_grad[:3], grad, ctx.saved_tensors, True)
+        # in a backward pass grad mode means create_graph=True: the fused backward is not itself
+        # differentiable, and once_differentiable alone raises only when the incoming gradient
+        # requires grad, so a gradient penalty through a backbone would silently miss the head's
+        # second-order terms
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+        return _fused_backward(ctx, grad)
+
+
+@once_differentiable
+def _fused_backward(
+    ctx: Any, grad: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    return _normalized_backward(ctx.needs_input_grad[:3], grad, ctx.saved_tensors, True)
 
 
 class _NormalizedLinearForTransforms(torch.autograd.Function):

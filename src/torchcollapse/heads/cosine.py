@@ -48,6 +48,12 @@ MarginType = Literal["cosface", "arcface"]
 class CosineHead(ScaledHeadMixin, nn.Module):
     """Learnable normalized classifier: ``scale * cos(w_c, features)``, with optional margins.
 
+    Limitations: the fused backward is first-order only. A double backward
+    (``create_graph=True``: gradient penalties, MAML, Hessian-vector products) raises a
+    ``RuntimeError``, and forward-mode AD (:func:`torch.func.jvp`, :func:`torch.func.jacfwd`,
+    :func:`torch.func.hessian`) raises ``NotImplementedError``; nested ``torch.func``
+    differentiation (``grad`` of ``grad``) is not caught and leaves out the second-order terms.
+
     Args:
         in_features: feature dimension ``d``.
         num_classes: number of classes ``K >= 2``.

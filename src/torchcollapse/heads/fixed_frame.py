@@ -58,6 +58,14 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
     float16 autocast, features of norm beyond float16's range (65504) give infinite logits and
     norms below ~1e-4 lose precision; bfloat16 has float32's range.
 
+    Limitations: with ``normalize_features=True`` the fused backward is first-order only. A
+    double backward (``create_graph=True``: gradient penalties, MAML, Hessian-vector products)
+    raises a ``RuntimeError``, and forward-mode AD (:func:`torch.func.jvp`,
+    :func:`torch.func.jacfwd`, :func:`torch.func.hessian`, :mod:`torch.autograd.forward_ad`)
+    raises ``NotImplementedError``. Nested ``torch.func`` differentiation (``grad`` of ``grad``)
+    is not caught and leaves out the head's second-order terms. With
+    ``normalize_features=False`` the head is a plain product, differentiable to any order.
+
     Args:
         frame: ``(num_classes, in_features)`` class vectors, used as given (the functions of
             :mod:`torchcollapse.frames` return unit rows). Copied.
@@ -210,6 +218,10 @@ class SimplexETFHead(FixedFrameHead):
 
     Works for any ``in_features >= num_classes - 1``. The orientation is drawn from ``generator``
     (default: the fixed default seed), so it is the same in every process.
+
+    Limitations: as :class:`FixedFrameHead`, with ``normalize_features=True`` (the default) the
+    backward is first-order only: no double backward (``create_graph=True``) and no forward-mode
+    AD (``jvp``, ``jacfwd``, ``hessian``).
 
     Args:
         in_features: feature dimension ``d >= num_classes - 1``.

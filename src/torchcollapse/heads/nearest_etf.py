@@ -48,6 +48,10 @@ class NearestETFHead(FixedFrameHead):
         logits = head(model(images), labels)  # training: updates the frame, then the logits
         logits = head(model(images))  # or in eval mode: the frame is fixed
 
+    Limitations: as :class:`FixedFrameHead`, with ``normalize_features=True`` (the default) the
+    backward is first-order only: no double backward (``create_graph=True``) and no forward-mode
+    AD (``jvp``, ``jacfwd``, ``hessian``).
+
     Args:
         in_features: feature dimension ``d >= num_classes - 1``.
         num_classes: number of classes ``K >= 2``.
