@@ -52,6 +52,13 @@ class NearestETFHead(FixedFrameHead):
     backward is first-order only: no double backward (``create_graph=True``) and no forward-mode
     AD (``jvp``, ``jacfwd``, ``hessian``).
 
+    Activation checkpointing: keep the head outside the checkpointed region. The frame update is
+    a side effect of ``forward``, as batch norm's running statistics are:
+    :func:`torch.utils.checkpoint.checkpoint` recomputes the forward during the backward pass, so
+    a checkpointed head folds each batch into the running means twice per step, and the
+    recomputed logits (whose graph the backward differentiates) use the frame after the second
+    update, not the one the forward pass used.
+
     Args:
         in_features: feature dimension ``d >= num_classes - 1``.
         num_classes: number of classes ``K >= 2``.
