@@ -216,6 +216,43 @@ def test_frame_min_angle_matches_a_brute_force_loop() -> None:
     assert frame_min_angle(torch.eye(3)) == pytest.approx(90.0)
 
 
+def test_frame_min_angle_is_zero_for_identical_rows() -> None:
+    # acos of the largest cosine gave ~1e-6 degrees for about a quarter of such frames (the
+    # cosine of a unit row with itself rounds below 1): with 20 frames, a pass by chance of that
+    # computation is unlikely (~1e-3)
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        frame = torch.randn(12, 6, generator=gen, dtype=F64)
+        frame[7] = 4.0 * frame[3]  # the same direction (scaled exactly: a power of two)
+        frame[9] = frame[1]
+        assert frame_min_angle(frame) == 0.0, f"seed {seed}"
+        assert frame_min_angle(frame.float()) == 0.0, f"seed {seed}"
+    assert frame_min_angle(torch.ones(3, 4)) == 0.0
+
+
+@pytest.mark.parametrize("angle", [1e-8, 1e-6, 1e-3])
+def test_frame_min_angle_keeps_a_tiny_angle(angle: float) -> None:
+    # two rows at a known angle in a random plane, among well separated random rows. Building the
+    # rows in float64 moves them by a few ulps (~1e-16 absolute), so the stored angle is `angle`
+    # within ~1e-15 rad: relative 1e-6 at angle 1e-8 leaves a margin of ten. acos of the largest
+    # cosine cannot resolve it (cos(1e-8) = 1 - 5e-17 rounds to 1).
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    d = 8
+    plane, _ = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=F64))
+    u, v = plane[:, 0], plane[:, 1]
+    frame = torch.cat(
+        [
+            torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))[0][:, :6].T,
+            torch.stack([u, math.cos(angle) * u + math.sin(angle) * v]),
+        ]
+    )
+    frame = frame[torch.randperm(8, generator=gen)] * torch.rand(8, 1, generator=gen, dtype=F64)
+    got = frame_min_angle(frame)
+    assert got == pytest.approx(math.degrees(angle), rel=1e-6), f"seed {seed}"
+
+
 def test_min_angle_bound_against_closed_forms() -> None:
     for k in (2, 3, 7, 11):
         assert min_angle_bound(k, k - 1) == pytest.approx(
