@@ -44,6 +44,7 @@ from torchcollapse.losses._batch import batch_class_statistics
 from torchcollapse.losses.self_duality import self_duality_distance
 from torchcollapse.losses.simplex_geometry import simplex_geometry_of_means, simplex_gram_distance
 from torchcollapse.losses.within_class import within_class_variability
+from torchcollapse.norms import FeatureCenter, FeatureNorm
 
 RTOL64 = 1e-10  # float64 vs float64 reference: summation order only
 
@@ -859,6 +860,57 @@ def test_documented_errors() -> None:
         for name in ("nc1", "nc2", "nc3"):
             with pytest.raises(ValueError, match=f"`{name}` to be a finite number"):
                 CollapseRegularizer(3, **{name: bad})
+
+
+# every number argument of the losses' and norms' constructors: (build, argument name)
+NUMBER_ARGUMENTS: list[tuple[Callable[[object], nn.Module], str]] = [
+    (lambda v: CollapseRegularizer(3, nc1=v), "nc1"),
+    (lambda v: CollapseRegularizer(3, nc2=v), "nc2"),
+    (lambda v: CollapseRegularizer(3, nc3=v), "nc3"),
+    (lambda v: CollapseRegularizer(3, target_nc1=v), "target_nc1"),
+    (lambda v: CollapseRegularizer(3, nc1_form="ratio", target_nc1=v), "target_nc1"),
+    (lambda v: WithinClassVariabilityLoss(3, v), "weight"),  # type: ignore[arg-type]
+    (
+        lambda v: WithinClassVariabilityLoss(3, form="running", in_features=2, momentum=v),  # type: ignore[arg-type]
+        "momentum",
+    ),
+    (lambda v: SimplexGeometryLoss(3, v), "weight"),  # type: ignore[arg-type]
+    (lambda v: SelfDualityLoss(3, v), "weight"),  # type: ignore[arg-type]
+    (lambda v: DotRegressionLoss(reweight_power=v), "reweight_power"),  # type: ignore[arg-type]
+    (lambda v: DotRegressionLoss(eps=v), "eps"),  # type: ignore[arg-type]
+    (lambda v: BalancedSoftmaxLoss([3, 1, 2], tau=v), "tau"),  # type: ignore[arg-type]
+    (lambda v: BalancedSoftmaxLoss([3, 1, 2], label_smoothing=v), "label_smoothing"),  # type: ignore[arg-type]
+    (lambda v: RescaledMSELoss(k=v), "k"),  # type: ignore[arg-type]
+    (lambda v: RescaledMSELoss(m=v), "m"),  # type: ignore[arg-type]
+    (lambda v: FeatureNorm(v), "scale"),  # type: ignore[arg-type]
+    (lambda v: FeatureNorm(eps=v), "eps"),  # type: ignore[arg-type]
+    (lambda v: FeatureCenter(3, momentum=v), "momentum"),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize(("build", "name"), NUMBER_ARGUMENTS)
+@pytest.mark.parametrize("bad", ["0.5", True, np.bool_(False), math.nan, 1 + 0j, [0.5]])
+def test_number_arguments_refuse_non_numbers_naming_the_argument(
+    build: Callable[[object], nn.Module], name: str, bad: object
+) -> None:
+    # strings, bools (a flag is not a number), NaN, complex numbers and lists: a ValueError that
+    # names the argument, not a comparison's TypeError nor a bool read as 1
+    with pytest.raises(ValueError, match=rf"Expected argument `{name}` to be .*, but got"):
+        build(bad)
+
+
+@pytest.mark.parametrize(("build", "name"), NUMBER_ARGUMENTS)
+def test_number_arguments_read_any_real_scalar_as_a_python_float(
+    build: Callable[[object], nn.Module], name: str
+) -> None:
+    # 0.5 is valid for every argument above; numpy and 0-dim tensor scalars build the same module
+    expected = repr(build(0.5))
+    for scalar in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5, dtype=torch.float64)):
+        module = build(scalar)
+        assert repr(module) == expected, (name, type(scalar))
+        if name == "eps":  # not in the repr
+            assert type(module.eps) is float, type(scalar)
+            assert module.eps == 0.5
 
 
 def test_documented_loss_errors() -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["as_finite_float"]
+__all__ = ["as_finite_float", "read_number"]
 
 
 def as_finite_float(value: Any) -> float | None:
@@ -31,3 +32,17 @@ def as_finite_float(value: Any) -> float | None:
     except (TypeError, ValueError, RuntimeError, OverflowError):
         return None
     return number if math.isfinite(number) else None
+
+
+def read_number(
+    value: Any, name: str, expected: str, accept: Callable[[float], bool] | None = None
+) -> float:
+    """``value`` as a finite Python float (see :func:`as_finite_float`) that ``accept`` takes.
+
+    Anything else (a string, a bool, NaN, a value ``accept`` refuses) raises a ``ValueError``
+    naming the argument: ``Expected argument `{name}` to be {expected}, but got {value!r}.``
+    """
+    number = as_finite_float(value)
+    if number is None or (accept is not None and not accept(number)):
+        raise ValueError(f"Expected argument `{name}` to be {expected}, but got {value!r}.")
+    return number

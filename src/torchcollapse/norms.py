@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse._numbers import read_number
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
 
@@ -81,16 +82,12 @@ class FeatureNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not scale > 0 or not math.isfinite(scale):
-            raise ValueError(
-                f"Expected argument `scale` to be positive and finite, but got {scale}."
-            )
-        if not eps > 0:
-            raise ValueError(f"Expected argument `eps` to be positive, but got {eps}.")
+        scale = read_number(scale, "scale", "positive and finite", lambda value: value > 0)
+        eps = read_number(eps, "eps", "positive and finite", lambda value: value > 0)
         self.learnable = learnable
         self.dim = dim
         self.eps = eps
-        self._init_scale = float(scale)
+        self._init_scale = scale
         log_scale = torch.empty((), device=device, dtype=dtype or torch.float32)
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
@@ -195,9 +192,9 @@ class FeatureCenter(nn.Module):
                 "Expected argument `num_features` to be a positive integer, but got "
                 f"{num_features!r}."
             )
-        if momentum is not None and not 0.0 < momentum <= 1.0:
-            raise ValueError(
-                f"Expected argument `momentum` to be in (0, 1] or None, but got {momentum}."
+        if momentum is not None:
+            momentum = read_number(
+                momentum, "momentum", "in (0, 1] or None", lambda value: 0.0 < value <= 1.0
             )
         self.num_features = num_features
         self.momentum = momentum

@@ -16,7 +16,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._labels import check_label_range
+from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["BalancedSoftmaxLoss"]
@@ -88,16 +88,14 @@ class BalancedSoftmaxLoss(nn.Module):
                 "Expected argument `class_counts` to be a 1-D sequence of at least two positive, "
                 f"finite counts, but got {class_counts!r}."
             )
-        if not math.isfinite(tau):
-            raise ValueError(f"Expected argument `tau` to be finite, but got {tau}.")
+        tau = read_number(tau, "tau", "finite (a real number)")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(
                 f"Expected argument `ignore_index` to be an integer, but got {ignore_index!r}."
             )
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(
-                f"Expected argument `label_smoothing` to be in [0, 1], but got {label_smoothing}."
-            )
+        label_smoothing = read_number(
+            label_smoothing, "label_smoothing", "in [0, 1]", lambda value: 0.0 <= value <= 1.0
+        )
         # float32 whatever the module's dtype (see _apply): bfloat16 would round the priors
         log_prior = (counts / counts.sum()).log().float()
         self.register_buffer("log_prior", log_prior.to(device))

@@ -21,6 +21,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import (
     check_classifier_shape,
     check_features_target,
@@ -157,13 +158,14 @@ class CollapseRegularizer(nn.Module):
                 f"{target_mode!r}."
             )
         if target_nc1 is not None:
-            high = 1.0 if nc1_form == "bounded" else float("inf")
-            if not (0.0 <= target_nc1 <= high and math.isfinite(target_nc1)):
-                interval = "[0, 1]" if nc1_form == "bounded" else "[0, inf) (finite)"
-                raise ValueError(
-                    f"Expected argument `target_nc1` to be in {interval} for "
-                    f"`nc1_form={nc1_form!r}`, but got {target_nc1}."
-                )
+            high = 1.0 if nc1_form == "bounded" else math.inf
+            interval = "[0, 1]" if nc1_form == "bounded" else "[0, inf) (finite)"
+            target_nc1 = read_number(
+                target_nc1,
+                "target_nc1",
+                f"in {interval} for `nc1_form={nc1_form!r}`",
+                lambda value: 0.0 <= value <= high,
+            )
             if nc1 <= 0:
                 raise ValueError(
                     "Expected argument `nc1` to be positive when `target_nc1` is given, but got "

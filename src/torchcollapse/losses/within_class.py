@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_features_target,
@@ -169,9 +170,9 @@ class WithinClassVariabilityLoss(nn.Module):
         check_num_classes(num_classes)
         if form not in _FORMS:
             raise ValueError(f"Expected argument `form` to be one of {_FORMS}, but got {form!r}.")
-        if momentum is not None and not 0.0 < momentum <= 1.0:
-            raise ValueError(
-                f"Expected argument `momentum` to be in (0, 1] or None, but got {momentum}."
+        if momentum is not None:
+            momentum = read_number(
+                momentum, "momentum", "in (0, 1] or None", lambda value: 0.0 < value <= 1.0
             )
         self.num_classes = num_classes
         self.weight = check_weight(weight)
