@@ -1088,6 +1088,24 @@ def label_cases(k: int, d: int) -> dict[str, Callable[[Tensor, Tensor], Tensor]]
     }
 
 
+def test_label_check_outside_torch_func_does_not_walk_the_transform_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the check runs on every labelled call: without a torch.func transform one cheap flag
+    # answers; the interpreter stack is walked only under a transform (vmap: tested with the
+    # per-sample gradients of the heads)
+    import torchcollapse._labels as labels
+
+    class NoStack:
+        def get_interpreter_stack(self) -> None:
+            raise AssertionError("walked the functorch interpreter stack outside torch.func")
+
+    monkeypatch.setattr(labels, "_functorch", NoStack())
+    with pytest.raises(ValueError, match=r"labels in \[0, 2\], but got labels in \[0, 3\]"):
+        labels.check_label_range(torch.tensor([0, 3, 1]), 3)
+    assert labels.label_range_error(torch.tensor([0, 2, 1]), 3) is None
+
+
 @pytest.mark.parametrize("path", ["one-hot", "index"])
 def test_labels_out_of_range_raise_the_documented_error(
     path: str, monkeypatch: pytest.MonkeyPatch

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchcollapse._autograd import transforms_active
+
 __all__ = ["check_label_range", "label_range_error"]
 
 _functorch: Any = getattr(torch._C, "_functorch", None)
@@ -15,7 +17,11 @@ _VMAP: Any = getattr(getattr(_functorch, "TransformType", None), "Vmap", None)
 
 def _vmap_active() -> bool:
     """Whether a ``torch.func.vmap`` is running: the labels may then be batched, and a batched
-    tensor has no values to read on the host (``int()`` raises)."""
+    tensor has no values to read on the host (``int()`` raises). Without any ``torch.func``
+    transform running (the common case) one cheap flag answers, without walking the stack of
+    transform interpreters."""
+    if not transforms_active():
+        return False
     stack: list[Any] | None = getattr(_functorch, "get_interpreter_stack", lambda: None)()
     return any(level.key() == _VMAP for level in stack or ())
 
