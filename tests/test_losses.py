@@ -668,7 +668,7 @@ def all_regularizers(k: int) -> dict[str, nn.Module]:
 
 
 def call(name: str, reg: nn.Module, features: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    if name in ("nc3", "collapse"):
+    if name in ("nc3", "collapse", "all"):
         return reg(features, target, weight)
     return reg(features, target)
 
@@ -703,9 +703,11 @@ def test_identical_features_stay_finite(compute_path: str) -> None:
 def test_coinciding_class_means_give_two_and_no_gradient(
     dtype: torch.dtype, k: int, absent: tuple[int, ...], compute_path: str
 ) -> None:
-    """Every sample alike (a dead backbone with a bias): the class means coincide, the centred
-    means are rounding noise, and NC2 and NC3 are those of all-zero means, as documented: 2,
-    with zero gradients (computed on the noise they were arbitrary, with gradients ~1e6)."""
+    """Every sample alike (a dead backbone with a bias): the class means coincide, and every
+    term is that of all-zero residuals and means, as documented (NC1 0, NC2 and NC3 2), with
+    zero gradients. Summed about the origin, the class means of a row repeated 3 times came out
+    apart by rounding, and the scale-free terms of that noise were arbitrary, with gradients
+    up to ~1e6."""
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
     g = torch.Generator().manual_seed(seed)
     d = 5
@@ -718,6 +720,9 @@ def test_coinciding_class_means_give_two_and_no_gradient(
         "nc2": (SimplexGeometryLoss(k, weight=0.7), 2.0 * 0.7),
         "nc3": (SelfDualityLoss(k, weight=-1.5), 2.0 * -1.5),
         "collapse": (CollapseRegularizer(k, nc1=0.0, nc2=0.5, nc3=2.0), 2.0 * 0.5 + 2.0 * 2.0),
+        "nc1": (WithinClassVariabilityLoss(k, 0.3), 0.0),
+        "nc1 ratio": (WithinClassVariabilityLoss(k, 0.3, form="ratio"), 0.0),
+        "all": (CollapseRegularizer(k, nc1=0.4, nc2=0.5, nc3=2.0), 2.0 * 0.5 + 2.0 * 2.0),
     }
     for name, (reg, expected) in terms.items():
         h = row.repeat(len(target), 1).to(dtype).requires_grad_()
@@ -735,15 +740,15 @@ def test_coinciding_class_means_give_two_and_no_gradient(
     w = weight.clone().requires_grad_()
     stats = batch_class_statistics(h, target, k)
     nc2, nc3 = simplex_geometry_of_means(stats), self_duality_distance(w, stats)
-    assert (nc2.item(), nc3.item()) == (2.0, 2.0), message
-    grads = torch.autograd.grad(nc2 + nc3, [h, w])
+    nc1 = within_class_variability(stats)
+    assert (nc1.item(), nc2.item(), nc3.item()) == (0.0, 2.0, 2.0), message
+    grads = torch.autograd.grad(nc1 + nc2 + nc3, [h, w])
     assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads), message
 
 
-def test_class_means_apart_by_more_than_rounding_still_count(compute_path: str) -> None:
-    """The rounding level is relative and small (``4 sqrt(N) eps`` of the means' norm): class
-    means apart by 1e-9 of a common offset in float64 (a million times the level) still give the
-    loop's NC2 and NC3 (rtol 1e-4: rounding of the offset, 1e-16, is 1e-7 of the spread)."""
+def test_class_means_apart_by_little_behind_an_offset_still_count(compute_path: str) -> None:
+    """Class means apart by 1e-9 of a common offset in float64 give the loop's NC2 and NC3 (rtol
+    1e-4: rounding of the offset, 1e-16, is 1e-7 of the spread); nothing small is cut."""
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
     g = torch.Generator().manual_seed(seed)
     k, d = 5, 6
@@ -760,6 +765,39 @@ def test_class_means_apart_by_more_than_rounding_still_count(compute_path: str) 
     assert nc3 == pytest.approx(ref_self_duality(weight.numpy()[present], centred), rel=1e-4), (
         message
     )
+
+
+def test_float32_statistics_are_taken_about_a_sample(compute_path: str) -> None:
+    """float32 features with a common offset 5e4 times the spread of their class means: taken
+    about one of the samples (an exact subtraction), the statistics round relative to the spread,
+    not to the offset, and NC1, NC2 and NC3 and their gradients match a float64 loop on the same
+    float32 values to 1e-3 (summed about the origin, 1e-2 errors: eps * offset / spread =
+    1.2e-7 * 5e4). Large batches: the index path and the accelerator path's statistics."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d, n = 10, 16, 4096
+    target = torch.arange(n) % k
+    centres = 2e-5 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    noise = 4e-6 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    features32 = (1.0 + centres[target] + noise).float()
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
+    message = f"seed {seed}, {compute_path}"
+    for name, reg in {
+        "nc1": WithinClassVariabilityLoss(k),
+        "nc2": SimplexGeometryLoss(k),
+        "nc3": SelfDualityLoss(k),
+    }.items():
+        values, grads = [], []
+        for dtype in (torch.float32, torch.float64):
+            h = features32.to(dtype).requires_grad_()
+            w = weight.to(dtype)
+            value = call(name, reg, h, target, w)
+            (grad,) = torch.autograd.grad(value, h)
+            values.append(value.item())
+            grads.append(grad.double())
+        assert values[0] == pytest.approx(values[1], rel=1e-3), f"{name}: {message}"
+        error = (grads[0] - grads[1]).norm() / grads[1].norm()
+        assert error < 1e-3, f"{name}: {message}: gradient error {error:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -41,7 +41,6 @@ __all__ = [
     "check_features_target",
     "check_reduction",
     "check_weight",
-    "coinciding_means_level",
     "compute_dtype",
     "count_classes",
     "global_sum",
@@ -54,21 +53,6 @@ __all__ = [
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: ``dtype`` promoted to at least float32."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def coinciding_means_level(num_samples: int, dtype: torch.dtype) -> float:
-    """Rounding level of the centred class means, relative to the class means.
-
-    Class means that coincide (every sample alike, as from a dead backbone with a bias) come out
-    of the batch sums with rounding errors of a few ``eps`` of their size (up to about
-    ``sqrt(n_c) eps`` from summing ``n_c`` samples): the centred means ``M`` are then noise, and
-    the scale-free NC2 and NC3 terms, computed on that noise, would be arbitrary, with gradients
-    of order ``1 / ||M||``. ``||M||_F^2`` at or below this level times the squared Frobenius norm
-    of the class means (``(4 sqrt(N) eps)^2``, a margin of 20 or more over the noise observed)
-    counts as zero.
-    """
-    eps = torch.finfo(dtype).eps
-    return 16.0 * max(num_samples, 1) * eps * eps
 
 
 def check_features_target(
@@ -274,13 +258,19 @@ class _WithinAndCentredMeans(torch.autograd.Function):
         present_f = present.to(h.dtype).unsqueeze(1)
         num_present = present_f.sum().clamp_min(1.0)
         inverse_counts = counts.clamp_min(1.0).reciprocal().unsqueeze(1)
-        means = h.new_zeros((counts.shape[0], h.shape[1])).index_add_(0, target, h)
+        # about one of the samples (every statistic but the means themselves is unchanged by a
+        # shift): samples alike give exactly zero, and a common offset adds no rounding
+        shift = h[:1] if h.shape[0] else None
+        shifted = h if shift is None else h - shift
+        means = h.new_zeros((counts.shape[0], h.shape[1])).index_add_(0, target, shifted)
         means.mul_(inverse_counts)
         centered = (means - means.sum(0, keepdim=True) / num_present) * present_f
         # one N x d temporary: residuals in place, their squared norm as a dot product
-        residual = means.index_select(0, target).neg_().add_(h).reshape(h.shape)
+        residual = means.index_select(0, target).neg_().add_(shifted).reshape(h.shape)
         flat = residual.reshape(-1)
         trace_within = torch.dot(flat, flat) / max(h.shape[0], 1)
+        if shift is not None:
+            means = means.add_(shift).mul_(present_f)
         ctx.save_for_backward(residual, target, inverse_counts, present_f, num_present)
         ctx.mark_non_differentiable(means)
         return trace_within, centered, means

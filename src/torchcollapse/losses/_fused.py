@@ -28,9 +28,10 @@ With ``M`` the centred means of the present classes, ``P`` the present-class mas
 counts and ``r_i = h_i - mu_{y_i}`` the residuals, a gradient ``G`` reaching ``M`` reaches ``h_i``
 as ``(G_c - mean_{c' in P} G_c') / n_c`` for ``c = y_i``, and ``tr Sigma_W`` contributes
 ``2 r_i / N``; ``G`` itself is a combination of ``M``, ``M M^T M`` and the classifier ``W``.
-Centred means at rounding level relative to the class means (coinciding class means, see
-:func:`~torchcollapse.losses._batch.coinciding_means_level`; one more dot product for NC2/NC3)
-count as zero for NC2 and NC3: value 2, zero gradient, on every path.
+The statistics are taken about one of the samples (every one of them is unchanged by a shift):
+samples that are all alike (a dead backbone) give exactly zero residuals and centred means, so
+that NC1, NC2 and NC3 take their documented values at zero with zero gradients instead of
+ratios of rounding noise, and a common offset of the features adds no rounding to them.
 
 Reference: V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal
 phase of deep learning training", PNAS 2020.
@@ -48,7 +49,6 @@ from torch import Tensor
 from torchcollapse._autograd import transforms_active
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse.losses._batch import (
-    coinciding_means_level,
     compute_dtype,
     count_classes,
     label_range_error,
@@ -200,7 +200,6 @@ def _add(total: Scalar, term: Scalar, weight: float = 1.0) -> Scalar:
 def _terms(
     within: Scalar,
     msq: Scalar,
-    level: Scalar,
     frob: Scalar,
     w2: Scalar,
     inner: Scalar,
@@ -212,11 +211,10 @@ def _terms(
 ) -> tuple[Scalar, tuple[Scalar, Scalar, Scalar], tuple[Scalar, ...]]:
     """The weighted total, the unweighted terms and the gradient coefficients, from scalars.
 
-    Inputs: ``tr Sigma_W``, ``||M||_F^2``, its rounding level (at or below it, ``M`` is rounding
-    noise of coinciding class means and counts as zero for NC2 and NC3: value 2, no gradient),
-    ``||M M^T||_F / ||M||_F^2`` (scale-free), ``||W_P||_F^2``, ``<W, M>``, the number of present
-    classes and whether at least two are; the dtype's smallest normal number and the cap of the
-    ratio form of NC1 (``1 / eps``).
+    Inputs: ``tr Sigma_W``, ``||M||_F^2`` (zero: the class means coincide, and NC2 and NC3 are
+    2 with no gradient), ``||M M^T||_F / ||M||_F^2`` (scale-free), ``||W_P||_F^2``,
+    ``<W, M>``, the number of present classes and whether at least two are; the dtype's smallest
+    normal number and the cap of the ratio form of NC1 (``1 / eps``).
     Coefficients, of the total's gradient: ``(a_W, a_M, a_GM, a_WM, b_M, b_W)`` with
     ``dL/dtr Sigma_W = a_W``, ``dL/dM = a_M M + a_GM (M M^T / ||M||_F^2) M + a_WM W`` and
     ``dL/dW = b_M M + b_W W_P``. The safe
@@ -271,11 +269,11 @@ def _terms(
         else:
             a_w = d_within * (nc1 * d_penalty)
             a_m = d_between * (-2.0 * nc1 * d_penalty) / present
-    # centred means at rounding level count as zero: an infinite safe denominator turns the
-    # scale-free ratios and their gradients into exact zeros (value 2), without masks
+    # coinciding class means (M = 0): an infinite safe denominator turns the scale-free ratios
+    # and their gradients into exact zeros (value 2), without masks
     coincide: bool | Tensor = False
     if nc2 != 0 or nc3 != 0:
-        coincide = msq <= level
+        coincide = msq <= 0.0
     if nc2 != 0:
         # frob is ||M M^T||_F / ||M||_F^2, of order 1 whatever the features' scale, and a_GM
         # the coefficient of (M M^T / ||M||_F^2) M (see _collapse_terms)
@@ -491,6 +489,9 @@ def _collapse_terms(
     dtype = h.dtype
     host = h.is_cpu and not _is_compiling()
     onehot = host and onehot_products(n, num_classes, d)
+    # the statistics about one of the samples: the same values and gradients (each one is
+    # unchanged by a shift), but samples alike give exact zeros and an offset adds no rounding
+    x = h - h[:1] if n else h
     # class counts and sums (or the one-hot assignment), indexing by the labels: on CPU, labels
     # out of range raise here
     try:
@@ -498,7 +499,7 @@ def _collapse_terms(
             assign = identity(num_classes, dtype).index_select(0, target)
             counts = assign.sum(0)
         else:
-            sums = h.new_zeros((num_classes, d)).index_add_(0, target, h)
+            sums = x.new_zeros((num_classes, d)).index_add_(0, target, x)
             if host:
                 counts = torch.bincount(target, minlength=num_classes).to(dtype)
             else:
@@ -532,14 +533,14 @@ def _collapse_terms(
     residual = None  # only NC1 needs the residuals to the class means
     if onehot:
         scaled = assign / denominator  # row i: 1 / n_{y_i} at column y_i
-        means = scaled.T @ h
+        means = scaled.T @ x
         if nc1 != 0:
-            residual = torch.addmm(h, assign, means, alpha=-1.0)
+            residual = torch.addmm(x, assign, means, alpha=-1.0)
     else:
         denominator = denominator.unsqueeze(1)
         means = sums.div_(denominator)
         if nc1 != 0:
-            residual = means.index_select(0, target).neg_().add_(h)  # one N x d temporary
+            residual = means.index_select(0, target).neg_().add_(x)  # one N x d temporary
     if present_col is None:
         if onehot:
             centred = centring(num_classes, dtype) @ means
@@ -554,10 +555,6 @@ def _collapse_terms(
         within = _item(torch.dot(flat, flat), host) / max(n, 1)
     centred_flat = centred.view(-1)
     msq = _item(torch.dot(centred_flat, centred_flat), host)
-    level: Scalar = 0.0  # ||M||_F^2 at or below it: coinciding class means (NC2 and NC3)
-    if nc2 != 0 or nc3 != 0:
-        means_flat = means.view(-1)
-        level = _item(torch.dot(means_flat, means_flat), host) * coinciding_means_level(n, dtype)
     left = num_classes <= d
     gram = None
     frob: Scalar = 0.0
@@ -585,7 +582,7 @@ def _collapse_terms(
     coefficients: tuple[Scalar, ...] = (0.0,) * 6
     if not host or valid:  # else fewer than two classes: every term is zero
         total, values, coefficients = _terms(
-            within, msq, level, frob, w2, inner, num_present, valid, tiny, cap, config
+            within, msq, frob, w2, inner, num_present, valid, tiny, cap, config
         )
     parts = None
     if want_parts:

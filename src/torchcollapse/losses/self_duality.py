@@ -22,7 +22,6 @@ from torchcollapse.losses._batch import (
     BatchCollapseTerm,
     check_classifier_shape,
     check_features_target,
-    coinciding_means_level,
     resolve_weight,
     where_valid,
 )
@@ -41,9 +40,9 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
 
     Returns:
         A scalar in ``[0, 4]`` in the statistics' dtype (autocast disabled); zero, connected to
-        the graph, when fewer than two classes are present. An all-zero ``W`` or ``M`` gives 2;
-        so do class means that coincide up to rounding (centred means at the level of
-        :func:`~torchcollapse.losses._batch.coinciding_means_level`), with a zero gradient.
+        the graph, when fewer than two classes are present. An all-zero ``W`` or ``M`` gives 2
+        (``M`` with a zero gradient; class means that coincide, as when every sample is alike,
+        come out exactly equal: the statistics are taken about one of the samples).
     """
     means = stats.centered_means
     with torch.autocast(device_type=means.device.type, enabled=False):
@@ -55,9 +54,8 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
         # safe denominators: a zero W or M gives <W, M> = 0, hence the value 2
         scale = (torch.where(w2 > 0, w2, 1.0) * torch.where(m2 > 0, m2, 1.0)).sqrt()
         value = 2.0 - 2.0 * (w * m).sum() / scale
-        # class means that coincide up to rounding: M is noise, counted as zero
-        level = coinciding_means_level(stats.num_samples, dtype)
-        coincide = m2.detach() <= stats.means.to(dtype).pow(2).sum() * level
+        # coinciding class means (exactly zero M): 2, with no gradient through M
+        coincide = m2.detach() <= 0
         return where_valid(stats.valid, torch.where(coincide, 2.0, value))
 
 
@@ -74,9 +72,9 @@ class SelfDualityLoss(BatchCollapseTerm):
     Under ``torch.distributed`` the means are those of the concatenated batch (features gathered
     with autograd), so values and DDP-averaged gradients equal the single-process ones. With fewer
     than two classes present the result is zero and still connected to the graph. Class means
-    that coincide up to rounding (every sample alike: centred means within ``4 sqrt(N) eps`` of
-    the means' Frobenius norm, ``eps`` of the compute dtype) count as zero: ``2 * weight``, with
-    a zero gradient (as an all-zero ``M``).
+    that coincide (every sample alike, as from a dead backbone) give ``2 * weight`` with a zero
+    gradient: the batch statistics are taken about one of the samples, so such means come out
+    exactly equal rather than apart by rounding noise.
 
     Args:
         num_classes: number of classes ``K``.

@@ -29,7 +29,6 @@ from torchcollapse.losses._batch import (
     BatchClassStatistics,
     BatchCollapseTerm,
     check_features_target,
-    coinciding_means_level,
     resolve_weight,
     where_valid,
 )
@@ -57,9 +56,8 @@ def simplex_gram_distance(vectors: Tensor, present: Tensor | None = None) -> Ten
 def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
     """:func:`simplex_gram_distance` of a batch's centred class means (rows sum to zero).
 
-    Class means that coincide up to rounding (centred means at the level of
-    :func:`~torchcollapse.losses._batch.coinciding_means_level`, e.g. every sample alike) count
-    as all-zero rows: 2, with a zero gradient (the Gram of the rounding noise means nothing).
+    Class means that coincide (every sample alike; the statistics are taken about one of the
+    samples, so such means come out exactly equal) give all-zero rows: 2, with a zero gradient.
     """
     means = stats.centered_means
     with torch.autocast(device_type=means.device.type, enabled=False):
@@ -69,11 +67,8 @@ def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
 
 
 def _coinciding(stats: BatchClassStatistics, dtype: torch.dtype) -> Tensor:
-    """Whether the centred means of ``stats`` are rounding noise of coinciding class means."""
-    level = coinciding_means_level(stats.num_samples, dtype)
-    means = stats.means.to(dtype)
-    centred = stats.centered_means.detach().to(dtype)
-    return centred.pow(2).sum() <= means.pow(2).sum() * level
+    """Whether the class means of ``stats`` coincide (all-zero centred means)."""
+    return stats.trace_between.detach().to(dtype) <= 0
 
 
 def _gram_distance(v: Tensor, k: Tensor, total: Tensor | None) -> Tensor:
@@ -107,9 +102,9 @@ class SimplexGeometryLoss(BatchCollapseTerm):
     Under ``torch.distributed`` the batch means are those of the concatenated batch (features
     gathered with autograd), so values and DDP-averaged gradients equal the single-process ones.
     With fewer than two classes present the result is zero and still connected to the graph.
-    Class means that coincide up to rounding (every sample alike: centred means within
-    ``4 sqrt(N) eps`` of the means' Frobenius norm, ``eps`` of the compute dtype) count as
-    all-zero rows: ``2 * weight``, with a zero gradient.
+    Class means that coincide (every sample alike, as from a dead backbone) give ``2 * weight``
+    with a zero gradient: the batch statistics are taken about one of the samples, so such means
+    come out exactly equal rather than apart by rounding noise.
 
     Args:
         num_classes: number of classes ``K``.
