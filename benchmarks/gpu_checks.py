@@ -119,23 +119,33 @@ def check_no_sync(device: torch.device) -> None:
         print("SKIP update synchronisation check (needs CUDA)")
         return
     features, target, _, _ = make_case(4096, 256, 1000)
-    metric = NeuralCollapse(1000, num_features=256, validate_args=False).to(device)
     batches = list(zip(features.float().to(device).split(512), target.to(device).split(512)))
-    metric.update(*batches[0])
-    torch.cuda.synchronize(device)
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        for f, t in batches[1:]:
-            metric.update(f, t)
-        ok = True
-    except RuntimeError as error:
-        ok = False
-        print(f"  synchronisation: {error}")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    report(
-        "update(validate_args=False) without host-device synchronisation", 0.0 if ok else 1.0, 0.0
-    )
+    plain = NeuralCollapse(1000, num_features=256, validate_args=False).to(device)
+    # NC4 counted in update: a classifier and reference means from a first pass
+    head = torch.nn.Linear(256, 1000).to(device)
+    with_nc4 = NeuralCollapse(1000, num_features=256, classifier=head, validate_args=False)
+    with_nc4 = with_nc4.to(device)
+    for f, t in batches:
+        with_nc4.update(f, t)
+    with_nc4.set_class_means(with_nc4.class_means())
+    for name, metric in (("", plain), (", NC4 counted", with_nc4)):
+        metric.update(*batches[0])
+        torch.cuda.synchronize(device)
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            for f, t in batches[1:]:
+                metric.update(f, t)
+            ok = True
+        except RuntimeError as error:
+            ok = False
+            print(f"  synchronisation{name}: {error}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        report(
+            f"update(validate_args=False{name}) without host-device synchronisation",
+            0.0 if ok else 1.0,
+            0.0,
+        )
 
 
 def check_large(device: torch.device, n: int, d: int, k: int, batch: int) -> None:

@@ -77,8 +77,8 @@ def throughput(args: argparse.Namespace) -> None:
             "--epochs", "2", "--eval-every", "1", "--seeds", "0", "--batch-size",
             str(args.batch_size), "--device", args.device, "--no-progress",
         ]  # fmt: skip
-        if args.threads is not None:
-            common += ["--threads", str(args.threads)]
+        # the recipes' own default is one thread: "none" must be passed on to mean torch's
+        common += ["--threads", "none" if args.threads is None else str(args.threads)]
         print("\n| run | train images/s | train + eval images/s | eval share of an epoch |")
         print("|---|---|---|---|")
         for run in ("linear", "etf_reg"):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torchmetrics import MetricCollection
 
 from tests._helpers.cases import collapse_case
@@ -737,3 +738,45 @@ def test_forward_keeps_the_state_whenever_the_batch_value_is_undefined() -> None
     nc4(features[:100], target[:100])
     single = nc4(features[:1], target[:1])  # one class: NC4 is still defined
     assert torch.isfinite(single), f"seed {seed}"
+
+
+def test_update_with_nc4_reads_and_copies_nothing_on_the_accelerator_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Documented: with ``validate_args=False`` ``update`` never synchronises host and device,
+    NC4 counted included. Simulated on CPU: the accelerators' new-class selection (no read
+    back), every host read refused, and no ``torch.tensor`` from Python values (a blocking
+    host-to-device copy on an accelerator); the counts equal a brute-force loop."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d, n = 6, 5, 90
+    target = torch.randint(0, k, (n,), generator=g)
+    features = 2.0 * torch.randn(k, d, generator=g)[target] + torch.randn(n, d, generator=g)
+    head = nn.Linear(d, k).double()
+    metric = NeuralCollapse(k, classifier=head, validate_args=False)
+    metric.update(features, target)
+    means = metric.class_means()
+    metric.set_class_means(means)
+    original = ClassStatistics._set_new_shifts
+
+    def sync_free(
+        self: ClassStatistics, f: torch.Tensor, t: torch.Tensor, **_: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return original(self, f, t, read_back=False)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("update read a value on the host or copied one from it")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassStatistics, "_set_new_shifts", sync_free)
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            patch.setattr(torch.Tensor, name, refuse)
+        patch.setattr(torch, "tensor", refuse)
+        for f, t in zip(features.split(30), target.split(30)):
+            metric.update(f, t)
+    h = features.double()
+    with torch.no_grad():
+        decided = (h @ head.weight.T + head.bias).argmax(1)
+    nearest = torch.cdist(h, means).argmin(1)
+    expected = (decided != nearest).double().mean().item()
+    assert metric.compute()["nc4"].item() == pytest.approx(expected, abs=1e-12), f"seed {seed}"

@@ -802,7 +802,8 @@ def _check_compile(
     name = f"{_backend_name(backend)}, {'train' if training else 'eval'}"
     eager = copy.deepcopy(module).train(training)
     compiled_module = copy.deepcopy(module).train(training)
-    compiled = torch.compile(compiled_module, backend=backend)
+    # fullgraph: a graph break (a host read, an unsupported call) is a failure, not a fallback
+    compiled = torch.compile(compiled_module, backend=backend, fullgraph=True)
     dtype = next(
         (x.dtype for x in inputs if x.is_floating_point()),
         next((p.dtype for p in module.parameters()), torch.float32),

@@ -117,7 +117,9 @@ def _nc4_counts(
         scores = (h - centre) @ centred.T - offsets
         differ = logits.argmax(1) != scores.argmax(1)
         mismatches = mismatches + differ.sum().to(torch.float64)
-    samples = torch.tensor(float(features.shape[0]), dtype=torch.float64, device=device)
+    # filled on the device: torch.tensor(value, device=...) copies from the host, a synchronising
+    # copy on accelerators
+    samples = torch.full((), float(features.shape[0]), dtype=torch.float64, device=device)
     return mismatches, samples
 
 
