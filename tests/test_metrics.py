@@ -372,6 +372,42 @@ def test_new_reference_means_restart_the_nc4_counts(factory: Any) -> None:
     assert float(metric.class_statistics().total) == 200
 
 
+@pytest.mark.parametrize("factory", [NeuralCollapse, NeuralCollapseNC4])
+@pytest.mark.parametrize("means_at_construction", [False, True])
+def test_nc4_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
+    factory: Any, means_at_construction: bool
+) -> None:
+    # The state_dict keeps the NC4 counts, not the means: after loading it, set_class_means with
+    # the same means goes on counting (the restored counts are kept), and the result is that of
+    # the uninterrupted run. Counts the metric then takes are dropped by new means as usual.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, classifier = _case(200, 5, 4, spread=1.5, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    first, second = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def nc4(metric: Any) -> float:
+        out = metric.compute()
+        return float(out["nc4"] if isinstance(out, dict) else out)
+
+    saved = factory(4, classifier=classifier, class_means=first)
+    saved.update(features[:120], target[:120])
+    saved.persistent(True)
+    restored = factory(
+        4, classifier=classifier, class_means=first if means_at_construction else None
+    )
+    restored.persistent(True)
+    restored.load_state_dict(saved.state_dict())
+    restored.set_class_means(first)  # as after loading any checkpoint
+    restored.update(features[120:], target[120:])
+    assert float(restored.nc4_samples) == 200, f"seed {seed}"
+    assert nc4(restored) == _nc4_brute_force(features, classifier, first), f"seed {seed}"
+    restored.set_class_means(second)  # counts taken against `first`: dropped
+    restored.update(features[:80], target[:80])
+    assert nc4(restored) == _nc4_brute_force(features[:80], classifier, second), f"seed {seed}"
+    restored.set_class_means(None)
+    assert float(restored.nc4_samples) == 0
+
+
 def test_reference_means_set_after_the_first_update_of_a_collection() -> None:
     # Compute groups are formed at a MetricCollection's first update; afterwards only a group's
     # first metric is updated. Reference means set later on another member only would count

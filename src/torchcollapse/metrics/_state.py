@@ -218,6 +218,9 @@ class CollapseStatisticsMetric(Metric):
         self.register_buffer("_nc4_centre", None, persistent=False)
         self.register_buffer("_nc4_means", None, persistent=False)
         self.register_buffer("_nc4_offsets", None, persistent=False)
+        # whether this metric's update counted NC4 samples against its current reference means
+        # (set_class_means drops those counts; counts restored from a state_dict are kept)
+        self._nc4_counted_here = False
         if class_means is not None:
             self.set_class_means(class_means)
 
@@ -315,10 +318,15 @@ class CollapseStatisticsMetric(Metric):
         Args:
             class_means: ``(num_classes, num_features)`` means, e.g. :meth:`class_means` of a
                 first pass over the training data or of the previous epoch; rows holding NaN mark
-                classes absent from the reference. Samples updated from now on are counted; the
-                NC4 counts so far (against earlier means) are dropped, so that NC4 is always over
-                the samples updated since the current means were set. The class statistics are
-                kept.
+                classes absent from the reference. Samples updated from now on are counted.
+                ``None`` clears the means and the NC4 counts. The class statistics are kept.
+
+        Which NC4 counts are kept: counts this metric's ``update`` took against earlier reference
+        means are dropped, so that NC4 is over the samples updated since the current means were
+        set. Counts restored from a ``state_dict`` (which holds the counts, not the means) and not
+        added to since are kept, so that after loading a checkpoint ``set_class_means`` with the
+        means the counts were taken against goes on counting: the result equals an uninterrupted
+        run. (The metric cannot check that the means are the same: they are not saved.)
         """
         if class_means is None:
             self._nc4_centre = self._nc4_means = self._nc4_offsets = None
@@ -339,13 +347,34 @@ class CollapseStatisticsMetric(Metric):
             )
         centre, centred, offsets = _prepare_reference(means.to(self.nc4_samples.device))
         self._nc4_centre, self._nc4_means, self._nc4_offsets = centre, centred, offsets
-        self._clear_nc4_counts()
+        if self._nc4_counted_here:
+            self._clear_nc4_counts()
+        self._computed = None  # torchmetrics' cached result of compute
 
     def _clear_nc4_counts(self) -> None:
         # new tensors, not zeroed in place: a MetricCollection compute group may share these
         self.nc4_mismatches = torch.zeros_like(self.nc4_mismatches)
         self.nc4_samples = torch.zeros_like(self.nc4_samples)
+        self._nc4_counted_here = False
         self._computed = None  # torchmetrics' cached result of compute
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """torchmetrics' loading; NC4 counts read from the ``state_dict`` are restored counts,
+        kept by the next :meth:`set_class_means`."""
+        if prefix + "nc4_samples" in state_dict:
+            self._nc4_counted_here = False
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ statistics
     def class_statistics(self) -> ClassStatistics:
@@ -407,6 +436,7 @@ class CollapseStatisticsMetric(Metric):
             )
             self.nc4_mismatches += mismatches
             self.nc4_samples += samples
+            self._nc4_counted_here = True
 
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         """Merge another state into this one (``forward``, ``merge_state``), exactly."""

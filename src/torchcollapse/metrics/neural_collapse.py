@@ -82,10 +82,15 @@ class NeuralCollapse(CollapseStatisticsMetric):
     ``MetricCollection``, set the means on every metric that has a classifier: the metrics share
     one state, updated by the first metric of their compute group (see
     :mod:`~torchcollapse.metrics.quantities`); where that one lacks the means nothing is counted,
-    and ``compute`` warns. The
-    reference means are an input, not state: the ``state_dict`` keeps the NC4 counts (reported
-    after a restore) but not the means, so call ``set_class_means`` again after loading a
-    checkpoint to go on counting.
+    and ``compute`` warns.
+
+    Setting new means drops the NC4 counts this metric took against its earlier means (NC4 is
+    over the samples updated since the current means were set); ``set_class_means(None)`` clears
+    them. The reference means are an input, not state: with ``persistent(True)`` the
+    ``state_dict`` keeps the NC4 counts (reported after a restore) but not the means. Counts
+    restored from a ``state_dict`` are kept by the next ``set_class_means``: after loading a
+    checkpoint, set the means the counts were taken against to go on counting (the result equals
+    an uninterrupted run; the metric cannot check that the means are the same).
 
     **State and cost.** Memory ``O(K d + d^2)`` float64 (``2K + 2Kd + d^2`` values; twice when
     ``num_features`` or a classifier is given, as torchmetrics keeps a copy of every state's

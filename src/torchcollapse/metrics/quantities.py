@@ -182,7 +182,9 @@ class NeuralCollapseNC4(_SingleQuantity):
     """NC4: fraction of samples where ``argmax(W h + b)`` differs from the nearest reference mean.
 
     Needs a ``classifier`` and reference class means (``class_means=`` or
-    :meth:`set_class_means`); only samples updated after the means were set are counted.
+    :meth:`set_class_means`); only samples updated after the means were set are counted. New means
+    drop the counts taken against earlier ones; counts restored from a ``state_dict`` are kept
+    (see :class:`~torchcollapse.metrics.NeuralCollapse`).
 
     Example:
         >>> import torch
