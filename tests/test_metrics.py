@@ -665,6 +665,25 @@ def test_updates_inside_and_outside_inference_mode() -> None:
     np.testing.assert_allclose(float(metric.compute()["nc1"]), expected["nc1"], rtol=RTOL)
 
 
+def test_reference_means_set_inside_inference_mode_and_counted_outside() -> None:
+    # Lightning's validation hooks run under torch.inference_mode(): reference means set there
+    # (which restart the NC4 counts) must leave counts that updates outside it can add to.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, classifier = _case(150, 5, 3, spread=1.5, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    metric = NeuralCollapse(3, classifier=classifier, class_means=means)
+    metric.update(features[:50], target[:50])  # counted: the next means restart the counts
+    with torch.inference_mode():
+        metric.set_class_means(None)
+        metric.set_class_means(means)
+    metric.update(features[50:100], target[50:100])
+    with torch.inference_mode():
+        metric.update(features[100:], target[100:])
+    expected = _nc4_brute_force(features[50:], classifier, means)
+    assert float(metric.compute()["nc4"]) == expected, f"seed {seed}"
+
+
 def test_forward_on_a_batch_without_a_value_keeps_the_accumulated_state() -> None:
     # torchmetrics' forward resets the state to compute the batch's own value, then merges the
     # accumulated state back; a batch of one class has no value, which must not lose the state.

@@ -352,9 +352,11 @@ class CollapseStatisticsMetric(Metric):
         self._computed = None  # torchmetrics' cached result of compute
 
     def _clear_nc4_counts(self) -> None:
-        # new tensors, not zeroed in place: a MetricCollection compute group may share these
-        self.nc4_mismatches = torch.zeros_like(self.nc4_mismatches)
-        self.nc4_samples = torch.zeros_like(self.nc4_samples)
+        # new tensors, not zeroed in place: a MetricCollection compute group may share these;
+        # normal tensors even under inference mode, so later updates outside it may add to them
+        with torch.inference_mode(False):
+            self.nc4_mismatches = torch.zeros_like(self.nc4_mismatches)
+            self.nc4_samples = torch.zeros_like(self.nc4_samples)
         self._nc4_counted_here = False
         self._computed = None  # torchmetrics' cached result of compute
 
