@@ -410,38 +410,46 @@ def test_nc4_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
 
 def test_reference_means_set_after_the_first_update_of_a_collection() -> None:
     # Compute groups are formed at a MetricCollection's first update; afterwards only a group's
-    # first metric is updated. Reference means set later on another member only would count
-    # nothing: that is an error naming the cause (NeuralCollapseNC4) or a warning (NeuralCollapse),
-    # never a silent gap; set on every metric with a classifier, NC4 is right.
+    # first metric (by name: here "nc1", without a classifier) is updated. Reference means set only
+    # later count nothing: that is an error naming the cause (NeuralCollapseNC4) or a warning
+    # (NeuralCollapse), never a silent gap. The two remedies the error gives both give NC4 right.
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
     features, target, classifier = _case(240, 6, 4, spread=2.0, seed=seed)
+    means = torch.from_numpy(reference_class_means(features, target, 4))
+    expected = _nc4_brute_force(features, classifier, means)
+    assert 0 < expected < 1, f"seed {seed}"
 
-    def epoch_two(*, on: tuple[str, ...]) -> MetricCollection:
+    def epoch_two(*, first: torch.Tensor | None = None, **options: Any) -> MetricCollection:
         collection = MetricCollection(
             {
-                "all": NeuralCollapse(4, classifier=classifier),
-                "nc4": NeuralCollapseNC4(4, classifier=classifier),
+                "summary": NeuralCollapse(4, classifier=classifier, class_means=first),
+                "nc4": NeuralCollapseNC4(4, classifier=classifier, class_means=first),
                 "nc1": NeuralCollapseNC1(4),
-            }
+            },
+            **options,
         )
-        collection.update(features, target)  # epoch one: no reference means
-        assert collection.compute_groups == {0: ["all", "nc1", "nc4"]}  # "all" updates
-        means = collection["all"].class_means()
+        collection.update(features, target)  # epoch one: no (or other) reference means
         collection.reset()
-        for name in on:
+        for name in ("summary", "nc4"):  # every metric with a classifier
             collection[name].set_class_means(means)
         collection.update(features, target)
         return collection
 
-    with pytest.raises(ValueError, match=r"MetricCollection.*compute group"):
-        epoch_two(on=("nc4",)).compute()
-    collection = epoch_two(on=("nc4", "all"))  # as the error says: every metric with a classifier
-    expected = _nc4_brute_force(
-        features, classifier, torch.from_numpy(reference_class_means(features, target, 4))
-    )
-    out = collection.compute()
-    assert 0 < expected < 1, f"seed {seed}"
-    np.testing.assert_allclose(float(out["nc4"]), expected, rtol=1e-12, err_msg=f"seed {seed}")
+    late = epoch_two()
+    assert late.compute_groups == {0: ["nc1", "nc4", "summary"]}  # "nc1" updates the group
+    remedies = r"(?s)MetricCollection.*`compute_groups=False`.*before the collection's first update"
+    with pytest.raises(ValueError, match=remedies):
+        late.compute()
+    with pytest.warns(UserWarning, match="counted no sample for NC4"):
+        assert "nc4" not in late["summary"].compute()
+    g = torch.Generator().manual_seed(seed)
+    dummy = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    for options in ({"compute_groups": False}, {"first": dummy}):
+        collection = epoch_two(**options)
+        out = collection.compute()
+        assert float(out["nc4"]) == expected, f"{options}, seed {seed}"
+        assert float(out["summary_nc4"]) == expected, f"{options}, seed {seed}"
+    assert collection.compute_groups == {0: ["nc1"], 1: ["nc4", "summary"]}
     lone = NeuralCollapse(4, classifier=classifier)
     lone.update(features, target)
     lone.set_class_means(lone.class_means())  # and no update since

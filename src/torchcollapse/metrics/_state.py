@@ -478,10 +478,11 @@ class CollapseStatisticsMetric(Metric):
             " are set and samples were accumulated. Either every sample was updated before"
             " `set_class_means` (NC4 counts the later updates only), or the metric is in a"
             " MetricCollection whose compute group shares its state with a metric without these"
-            " reference means: the groups are formed at the collection's first update, and only"
-            " the first metric of a group is updated after it. Set the same reference means on"
-            " every metric of the collection that has a classifier, or create the collection with"
-            " `compute_groups=False`."
+            " reference means or without a classifier: the groups are formed at the collection's"
+            " first update, and only the first metric of a group is updated after it. Create the"
+            " collection with `compute_groups=False`, or set reference means on the metrics that"
+            " have a classifier before the collection's first update (they then form a group of"
+            " their own) and set later means on all of them."
         )
 
     def _nc4_counts_or_none(self) -> tuple[Tensor, Tensor] | None:

@@ -79,10 +79,13 @@ class NeuralCollapse(CollapseStatisticsMetric):
             metric.reset()
 
     Without reference means (or without a classifier) ``nc4`` is absent from the output. In a
-    ``MetricCollection``, set the means on every metric that has a classifier: the metrics share
-    one state, updated by the first metric of their compute group (see
-    :mod:`~torchcollapse.metrics.quantities`); where that one lacks the means nothing is counted,
-    and ``compute`` warns.
+    ``MetricCollection`` the metrics of a compute group share one state, updated only by the
+    group's first metric after the collection's first update (see
+    :mod:`~torchcollapse.metrics.quantities`); where that one lacks the means or a classifier
+    nothing is counted, and ``compute`` warns. To measure NC4 in a collection, either create it
+    with ``compute_groups=False``, or set reference means on the metrics that have a classifier
+    before the collection's first update (the groups are formed then, and those metrics form a
+    group of their own) and set each later epoch's means on all of them.
 
     Setting new means drops the NC4 counts this metric took against its earlier means (NC4 is
     over the samples updated since the current means were set); ``set_class_means(None)`` clears

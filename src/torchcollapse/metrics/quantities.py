@@ -8,13 +8,16 @@ each ``compute`` evaluates only its own quantity. Conventions are those of ``Neu
 
 Metrics share their state when it is equal after the collection's first update, and from then on
 only the first metric of each group is updated. So give them the same ``classifier`` and reference
-``class_means``: the NC4 counts accumulated against the reference means are part of the state. At
-the first update a metric that counts NC4 forms its own group apart from those that do not; but
-reference means set *later* (the epoch loop of :class:`~torchcollapse.metrics.NeuralCollapse`)
-must be set on every metric of the collection that has a ``classifier``: a metric whose group's
-first metric lacks them counts nothing, and
-its ``compute`` says so (``NeuralCollapseNC4`` raises, ``NeuralCollapse`` warns and leaves ``nc4``
-out). ``MetricCollection(..., compute_groups=False)`` updates every metric on its own.
+``class_means``: the NC4 counts accumulated against the reference means are part of the state.
+Metrics that count NC4 at the first update (a ``classifier`` and reference means) form a group
+apart from those that do not. Reference means set only *later* (the epoch loop of
+:class:`~torchcollapse.metrics.NeuralCollapse`, whose first epoch has none) find the NC4 metrics
+in one group with the others, whose first metric (the collection orders them by name) may have no
+classifier or no means: then nothing is counted, and ``compute`` says so (``NeuralCollapseNC4``
+raises, ``NeuralCollapse`` warns and leaves ``nc4`` out). Two ways always work: create the
+collection with ``MetricCollection(..., compute_groups=False)`` (every metric updated on its own),
+or set reference means on every metric with a ``classifier`` before the collection's first update
+(``class_means=``; any means, e.g. of a first pass) and each later epoch's means on all of them.
 
 Example:
     >>> import torch
