@@ -579,6 +579,37 @@ def test_nc1_keeps_real_eigenvalues_far_below_the_largest() -> None:
         np.testing.assert_allclose(float(result), expected, rtol=1e-4, err_msg=f"seed {seed}")
 
 
+def test_nc1_cutoff_limits_as_documented() -> None:
+    # The documented limits of the pinv cutoff max(K, d) eps sigma_max (module docstring of
+    # functional/variability.py, README). (1) It is relative, so a real direction scaled below it
+    # is left out and NC1 is not invariant to that rescaling: K = 3, d = 2 with one feature scaled
+    # by 2**-60 (exact) gives the NC1 of the other feature alone, not the unscaled NC1. (2) Rounding
+    # above it is spread: a float64 rotated bottleneck plus an offset of 1e3 leaves its subspace by
+    # ~1e-13 of rounding, above the cutoff (~1e-15 relative here); NC1 is then that of the live
+    # subspace only by luck (the rounding's within-class variance may come out ~0: about a third of
+    # the draws), otherwise orders of magnitude larger, so over 12 draws at least one is. Without
+    # the offset it is always that of the live subspace.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    target = torch.arange(3).repeat(20)
+    features = 3 * torch.randn(3, 2, generator=g, dtype=torch.float64)[target]
+    features = features + 0.5 * torch.randn(60, 2, generator=g, dtype=torch.float64)
+    scaled = features * torch.tensor([1.0, 2.0**-60], dtype=torch.float64)
+    invariant = _nc1_by_svd(features.numpy(), target.numpy(), 3)
+    alone = _nc1_by_svd(features[:, :1].numpy(), target.numpy(), 3)
+    assert abs(alone - invariant) > 1e-3 * invariant, f"seed {seed}"  # the two differ
+    result = float(neural_collapse(scaled, target)["nc1"])
+    np.testing.assert_allclose(result, alone, rtol=RTOL, err_msg=f"seed {seed}")
+    ratios = []
+    for draw in range(12):
+        features, target, live = _features_in_a_subspace(10, 4, 2, seed + draw, axis_aligned=False)
+        expected = reference_neural_collapse(live, target, 10)["nc1"]
+        result = float(neural_collapse(features, target)["nc1"])
+        np.testing.assert_allclose(result, expected, rtol=RTOL, err_msg=f"seed {seed + draw}")
+        ratios.append(float(neural_collapse(features + 1e3, target)["nc1"]) / expected)
+    assert max(ratios) > 1e3, f"seed {seed}: {ratios}"
+
+
 def test_cdnv_of_a_class_mean_at_the_global_mean() -> None:
     # Three classes on a line, the middle mean exactly the global mean: CDNV needs no angle, so
     # neural_collapse_cdnv gives it as neural_collapse_compute does. Reference: the pairwise loop.

@@ -2,16 +2,29 @@
 
 - **NC1** (Papyan, Han & Donoho, 2020) = ``tr(Sigma_W Sigma_B^+) / K``, with the pseudo-inverse of
   ``Sigma_B`` taken on its top ``r = min(K-1, d)`` eigenpairs (the rank of ``K`` centred means in
-  ``R^d``), in float64. As for any pseudo-inverse, a direction whose singular value of the centred
-  means ``M`` is zero to float64 rounding, ``sigma_k <= max(K, d) * eps * sigma_max`` (the default
-  cutoff of :func:`torch.linalg.pinv`, ``eps`` of float64), counts as no direction of ``Sigma_B``:
-  it adds nothing, whatever the within-class variance along it. So features that span fewer than
-  ``r`` dimensions (a dead unit, a constant feature, a bottleneck) give the NC1 of their live
-  subspace. Only rounding is cut: small but real eigenvalues count, however small, and nothing
-  beyond rank ``r`` does. (Spread at the *input's* rounding level is real spread here: float32
-  features projected onto a subspace in float32 keep ``~1e-7`` relative spread outside it, which
-  counts. Project in float64 to measure the subspace alone.) NC1 is computed without an
-  eigendecomposition:
+  ``R^d``), in float64. As for :func:`torch.linalg.pinv`, a direction whose singular value of the
+  centred means ``M`` is at or below ``max(K, d) * eps * sigma_max`` (its default cutoff, ``eps``
+  of float64: about ``2e-16 max(K, d)`` relative to the largest) counts as no direction of
+  ``Sigma_B``: it adds nothing, whatever the within-class variance along it. Directions above the
+  cutoff count, and nothing beyond rank ``r`` does. The cutoff compares each direction with
+  ``sigma_max`` only and cannot tell a real small direction from rounding: two consequences.
+
+  - *a real direction below the cutoff is left out too*: NC1 is unchanged by an invertible
+    rescaling of the features only while every singular value of ``M`` stays above the cutoff; a
+    feature scaled by ``2**-60`` against the others (exactly, in float64) is left out like a dead
+    unit, and NC1 changes;
+  - *features that span fewer than* ``r`` *dimensions give the NC1 of their live subspace only
+    where they leave it by no more than the cutoff*. Exact zeros or constants (a dead unit, a
+    constant feature, whatever its value) do. A subspace reached by rounded arithmetic need not:
+    rounding at a scale well above ``max(K, d) eps`` times the spread of the class means (float32
+    features projected in float32, ``~1e-7`` relative; float64 features of a rotated linear
+    bottleneck plus a common offset ``a``, ``~a eps``) puts real spread outside the subspace,
+    along directions in which the means barely differ, and NC1 can be orders of magnitude too
+    large (most draws of a float64 bottleneck with an offset of 1e3 on class means spread ~1 give
+    ~1e9 or more instead of ~6e-4; a float32 one ~40). Project in float64 without an offset to
+    measure a subspace.
+
+  NC1 is computed without an eigendecomposition:
 
   - ``K - 1 >= d``: ``Sigma_B`` is ``d x d`` of full rank ``d``, so ``Sigma_B^+ = Sigma_B^{-1}`` and
     ``NC1 = tr(Sigma_W (M^T M)^{-1})`` by a Cholesky solve (``M``: the ``K x d`` centred means);
@@ -140,6 +153,14 @@ def neural_collapse_nc1(
     statistics: ClassStatistics, *, global_mean: GlobalMean = "classes"
 ) -> Tensor:
     """NC1 = ``tr(Sigma_W Sigma_B^+) / K`` over the present classes (float64, 0-d).
+
+    The pseudo-inverse leaves out directions whose singular value of the centred means is at or
+    below ``max(K, d) * eps * sigma_max`` (:func:`torch.linalg.pinv`'s cutoff; see the module
+    docstring): exact dead units and constant features are left out, but so is a real direction
+    below the cutoff (NC1 is not invariant to scaling a feature down until the spread of the
+    means along it is ``max(K, d) eps`` of the largest or less: ``2**-60`` with a few classes),
+    and features that leave a subspace by rounding above the cutoff (float32, or a large offset
+    added to a float64 bottleneck) count that rounding as real spread.
 
     Args:
         statistics: accumulated class statistics.

@@ -36,9 +36,11 @@ class NeuralCollapse(CollapseStatisticsMetric):
     As output of ``compute``, a ``dict[str, Tensor]`` of 0-d float64 tensors:
 
     - ``nc1``: ``tr(Sigma_W Sigma_B^+) / K``, pseudo-inverse on the top ``min(K-1, d)``
-      eigenpairs of ``Sigma_B`` in float64, leaving out only directions that are zero to float64
-      rounding (features spanning fewer dimensions, e.g. a dead unit, give the NC1 of their live
-      subspace; see :func:`~torchcollapse.functional.neural_collapse_nc1`);
+      eigenpairs of ``Sigma_B`` in float64, leaving out directions whose singular value of the
+      centred means is at or below ``max(K, d) eps sigma_max`` (:func:`torch.linalg.pinv`'s
+      cutoff): an exact dead unit or constant feature is left out, and so is a real direction
+      that small; rounding above the cutoff (float32 or offset bottleneck features) counts as
+      spread (see :func:`~torchcollapse.functional.neural_collapse_nc1`);
     - ``nc1_trace_ratio``: ``tr Sigma_W / tr Sigma_B``;
     - ``cdnv``: mean over pairs of ``(s_c + s_c') / (2 ||mu_c - mu_c'||^2)``, ``s_c`` the mean
       squared distance of class ``c``'s features to its mean;
