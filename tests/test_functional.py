@@ -690,14 +690,44 @@ def test_unknown_or_unanswerable_keys_are_errors() -> None:
     stats = ClassStatistics.from_features(features, target, 3)
     with pytest.raises(ValueError, match=r"known keys .* but got \['NC3', 'nc_1'\]"):
         neural_collapse_compute(stats, keys=["nc_1", "NC3"])
-    with pytest.raises(TypeError, match="`keys` to be a collection of key names"):
-        neural_collapse_compute(stats, keys="nc1")
+    for bad in ("nc1", b"nc1", 3):  # a string is an iterable of letters
+        with pytest.raises(TypeError, match="`keys` to be an iterable of key names"):
+            neural_collapse_compute(stats, keys=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`weight` to be given for the keys \['nc3'\]"):
         neural_collapse_compute(stats, keys=["nc1", "nc3"])
     with pytest.raises(ValueError, match="`nc4_counts` to be given"):
         neural_collapse_compute(stats, weight=weight, keys=["nc4"])
     out = neural_collapse_compute(stats, weight=weight, keys=("nc1", "nc3"))
     assert set(out) == {"nc1", "nc3"}
+    # A key that cannot be answered for the arguments is an error, not a silent gap: the best
+    # energy for a negative exponent does not exist. Without keys it is left out (documented).
+    energy = "nc2_spherical_energy_optimal"
+    with pytest.raises(ValueError, match=rf"`exponent` to be >= 0 for the key '{energy}'.*-1\.0"):
+        neural_collapse_compute(stats, keys=["nc1", energy], exponent=-1.0)
+    assert energy not in neural_collapse_compute(stats, exponent=-1.0)
+    assert energy in neural_collapse_compute(stats, keys=[energy], exponent=0.0)
+    with pytest.raises(ValueError, match="`exponent` to be a finite number, but got nan"):
+        neural_collapse_compute(stats, keys=["nc1"], exponent=float("nan"))
+
+
+def test_keys_may_be_any_iterable_of_names() -> None:
+    # keys is read once into a set: a generator, a dict's keys or a set give the same result as
+    # the list, each equal to the full computation's values for those keys.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, weight, _ = _case(n=60, d=4, k=3, seed=seed)
+    stats = ClassStatistics.from_features(features, target, 3)
+    full = neural_collapse_compute(stats, weight=weight)
+    names = ["nc1", "cdnv", "nc3"]
+    for keys in (
+        (name for name in names),
+        dict.fromkeys(names).keys(),
+        set(names),
+        iter(names),
+    ):
+        out = neural_collapse_compute(stats, weight=weight, keys=keys)
+        assert set(out) == set(names), f"{type(keys).__name__}, seed {seed}"
+        for name in names:
+            torch.testing.assert_close(out[name], full[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("k", "d"), [(4, 8), (4, 2), (6, 3)])

@@ -37,12 +37,13 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from torchcollapse._numbers import as_finite_float
 from torchcollapse.functional.duality import _check_bias, _check_weight, _nc3, _nc3_cosine
 from torchcollapse.functional.geometry import (
     _etf_distance_without_angles,
@@ -103,7 +104,7 @@ def neural_collapse_compute(
     weight: Tensor | None = None,
     global_mean: GlobalMean = "classes",
     nc4_counts: tuple[Tensor, Tensor] | None = None,
-    keys: Collection[str] | None = None,
+    keys: Iterable[str] | None = None,
     exponent: float = 1.0,
 ) -> dict[str, Tensor]:
     """Neural collapse quantities from class statistics (float64).
@@ -114,22 +115,40 @@ def neural_collapse_compute(
         global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
         nc4_counts: optional ``(mismatches, samples)`` accumulated against reference means; gives
             ``nc4`` when ``samples > 0``.
-        keys: compute only these keys (default: every key the inputs allow); a collection of
-            names from :data:`MEAN_KEYS`, :data:`WEIGHT_KEYS` (which need ``weight``),
-            ``"nc2_min_angle_optimal"``, ``"nc2_spherical_energy_optimal"`` and ``"nc4"`` (which
-            needs ``nc4_counts``).
-        exponent: ``s`` of the spherical (Riesz) energy.
+        keys: compute only these keys (default: every key the inputs allow); any iterable of
+            names (a list, a set, a generator; not a plain string) from :data:`MEAN_KEYS`,
+            :data:`WEIGHT_KEYS` (which need ``weight``), ``"nc2_min_angle_optimal"``,
+            ``"nc2_spherical_energy_optimal"`` (which needs ``exponent >= 0``) and ``"nc4"``
+            (which needs ``nc4_counts``). The ``*_optimal`` keys are left out, even when asked
+            for, where no optimal value is known for the present classes and the dimension (see
+            :func:`~torchcollapse.functional.min_angle_optimal`); so are, for a key asked for, the
+            quantities a warning says are undefined for the data.
+        exponent: ``s`` of the spherical (Riesz) energy, a finite number. For ``s < 0`` no
+            smallest energy is defined (see
+            :func:`~torchcollapse.functional.spherical_energy_optimal`): without ``keys``,
+            ``nc2_spherical_energy_optimal`` is left out; asked for in ``keys``, it is an error.
 
     Returns:
         A dict of 0-d tensors; see the module docstring for the keys.
 
     Raises:
-        ValueError: fewer than two present classes, a weight of the wrong shape, or ``keys``
-            naming an unknown key or one whose input (``weight``, ``nc4_counts``) is missing.
+        ValueError: fewer than two present classes, a weight of the wrong shape, an exponent
+            that is not a finite number, or ``keys`` naming an unknown key or one whose input
+            (``weight``, ``nc4_counts``, ``exponent >= 0``) is missing.
+        TypeError: ``keys`` is a string or not iterable.
     """
     _check_statistics(statistics)
     _check_global_mean(global_mean)
-    wanted = None if keys is None else _check_keys(keys, weight=weight, nc4_counts=nc4_counts)
+    power = as_finite_float(exponent)
+    if power is None:
+        raise ValueError(
+            f"Expected argument `exponent` to be a finite number, but got {exponent!r}."
+        )
+    wanted = (
+        None
+        if keys is None
+        else _check_keys(keys, weight=weight, nc4_counts=nc4_counts, exponent=power)
+    )
 
     def want(key: str) -> bool:
         return wanted is None or key in wanted
@@ -259,12 +278,16 @@ _OPTIMAL_KEYS = ("nc2_min_angle_optimal", "nc2_spherical_energy_optimal")
 
 
 def _check_keys(
-    keys: Any, *, weight: Tensor | None, nc4_counts: tuple[Tensor, Tensor] | None
+    keys: Any,
+    *,
+    weight: Tensor | None,
+    nc4_counts: tuple[Tensor, Tensor] | None,
+    exponent: float,
 ) -> set[str]:
     """The set of requested keys, each known and with its inputs given."""
-    if isinstance(keys, (str, bytes)) or not isinstance(keys, Collection):
+    if isinstance(keys, (str, bytes, bytearray)) or not isinstance(keys, Iterable):
         raise TypeError(
-            "Expected argument `keys` to be a collection of key names (e.g. a list), but got"
+            "Expected argument `keys` to be an iterable of key names (e.g. a list), but got"
             f" {keys!r}."
         )
     wanted = set(keys)
@@ -281,6 +304,11 @@ def _check_keys(
     if nc4_counts is None and "nc4" in wanted:
         raise ValueError(
             "Expected argument `nc4_counts` to be given for the key 'nc4', but got None."
+        )
+    if "nc2_spherical_energy_optimal" in wanted and exponent < 0:
+        raise ValueError(
+            "Expected argument `exponent` to be >= 0 for the key 'nc2_spherical_energy_optimal'"
+            f" (no smallest energy is defined for a negative exponent), but got {exponent}."
         )
     return wanted
 
@@ -372,8 +400,9 @@ def neural_collapse_nc2(
 
     Returns the ``nc2_*`` keys of :func:`neural_collapse_compute`: equinorm, equiangularity,
     max-angle, ETF distance, minimum angle and spherical energy of the centred means, the best
-    possible minimum angle and energy where known, and with ``weight`` the ``nc2_weight_*`` twins
-    over the rows of the present classes.
+    possible minimum angle and energy where known (the energy's never for ``exponent < 0``, where
+    no smallest energy is defined), and with ``weight`` the ``nc2_weight_*`` twins over the rows of
+    the present classes.
 
     Example:
         >>> from torchcollapse.stats import ClassStatistics
@@ -383,7 +412,10 @@ def neural_collapse_nc2(
         True
     """
     keys = [f"nc2_{name}" for name in _GEOMETRY]
-    keys += ["nc2_min_angle_optimal", "nc2_spherical_energy_optimal"]
+    keys.append("nc2_min_angle_optimal")
+    power = as_finite_float(exponent)
+    if power is None or power >= 0:  # not a number: neural_collapse_compute names it
+        keys.append("nc2_spherical_energy_optimal")
     if weight is not None:
         keys += [f"nc2_weight_{name}" for name in _GEOMETRY]
     return neural_collapse_compute(
