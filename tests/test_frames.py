@@ -253,6 +253,89 @@ def test_frame_min_angle_keeps_a_tiny_angle(angle: float) -> None:
     assert got == pytest.approx(math.degrees(angle), rel=1e-6), f"seed {seed}"
 
 
+def _count_exact_angles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the pairs that ``frame_min_angle`` measures with the exact formula."""
+    counted = [0]
+    exact = frames._exact_angles
+
+    def counting(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        counted[0] += a.shape[0]
+        return exact(a, b)
+
+    monkeypatch.setattr(frames, "_exact_angles", counting)
+    return counted
+
+
+@pytest.mark.parametrize("block_elements", [2**12, frames._BLOCK_ELEMENTS])
+def test_frame_min_angle_measures_few_pairs_of_an_exact_frame(
+    monkeypatch: pytest.MonkeyPatch, block_elements: int
+) -> None:
+    # every pair of these frames ties within rounding: measuring each exactly cost K^2 d (60-120
+    # times the Gram matrix at K = 1000). A chunk of 16 pairs settles the angle; the bound of K
+    # leaves room while catching any quadratic count (K (K - 1) = 22,350 pairs here). Small
+    # blocks make the later blocks drop their pairs against the angle found in the first.
+    monkeypatch.setattr(frames, "_BLOCK_ELEMENTS", block_elements)
+    counted = _count_exact_angles(monkeypatch)
+    k = 150
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    etf_angle = math.degrees(math.acos(-1.0 / (k - 1)))
+    cases = [
+        (simplex_etf(k, k, generator=gen, dtype=F64), etf_angle),
+        (simplex_etf(k, k + 7, generator=gen, dtype=torch.float32), etf_angle),
+        (orthogonal_frame(k, k, generator=gen, dtype=F64), 90.0),
+        (torch.eye(k), 90.0),
+        (torch.eye(k, dtype=F64)[torch.randperm(k, generator=gen)] * 3.0, 90.0),
+    ]
+    for frame, expected in cases:
+        counted[0] = 0
+        # float32 frames are rounded from their float64 construction (~1e-7 of the cosine)
+        tolerance = 1e-9 if frame.dtype == F64 else 1e-4
+        assert frame_min_angle(frame) == pytest.approx(expected, abs=tolerance)
+        assert 0 < counted[0] <= k, f"{counted[0]} pairs measured"
+
+
+def test_frame_min_angle_finds_the_closest_pair_among_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one row of a simplex ETF turned towards another by `delta`: that pair is the closest at
+    # exactly theta - delta (any other pair moves by at most delta). Leaving out the pairs that
+    # cannot beat the angle found must not lose it; the construction in float64 is good to
+    # ~1e-15 rad, the tolerance of 1e-12 rad is at most 1 % of delta.
+    monkeypatch.setattr(frames, "_BLOCK_ELEMENTS", 2**11)
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    k = 60
+    theta = math.acos(-1.0 / (k - 1))
+    for _ in range(5):
+        frame = simplex_etf(k, k, generator=gen, dtype=F64)
+        i, j = torch.randperm(k, generator=gen)[:2].tolist()
+        delta = 10 ** float(torch.empty((), dtype=F64).uniform_(-10, -8, generator=gen))
+        u = frame[i]
+        w = frame[j] - (frame[j] @ u) * u
+        w = w / w.norm()  # (u, w) orthonormal; frame[j] = cos(theta) u + sin(theta) w
+        frame[j] = math.cos(theta - delta) * u + math.sin(theta - delta) * w
+        got = math.radians(frame_min_angle(frame))
+        assert got == pytest.approx(theta - delta, abs=1e-12), f"seed {seed}"
+
+
+def test_frame_min_angle_of_a_tight_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rows at angles phi_i (spread by 1e-9 .. 1e-8 rad) in a random plane, among well separated
+    # rows: every Gram entry of the cluster rounds to within rounding of 1, so all its pairs are
+    # candidates and are measured in chunks of growing size. The smallest angle is the smallest
+    # gap between the sorted phi; the float64 construction is good to ~1e-15 rad (relative 1e-6).
+    monkeypatch.setattr(frames, "_BLOCK_ELEMENTS", 2**9)
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    d, cluster = 8, 40
+    plane, _ = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=F64))
+    gaps = torch.empty(cluster - 1, dtype=F64).uniform_(1e-9, 1e-8, generator=gen)
+    phi = torch.cat([gaps.new_zeros(1), gaps.cumsum(0)])
+    rows = torch.cos(phi)[:, None] * plane[:, 0] + torch.sin(phi)[:, None] * plane[:, 1]
+    others = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))[0][:, :5].T
+    frame = torch.cat([rows, others])
+    frame = frame[torch.randperm(frame.shape[0], generator=gen)]
+    got = math.radians(frame_min_angle(frame))
+    assert got == pytest.approx(float(gaps.min()), rel=1e-6), f"seed {seed}"
+
+
 def test_min_angle_bound_against_closed_forms() -> None:
     for k in (2, 3, 7, 11):
         assert min_angle_bound(k, k - 1) == pytest.approx(

@@ -559,7 +559,9 @@ def frame_min_angle(frame: Tensor) -> float:
     find the closest pairs (every pair whose cosine is within rounding of the largest), and their
     angle is then taken as ``2 atan2(||a - b||, ||a + b||)``, accurate for every angle: identical
     rows give exactly 0, and nearly parallel rows keep their angle (``acos`` of a cosine near 1
-    would lose half the digits).
+    would lose half the digits). Pairs are measured from the largest cosine down and those that
+    cannot beat the angle found by more than its rounding are skipped, so frames whose pairs all
+    tie (simplex ETF, orthogonal, one-hot) cost about the Gram matrix alone.
 
     Args:
         frame: tensor of shape ``(num_classes, dim)`` with ``num_classes >= 2`` nonzero rows.
@@ -581,28 +583,65 @@ def _min_angle(x: Tensor) -> float:
     """Smallest angle (radians) between two distinct unit rows of the float64 CPU tensor ``x``.
 
     A Gram entry of unit rows is within ``(d + 4) eps`` of the true cosine (Cauchy-Schwarz and
-    the dot product's rounding bound, with the normalisation's rounding), so the pair of the
-    smallest angle has a Gram entry within twice that of the largest entry seen; every such
-    candidate gets the exact angle formula. Candidates of each block are kept against the running
-    largest entry, a superset of the final candidates (whose minimum is the same).
+    the dot product's rounding bound, with the normalisation's rounding); with a margin of two,
+    ``err = 2 (d + 4) eps``. The pair of the smallest angle therefore has a Gram entry within
+    ``2 err`` of the largest entry seen, and each such candidate may need the exact angle
+    formula. Candidates of each block are kept against the running largest entry, a superset of
+    the final candidates (whose minimum is the same).
+
+    The candidates are measured in order of decreasing Gram entry, a chunk at a time, and after
+    each chunk those that cannot beat the smallest angle found so far are dropped: a pair with
+    Gram entry ``g`` has an angle of at least ``acos(g + err)``, and it is dropped when that bound
+    is within ``tol min(1, smallest)`` of the smallest angle (relative ``tol = 2 err`` below one
+    radian, absolute above: the order of the exact formula's own rounding). Exact frames
+    (simplex ETF, orthogonal, one-hot), whose pairs all tie, thus cost one chunk of exact angles
+    instead of ``K^2``, and an angle of exactly 0 ends the search.
     """
     k, d = x.shape
-    tol = 4.0 * (d + 4) * torch.finfo(torch.float64).eps
+    err = 2.0 * (d + 4) * torch.finfo(torch.float64).eps
+    tol = 2.0 * err
     largest = -math.inf
     smallest = math.pi
     pair_chunk = max(1, _BLOCK_ELEMENTS // max(d, 1))
+    chunk = min(pair_chunk, 16)  # doubled after each chunk: ties cost little, clusters few scans
     for start, stop in _row_blocks(k, k):
         gram = x[start:stop] @ x.T
         own = torch.arange(start, stop, device=_CPU)
         gram[own - start, own] = -math.inf
         largest = max(largest, float(gram.max()))
-        rows, cols = torch.nonzero(gram >= largest - tol, as_tuple=True)
-        for first in range(0, rows.numel(), pair_chunk):
-            a = x[rows[first : first + pair_chunk] + start]
-            b = x[cols[first : first + pair_chunk]]
-            angles = 2.0 * torch.atan2((a - b).norm(dim=1), (a + b).norm(dim=1))
-            smallest = min(smallest, float(angles.min()))
+        while True:
+            candidates = gram >= max(largest - tol, _beating_floor(smallest, err, tol))
+            count = int(candidates.sum())
+            if count == 0:
+                break
+            if count <= chunk:
+                rows, cols = torch.nonzero(candidates, as_tuple=True)
+            else:  # the chunk of the largest Gram entries first, then the rest are filtered again
+                flat = torch.topk(gram.view(-1), chunk, sorted=False).indices
+                rows, cols = flat // k, flat % k
+                gram.view(-1)[flat] = -math.inf
+            smallest = min(smallest, float(_exact_angles(x[rows + start], x[cols]).min()))
+            if smallest == 0.0:
+                return 0.0
+            if count <= chunk:
+                break
+            chunk = min(2 * chunk, pair_chunk)
     return smallest
+
+
+def _exact_angles(a: Tensor, b: Tensor) -> Tensor:
+    """Angles (radians) between the unit rows ``a[i]`` and ``b[i]``: ``2 atan2(|a-b|, |a+b|)``."""
+    return 2.0 * torch.atan2((a - b).norm(dim=1), (a + b).norm(dim=1))
+
+
+def _beating_floor(smallest: float, err: float, tol: float) -> float:
+    """Gram entries at or below this belong to pairs that cannot beat the angle ``smallest``.
+
+    A pair with Gram entry ``g`` has an angle of at least ``acos(min(1, g + err))``; the pair is
+    left out when that bound is at least ``smallest - tol min(1, smallest)``.
+    """
+    target = smallest - tol * min(1.0, smallest)
+    return math.cos(target) - err if target > 0.0 else -math.inf
 
 
 def _check_frame(frame: Tensor) -> None:
