@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torchcollapse.losses._fused as fused
+from tests._helpers.devices import foreign_default_device
 from tests._helpers.reference import reference_neural_collapse
 from tests._helpers.testers import check_deferred_init, check_module
 from torchcollapse.losses import (
@@ -357,6 +358,40 @@ def test_balanced_softmax_priors_survive_meta_to_empty_and_half_casts() -> None:
         rounded = logits.to(dtype)
         # float32 priors and loss; the logits as the loss sees them (rounded)
         assert loss(rounded, target).item() == pytest.approx(loop(rounded.double()), rel=1e-6)
+
+
+def test_balanced_softmax_priors_land_on_the_default_device() -> None:
+    """Without ``device``, the log priors go to torch's default device (as ``nn.Linear``'s
+    weight), the counts being read on the CPU: inside a meta context the loss runs on meta
+    logits (a CPU buffer added to them raised), and ``to_empty()`` gives the priors of the
+    counts. Reference: ``log(n_c / sum n)`` in float64 and the cross-entropy loop, float32
+    priors (rtol 1e-6)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    counts = torch.randint(1, 1000, (4,), generator=g).tolist()
+    expected_prior = torch.tensor([math.log(c / sum(counts)) for c in counts], dtype=torch.float64)
+    logits = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 4, (5,), generator=g)
+    expected = 0.0
+    for i in range(5):
+        z = [float(logits[i, j] + expected_prior[j]) for j in range(4)]
+        top = max(z)
+        expected += top + math.log(math.fsum(math.exp(v - top) for v in z)) - z[int(target[i])]
+    expected /= 5
+    with torch.device("meta"):
+        loss_fn = BalancedSoftmaxLoss(counts)
+        assert loss_fn.log_prior.is_meta
+        out = loss_fn(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))
+        assert out.is_meta
+        assert out.shape == ()
+        on_cpu = BalancedSoftmaxLoss(counts, device="cpu")  # an explicit device wins
+    for built in (loss_fn.to_empty(device="cpu"), on_cpu):
+        assert built.log_prior.dtype == torch.float32
+        assert built.log_prior.device.type == "cpu"
+        torch.testing.assert_close(built.log_prior.double(), expected_prior, rtol=1e-6, atol=0)
+        assert built(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    with foreign_default_device():  # the counts are read on the CPU, not on that device
+        foreign = BalancedSoftmaxLoss(counts)
+    assert foreign(logits, target).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_classification_losses_pass_module_checks() -> None:

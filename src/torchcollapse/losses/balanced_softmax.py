@@ -38,8 +38,9 @@ class BalancedSoftmaxLoss(nn.Module):
     ``forward(logits, target)`` returns ``F.cross_entropy(logits + tau * log_prior, target)`` with
     ``log_prior = log(n_c / sum_j n_j)`` from the class counts given at construction (a buffer,
     saved in the ``state_dict``; float32 and unchanged under ``.half()``/``.bfloat16()`` and
-    ``to_empty()``, as data of the constructor). Predict with the plain ``logits``. Like
-    ``nn.CrossEntropyLoss`` it is per process. The loss is computed in at least float32.
+    ``to_empty()``, also from the meta device, as data of the constructor). Predict with the
+    plain ``logits``. Like ``nn.CrossEntropyLoss`` it is per process. The loss is computed in at
+    least float32.
 
     Args:
         class_counts: ``K`` positive class counts of the training set.
@@ -54,7 +55,8 @@ class BalancedSoftmaxLoss(nn.Module):
             label-range error, with or without ``validate_args``.
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
-        device: device of the ``log_prior`` buffer.
+        device: device of the ``log_prior`` buffer (default: torch's default device, as
+            ``nn.Linear``; the counts are read on the CPU).
 
     Example:
         >>> import torch
@@ -98,6 +100,8 @@ class BalancedSoftmaxLoss(nn.Module):
         )
         # float32 whatever the module's dtype (see _apply): bfloat16 would round the priors
         log_prior = (counts / counts.sum()).log().float()
+        self._log_prior_values = tuple(log_prior.tolist())  # exact: float32 values as floats
+        device = torch.get_default_device() if device is None else device
         self.register_buffer("log_prior", log_prior.to(device))
         self.num_classes = counts.numel()
         self.tau = float(tau)
@@ -106,12 +110,21 @@ class BalancedSoftmaxLoss(nn.Module):
         self.ignore_index = ignore_index
         self.validate_args = validate_args
 
+    def reset_parameters(self) -> None:
+        """Set the log priors back to those of the constructor's counts."""
+        with torch.no_grad():
+            values = torch.tensor(self._log_prior_values, dtype=torch.float32, device="cpu")
+            self.log_prior.copy_(values)
+
     def _apply(self, fn: Any, recurse: bool = True) -> BalancedSoftmaxLoss:
         # the log priors keep their float32 dtype and values (data of the constructor, also after
-        # to_empty()); the device follows
+        # to_empty(), from the meta device too); the device follows
+        was_meta = self.log_prior.is_meta
         apply_keeping_dtypes(
             self, partial(super()._apply, fn, recurse), ("log_prior",), always=True, constant=True
         )
+        if was_meta and not self.log_prior.is_meta:
+            self.reset_parameters()
         return self
 
     def extra_repr(self) -> str:
@@ -136,13 +149,20 @@ class BalancedSoftmaxLoss(nn.Module):
             if not 0 <= self.ignore_index < self.num_classes:  # ignored labels are no error
                 labels = torch.where(target == self.ignore_index, 0, target)
             check_label_range(labels, self.num_classes)
+        # autocast off where it is on (the meta device has none: its autocast context raises)
+        device_type = logits.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                return self._adjusted_cross_entropy(logits, target)
+        return self._adjusted_cross_entropy(logits, target)
+
+    def _adjusted_cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
         dtype = compute_dtype(logits.dtype)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            adjusted = logits.to(dtype) + self.tau * self.log_prior.to(dtype)
-            return F.cross_entropy(
-                adjusted,
-                target.long(),
-                reduction=self.reduction,
-                label_smoothing=self.label_smoothing,
-                ignore_index=self.ignore_index,
-            )
+        adjusted = logits.to(dtype) + self.tau * self.log_prior.to(dtype)
+        return F.cross_entropy(
+            adjusted,
+            target.long(),
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+        )
