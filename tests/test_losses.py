@@ -279,12 +279,15 @@ def test_balanced_softmax_matches_loop(tau: float, smoothing: float) -> None:
 @pytest.mark.parametrize("validate_args", [True, False])
 @pytest.mark.parametrize("ignore_index", [-100, 1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("integer", ["python", "numpy", "tensor"])
 def test_balanced_softmax_ignores_samples_labelled_ignore_index(
-    validate_args: bool, ignore_index: int, reduction: str
+    validate_args: bool, ignore_index: int, reduction: str, integer: str
 ) -> None:
     """As ``nn.CrossEntropyLoss``: samples labelled ``ignore_index`` add nothing (a zero with
     ``"none"``), ``"mean"`` divides by the others, the same with and without validation (the
-    default -100 is outside the label range and no error). Reference: a float64 loop."""
+    default -100 is outside the label range and no error). ``ignore_index`` may be any integer,
+    numpy's and a 0-dim tensor too (as for ``nn.CrossEntropyLoss``). Reference: a float64
+    loop."""
     counts, smoothing, k = [40.0, 9.0, 3.0, 1.0], 0.2, 4
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     logits = torch.randn(9, k, dtype=torch.float64, generator=g).requires_grad_()
@@ -312,9 +315,13 @@ def test_balanced_softmax_ignores_samples_labelled_ignore_index(
         counts,
         reduction=reduction,  # type: ignore[arg-type]
         label_smoothing=smoothing,
-        ignore_index=ignore_index,
+        ignore_index={"python": int, "numpy": np.int64, "tensor": torch.tensor}[integer](
+            ignore_index
+        ),
         validate_args=validate_args,
     )
+    assert loss_fn.ignore_index == ignore_index
+    assert type(loss_fn.ignore_index) is int
     loss = loss_fn(logits, target)
     loss.sum().backward()
     scale = 1.0 / kept if reduction == "mean" else 1.0
@@ -1013,8 +1020,9 @@ def test_documented_loss_errors() -> None:
         BalancedSoftmaxLoss([3, 1, 2], reduction="avg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`label_smoothing` to be in"):
         BalancedSoftmaxLoss([3, 1, 2], label_smoothing=1.5)
-    with pytest.raises(ValueError, match="`ignore_index` to be an integer"):
-        BalancedSoftmaxLoss([3, 1, 2], ignore_index=True)  # type: ignore[arg-type]
+    for index in (True, np.bool_(False), 1.0, "1", torch.tensor([1, 2]), None):
+        with pytest.raises(TypeError, match="`ignore_index` to be an integer"):
+            BalancedSoftmaxLoss([3, 1, 2], ignore_index=index)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`logits` to have 2 columns"):  # before the labels
         BalancedSoftmaxLoss([3, 1])(torch.randn(4, 3), target)
     for k in (0.0, math.nan, math.inf):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["as_finite_float", "read_number"]
+__all__ = ["as_finite_float", "as_int", "read_number"]
 
 
 def as_finite_float(value: Any) -> float | None:
@@ -46,3 +47,18 @@ def read_number(
     if number is None or (accept is not None and not accept(number)):
         raise ValueError(f"Expected argument `{name}` to be {expected}, but got {value!r}.")
     return number
+
+
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int, or ``None`` when it is not an integer.
+
+    Accepted: whatever ``operator.index`` reads (Python and numpy integers, 0-dim or one-element
+    integer tensors). Refused: bools of any kind, floats (also integral ones), strings.
+    """
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, bool) or dtype == torch.bool or getattr(dtype, "kind", None) == "b":
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, RuntimeError):  # RuntimeError: a tensor of several elements
+        return None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._labels import check_label_range
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import as_int, read_number
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["BalancedSoftmaxLoss"]
@@ -49,7 +49,8 @@ class BalancedSoftmaxLoss(nn.Module):
         label_smoothing: in ``[0, 1]``, as in ``nn.CrossEntropyLoss``: the target is
             ``(1 - label_smoothing)`` on the label plus ``label_smoothing / K`` on every class,
             against the adjusted logits.
-        ignore_index: a label whose samples are ignored, as in ``nn.CrossEntropyLoss``: they
+        ignore_index: a label whose samples are ignored, as in ``nn.CrossEntropyLoss`` (any
+            integer: Python, numpy or a 0-dim integer tensor; a TypeError otherwise): they
             add nothing to the loss or its gradient, and ``"mean"`` averages over the other
             samples (NaN when every sample is ignored); ``"none"`` gives them a zero. Not a
             label-range error, with or without ``validate_args``.
@@ -91,8 +92,9 @@ class BalancedSoftmaxLoss(nn.Module):
                 f"finite counts, but got {class_counts!r}."
             )
         tau = read_number(tau, "tau", "finite (a real number)")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(
+        index = as_int(ignore_index)  # any integer (numpy too), as nn.CrossEntropyLoss
+        if index is None:
+            raise TypeError(
                 f"Expected argument `ignore_index` to be an integer, but got {ignore_index!r}."
             )
         label_smoothing = read_number(
@@ -107,7 +109,7 @@ class BalancedSoftmaxLoss(nn.Module):
         self.tau = float(tau)
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
-        self.ignore_index = ignore_index
+        self.ignore_index = index
         self.validate_args = validate_args
 
     def reset_parameters(self) -> None:
