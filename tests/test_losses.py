@@ -217,6 +217,39 @@ def test_dot_regression_zero_feature_is_finite(compute_path: str) -> None:
     assert torch.isfinite(features.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.float64])
+def test_dot_regression_function_takes_integer_class_weights(
+    dtype: torch.dtype, compute_path: str
+) -> None:
+    """``class_weight`` may be an integer tensor (cast to the compute dtype, as the module casts
+    its ``class_counts``). Reference: a float64 loop with the weights as Python numbers; float64
+    features, so only the summation order differs (RTOL64)."""
+    from torchcollapse.losses.dot_regression import dot_regression_loss
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    features = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 4, (9,), generator=g)
+    frame = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    weights = torch.randint(0, 6, (4,), generator=g).tolist()
+    expected = []
+    for i in range(9):
+        m = frame[int(target[i])].tolist()
+        h = features[i].tolist()
+        dot = math.fsum(a * b for a, b in zip(h, m))
+        scale = math.sqrt(math.fsum(a * a for a in h)) * math.sqrt(math.fsum(b * b for b in m))
+        expected.append(weights[int(target[i])] * 0.5 * (dot - scale) ** 2 / scale)
+    class_weight = torch.tensor(weights, dtype=dtype)
+    loss = dot_regression_loss(features, target, frame, class_weight=class_weight)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(math.fsum(expected) / 9, rel=RTOL64)
+    per_sample = dot_regression_loss(
+        features, target, frame, class_weight=class_weight, reduction="none"
+    )
+    torch.testing.assert_close(
+        per_sample, torch.tensor(expected, dtype=torch.float64), rtol=RTOL64, atol=1e-15
+    )
+
+
 def test_class_weights_from_counts_follow_inverse_square_root() -> None:
     counts = torch.tensor([8.0, 2.0, 0.0, 6.0])
     weights = class_weights_from_counts(counts)
@@ -1442,8 +1475,9 @@ def test_functional_losses_validate_like_their_modules() -> None:
     for labels in (torch.tensor([0, 5, 1, 2]), torch.tensor([0, -1, 1, 2])):
         with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 2\]"):
             dot_regression_loss(h, labels, frame)
-    with pytest.raises(ValueError, match="`class_weight` to be a floating-point tensor of 3"):
-        dot_regression_loss(h, y, frame, class_weight=torch.ones(2))
+    for weight in (torch.ones(2), torch.ones(3, dtype=torch.bool), torch.ones(3, 1), [1, 1, 1]):
+        with pytest.raises(ValueError, match=r"`class_weight` to be a real .* tensor of 3"):
+            dot_regression_loss(h, y, frame, class_weight=weight)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`frame` to have 3 columns"):
         dot_regression_loss(h, y, torch.randn(3, 4))
     with pytest.raises(ValueError, match="`frame` to have a 2-D floating-point weight"):

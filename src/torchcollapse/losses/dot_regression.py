@@ -91,7 +91,9 @@ def dot_regression_loss(
         features: ``(N, d)`` features.
         target: ``(N,)`` integer labels in ``[0, K)``.
         frame: ``(K, d)`` frame, one row ``m_c`` per class.
-        class_weight: optional ``(K,)`` per-class weights multiplying each sample's loss.
+        class_weight: optional ``(K,)`` per-class weights multiplying each sample's loss, a
+            floating or integer tensor (cast to the loss's compute dtype, as
+            :class:`DotRegressionLoss` casts its ``class_counts``); bools are refused.
         reduction: ``"mean"`` (over samples, not over weights), ``"sum"`` or ``"none"``.
         eps: lower bound of the (detached) norms, positive.
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
@@ -111,13 +113,18 @@ def dot_regression_loss(
     weight = _check_inputs(features, target, frame, validate_args, defer_cpu_range=True)
     if class_weight is not None and (
         not isinstance(class_weight, Tensor)
-        or not class_weight.is_floating_point()
+        or class_weight.dtype == torch.bool
+        or class_weight.is_complex()
         or tuple(class_weight.shape) != (weight.shape[0],)
     ):
+        got = (
+            f"{class_weight.dtype} of shape {tuple(class_weight.shape)}"
+            if isinstance(class_weight, Tensor)
+            else repr(class_weight)
+        )
         raise ValueError(
-            f"Expected argument `class_weight` to be a floating-point tensor of {weight.shape[0]} "
-            f"entries (rows of `frame`), but got "
-            f"{tuple(class_weight.shape) if isinstance(class_weight, Tensor) else class_weight!r}."
+            f"Expected argument `class_weight` to be a real (floating or integer) tensor of "
+            f"{weight.shape[0]} entries (rows of `frame`), but got {got}."
         )
     if reduction == "none":
         scale = None
