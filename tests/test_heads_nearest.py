@@ -321,6 +321,63 @@ def test_float64_running_means_are_exact() -> None:
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_running_means_stay_float32_when_the_head_is_cast(dtype: torch.dtype) -> None:
+    """As ``FeatureCenter``'s running mean: the running means keep at least float32 under
+    ``.half()``/``.bfloat16()`` (values kept, not a rounded copy), also when built in that dtype,
+    through meta + ``to_empty`` + ``reset_parameters`` and a ``state_dict`` round trip; they
+    widen with ``.double()``. Stored in 16 bits, means of unit features near 0.9 (float16 ulp
+    2^-11, bfloat16 2^-8) froze under momentum 0.002 (updates of ~1e-4, below half an ulp).
+    Reference: the same recursion in float64 on the same (rounded) features; the library
+    normalises in float32 (rtol 1e-5 over 150 steps)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    k, d, momentum = 3, 6, 0.002
+    centres = torch.eye(k, d, dtype=F64) + 0.3 * torch.randn(k, d, generator=gen, dtype=F64)
+    drift = torch.randn(k, d, generator=gen, dtype=F64)
+    y = torch.arange(12) % k
+
+    def batch(step: int) -> torch.Tensor:
+        noise = 0.02 * torch.randn(12, d, generator=gen, dtype=F64)
+        return (centres[y] + 0.002 * step * drift[y] + noise).to(dtype)
+
+    def unit_means(features: torch.Tensor) -> torch.Tensor:
+        unit = features.double() / features.double().norm(dim=1, keepdim=True)
+        return torch.stack([unit[y == c].mean(0) for c in range(k)])
+
+    trained = NearestETFHead(d, k, momentum=momentum).train()
+    first = batch(0)
+    trained(first.float(), y)  # every class seen: the running means are the batch means
+    before = trained.running_means.clone()
+    head = trained.to(dtype)
+    assert head.running_means.dtype == torch.float32
+    assert head.frame.dtype == dtype
+    assert torch.equal(head.running_means, before)  # not a rounded copy
+    running = unit_means(first)
+    for step in range(1, 151):
+        features = batch(step)
+        running = running + momentum * (unit_means(features) - running)
+        head(features, y)
+    torch.testing.assert_close(
+        head.running_means.double(),
+        running,
+        rtol=1e-5,
+        atol=1e-6,
+        msg=lambda m: f"seed {seed}: {m}",
+    )
+    assert float((head.running_means - before).abs().max()) > 0.05  # it moved
+    assert NearestETFHead(d, k, dtype=dtype).running_means.dtype == torch.float32
+    with torch.device("meta"):
+        deferred = NearestETFHead(d, k)
+    deferred = deferred.to(dtype).to_empty(device="cpu")
+    deferred.reset_parameters()
+    assert deferred.running_means.dtype == torch.float32
+    assert torch.equal(deferred.running_means, torch.zeros(k, d))
+    deferred.load_state_dict(head.state_dict())
+    assert torch.equal(deferred.running_means, head.running_means)
+    assert head.double().running_means.dtype == F64  # widened with the module
+
+
 def test_unlabelled_then_labelled_call_in_one_step_backpropagates() -> None:
     # Semi-supervised steps: a call without labels, then one with labels (which updates the frame
     # buffer in place), then one backward through both.

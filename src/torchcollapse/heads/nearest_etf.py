@@ -16,7 +16,8 @@ thin SVD of a ``(K-1) x d`` matrix), applied to running means of the normalized 
 3. the logits use the new frame, as a constant (no gradient flows into the frame).
 
 In evaluation (or without targets) the frame stays fixed. Frame, running means and the record of
-seen classes are persistent buffers.
+seen classes are persistent buffers; the running means are kept in at least float32 (also after
+``.half()``/``.bfloat16()``, as batch statistics), so that small momentum steps do not round away.
 
 References:
     Markou, Ajanthan & Gould (2024), *Guiding neural collapse: optimising towards the nearest
@@ -26,10 +27,13 @@ References:
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum
 from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import check_features, check_positive_int, check_target
@@ -69,7 +73,8 @@ class NearestETFHead(FixedFrameHead):
         generator: CPU generator for the initial frame's orientation.
         device: device of the buffers and parameters (default: torch's default device; the
             initial frame is drawn on the CPU in any case, then moved).
-        dtype: dtype of the buffers and parameters (default: ``torch.get_default_dtype()``).
+        dtype: dtype of the buffers and parameters (default: ``torch.get_default_dtype()``);
+            the running means are at least float32.
 
     Example:
         >>> head = NearestETFHead(8, 3, momentum=1.0)
@@ -128,7 +133,13 @@ class NearestETFHead(FixedFrameHead):
         )
         self.momentum = float(momentum)
         self.proximal = float(proximal)
-        self.register_buffer("running_means", torch.zeros_like(self.frame))
+        # at least float32 (see _apply): in 16 bits small momentum steps round away
+        self.register_buffer(
+            "running_means",
+            torch.zeros_like(
+                self.frame, dtype=torch.promote_types(self.frame.dtype, torch.float32)
+            ),
+        )
         self.register_buffer(
             "class_seen", torch.zeros(num_classes, dtype=torch.bool, device=self.frame.device)
         )
@@ -140,6 +151,12 @@ class NearestETFHead(FixedFrameHead):
         with torch.no_grad():
             self.running_means.zero_()
             self.class_seen.zero_()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> NearestETFHead:
+        # the running means keep at least float32 (in float16 an update below half an ulp of the
+        # mean rounds away, and the means freeze); ``.double()`` widens them
+        apply_keeping_dtypes(self, partial(super()._apply, fn, recurse), ("running_means",))
+        return self
 
     @torch.no_grad()
     def update(self, features: Tensor, target: Tensor) -> Tensor:
