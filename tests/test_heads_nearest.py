@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,11 +265,12 @@ def test_nearest_head_learns_a_separable_problem() -> None:
 
 
 def test_nearest_head_errors() -> None:
-    with pytest.raises(ValueError, match=r"`momentum` to be in \(0, 1\]"):
-        NearestETFHead(8, 4, momentum=0.0)
-    for proximal in (-1.0, math.nan, math.inf):
+    for momentum in (0.0, 1.5, math.nan, True, "0.5", np.float64(-0.1), torch.tensor([0.1, 0.2])):
+        with pytest.raises(ValueError, match=r"`momentum` to be in \(0, 1\]"):
+            NearestETFHead(8, 4, momentum=momentum)  # type: ignore[arg-type]
+    for proximal in (-1.0, math.nan, math.inf, False, "0", np.float32(-1.0)):
         with pytest.raises(ValueError, match="`proximal` to be a finite float >= 0"):
-            NearestETFHead(8, 4, proximal=proximal)
+            NearestETFHead(8, 4, proximal=proximal)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="spherical_code"):
         NearestETFHead(2, 4)
     with pytest.raises(ValueError, match=r"`target` of shape \(N,\)"):
@@ -276,6 +278,37 @@ def test_nearest_head_errors() -> None:
     with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 3\], but got labels in"):
         NearestETFHead(8, 4)(torch.randn(3, 8), torch.tensor([0, 4, 1]))
     assert "momentum=0.1, proximal=0.001" in repr(NearestETFHead(8, 4))
+
+
+@pytest.mark.parametrize(
+    "wrap", [float, np.float64, np.float32, torch.tensor], ids=["python", "np64", "np32", "tensor"]
+)
+def test_nearest_head_reads_any_real_scalar_for_momentum_and_proximal(wrap: object) -> None:
+    """``momentum`` and ``proximal`` may be numpy or 0-dim tensor scalars (they were refused),
+    read as Python floats: the head takes the same step as with Python floats. Reference: the
+    running means of one step from unseen classes, ``(1 - m) 0 + 1 * batch mean`` on the first
+    step then ``r + m (b - r)``, in float64 (the values 0.25 and 0.0 are exact in every type)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    x1, x2 = (torch.randn(12, 6, generator=gen, dtype=F64) for _ in range(2))
+    y = torch.arange(12) % 3
+    head = NearestETFHead(6, 3, momentum=wrap(0.25), proximal=wrap(0.0), dtype=F64)  # type: ignore[operator]
+    assert type(head.momentum) is float
+    assert type(head.proximal) is float
+    assert head.momentum == 0.25
+    assert head.proximal == 0.0
+    head(x1, y)
+    head(x2, y)
+
+    def unit_means(features: torch.Tensor) -> torch.Tensor:
+        unit = features / features.norm(dim=1, keepdim=True)
+        return torch.stack([unit[y == c].mean(0) for c in range(3)])
+
+    expected = unit_means(x1) + 0.25 * (unit_means(x2) - unit_means(x1))
+    torch.testing.assert_close(
+        head.running_means, expected, rtol=1e-14, atol=1e-15, msg=lambda m: f"seed {seed}: {m}"
+    )
+    torch.testing.assert_close(head.frame, nearest_simplex_etf(expected), rtol=0, atol=1e-12)
 
 
 def _ddp_step(rank: int, world_size: int) -> dict[str, torch.Tensor]:

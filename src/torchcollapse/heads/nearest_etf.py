@@ -26,7 +26,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum
+from torchcollapse._numbers import read_number
 from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import check_features, check_positive_int, check_target
 from torchcollapse.heads.fixed_frame import FixedFrameHead, _FrameBuilder
@@ -66,9 +66,10 @@ class NearestETFHead(FixedFrameHead):
     Args:
         in_features: feature dimension ``d >= num_classes - 1``.
         num_classes: number of classes ``K >= 2``.
-        momentum: weight of the batch means in the running means (as in batch norm).
+        momentum: weight of the batch means in the running means (as in batch norm), in
+            ``(0, 1]``; any real scalar (Python, numpy, 0-dim tensor), not a bool.
         proximal: weight of the current frame in the target of the Procrustes step (0: the exact
-            nearest ETF; the default only breaks ties).
+            nearest ETF; the default only breaks ties), finite and ``>= 0``; any real scalar.
         normalize_features, scale, learnable_scale, bias, eps: as :class:`FixedFrameHead`.
         generator: CPU generator for the initial frame's orientation.
         device: device of the buffers and parameters (default: torch's default device; the
@@ -108,18 +109,9 @@ class NearestETFHead(FixedFrameHead):
     ) -> None:
         in_features = check_positive_int(in_features, "in_features")
         num_classes = check_positive_int(num_classes, "num_classes", 2)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise TypeError(f"Expected argument `momentum` to be a float, but got {momentum!r}.")
-        if not 0 < momentum <= 1:
-            raise ValueError(f"Expected argument `momentum` to be in (0, 1], but got {momentum}.")
-        if (
-            isinstance(proximal, bool)
-            or not isinstance(proximal, (int, float))
-            or not 0 <= proximal < math.inf
-        ):
-            raise ValueError(
-                f"Expected argument `proximal` to be a finite float >= 0, but got {proximal!r}."
-            )
+        # any real scalar (Python, numpy, 0-dim tensor), never a bool
+        momentum = read_number(momentum, "momentum", "in (0, 1]", lambda value: 0 < value <= 1)
+        proximal = read_number(proximal, "proximal", "a finite float >= 0", lambda v: v >= 0)
         builder = _FrameBuilder(simplex_etf, (num_classes, in_features))
         frame = builder.draw(generator, dtype, device)
         super().__init__(
