@@ -325,7 +325,10 @@ def test_balanced_softmax_ignores_samples_labelled_ignore_index(
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     logits = torch.randn(9, k, dtype=torch.float64, generator=g).requires_grad_()
     target = torch.randint(0, k, (9,), generator=g)
-    target[torch.randperm(9, generator=g)[:3]] = ignore_index
+    order = torch.randperm(9, generator=g)
+    target[order[:3]] = ignore_index
+    # at least one sample counts (else "mean" is 0 / 0, NaN as in torch): never all ignored
+    target[order[3]] = (ignore_index + 1) % k if 0 <= ignore_index < k else 0
     total = sum(counts)
     losses, grads = [], torch.zeros(9, k, dtype=torch.float64)
     for i in range(9):
@@ -1635,3 +1638,35 @@ def test_number_reading_refuses_bools_complex_and_overflow_and_keeps_data_after_
     loss = DotRegressionLoss(class_counts=[10.0, 20.0, 30.0]).to_empty(device="cpu")
     assert loss.class_counts is not None
     assert loss.class_counts.tolist() == [10.0, 20.0, 30.0]
+
+
+def test_losses_and_norms_run_on_the_meta_device() -> None:
+    """Built and called inside ``with torch.device("meta")`` (shape inference, deferred
+    initialisation): every loss and norm gives a meta result of the right shape (asking whether
+    autocast is on raised on meta), and ``DotRegressionLoss``'s counts, on the default device
+    like any buffer, come back after ``to_empty()``."""
+    counts = torch.randint(1, 100, (4,)).tolist()
+    with torch.device("meta"):
+        features, target = torch.randn(8, 3), torch.arange(8) % 4
+        frame, logits = torch.randn(4, 3), torch.randn(8, 4)
+        dot = DotRegressionLoss(class_counts=counts)
+        assert dot.class_counts is not None
+        assert dot.class_counts.is_meta
+        outputs = {
+            "dot regression": dot(features, target, frame),
+            "rescaled mse": RescaledMSELoss()(logits, target),
+            "balanced softmax": BalancedSoftmaxLoss(counts)(logits, target),
+            "collapse": CollapseRegularizer(4, nc1=1.0, nc2=1.0, nc3=1.0)(features, target, frame),
+            "running": WithinClassVariabilityLoss(4, form="running", in_features=3)(
+                features, target
+            ),
+            "feature norm": FeatureNorm()(features),
+            "feature center": FeatureCenter(3)(features),
+        }
+    for name, out in outputs.items():
+        assert out.is_meta, name
+        assert out.shape == (features.shape if name.startswith("feature") else ()), name
+    dot.to_empty(device="cpu")
+    assert dot.class_counts is not None
+    assert dot.class_counts.tolist() == [float(c) for c in counts]
+    assert dot.class_counts.dtype == torch.float32

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse._numbers import as_finite_float
 
 __all__ = [
@@ -313,7 +314,7 @@ def _nearest_simplex_etf(
     work = torch.promote_types(points.dtype, torch.float32)
     # at least float32 also under autocast, whose lower-precision products would leave the
     # frame only approximately an ETF
-    with torch.autocast(points.device.type, enabled=False):
+    with no_autocast(points.device.type):
         target = points.detach().to(work)
         target = target / torch.linalg.vector_norm(target, dim=1, keepdim=True).clamp_min(eps)
         if proximal and previous is not None:

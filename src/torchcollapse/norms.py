@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse._numbers import read_number
@@ -123,7 +124,7 @@ class FeatureNorm(nn.Module):
                 f"{getattr(features, 'dtype', type(features).__name__)}."
             )
         dtype = torch.promote_types(features.dtype, torch.float32)
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with no_autocast(features.device.type):
             h = features.to(dtype)
             norm = torch.linalg.vector_norm(h, dim=self.dim, keepdim=True).clamp_min(self.eps)
             out: Tensor = h / norm * self.log_scale.to(dtype).exp()
@@ -247,7 +248,7 @@ class FeatureCenter(nn.Module):
         dtype = torch.promote_types(
             torch.promote_types(features.dtype, self.running_mean.dtype), torch.float32
         )
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with no_autocast(features.device.type):
             flat = features.reshape(-1, self.num_features).to(dtype)
             packed = torch.cat([flat.sum(0), flat.new_full((1,), float(flat.shape[0]))])
             if self.sync_dist and is_distributed(self.process_group):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse._labels import check_label_range, label_range_error
 from torchcollapse._numbers import as_finite_float
@@ -341,7 +342,7 @@ def batch_class_statistics(
         features = gather_with_grad(features, group)
         target = gather_with_grad(target, group)
     dtype = compute_dtype(features.dtype)
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with no_autocast(features.device.type):
         h = features if features.dtype == dtype else features.to(dtype)
         target = target if target.dtype == torch.long else target.long()
         counts = count_classes(target, num_classes, dtype)

@@ -40,13 +40,12 @@ phase of deep learning training", PNAS 2020.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 
-from torchcollapse._autograd import transforms_active
+from torchcollapse._autograd import no_autocast, transforms_active
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse.losses._batch import (
     compute_dtype,
@@ -122,13 +121,6 @@ _is_compiling = torch.compiler.is_compiling
 def host_scalars(tensor: Tensor) -> bool:
     """Whether scalar maths on ``tensor``'s values may run in Python: on CPU, outside compile."""
     return tensor.is_cpu and not _is_compiling()
-
-
-def no_autocast(device_type: str) -> AbstractContextManager[Any]:
-    """A context that disables autocast on ``device_type``; a no-op when it is not enabled."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return nullcontext()
 
 
 def _where(cond: bool | Tensor, a: Scalar, b: Scalar) -> Scalar:
@@ -468,11 +460,8 @@ def collapse_terms(
     wf = weight if weight is None or weight.dtype == dtype else weight.to(dtype)
     target = target if target.dtype == torch.long else target.long()
     config = (nc1, nc1_form, target_nc1, target_mode, nc2, nc3)
-    device_type = "cpu" if hf.is_cpu else hf.device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _collapse_terms(hf, target, wf, num_classes, config, parts, validate_args)
-    return _collapse_terms(hf, target, wf, num_classes, config, parts, validate_args)
+    with no_autocast("cpu" if hf.is_cpu else hf.device.type):
+        return _collapse_terms(hf, target, wf, num_classes, config, parts, validate_args)
 
 
 def _collapse_terms(

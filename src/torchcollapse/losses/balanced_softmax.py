@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._labels import check_label_range
 from torchcollapse._numbers import as_int, read_number
@@ -151,12 +152,8 @@ class BalancedSoftmaxLoss(nn.Module):
             if not 0 <= self.ignore_index < self.num_classes:  # ignored labels are no error
                 labels = torch.where(target == self.ignore_index, 0, target)
             check_label_range(labels, self.num_classes)
-        # autocast off where it is on (the meta device has none: its autocast context raises)
-        device_type = logits.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type=device_type, enabled=False):
-                return self._adjusted_cross_entropy(logits, target)
-        return self._adjusted_cross_entropy(logits, target)
+        with no_autocast(logits.device.type):
+            return self._adjusted_cross_entropy(logits, target)
 
     def _adjusted_cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
         dtype = compute_dtype(logits.dtype)

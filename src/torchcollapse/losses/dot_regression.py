@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse._numbers import as_finite_float
@@ -188,11 +189,8 @@ def _dot_regression(
     if class_weight is not None and class_weight.dtype != dtype:
         class_weight = class_weight.to(dtype)
     args = (hf, target, mf, class_weight, eps, scale, batch_power, validate_args)
-    device_type = "cpu" if hf.is_cpu else hf.device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _dot_regression_terms(*args)
-    return _dot_regression_terms(*args)
+    with no_autocast("cpu" if hf.is_cpu else hf.device.type):
+        return _dot_regression_terms(*args)
 
 
 def _dot_regression_terms(
@@ -342,8 +340,12 @@ class DotRegressionLoss(nn.Module):
                     f"finite counts, but got {class_counts!r}."
                 )
             counts = counts.float()
+        # the values, to rebuild the buffer after to_empty() from the meta device
+        self._class_count_values = None if counts is None else tuple(counts.tolist())
         # float32 whatever the module's dtype (see _apply): float16 would round them, or
-        # overflow beyond 65504
+        # overflow beyond 65504; on the default device, as a module's buffers are
+        if counts is not None:
+            counts = counts.to(torch.get_default_device())
         self.register_buffer("class_counts", counts)
         self.reweight_power = check_weight(reweight_power, "reweight_power")
         self.reduction = reduction
@@ -352,9 +354,18 @@ class DotRegressionLoss(nn.Module):
         self.process_group = process_group
         self.validate_args = validate_args
 
+    def reset_parameters(self) -> None:
+        """Set the class counts back to the constructor's (no-op without given counts)."""
+        if self.class_counts is None or self._class_count_values is None:
+            return
+        with torch.no_grad():
+            values = torch.tensor(self._class_count_values, dtype=torch.float32, device="cpu")
+            self.class_counts.copy_(values)
+
     def _apply(self, fn: Any, recurse: bool = True) -> DotRegressionLoss:
         # the counts keep their float32 dtype and values (data of the constructor, also after
-        # to_empty()); the device follows
+        # to_empty(), from the meta device too); the device follows
+        was_meta = self.class_counts is not None and self.class_counts.is_meta
         apply_keeping_dtypes(
             self,
             partial(super()._apply, fn, recurse),
@@ -362,6 +373,8 @@ class DotRegressionLoss(nn.Module):
             always=True,
             constant=True,
         )
+        if was_meta and self.class_counts is not None and not self.class_counts.is_meta:
+            self.reset_parameters()
         return self
 
     def extra_repr(self) -> str:

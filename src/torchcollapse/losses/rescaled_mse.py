@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
+import torch  # noqa: F401  (the examples of the docstrings use it)
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse._numbers import as_finite_float
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
@@ -72,7 +73,7 @@ def rescaled_mse_loss(
     """
     k, m = _check_arguments(k, m, reduction)
     dtype = compute_dtype(logits.dtype)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with no_autocast(logits.device.type):
         f = logits.to(dtype)
         onehot = F.one_hot(target.long(), f.shape[1]).to(dtype)
         per_sample = ((1.0 + (k - 1.0) * onehot) * (f - m * onehot).pow(2)).mean(1)

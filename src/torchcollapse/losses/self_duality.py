@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     BatchCollapseTerm,
@@ -45,7 +46,7 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
         come out exactly equal: the statistics are taken about one of the samples).
     """
     means = stats.centered_means
-    with torch.autocast(device_type=means.device.type, enabled=False):
+    with no_autocast(means.device.type):
         dtype = torch.promote_types(weight.dtype, means.dtype)
         w = weight if weight.dtype == dtype else weight.to(dtype)
         m = means if means.dtype == dtype else means.to(dtype)

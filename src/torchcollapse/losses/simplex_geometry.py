@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     BatchCollapseTerm,
@@ -60,7 +61,7 @@ def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
     samples, so such means come out exactly equal) give all-zero rows: 2, with a zero gradient.
     """
     means = stats.centered_means
-    with torch.autocast(device_type=means.device.type, enabled=False):
+    with no_autocast(means.device.type):
         value = _gram_distance(means, stats.num_present, None)
         coincide = _coinciding(stats, means.dtype)
         return where_valid(stats.valid, torch.where(coincide, 2.0, value))

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
 from torchcollapse._numbers import read_number
@@ -247,11 +248,8 @@ class WithinClassVariabilityLoss(nn.Module):
         dtype = features.dtype if features.dtype in WIDE_DTYPES else compute_dtype(features.dtype)
         hf = features if features.dtype == dtype else features.to(dtype)
         target = target if target.dtype == torch.long else target.long()
-        device_type = "cpu" if hf.is_cpu else hf.device.type
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return self._running_distance(hf, target, sync)
-        return self._running_distance(hf, target, sync)
+        with no_autocast("cpu" if hf.is_cpu else hf.device.type):
+            return self._running_distance(hf, target, sync)
 
     def _running_distance(self, hf: Tensor, target: Tensor, sync: bool) -> Tensor:
         """Update the running means (in training), then the weighted mean squared distance.
