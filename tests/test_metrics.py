@@ -843,3 +843,33 @@ def test_update_with_nc4_reads_and_copies_nothing_on_the_accelerator_path(
     nearest = torch.cdist(h, means).argmin(1)
     expected = (decided != nearest).double().mean().item()
     assert metric.compute()["nc4"].item() == pytest.approx(expected, abs=1e-12), f"seed {seed}"
+
+
+def test_nc4_counts_merged_in_are_dropped_by_new_reference_means() -> None:
+    """Counts that ``merge_state`` brings in were taken against the sender's means: new means
+    drop them, as the metric's own (NC4 is over the samples updated since the current means
+    were set); the result equals a metric that saw only the later samples, and a brute-force
+    count."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d = 3, 4
+    head = nn.Linear(d, k).double()
+    first, second = torch.randn(k, d, generator=g), torch.randn(k, d, generator=g)
+    h1, h2 = torch.randn(30, d, generator=g), torch.randn(30, d, generator=g)
+    y1, y2 = torch.arange(30) % k, torch.randn(30, generator=g).argsort() % k
+    sender = NeuralCollapse(k, classifier=head, class_means=first)
+    sender.update(h1, y1)
+    receiver = NeuralCollapse(k, classifier=head)
+    receiver.merge_state(sender)
+    assert receiver.nc4_samples.item() == 30  # merged in, as torchmetrics merges
+    receiver.set_class_means(second)
+    receiver.update(h2, y2)
+    alone = NeuralCollapse(k, classifier=head, class_means=second)
+    alone.update(h2, y2)
+    h = h2.double()
+    with torch.no_grad():
+        decided = (h @ head.weight.T + head.bias).argmax(1)
+    expected = (decided != torch.cdist(h, second.double()).argmin(1)).double().mean().item()
+    assert receiver.nc4_samples.item() == 30, f"seed {seed}"
+    for metric in (receiver, alone):
+        assert metric.compute()["nc4"].item() == pytest.approx(expected, abs=1e-12), f"seed {seed}"

@@ -440,6 +440,13 @@ class CollapseStatisticsMetric(Metric):
             self.nc4_samples += samples
             self._nc4_counted_here = True
 
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """torchmetrics' merge; NC4 counts merged in count as this metric's own (dropped by the
+        next :meth:`set_class_means`, like counts it took against its current means), unlike
+        counts restored from a ``state_dict``."""
+        super().merge_state(incoming_state)
+        self._nc4_counted_here = True
+
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         """Merge another state into this one (``forward``, ``merge_state``), exactly."""
         for name in self._defaults:
