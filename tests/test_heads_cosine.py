@@ -182,3 +182,22 @@ def test_per_sample_gradients_with_a_margin_match_a_loop(margin_type: str) -> No
             torch.testing.assert_close(
                 per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"seed {seed}, {name}"
             )
+
+
+def test_margin_may_be_any_real_scalar() -> None:
+    """``margin`` is read like every other number argument: numpy and 0-dim tensor scalars give
+    the head of the Python float (same logits), bools and strings are refused by name."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x, y = torch.randn(5, 8, generator=g), torch.randint(0, 4, (5,), generator=g)
+    torch.manual_seed(0)
+    expected = CosineHead(8, 4, margin=0.25)(x, y)
+    for margin in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25)):
+        torch.manual_seed(0)
+        head = CosineHead(8, 4, margin=margin)
+        assert type(head.margin) is float
+        torch.testing.assert_close(head(x, y), expected, rtol=0, atol=0)
+    for bad in (True, "0.2", -0.1, float("nan")):
+        with pytest.raises(ValueError, match="`margin`"):
+            CosineHead(8, 4, margin=bad)

@@ -271,7 +271,8 @@ def test_nearest_head_errors() -> None:
     for proximal in (-1.0, math.nan, math.inf, False, "0", np.float32(-1.0)):
         with pytest.raises(ValueError, match="`proximal` to be a finite float >= 0"):
             NearestETFHead(8, 4, proximal=proximal)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="spherical_code"):
+    # named as the head's argument, as SimplexETFHead does
+    with pytest.raises(ValueError, match=r"`in_features` to be at least `num_classes - 1` = 3"):
         NearestETFHead(2, 4)
     with pytest.raises(ValueError, match=r"`target` of shape \(N,\)"):
         NearestETFHead(8, 4)(torch.randn(3, 8), torch.zeros(2, dtype=torch.long))

@@ -19,6 +19,7 @@ import contextlib
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1670,3 +1671,28 @@ def test_losses_and_norms_run_on_the_meta_device() -> None:
     assert dot.class_counts is not None
     assert dot.class_counts.tolist() == [float(c) for c in counts]
     assert dot.class_counts.dtype == torch.float32
+
+
+def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:
+    """As ``nn.Linear`` takes numpy integers for its sizes: ``num_classes`` of the regularizers,
+    the metrics and the statistics is read as a Python int from any integer (numpy's, a 0-dim
+    tensor), giving the same values as the int; bools and floats are refused by name."""
+    from torchcollapse.metrics import NeuralCollapse
+    from torchcollapse.stats import ClassStatistics
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    features, target = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.arange(12) % 4
+    builders: dict[str, Callable[[Any], Any]] = {
+        "regularizer": lambda k: CollapseRegularizer(k, nc1=1.0, nc2=1.0)(features, target),
+        "nc1": lambda k: WithinClassVariabilityLoss(k)(features, target),
+        "nc2": lambda k: SimplexGeometryLoss(k)(features, target),
+        "metric": lambda k: NeuralCollapse(k).forward(features, target)["nc1"],
+        "statistics": lambda k: ClassStatistics.from_features(features, target, k).counts,
+    }
+    for name, build in builders.items():
+        expected = build(4)
+        for k in (np.int64(4), np.int32(4), torch.tensor(4)):
+            assert torch.equal(build(k), expected), f"{name}: {type(k).__name__}"
+        for bad in (True, 4.0, "4"):
+            with pytest.raises(ValueError, match="`num_classes`"):
+                build(bad)

@@ -19,6 +19,7 @@ from torchcollapse.frames import (
     simplex_etf,
     spherical_code,
 )
+from torchcollapse.functional.means import UndefinedCollapse
 from torchcollapse.heads import (
     CosineHead,
     FixedFrameHead,
@@ -76,6 +77,7 @@ __all__ = [
     "SimplexETFHead",
     "SimplexGeometryLoss",
     "SphericalCodeHead",
+    "UndefinedCollapse",
     "WithinClassVariabilityLoss",
     "__version__",
     "cross_entropy_floor",

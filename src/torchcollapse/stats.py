@@ -73,6 +73,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from torchcollapse._distributed import is_distributed
+from torchcollapse._numbers import as_int
 
 __all__ = ["ClassStatistics", "symmetric_product"]
 
@@ -103,11 +104,14 @@ def _check_features(features: Any, name: str = "features") -> None:
         )
 
 
-def _check_num_classes(num_classes: Any) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+def _check_num_classes(num_classes: Any) -> int:
+    """``num_classes`` as a Python int (any integer type, not a bool); raise unless positive."""
+    value = as_int(num_classes)
+    if value is None or value < 1:
         raise ValueError(
             f"Expected argument `num_classes` to be a positive integer, but got {num_classes!r}."
         )
+    return value
 
 
 def _check_features_target(
@@ -247,7 +251,7 @@ class ClassStatistics:
             >>> ClassStatistics.zeros(3, 2).num_present
             0
         """
-        _check_num_classes(num_classes)
+        num_classes = _check_num_classes(num_classes)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(
                 f"Expected argument `num_features` to be a positive integer, but got"
@@ -286,7 +290,7 @@ class ClassStatistics:
             >>> stats.counts
             tensor([1., 2.], dtype=torch.float64)
         """
-        _check_num_classes(num_classes)
+        num_classes = _check_num_classes(num_classes)
         _check_features(features)
         stats = cls.zeros(num_classes, features.shape[1], device=features.device, dtype=dtype)
         return stats.update(features, target, validate_args=validate_args)

@@ -16,6 +16,9 @@ uniformity gap". The formula sheet and its conventions are in each function's do
   :func:`min_angle_optimal`, :func:`spherical_energy_optimal`.
 - Building blocks: :func:`class_means`, :func:`centred_class_means`,
   :func:`within_class_covariance`, :func:`between_class_covariance`.
+- :class:`UndefinedCollapse` (a ``ValueError``): a quantity that the data leave undefined (fewer
+  than two classes, coinciding class means, ...); :data:`MEAN_KEYS` and :data:`WEIGHT_KEYS`: the
+  keys :func:`neural_collapse_compute` gives from the means and from a classifier.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torchcollapse.functional.geometry import (
     spherical_energy_optimal,
 )
 from torchcollapse.functional.means import (
+    UndefinedCollapse,
     between_class_covariance,
     centred_class_means,
     class_means,
@@ -40,6 +44,8 @@ from torchcollapse.functional.means import (
 )
 from torchcollapse.functional.nearest_class_center import neural_collapse_nc4
 from torchcollapse.functional.neural_collapse import (
+    MEAN_KEYS,
+    WEIGHT_KEYS,
     neural_collapse,
     neural_collapse_compute,
     neural_collapse_nc2,
@@ -51,6 +57,9 @@ from torchcollapse.functional.variability import (
 )
 
 __all__ = [
+    "MEAN_KEYS",
+    "WEIGHT_KEYS",
+    "UndefinedCollapse",
     "between_class_covariance",
     "centred_class_means",
     "class_means",

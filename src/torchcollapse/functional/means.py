@@ -33,6 +33,7 @@ from torchcollapse.stats import ClassStatistics
 
 __all__ = [
     "GlobalMean",
+    "UndefinedCollapse",
     "between_class_covariance",
     "centred_class_means",
     "class_means",

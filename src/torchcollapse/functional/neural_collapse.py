@@ -375,7 +375,7 @@ def neural_collapse(
         else:
             num_classes = 1
     else:
-        _check_num_classes(num_classes)
+        num_classes = _check_num_classes(num_classes)
     _check_features_target(features, target, num_classes, validate_args=validate_args)
     stats = ClassStatistics.from_features(features, target, num_classes, validate_args=False)
     if bias is not None and weight is None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import as_finite_float, read_number
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
     check_features,
@@ -108,16 +108,11 @@ class CosineHead(ScaledHeadMixin, nn.Module):
                 f"but got {margin_type!r}."
             )
         upper = math.pi if margin_type == "arcface" else math.inf
-        if (
-            isinstance(margin, bool)
-            or not isinstance(margin, (int, float))
-            or not 0 <= margin < upper
-        ):
-            interval = "[0, pi)" if margin_type == "arcface" else "[0, inf)"
-            raise ValueError(
-                f"Expected argument `margin` to be a number in {interval} for {margin_type}, "
-                f"but got {margin!r}."
-            )
+        interval = "[0, pi)" if margin_type == "arcface" else "[0, inf)"
+        # any real scalar (Python, numpy, 0-dim tensor), never a bool
+        margin = read_number(
+            margin, "margin", f"a number in {interval} for {margin_type}", lambda m: 0 <= m < upper
+        )
         eps_value = as_finite_float(eps)
         if eps_value is None or not eps_value > 0:
             raise ValueError(f"Expected argument `eps` to be > 0, but got {eps!r}.")

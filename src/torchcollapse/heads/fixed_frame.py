@@ -254,13 +254,7 @@ class SimplexETFHead(FixedFrameHead):
     ) -> None:
         in_features = check_positive_int(in_features, "in_features")
         num_classes = check_positive_int(num_classes, "num_classes", 2)
-        if in_features < num_classes - 1:
-            raise ValueError(
-                f"Expected argument `in_features` to be at least `num_classes - 1` ="
-                f" {num_classes - 1} for a simplex ETF, but got {in_features}; use"
-                f" SphericalCodeHead({in_features}, {num_classes}) for more classes than"
-                " dimensions + 1."
-            )
+        check_simplex_features(in_features, num_classes)
         builder = _FrameBuilder(simplex_etf, (num_classes, in_features))
         frame = builder.draw(generator, dtype, device)
         super().__init__(
@@ -386,6 +380,17 @@ class OrthogonalFrameHead(FixedFrameHead):
             device=device,
         )
         self._frame_builder = builder
+
+
+def check_simplex_features(in_features: int, num_classes: int) -> None:
+    """Raise unless a simplex ETF of ``num_classes`` exists in ``in_features`` dimensions."""
+    if in_features < num_classes - 1:
+        raise ValueError(
+            f"Expected argument `in_features` to be at least `num_classes - 1` ="
+            f" {num_classes - 1} for a simplex ETF, but got {in_features}; use"
+            f" SphericalCodeHead({in_features}, {num_classes}) for more classes than"
+            " dimensions + 1."
+        )
 
 
 class _FrameBuilder:

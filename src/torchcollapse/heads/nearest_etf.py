@@ -37,7 +37,7 @@ from torchcollapse._distributed import all_reduce_sum
 from torchcollapse._numbers import read_number
 from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import check_features, check_positive_int, check_target
-from torchcollapse.heads.fixed_frame import FixedFrameHead, _FrameBuilder
+from torchcollapse.heads.fixed_frame import FixedFrameHead, _FrameBuilder, check_simplex_features
 
 __all__ = ["NearestETFHead"]
 
@@ -109,6 +109,7 @@ class NearestETFHead(FixedFrameHead):
     ) -> None:
         in_features = check_positive_int(in_features, "in_features")
         num_classes = check_positive_int(num_classes, "num_classes", 2)
+        check_simplex_features(in_features, num_classes)
         # any real scalar (Python, numpy, 0-dim tensor), never a bool
         momentum = read_number(momentum, "momentum", "in (0, 1]", lambda value: 0 < value <= 1)
         proximal = read_number(proximal, "proximal", "a finite float >= 0", lambda v: v >= 0)

@@ -7,6 +7,11 @@
   over the global batch under ``torch.distributed``: :class:`WithinClassVariabilityLoss` (NC1),
   :class:`SimplexGeometryLoss` (NC2), :class:`SelfDualityLoss` (NC3), and their sum
   :class:`CollapseRegularizer`, which can aim at a target level of NC1.
+- The same terms composed from plain autograd operations, for combinations of one's own:
+  :func:`batch_class_statistics` (differentiable :class:`BatchClassStatistics` of the global
+  batch), then :func:`within_class_variability`, :func:`simplex_geometry_of_means`,
+  :func:`simplex_gram_distance` and :func:`self_duality_distance` (slower than the modules, which
+  hand autograd closed-form gradients; the same values).
 
 The regularizers and :class:`DotRegressionLoss` hand autograd closed-form gradients: they are
 first-order only. A backward with ``create_graph=True`` (gradient penalties, MAML-style
@@ -18,6 +23,7 @@ either).
 
 from __future__ import annotations
 
+from torchcollapse.losses._batch import BatchClassStatistics, batch_class_statistics
 from torchcollapse.losses.balanced_softmax import BalancedSoftmaxLoss
 from torchcollapse.losses.collapse import CollapseRegularizer, target_penalty
 from torchcollapse.losses.dot_regression import (
@@ -26,20 +32,30 @@ from torchcollapse.losses.dot_regression import (
     dot_regression_loss,
 )
 from torchcollapse.losses.rescaled_mse import RescaledMSELoss, rescaled_mse_loss
-from torchcollapse.losses.self_duality import SelfDualityLoss
-from torchcollapse.losses.simplex_geometry import SimplexGeometryLoss
-from torchcollapse.losses.within_class import WithinClassVariabilityLoss
+from torchcollapse.losses.self_duality import SelfDualityLoss, self_duality_distance
+from torchcollapse.losses.simplex_geometry import (
+    SimplexGeometryLoss,
+    simplex_geometry_of_means,
+    simplex_gram_distance,
+)
+from torchcollapse.losses.within_class import WithinClassVariabilityLoss, within_class_variability
 
 __all__ = [
     "BalancedSoftmaxLoss",
+    "BatchClassStatistics",
     "CollapseRegularizer",
     "DotRegressionLoss",
     "RescaledMSELoss",
     "SelfDualityLoss",
     "SimplexGeometryLoss",
     "WithinClassVariabilityLoss",
+    "batch_class_statistics",
     "class_weights_from_counts",
     "dot_regression_loss",
     "rescaled_mse_loss",
+    "self_duality_distance",
+    "simplex_geometry_of_means",
+    "simplex_gram_distance",
     "target_penalty",
+    "within_class_variability",
 ]

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torchcollapse._autograd import no_autocast
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse._labels import check_label_range, label_range_error
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import as_finite_float, as_int
 
 __all__ = [
     "BatchClassStatistics",
@@ -135,12 +135,15 @@ def check_classifier_shape(weight: Tensor, num_classes: int, in_features: int) -
         )
 
 
-def check_num_classes(num_classes: Any) -> None:
-    """Raise unless ``num_classes`` is a positive integer."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+def check_num_classes(num_classes: Any) -> int:
+    """``num_classes`` as a Python int; raise unless it is a positive integer (any integer type,
+    numpy's and 0-dim tensors too; not a bool)."""
+    value = as_int(num_classes)
+    if value is None or value < 1:
         raise ValueError(
             f"Expected argument `num_classes` to be a positive integer, but got {num_classes!r}."
         )
+    return value
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -183,7 +186,7 @@ class BatchCollapseTerm(nn.Module):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         self.num_classes = num_classes
         self.weight = check_weight(weight)
         self.sync_dist = sync_dist

@@ -144,7 +144,7 @@ class CollapseRegularizer(nn.Module):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         nc1, nc2, nc3 = (
             check_weight(w, name) for w, name in ((nc1, "nc1"), (nc2, "nc2"), (nc3, "nc3"))
         )

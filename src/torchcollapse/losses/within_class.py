@@ -168,7 +168,7 @@ class WithinClassVariabilityLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         if form not in _FORMS:
             raise ValueError(f"Expected argument `form` to be one of {_FORMS}, but got {form!r}.")
         if momentum is not None:

@@ -162,7 +162,7 @@ class CollapseStatisticsMetric(Metric):
             # The classifier is read live at compute: a cached result would outlive its changes.
             kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
-        _check_num_classes(num_classes)
+        num_classes = _check_num_classes(num_classes)
         if num_classes < 2:
             raise ValueError(
                 "Expected argument `num_classes` to be at least 2 (every collapse quantity"
