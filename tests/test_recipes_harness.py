@@ -420,3 +420,51 @@ def test_config_rejects_repeated_seeds_and_resume_without_a_run(tmp_path: Path) 
         parse_config(_Config, ["--seeds", "0", "0", "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="to name a run folder"):
         parse_config(_Config, ["--resume", "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _tiny_experiment_config(out: Path, cache: Path, **changes: object) -> _Config:
+    return _Config(
+        model="mlp", width=16, feature_dim=8, train_samples=64, test_samples=32, batch_size=32,
+        epochs=1, seeds=(0,), progress=False, cache_dir=str(cache), out=str(out), **changes,
+    )  # fmt: skip
+
+
+def _tiny_run(experiment: object, seed: int = 0) -> list[dict[str, object]]:
+    from harness.train import Experiment, Objective
+
+    assert isinstance(experiment, Experiment)
+    data = experiment.data
+
+    def build() -> tuple[nn.Module, Objective]:
+        model = experiment.config.build_model(data.input_shape, data.num_classes)
+        return model, Objective()
+
+    _, history = experiment.run("tiny", seed, build, evaluate=lambda model: {})  # type: ignore[arg-type]
+    return history
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
+def test_resume_reads_the_checkpoint_whatever_the_training_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A GPU run's checkpoint read back with map_location=<the GPU> put the saved CPU random state
+    # on the GPU, which torch.set_rng_state refuses. Resuming a finished run with the model on
+    # the meta device (nothing is computed; the data stays on the CPU for the sampler) stands in
+    # for a device other than the CPU.
+    from harness.data import Dataset
+    from harness.train import Experiment
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    with Experiment(_tiny_experiment_config(out, cache)) as experiment:
+        history = _tiny_run(experiment)
+    expected_state = torch.get_rng_state()
+    torch.manual_seed(12345)
+    config = _tiny_experiment_config(out, cache, resume=True, device="meta")
+    monkeypatch.setattr(Dataset, "to", lambda self, device: self)
+    with Experiment(config) as experiment:
+        resumed = _tiny_run(experiment)
+    assert [row["epoch"] for row in resumed] == [row["epoch"] for row in history] == [1]
+    assert torch.equal(torch.get_rng_state(), expected_state)  # the saved state, restored

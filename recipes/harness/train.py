@@ -357,7 +357,9 @@ class Experiment:
         history: list[dict[str, Any]] = []
         start = 1
         if config.resume and path.is_file():
-            state = torch.load(path, map_location=runtime.device, weights_only=False)
+            # read onto the CPU: torch.set_rng_state takes only a CPU ByteTensor, and
+            # load_state_dict copies the model's and optimiser's tensors to their device
+            state = torch.load(path, map_location="cpu", weights_only=False)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
