@@ -92,6 +92,24 @@ def test_config_roundtrip_and_resume_reuses_saved(tmp_path: Path) -> None:
         parse_config(_Config, ["--resume", "--out", str(tmp_path), "--epochs", "9"])
 
 
+def test_config_file_of_an_earlier_run_never_takes_over_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # config.json of a run stores its `out` (and `resume`); starting a new run from it must not
+    # write into (and wipe the checkpoints of) the old folder, nor continue its checkpoints.
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "old"
+    for resume in (False, True):
+        save_config(_Config(epochs=3, extra=2.5, out=str(old), resume=resume), old / "config.json")
+        config = parse_config(_Config, ["--config", str(old / "config.json"), "--lr", "0.1"])
+        assert (config.epochs, config.extra, config.lr) == (3, 2.5, 0.1)  # settings carried over
+        assert config.resume is False
+        assert config.out is not None
+        assert Path(config.out).parent == Path("runs/unit")  # a fresh folder of its own
+        given = parse_config(_Config, ["--config", str(old / "config.json"), "--out", "new"])
+        assert (given.out, given.resume) == ("new", False)
+
+
 def test_resume_without_out_picks_the_newest_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

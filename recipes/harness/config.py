@@ -6,7 +6,9 @@ field's ``metadata["help"]``. Values resolve in this order, later winning:
 
 1. the dataclass defaults,
 2. ``--preset NAME`` (a dict of overrides the recipe declares, e.g. ``paper``),
-3. ``--config file.json`` (keys are field names; unknown keys are an error),
+3. ``--config file.json`` (keys are field names; unknown keys are an error; the ``out`` and
+   ``resume`` of a saved run's ``config.json`` are ignored, so a run started from it gets a
+   folder of its own unless ``--out`` says otherwise),
 4. flags given explicitly on the command line.
 
 ``--resume`` with an ``--out`` folder (or, without ``--out``, the newest run of the study) reloads
@@ -47,6 +49,9 @@ C = TypeVar("C")
 
 #: Fields that may differ between an interrupted run and its ``--resume``.
 RUNTIME_FIELDS = frozenset({"out", "resume", "device", "progress", "threads"})
+
+#: Fields a ``--config`` file never sets: where a saved run lives and whether it was resumed.
+_RUN_FIELDS = frozenset({"out", "resume"})
 
 
 def arg(default: Any, help: str) -> Any:
@@ -309,7 +314,11 @@ def parse_config(
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", type=Path, help="JSON file of field values.")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="JSON file of field values (a saved config.json: its out and resume are ignored).",
+    )
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="Named set of overrides.")
     hints = typing.get_type_hints(cls)
@@ -345,7 +354,8 @@ def parse_config(
     if preset is not None:
         values.update(_coerce(cls, presets[preset], f"preset {preset!r}"))
     if config_file is not None:
-        values.update(_coerce(cls, json.loads(config_file.read_text()), str(config_file)))
+        from_file = _coerce(cls, json.loads(config_file.read_text()), str(config_file))
+        values.update({k: v for k, v in from_file.items() if k not in _RUN_FIELDS})
     values.update(explicit)
     config = cls(**values)
     if any(f.name == "out" for f in dataclasses.fields(cls)) and config.out is None:  # type: ignore[arg-type]
