@@ -241,7 +241,13 @@ def _builder(
 
 
 def _penultimate(model: CollapseModel, data: Dataset, split: Split, runtime: Runtime) -> Split:
-    """Frozen ``forward_features`` of a whole split, gathered from every process (float64)."""
+    """Frozen ``forward_features`` of a whole split, gathered from every process (float64).
+
+    Each process runs its shard (``rank::world_size``); the gathered rows are put back in the
+    split's order, so that whatever is drawn by position (the few-shot support) is the same
+    for one process and N.
+    """
+    device = split.targets.device
     index = torch.arange(runtime.rank, len(split), runtime.world_size)
     features, targets = [], []
     with torch.no_grad():
@@ -249,9 +255,18 @@ def _penultimate(model: CollapseModel, data: Dataset, split: Split, runtime: Run
             inputs, target = split.batch(chunk)
             features.append(model.forward_features(data.preprocess(inputs, train=False)).double())
             targets.append(target)
-    local = torch.cat(features) if features else torch.zeros(0, model.feature_dim)
-    local_target = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-    return Split(gather_with_grad(local.double()), gather_with_grad(local_target))
+    local = (
+        torch.cat(features)
+        if features
+        else torch.zeros(0, model.feature_dim, dtype=torch.float64, device=device)
+    )
+    local_target = (
+        torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device)
+    )
+    if runtime.world_size == 1:
+        return Split(local, local_target)
+    order = torch.argsort(gather_with_grad(index.to(device)))  # gathered row -> sample
+    return Split(gather_with_grad(local)[order], gather_with_grad(local_target)[order])
 
 
 def transfer_metrics(

@@ -17,6 +17,8 @@ from harness.data import Dataset, Split
 from harness.outputs import Stat, final_rows, read_csv
 from transfer import RUNS, correlations, findings, split_classes
 
+from tests._helpers.ddp import run_distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--train-samples", "600", "--test-samples", "200", "--batch-size", "64", "--width", "8",
@@ -164,6 +166,34 @@ def test_findings_follow_the_numbers() -> None:
     assert reversed_.count("did not hold here") == 2
 
 
+def _penultimate_rank(rank: int, world_size: int, model: object, data: Dataset) -> Split:
+    from harness.train import Runtime
+
+    return transfer._penultimate(model, data, data.train, Runtime(rank, world_size))  # type: ignore[arg-type]
+
+
+@pytest.mark.ddp
+def test_penultimate_gathers_the_features_in_sample_order() -> None:
+    # The few-shot support is drawn by position, so the gathered features must keep the split's
+    # order (not rank 0's shard, then rank 1's) for N processes to pick the samples one does.
+    from harness.models import build_model
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n = 7  # odd: the shards differ in size
+    split = Split(torch.randn(n, 1, 40, generator=g), torch.randint(0, 3, (n,), generator=g))
+    data = Dataset("mnist1d", split, split, 3)
+    model = build_model("mlp", (1, 40), 3, width=8, feature_dim=4).eval()
+    with torch.no_grad():  # float64 reference, one sample at a time
+        expected = torch.cat(
+            [model.double().forward_features(x[None].double()) for x in split.inputs]
+        )
+    model.float()
+    for rank_split in run_distributed(_penultimate_rank, 2, model, data):
+        assert torch.equal(rank_split.targets, split.targets)
+        # float32 forward passes against float64: a few float32 roundings of O(1) values
+        torch.testing.assert_close(rank_split.inputs, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.ddp
 def test_torchrun_two_processes_match_one_process(tmp_path: Path, cache: str) -> None:
     args = [*TINY, "--runs", "reg_pos", "--cache-dir", cache]
@@ -178,7 +208,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path, cache: str) ->
     ddp = final_rows(read_csv(tmp_path / "ddp" / "metrics.csv"), "probe_acc")
     one = final_rows(read_csv(tmp_path / "one" / "metrics.csv"), "probe_acc")
     for a, b in zip(ddp, one):
-        for column in ("loss", "source_nc1", "target_cdnv", "probe_acc", "ncm_all_acc"):
+        shots = [f"ncm_{k}shot_{stat}" for k in (1, 5) for stat in ("acc", "std")]
+        for column in ("loss", "source_nc1", "target_cdnv", "probe_acc", "ncm_all_acc", *shots):
             # same global batches; float32 reductions in another order drift ~1e-6 relative, and
             # the probe's accuracy on 100 queries moves only if a prediction sits on a boundary
             assert a[column] == pytest.approx(b[column], rel=1e-3, abs=1e-6), column
