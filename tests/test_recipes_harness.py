@@ -184,6 +184,74 @@ def test_augment_cifar_crops_a_padded_window_and_flips() -> None:
         assert any(torch.equal(out[b], w) or torch.equal(out[b], w.flip(2)) for w in windows)
 
 
+def _augmented_epoch(data: object, rank: int, world_size: int) -> list[Tensor]:
+    """The augmented inputs each step of one epoch feeds this rank (``train_one_epoch``)."""
+    from harness.data import Dataset
+    from harness.train import Objective, Runtime, train_one_epoch
+
+    assert isinstance(data, Dataset)
+    seen: list[Tensor] = []
+    preprocess = data.preprocess
+
+    def spy(inputs: Tensor, **kwargs: object) -> Tensor:
+        out = preprocess(inputs, **kwargs)  # type: ignore[arg-type]
+        seen.append(out.detach().clone())
+        return out
+
+    class Module(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return x.flatten(1), self.linear(x.flatten(1))
+
+    module = Module()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    sampler = ShardedBatchSampler(data.train.targets, 8, seed=3, rank=rank, world_size=world_size)
+    sampler.set_epoch(2)
+    data.preprocess = spy  # type: ignore[method-assign]
+    try:
+        train_one_epoch(
+            module, Objective(), optimizer, scheduler, scaler, data, sampler,
+            Runtime(rank, world_size), None, seed=3, epoch=2,
+        )  # fmt: skip
+    finally:
+        data.preprocess = preprocess  # type: ignore[method-assign]
+    return seen
+
+
+def test_cifar_augmentation_does_not_depend_on_the_number_of_processes(tmp_path: Path) -> None:
+    # Each image of a global batch gets the same crop and flip whether one process or several
+    # train on it (the docs promise the same global batches for 1 and N processes).
+    write_random_cifar10(tmp_path, 21, 2, seed=int(torch.randint(0, 2**31, ())))
+    data = load_cifar("cifar10", tmp_path)
+    one = _augmented_epoch(data, 0, 1)
+    ranks = [_augmented_epoch(data, r, 2) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 3  # global batches of 8, 8 and 5
+    for step, whole in enumerate(one):
+        for r in range(2):
+            assert torch.equal(ranks[r][step], whole[r::2])
+
+
+def test_augment_cifar_draws_for_the_global_batch() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    seed = int(torch.randint(0, 2**31, ()))
+    whole = augment_cifar(
+        images, "cifar10", train=True, generator=torch.Generator().manual_seed(seed)
+    )
+    for rank in range(3):
+        positions = torch.arange(7)[rank::3]
+        part = augment_cifar(
+            images[positions], "cifar10", train=True,
+            generator=torch.Generator().manual_seed(seed), positions=positions, batch_size=7,
+        )  # fmt: skip
+        assert torch.equal(part, whole[positions])
+
+
 def test_sharded_sampler_ranks_partition_the_single_process_batches() -> None:
     targets = torch.arange(103) % 5
     single = ShardedBatchSampler(targets, 20, seed=3)

@@ -96,11 +96,24 @@ class Dataset:
         return Dataset(self.name, self.train.to(device), self.test.to(device), self.num_classes)
 
     def preprocess(
-        self, inputs: Tensor, *, train: bool, generator: torch.Generator | None = None
+        self,
+        inputs: Tensor,
+        *,
+        train: bool,
+        generator: torch.Generator | None = None,
+        positions: Tensor | None = None,
+        batch_size: int | None = None,
     ) -> Tensor:
-        """Float inputs for the model: CIFAR is normalised (and augmented when ``train``)."""
+        """Float inputs for the model: CIFAR is normalised (and augmented when ``train``).
+
+        ``positions`` and ``batch_size`` say which rows of a global batch ``inputs`` are, so
+        that the augmentation is drawn for the global batch (see :func:`augment_cifar`).
+        """
         if self.name.startswith("cifar"):
-            return augment_cifar(inputs, self.name, train=train, generator=generator)
+            return augment_cifar(
+                inputs, self.name, train=train, generator=generator,
+                positions=positions, batch_size=batch_size,
+            )  # fmt: skip
         return inputs
 
 
@@ -263,13 +276,28 @@ def load_dataset(
 
 
 def augment_cifar(
-    images: Tensor, dataset: str, *, train: bool, generator: torch.Generator | None = None
+    images: Tensor,
+    dataset: str,
+    *,
+    train: bool,
+    generator: torch.Generator | None = None,
+    positions: Tensor | None = None,
+    batch_size: int | None = None,
 ) -> Tensor:
     """Normalise a ``uint8`` batch ``(B, 3, 32, 32)``; in training also random-crop and flip.
 
     The crop pads by 4 pixels with zeros and picks one 32x32 window per image; the flip mirrors
     half of the images. Random draws come from ``generator`` (on the batch's device) so runs repeat.
+
+    When ``images`` are the rows ``positions`` of a global batch of ``batch_size`` images (one
+    process's slice under ``torchrun``), the crops and flips are drawn for the whole global batch
+    and those rows kept: with the same generator, every image is augmented as one process would.
     """
+    if (positions is None) != (batch_size is None):
+        raise ValueError(
+            "Expected arguments `positions` and `batch_size` to be given together, but got "
+            f"positions={'None' if positions is None else 'a tensor'} and batch_size={batch_size}."
+        )
     mean, std = (
         torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in CIFAR_MEAN_STD[dataset]
     )
@@ -277,14 +305,25 @@ def augment_cifar(
     if not train:
         return x
     b, _, h, w = x.shape
+    if positions is not None and batch_size is not None:
+        if positions.shape != (b,):
+            raise ValueError(
+                f"Expected argument `positions` to hold one position per image ({b}), but got "
+                f"shape {tuple(positions.shape)}."
+            )
+        draws, keep = batch_size, positions.to(x.device)
+    else:
+        draws, keep = b, None
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (b, 1, 1), device=x.device, generator=generator)
-    dx = torch.randint(0, 9, (b, 1, 1), device=x.device, generator=generator)
+    dy = torch.randint(0, 9, (draws, 1, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 9, (draws, 1, 1), device=x.device, generator=generator)
+    flip = torch.rand(draws, device=x.device, generator=generator) < 0.5
+    if keep is not None:
+        dy, dx, flip = dy[keep], dx[keep], flip[keep]
     rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(b, h, w)
     cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx).expand(b, h, w)
     batch = torch.arange(b, device=x.device).view(b, 1, 1).expand(b, h, w)
     cropped = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
     return torch.where(flip.view(b, 1, 1, 1), cropped.flip(3), cropped).contiguous()
 
 

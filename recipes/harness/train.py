@@ -456,15 +456,20 @@ def train_one_epoch(
     and the number of samples seen by all ranks together.
     """
     module.train()
+    # the same augmentation stream on every rank: each draws for the global batch (see
+    # augment_cifar), so one process and N augment every image alike
     generator = torch.Generator(device=runtime.device)
-    generator.manual_seed(seed * 100_003 + epoch * 1_009 + runtime.rank)
+    generator.manual_seed(seed * 100_003 + epoch * 1_009)
     sample_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     batch_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     total_samples = 0
     for batch in sampler.global_batches():
         local = batch[runtime.rank :: runtime.world_size]
+        positions = torch.arange(runtime.rank, len(batch), runtime.world_size)
         inputs, target = data.train.batch(local)
-        inputs = data.preprocess(inputs, train=True, generator=generator)
+        inputs = data.preprocess(
+            inputs, train=True, generator=generator, positions=positions, batch_size=len(batch)
+        )
         with _autocast(runtime.device, amp_dtype):
             features, logits = module(inputs)
             per_sample = objective.sample_loss(logits, features, target)
