@@ -110,6 +110,21 @@ def test_config_file_of_an_earlier_run_never_takes_over_its_folder(
         assert (given.out, given.resume) == ("new", False)
 
 
+def test_resume_accepts_a_new_data_location(tmp_path: Path) -> None:
+    # Where the data lies does not change what is trained: a resumed run may read it elsewhere.
+    save_config(
+        _Config(epochs=3, data_root="old", cache_dir="old-cache", out=str(tmp_path)),
+        tmp_path / "config.json",
+    )
+    resumed = parse_config(
+        _Config,
+        ["--resume", "--out", str(tmp_path), "--data-root", "new", "--cache-dir", "new-cache"],
+    )
+    assert (resumed.data_root, resumed.cache_dir, resumed.epochs) == ("new", "new-cache", 3)
+    kept = parse_config(_Config, ["--resume", "--out", str(tmp_path)])
+    assert (kept.data_root, kept.cache_dir) == ("old", "old-cache")
+
+
 def test_resume_without_out_picks_the_newest_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,9 +13,9 @@ field's ``metadata["help"]``. Values resolve in this order, later winning:
 
 ``--resume`` with an ``--out`` folder (or, without ``--out``, the newest run of the study) reloads
 the ``config.json`` saved there; flags given alongside it may only change run-time settings
-(device, progress bar, threads), never what is trained. The resolved configuration is written as
-``config.json`` by :func:`save_config` (the pattern of Lightning's examples and timm's
-``args.yaml``).
+(device, progress bar, threads, where the data lies), never what is trained. The resolved
+configuration is written as ``config.json`` by :func:`save_config` (the pattern of Lightning's
+examples and timm's ``args.yaml``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ __all__ = [
 C = TypeVar("C")
 
 #: Fields that may differ between an interrupted run and its ``--resume``.
-RUNTIME_FIELDS = frozenset({"out", "resume", "device", "progress", "threads"})
+#: Where the data lies is one: it does not change what is trained.
+RUNTIME_FIELDS = frozenset(
+    {"out", "resume", "device", "progress", "threads", "data_root", "cache_dir"}
+)
 
 #: Fields a ``--config`` file never sets: where a saved run lives and whether it was resumed.
 _RUN_FIELDS = frozenset({"out", "resume"})
