@@ -304,7 +304,13 @@ def evaluate_imbalance(
         row[f"{name}_head_acc"] = float(per_class[present & ~minority].mean())
         row[f"{name}_tail_acc"] = float(per_class[present & minority].mean())
         if name == "test":
-            row.update({f"test_acc_c{c}": float(per_class[c]) for c in range(k)})
+            # a class without test samples has no accuracy (NaN, a gap in the plot), not 0
+            row.update(
+                {
+                    f"test_acc_c{c}": float(per_class[c]) if present[c] else math.nan
+                    for c in range(k)
+                }
+            )
     train = shards["train"]
     weight = _classifier_weight(model).detach()
     row.update(minority_collapse(weight, class_means(train, k), minority))

@@ -93,6 +93,28 @@ def test_mean_pairwise_cosine_and_errors() -> None:
         minority_collapse(v, v, torch.ones(6, dtype=torch.bool))
 
 
+def test_per_class_test_accuracy_is_nan_for_a_class_without_test_samples() -> None:
+    from harness.models import build_model
+    from harness.train import Runtime
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = 4
+    train = Split(torch.randn(40, 1, 40, generator=g), torch.arange(40) % k)
+    test_y = torch.randint(0, k - 1, (30,), generator=g)  # class k-1 has no test sample
+    test = Split(torch.randn(30, 1, 40, generator=g), test_y)
+    data = Dataset("mnist1d", train, test, k)
+    model = build_model("mlp", (1, 40), k, width=8, feature_dim=6).eval()
+    minority = torch.tensor([False, False, True, True])
+    row = imbalance.evaluate_imbalance(model, data, Runtime(), minority)
+    with torch.no_grad():
+        pred = model(test.inputs).argmax(dim=1)
+    for c in range(k - 1):  # brute force: the fraction of class c's test samples predicted c
+        members = test_y == c
+        expected = (pred[members] == c).double().mean().item() if members.any() else math.nan
+        assert row[f"test_acc_c{c}"] == pytest.approx(expected, rel=0, abs=1e-12, nan_ok=True)
+    assert math.isnan(row[f"test_acc_c{k - 1}"])  # no samples: no accuracy, not 0
+
+
 def test_long_tail_subset_has_exact_counts() -> None:
     g = torch.Generator().manual_seed(2)
     targets = torch.randint(0, 10, (2000,), generator=g)
