@@ -327,6 +327,13 @@ class Experiment:
             evaluate: ``model -> {column: value}``, called every ``eval_every`` epochs and after
                 the last one, in eval mode under ``torch.no_grad``.
             weight_decay: overrides ``config.weight_decay`` for this run.
+
+        Returns:
+            The model (eval mode) and one row per epoch: ``run``, ``seed``, ``epoch``, ``lr``
+            (the learning rate after the epoch's last step, i.e. the one the next epoch starts
+            with: 0 after the last epoch of a cosine schedule), ``loss`` (the epoch's mean
+            training loss), ``train_time``, ``train_images_per_s`` and, on evaluated epochs,
+            ``evaluate``'s columns and ``eval_time``.
         """
         config, runtime = self.config, self.runtime
         seed_everything(seed)
