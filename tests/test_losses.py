@@ -1677,8 +1677,10 @@ def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:
     """As ``nn.Linear`` takes numpy integers for its sizes: ``num_classes`` of the regularizers,
     the metrics and the statistics is read as a Python int from any integer (numpy's, a 0-dim
     tensor), giving the same values as the int; bools and floats are refused by name."""
+    from torchcollapse.heads import cross_entropy_floor, scale_for_loss_floor
     from torchcollapse.metrics import NeuralCollapse
     from torchcollapse.stats import ClassStatistics
+    from torchcollapse.tracking import CollapseTracker
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     features, target = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.arange(12) % 4
@@ -1693,6 +1695,18 @@ def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:
         expected = build(4)
         for k in (np.int64(4), np.int32(4), torch.tensor(4)):
             assert torch.equal(build(k), expected), f"{name}: {type(k).__name__}"
+    stored = [
+        CollapseRegularizer(np.int64(4)).num_classes,
+        WithinClassVariabilityLoss(np.int64(4)).num_classes,
+        NeuralCollapse(np.int64(4)).num_classes,
+        ClassStatistics.zeros(np.int64(4), 3).num_classes,
+    ]
+    with CollapseTracker(nn.Sequential(nn.Linear(3, 3)), ["0"], np.int64(4)) as tracker:
+        stored.append(tracker.num_classes)
+    assert all(type(k) is int and k == 4 for k in stored), stored
+    assert cross_entropy_floor(10.0, np.int64(4)) == cross_entropy_floor(10.0, 4)
+    assert scale_for_loss_floor(0.1, torch.tensor(4)) == scale_for_loss_floor(0.1, 4)
+    for build in builders.values():
         for bad in (True, 4.0, "4"):
             with pytest.raises(ValueError, match="`num_classes`"):
                 build(bad)

@@ -873,3 +873,39 @@ def test_nc4_counts_merged_in_are_dropped_by_new_reference_means() -> None:
     assert receiver.nc4_samples.item() == 30, f"seed {seed}"
     for metric in (receiver, alone):
         assert metric.compute()["nc4"].item() == pytest.approx(expected, abs=1e-12), f"seed {seed}"
+
+
+def test_merging_no_nc4_counts_keeps_restored_ones_and_compute_sees_the_merge() -> None:
+    """A merge that brings no NC4 counts (a metric without reference means) leaves counts
+    restored from a state_dict to be kept by the next ``set_class_means``; and ``compute`` after
+    ``merge_state`` gives the merged result, not the one cached before (equal to a metric that
+    updated on both halves)."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d = 3, 4
+    head = nn.Linear(d, k).double()
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    h1, h2 = torch.randn(30, d, generator=g), torch.randn(30, d, generator=g)
+    y1, y2 = torch.arange(30) % k, torch.randn(30, generator=g).argsort() % k
+    counted = NeuralCollapse(k, classifier=head, class_means=means)
+    counted.update(h1, y1)
+    counted.persistent(True)
+    restored = NeuralCollapse(k, classifier=head)
+    restored.persistent(True)
+    restored.load_state_dict(counted.state_dict())
+    plain = NeuralCollapse(k)
+    plain.update(h2, y2)
+    restored.merge_state(plain)
+    restored.set_class_means(means)
+    assert restored.nc4_samples.item() == 30, f"seed {seed}"
+    # compute after a merge: not the cached result
+    first, second = NeuralCollapse(k), NeuralCollapse(k)
+    first.update(h1, y1)
+    second.update(h2, y2)
+    before = first.compute()["nc1"].item()
+    first.merge_state(second)
+    both = NeuralCollapse(k)
+    both.update(torch.cat([h1, h2]), torch.cat([y1, y2]))
+    expected = both.compute()["nc1"].item()
+    assert expected != pytest.approx(before, rel=1e-6), f"seed {seed}"
+    assert first.compute()["nc1"].item() == pytest.approx(expected, rel=1e-12), f"seed {seed}"

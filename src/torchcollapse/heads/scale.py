@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 
+from torchcollapse._numbers import as_int
+
 __all__ = ["DEFAULT_LOSS_FLOOR", "cross_entropy_floor", "scale_for_loss_floor"]
 
 DEFAULT_LOSS_FLOOR = 0.01
@@ -34,15 +36,14 @@ target at perfect collapse)."""
 
 
 def _check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+    value = as_int(num_classes)  # any integer type (numpy's, 0-dim tensors), not a bool
+    if value is None:
         raise TypeError(
             f"Expected argument `num_classes` to be an int, but got {type(num_classes).__name__}."
         )
-    if num_classes < 2:
-        raise ValueError(
-            f"Expected argument `num_classes` to be at least 2, but got {num_classes}."
-        )
-    return num_classes
+    if value < 2:
+        raise ValueError(f"Expected argument `num_classes` to be at least 2, but got {value}.")
+    return value
 
 
 def cross_entropy_floor(scale: float, num_classes: int) -> float:

@@ -7,11 +7,12 @@
   over the global batch under ``torch.distributed``: :class:`WithinClassVariabilityLoss` (NC1),
   :class:`SimplexGeometryLoss` (NC2), :class:`SelfDualityLoss` (NC3), and their sum
   :class:`CollapseRegularizer`, which can aim at a target level of NC1.
-- The same terms composed from plain autograd operations, for combinations of one's own:
+- The same terms as composable functions, for combinations of one's own:
   :func:`batch_class_statistics` (differentiable :class:`BatchClassStatistics` of the global
-  batch), then :func:`within_class_variability`, :func:`simplex_geometry_of_means`,
-  :func:`simplex_gram_distance` and :func:`self_duality_distance` (slower than the modules, which
-  hand autograd closed-form gradients; the same values).
+  batch: the class statistics in one autograd node with a closed-form, first-order backward),
+  then :func:`within_class_variability`, :func:`simplex_geometry_of_means`,
+  :func:`simplex_gram_distance` and :func:`self_duality_distance` in autograd operations (the
+  same values as the modules, slower; first-order as well).
 
 The regularizers and :class:`DotRegressionLoss` hand autograd closed-form gradients: they are
 first-order only. A backward with ``create_graph=True`` (gradient penalties, MAML-style

@@ -443,9 +443,15 @@ class CollapseStatisticsMetric(Metric):
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
         """torchmetrics' merge; NC4 counts merged in count as this metric's own (dropped by the
         next :meth:`set_class_means`, like counts it took against its current means), unlike
-        counts restored from a ``state_dict``."""
+        counts restored from a ``state_dict``; a cached ``compute`` result is dropped."""
+        state = incoming_state
+        if isinstance(state, Metric):
+            state = state.metric_state
+        samples = state.get("nc4_samples") if isinstance(state, dict) else None
         super().merge_state(incoming_state)
-        self._nc4_counted_here = True
+        if isinstance(samples, Tensor) and bool(samples > 0):  # a host read; not in update
+            self._nc4_counted_here = True
+        self._computed = None
 
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         """Merge another state into this one (``forward``, ``merge_state``), exactly."""
