@@ -265,6 +265,7 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], config: GeneralizationConfi
             ("Findings", "\n".join(f"- {line}" for line in findings(summary))),
         ],
         plots,
+        rows=rows,
     )
 
 

@@ -607,6 +607,7 @@ def write_outputs(
             ),
         ],
         plots,
+        rows=rows,
     )
 
 

@@ -243,6 +243,7 @@ def write_outputs(
             ("Findings", "\n".join(f"- {line}" for line in findings)),
         ],
         plots,
+        rows=rows,
     )
 
 

@@ -600,6 +600,7 @@ def write_outputs(
             ("Findings", "\n".join(f"- {line}" for line in findings(summary, finals, config))),
         ],
         plots,
+        rows=rows,
     )
 
 

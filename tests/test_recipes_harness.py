@@ -569,3 +569,36 @@ def test_resume_reads_the_checkpoint_whatever_the_training_device(
         resumed = _tiny_run(experiment)
     assert [row["epoch"] for row in resumed] == [row["epoch"] for row in history] == [1]
     assert torch.equal(torch.get_rng_state(), expected_state)  # the saved state, restored
+
+
+def test_reports_give_the_training_throughput(tmp_path: Path) -> None:
+    """Every report ends with the training rate (images per second: the median over the timed
+    epochs, numpy's median as the reference) and the seconds spent training and evaluating (the
+    sums of the rows); rows without timings (e.g. a probe's) are left out, and no section is
+    written without any."""
+    from harness.outputs import throughput, write_report
+
+    g = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    count = int(g.integers(2, 9))
+    rates, train, evals = (
+        g.uniform(100, 5000, count),
+        g.uniform(0.1, 3, count),
+        g.uniform(0, 1, count),
+    )
+    rows: list[dict[str, object]] = [
+        {"run": "a", "epoch": i, "train_images_per_s": r, "train_time": t}
+        for i, (r, t) in enumerate(zip(rates, train))
+    ]
+    for row, seconds in zip(rows[::2], evals[::2]):
+        row["eval_time"] = seconds
+    rows.append({"run": "probe", "probe_acc": 0.5})  # not a training row
+    text = throughput(rows)
+    assert text is not None
+    assert f"{np.median(rates):,.0f} images/s (median over {count} epochs" in text
+    assert f"{train.sum():.1f} s of training and {evals[::2].sum():.1f} s of evaluation" in text
+    report = write_report(tmp_path / "report.md", "T", [("Results", "x")], rows=rows).read_text()
+    assert "## Throughput" in report
+    assert text in report
+    bare = write_report(tmp_path / "bare.md", "T", [("Results", "x")], rows=rows[-1:]).read_text()
+    assert "Throughput" not in bare
+    assert throughput([]) is None

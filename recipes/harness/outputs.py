@@ -25,6 +25,7 @@ __all__ = [
     "plot_panels",
     "read_csv",
     "summarize",
+    "throughput",
     "write_report",
 ]
 
@@ -208,15 +209,47 @@ def save_figure(
     return path
 
 
+def throughput(rows: Iterable[Mapping[str, Any]]) -> str | None:
+    """How fast the runs trained and evaluated, from the per-epoch rows (``train_images_per_s``,
+    ``train_time``, ``eval_time``): the median training rate in images per second over every
+    epoch of every run and seed, and the seconds spent training and evaluating in all; ``None``
+    without timed rows."""
+    rates: list[float] = []
+    train = evaluation = 0.0
+    for row in rows:
+        rate = row.get("train_images_per_s")
+        if isinstance(rate, (int, float)) and math.isfinite(rate):
+            rates.append(float(rate))
+            train += float(row.get("train_time", 0.0))
+        seconds = row.get("eval_time")
+        if isinstance(seconds, (int, float)) and math.isfinite(seconds):
+            evaluation += float(seconds)
+    if not rates:
+        return None
+    rates.sort()
+    middle = len(rates) // 2
+    median = rates[middle] if len(rates) % 2 else 0.5 * (rates[middle - 1] + rates[middle])
+    return (
+        f"Training: {median:,.0f} images/s (median over {len(rates)} epochs of every run and "
+        f"seed); {train:.1f} s of training and {evaluation:.1f} s of evaluation in all."
+    )
+
+
 def write_report(
     path: str | Path,
     title: str,
     sections: Sequence[tuple[str, str]],
     plots: Sequence[Path] = (),
+    rows: Iterable[Mapping[str, Any]] = (),
 ) -> Path:
-    """Write ``report.md``: a title, ``(heading, markdown)`` sections and the plots embedded."""
+    """Write ``report.md``: a title, ``(heading, markdown)`` sections, a ``Throughput`` section
+    from the per-epoch ``rows`` (see :func:`throughput`; none without timed rows) and the plots
+    embedded."""
     path = Path(path)
     parts = [f"# {title}", ""]
+    speed = throughput(rows)
+    if speed is not None:
+        sections = [*sections, ("Throughput", speed)]
     for heading, body in sections:
         parts += [f"## {heading}", "", body.strip(), ""]
     if plots:
