@@ -1710,3 +1710,42 @@ def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:
         for bad in (True, 4.0, "4"):
             with pytest.raises(ValueError, match="`num_classes`"):
                 build(bad)
+
+
+def test_heads_are_read_through_the_classifier_they_apply(compute_path: str) -> None:
+    """A module classifier is read as the metrics read it: its ``effective_weight`` where it has
+    one. For a ``CosineHead`` (rows normalised and scaled) NC3, the classifier's NC2 and the
+    combined regularizer equal those of ``head.effective_weight`` given as a tensor, with the
+    same gradients reaching the head's ``weight`` (through the normalisation) and the features;
+    and NC3 equals the float64 loop on the normalised rows."""
+    from torchcollapse.heads import CosineHead
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d = 4, 6
+    features, target = make_batch(24, d, k, seed=seed % 1000)
+    head = CosineHead(d, k, dtype=torch.float64)
+    with torch.no_grad():  # rows of unequal norms: normalising them changes NC3
+        head.weight.mul_(torch.rand(k, 1, generator=g, dtype=torch.float64) * 3 + 0.2)
+    message = f"seed {seed}, {compute_path}"
+    terms: dict[str, Callable[[Tensor, Any], Tensor]] = {
+        "nc3": lambda h, c: SelfDualityLoss(k)(h, target, c),
+        "nc2 classifier": lambda h, c: SimplexGeometryLoss(k)(classifier=c) + 0 * h.sum(),
+        "collapse": lambda h, c: CollapseRegularizer(k, nc1=0.5, nc2=0.5, nc3=1.0)(h, target, c),
+    }
+    for name, term in terms.items():
+        results = []
+        for as_tensor in (False, True):
+            head.zero_grad()
+            h = features.clone().requires_grad_()
+            value = term(h, head.effective_weight if as_tensor else head)
+            value.backward()
+            results.append((value.item(), h.grad, head.weight.grad.clone()))
+        (v0, h0, w0), (v1, h1, w1) = results
+        assert v0 == pytest.approx(v1, rel=RTOL64), f"{name}: {message}"
+        torch.testing.assert_close(h0, h1, rtol=RTOL64, atol=0, msg=f"{name}: {message}")
+        torch.testing.assert_close(w0, w1, rtol=RTOL64, atol=1e-15, msg=f"{name}: {message}")
+    _, _, present, centred = ref_traces(features.numpy(), target.numpy(), k)
+    rows = head.effective_weight.detach().numpy()[present]
+    nc3 = SelfDualityLoss(k)(features, target, head).item()
+    assert nc3 == pytest.approx(ref_self_duality(rows, centred), rel=1e-9), message

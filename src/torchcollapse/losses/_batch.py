@@ -111,8 +111,15 @@ def check_features_target(
 
 
 def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> Tensor:
-    """The ``(K, d)`` weight of a classifier given as a tensor or as a module with ``.weight``."""
-    weight = classifier if isinstance(classifier, Tensor) else getattr(classifier, "weight", None)
+    """The ``(K, d)`` weight of a classifier given as a tensor or as a module: the classifier it
+    applies, its ``effective_weight`` where it has one (every head of :mod:`torchcollapse.heads`:
+    ``scale * normalize(weight)`` for a cosine head), else its ``weight``; as the metrics read it.
+    """
+    weight: Any = classifier
+    if not isinstance(classifier, Tensor):
+        weight = getattr(classifier, "effective_weight", None)
+        if not isinstance(weight, Tensor):
+            weight = getattr(classifier, "weight", None)
     if not isinstance(weight, Tensor):
         raise TypeError(
             f"Expected argument `{name}` to be a (num_classes, in_features) tensor or a module "

@@ -226,8 +226,8 @@ class CollapseRegularizer(nn.Module):
         Args:
             features: the features the classifier reads.
             target: integer labels.
-            classifier: ``(K, d)`` weight or a module with a ``weight``; required when ``nc3``
-                is non-zero, ignored otherwise.
+            classifier: ``(K, d)`` weight or a module (its ``effective_weight`` where it has
+                one, else its ``weight``); required when ``nc3`` is non-zero, ignored otherwise.
             return_parts: also return the dict of unweighted, detached parts.
         """
         check_features_target(

@@ -268,9 +268,10 @@ class DotRegressionLoss(nn.Module):
 
     i.e. ``w_y * ||h|| ||m_y|| / 2 * (cos(h, m_y) - 1)^2``, which is ``1/2 (cos - 1)^2`` on unit
     vectors; see the module docstring. ``frame`` is the ``(K, d)`` frame, a tensor or a module
-    with a ``weight`` (e.g. a ``SimplexETFHead``); ``features`` are what the head reads. A
-    head's ``weight`` includes its logit scale (``scale * frame``), which multiplies the loss
-    through ``||m_y||``; pass ``head.frame`` for the unit-vector form.
+    (e.g. a ``SimplexETFHead``; its ``effective_weight`` where it has one, else its ``weight``);
+    ``features`` are what the head reads. A head's weight includes its logit scale
+    (``scale * frame``), which multiplies the loss through ``||m_y||``; pass ``head.frame`` for
+    the unit-vector form.
 
     Re-weighting (``class_counts``): ``None`` (default) for none; a sequence or tensor of ``K``
     class counts (e.g. of the training set, stored as a buffer); or ``"batch"`` to count the

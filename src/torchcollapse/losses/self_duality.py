@@ -66,9 +66,10 @@ class SelfDualityLoss(BatchCollapseTerm):
     ``forward(features, target, classifier)`` returns
     ``weight * || W / ||W||_F - M / ||M||_F ||_F^2`` where ``M`` holds the centred means of the
     classes present in the global batch and ``W`` the matching rows of the classifier weight;
-    ``classifier`` is a ``(K, d)`` tensor or a module with a ``weight`` (e.g. ``nn.Linear`` or a
-    head). Gradients flow into both the features and the classifier. A positive weight aligns
-    classifier and means, a negative one pushes them apart.
+    ``classifier`` is a ``(K, d)`` tensor or a module (e.g. ``nn.Linear`` or a head: the
+    classifier it applies, its ``effective_weight`` where it has one, else its ``weight``, as the
+    metrics read it). Gradients flow into both the features and the classifier. A positive
+    weight aligns classifier and means, a negative one pushes them apart.
 
     Under ``torch.distributed`` the means are those of the concatenated batch (features gathered
     with autograd), so values and DDP-averaged gradients equal the single-process ones. With fewer

@@ -95,7 +95,8 @@ class SimplexGeometryLoss(BatchCollapseTerm):
     ``forward(features, target)`` uses the centred class means of the global batch (classes absent
     from the batch are left out; ``K`` counts the present ones); ``forward(classifier=head)`` (or
     ``forward(features, target, classifier=head)``) uses the classifier's weight instead, a
-    ``(K, d)`` tensor or a module with a ``weight``, all of its classes, uncentred. The value is
+    ``(K, d)`` tensor or a module (its ``effective_weight`` where it has one, else its
+    ``weight``), all of its classes, uncentred. The value is
     ``weight * (2 - 2 <G, E> / ||G||_F)`` with ``E`` the simplex ETF Gram of unit Frobenius norm,
     in ``weight * [0, 4]``; see the module docstring. A positive weight pushes towards a simplex
     ETF, a negative one away from it.
