@@ -444,3 +444,36 @@ def test_nearest_etf_is_exact_under_autocast() -> None:
     etf = (torch.eye(5, dtype=torch.float64) - 0.2) * 1.25
     # float32 rounding of an SVD product (a few 1e-7), not bfloat16's 1e-3
     torch.testing.assert_close(gram, etf, rtol=0, atol=2e-6, msg=f"seed {seed}")
+
+
+def test_a_loss_reading_the_head_before_its_labelled_call_trains() -> None:
+    """A regularizer that reads the head's classifier before the head's labelled forward in the
+    same step (the labelled call moves the frame in place): the backward pass works, with a
+    learnable scale too, and the regularizer is that of the frame it read (the one from before
+    the move): its value and feature gradient equal the same loss on a copy of that frame."""
+    from torchcollapse.losses import SelfDualityLoss
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    h0 = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(16) % 4
+    for learnable in (False, True):
+        head = NearestETFHead(6, 4, learnable_scale=learnable, dtype=torch.float64)
+        read = head.weight.detach().clone()  # the classifier as the loss will read it
+        h = h0.clone().requires_grad_()
+        term = SelfDualityLoss(4)(h, y, head)
+        logits = head(h, y)
+        (F.cross_entropy(logits, y) + term).backward()
+        message = f"seed {seed}, learnable scale {learnable}"
+        assert not torch.equal(head.weight.detach(), read), f"{message}: the frame did not move"
+        assert head.log_scale is None or head.log_scale.grad is not None, message
+        reference = h0.clone().requires_grad_()
+        expected = SelfDualityLoss(4)(reference, y, read)
+        expected.backward()
+        assert term.item() == pytest.approx(expected.item(), rel=1e-12), message
+        h_ce = h0.clone().requires_grad_()
+        F.cross_entropy(head._logits(h_ce, head.frame.clone()), y).backward()
+        assert h.grad is not None
+        assert reference.grad is not None
+        assert h_ce.grad is not None
+        torch.testing.assert_close(h.grad, h_ce.grad + reference.grad, rtol=1e-10, atol=1e-12)

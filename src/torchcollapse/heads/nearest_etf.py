@@ -213,6 +213,15 @@ class NearestETFHead(FixedFrameHead):
         self.frame.copy_(frame)
         return frame
 
+    @property
+    def weight(self) -> Tensor:
+        """The effective ``K x d`` classifier ``scale * frame`` with the frame as it is now; a
+        copy of the frame enters the graph, as in :meth:`forward`, so that a labelled call later
+        in the step (which moves the frame in place) cannot break the backward pass of a loss
+        that read the weight first (that loss sees the frame from before the move)."""
+        frame = self.frame.clone() if torch.is_grad_enabled() else self.frame
+        return frame * self.scale
+
     def forward(self, features: Tensor, target: Tensor | None = None) -> Tensor:
         """Logits ``(*, num_classes)``; in training mode with ``target``, update the frame first.
 
