@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from torchcollapse._autograd import no_autocast
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import read_number
 
 __all__ = [
     "DEFAULT_SEED",
@@ -279,14 +279,8 @@ def nearest_simplex_etf(
         raise ValueError(
             f"Expected `points` of shape (K, d) with K >= 2 and d >= K - 1, but got {(k, d)}."
         )
-    proximal_value = as_finite_float(proximal)
-    if proximal_value is None or proximal_value < 0:
-        raise ValueError(
-            f"Expected argument `proximal` to be a finite number >= 0, but got {proximal!r}."
-        )
-    eps_value = as_finite_float(eps)
-    if eps_value is None or not eps_value > 0:
-        raise ValueError(f"Expected argument `eps` to be a finite number > 0, but got {eps!r}.")
+    proximal_value = read_number(proximal, "proximal", "a finite number >= 0", lambda v: v >= 0)
+    eps_value = read_number(eps, "eps", "a finite number > 0", lambda value: value > 0)
     if previous is not None and not isinstance(previous, Tensor):
         raise ValueError(
             "Expected argument `previous` to be a (num_classes, dim) tensor or None, "

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import as_finite_float, read_number
 from torchcollapse.functional.duality import _check_bias, _check_weight, _nc3, _nc3_cosine
 from torchcollapse.functional.geometry import (
     _etf_distance_without_angles,
@@ -139,11 +139,7 @@ def neural_collapse_compute(
     """
     _check_statistics(statistics)
     _check_global_mean(global_mean)
-    power = as_finite_float(exponent)
-    if power is None:
-        raise ValueError(
-            f"Expected argument `exponent` to be a finite number, but got {exponent!r}."
-        )
+    power = read_number(exponent, "exponent", "a finite number")
     wanted = (
         None
         if keys is None

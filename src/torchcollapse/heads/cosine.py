@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse._numbers import as_finite_float, read_number
+from torchcollapse._numbers import read_number
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
     check_features,
@@ -113,9 +113,7 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         margin = read_number(
             margin, "margin", f"a number in {interval} for {margin_type}", lambda m: 0 <= m < upper
         )
-        eps_value = as_finite_float(eps)
-        if eps_value is None or not eps_value > 0:
-            raise ValueError(f"Expected argument `eps` to be > 0, but got {eps!r}.")
+        eps_value = read_number(eps, "eps", "> 0", lambda value: value > 0)
         self.margin = float(margin)
         self.margin_type: MarginType = margin_type
         self.easy_margin = bool(easy_margin)

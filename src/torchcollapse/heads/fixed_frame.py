@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import read_number
 from torchcollapse.frames import orthogonal_frame, simplex_etf, spherical_code
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
@@ -132,9 +132,7 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
             not frame.is_meta and not bool(torch.isfinite(frame).all())
         ):
             raise ValueError("Expected argument `frame` to be a finite floating-point tensor.")
-        eps_value = as_finite_float(eps)
-        if eps_value is None or not eps_value > 0:
-            raise ValueError(f"Expected argument `eps` to be > 0, but got {eps!r}.")
+        eps_value = read_number(eps, "eps", "> 0", lambda value: value > 0)
         self.num_classes, self.in_features = int(frame.shape[0]), int(frame.shape[1])
         self.normalize_features = bool(normalize_features)
         self.learnable_scale = bool(learnable_scale)

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torchcollapse._autograd import no_autocast
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse._labels import check_label_range, label_range_error
-from torchcollapse._numbers import as_finite_float, as_int
+from torchcollapse._numbers import as_int, read_number
 
 __all__ = [
     "BatchClassStatistics",
@@ -166,10 +166,7 @@ def check_reduction(reduction: Any) -> None:
 
 def check_weight(value: Any, name: str = "weight") -> float:
     """``value`` as a float; raise unless it is a finite real number (a bool is not a weight)."""
-    number = as_finite_float(value)
-    if number is None:
-        raise ValueError(f"Expected argument `{name}` to be a finite number, but got {value!r}.")
-    return number
+    return read_number(value, name, "a finite number")
 
 
 class BatchCollapseTerm(nn.Module):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import (
     check_features_target,
     check_reduction,
@@ -138,10 +138,7 @@ def dot_regression_loss(
 
 def _check_eps(eps: Any) -> float:
     """``eps`` as a float; raise unless it is positive and finite."""
-    value = as_finite_float(eps)
-    if value is None or value <= 0:
-        raise ValueError(f"Expected argument `eps` to be positive and finite, but got {eps!r}.")
-    return value
+    return read_number(eps, "eps", "positive and finite", lambda value: value > 0)
 
 
 def _check_inputs(

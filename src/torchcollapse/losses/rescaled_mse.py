@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchcollapse._autograd import no_autocast
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
 
 __all__ = ["RescaledMSELoss", "rescaled_mse_loss"]
@@ -37,12 +37,8 @@ __all__ = ["RescaledMSELoss", "rescaled_mse_loss"]
 def _check_arguments(k: Any, m: Any, reduction: Any) -> tuple[float, float]:
     """``k`` and ``m`` as floats, validated with ``reduction``."""
     check_reduction(reduction)
-    k_value, m_value = as_finite_float(k), as_finite_float(m)
-    if k_value is None or k_value <= 0:
-        raise ValueError(f"Expected argument `k` to be a positive finite number, but got {k!r}.")
-    if m_value is None:
-        raise ValueError(f"Expected argument `m` to be a finite number, but got {m!r}.")
-    return k_value, m_value
+    k_value = read_number(k, "k", "a positive finite number", lambda value: value > 0)
+    return k_value, read_number(m, "m", "a finite number")
 
 
 def rescaled_mse_loss(
