@@ -219,8 +219,12 @@ class NearestETFHead(FixedFrameHead):
         copy of the frame enters the graph, as in :meth:`forward`, so that a labelled call later
         in the step (which moves the frame in place) cannot break the backward pass of a loss
         that read the weight first (that loss sees the frame from before the move)."""
-        frame = self.frame.clone() if torch.is_grad_enabled() else self.frame
-        return frame * self.scale
+        return self._frame_for_graph() * self.scale
+
+    def _frame_for_graph(self) -> Tensor:
+        """The frame as it is now; a copy while autograd records, so that the in-place move of a
+        labelled call later in the step cannot invalidate a backward pass through it."""
+        return self.frame.clone() if torch.is_grad_enabled() else self.frame
 
     def forward(self, features: Tensor, target: Tensor | None = None) -> Tensor:
         """Logits ``(*, num_classes)``; in training mode with ``target``, update the frame first.
@@ -234,10 +238,9 @@ class NearestETFHead(FixedFrameHead):
             # A fresh tensor, not the buffer, enters the graph: updating the buffer in a later
             # step cannot invalidate this step's backward pass.
             return self._logits(features, self.update(features, target))
-        # The same without a target while autograd records: a labelled call later in the step
-        # (semi-supervised steps) updates the buffer in place before this call's backward.
-        frame = self.frame.clone() if torch.is_grad_enabled() else self.frame
-        return self._logits(features, frame)
+        # The same without a target: a labelled call later in the step (semi-supervised steps)
+        # updates the buffer in place before this call's backward.
+        return self._logits(features, self._frame_for_graph())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, proximal={self.proximal}"
