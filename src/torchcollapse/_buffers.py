@@ -10,12 +10,14 @@
   under casts to a narrower floating type, and widen with the module under ``.double()``.
 
 The device always follows the module. A kept buffer is converted from the original tensor, not
-from the rounded cast, unless the original is on the meta device (it holds no values).
+from the rounded cast, unless the original is on the meta device (it holds no values): a constant
+then comes from the constructor's values the module keeps, which is what rebuilds it after
+``to_empty()`` from the meta device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +36,7 @@ def apply_keeping_dtypes(
     names: Iterable[str],
     *,
     always: bool = False,
-    constant: bool = False,
+    constants: Mapping[str, Sequence[float]] | None = None,
 ) -> None:
     """Run ``apply`` (the module's ``nn.Module._apply``), keeping the dtypes of its buffers
     ``names`` (absent or ``None`` buffers are skipped).
@@ -46,9 +48,12 @@ def apply_keeping_dtypes(
         names: names of the module's own buffers to keep.
         always: keep the dtype under every cast (fixed constants); otherwise only under casts to
             a floating type narrower than float32 (running statistics: at least float32).
-        constant: the values are data of the constructor: restore them from the original also
-            when only the storage changed (``to_empty()`` would leave uninitialised memory).
+        constants: the constructor's values of the buffers among ``names`` that are data of the
+            constructor: they are restored also when only the storage changed (``to_empty()``
+            would leave uninitialised memory), from the original buffer, or from these values
+            when the original is on the meta device.
     """
+    constants = constants or {}
     originals: dict[str, Tensor] = {}
     for name in names:
         buffer = module._buffers.get(name)
@@ -61,7 +66,10 @@ def apply_keeping_dtypes(
             continue
         keep = always or (_narrow(moved.dtype) and not _narrow(original.dtype))
         dtype = original.dtype if keep else moved.dtype
-        if moved.dtype == dtype and not constant:
+        values = constants.get(name)
+        if moved.dtype == dtype and values is None:
             continue
-        source = moved if original.is_meta else original
+        source = original
+        if original.is_meta:
+            source = moved if values is None else torch.tensor(values, dtype=dtype, device="cpu")
         module._buffers[name] = source.to(device=moved.device, dtype=dtype)

@@ -122,12 +122,13 @@ class BalancedSoftmaxLoss(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> BalancedSoftmaxLoss:
         # the log priors keep their float32 dtype and values (data of the constructor, also after
         # to_empty(), from the meta device too); the device follows
-        was_meta = self.log_prior.is_meta
         apply_keeping_dtypes(
-            self, partial(super()._apply, fn, recurse), ("log_prior",), always=True, constant=True
+            self,
+            partial(super()._apply, fn, recurse),
+            ("log_prior",),
+            always=True,
+            constants={"log_prior": self._log_prior_values},
         )
-        if was_meta and not self.log_prior.is_meta:
-            self.reset_parameters()
         return self
 
     def extra_repr(self) -> str:

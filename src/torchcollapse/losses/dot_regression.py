@@ -365,16 +365,14 @@ class DotRegressionLoss(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> DotRegressionLoss:
         # the counts keep their float32 dtype and values (data of the constructor, also after
         # to_empty(), from the meta device too); the device follows
-        was_meta = self.class_counts is not None and self.class_counts.is_meta
+        values = self._class_count_values
         apply_keeping_dtypes(
             self,
             partial(super()._apply, fn, recurse),
             ("class_counts",),
             always=True,
-            constant=True,
+            constants=None if values is None else {"class_counts": values},
         )
-        if was_meta and self.class_counts is not None and not self.class_counts.is_meta:
-            self.reset_parameters()
         return self
 
     def extra_repr(self) -> str:
