@@ -47,11 +47,7 @@ from torch import Tensor
 
 from torchcollapse._autograd import no_autocast, transforms_active
 from torchcollapse._distributed import gather_with_grad, is_distributed
-from torchcollapse.losses._batch import (
-    compute_dtype,
-    count_classes,
-    label_range_error,
-)
+from torchcollapse.losses._batch import compute_dtype, count_classes, label_range_error
 
 __all__ = [
     "HANDOFF_MIN",
