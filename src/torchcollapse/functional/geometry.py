@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchcollapse._numbers import as_finite_float
+from torchcollapse._numbers import read_number
 from torchcollapse.stats import _scratch, symmetric_product
 
 __all__ = [
@@ -244,10 +244,7 @@ def pairwise_geometry(
         >>> out["equinorm"]
         tensor(0., dtype=torch.float64)
     """
-    if as_finite_float(exponent) is None:
-        raise ValueError(
-            f"Expected argument `exponent` to be a finite number, but got {exponent!r}."
-        )
+    read_number(exponent, "exponent", "a finite number")
     v = _check_vectors(vectors)
     num, _ = v.shape
     device = v.device
