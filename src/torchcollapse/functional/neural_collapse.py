@@ -271,6 +271,7 @@ def neural_collapse_compute(
 
 
 _OPTIMAL_KEYS = ("nc2_min_angle_optimal", "nc2_spherical_energy_optimal")
+_ALL_KEYS = (*MEAN_KEYS, *WEIGHT_KEYS, *_OPTIMAL_KEYS, "nc4")
 
 
 def _check_keys(
@@ -287,9 +288,9 @@ def _check_keys(
             f" {keys!r}."
         )
     wanted = set(keys)
-    unknown = sorted(str(k) for k in wanted - {*MEAN_KEYS, *WEIGHT_KEYS, *_OPTIMAL_KEYS, "nc4"})
+    unknown = sorted(str(k) for k in wanted - set(_ALL_KEYS))
     if unknown:
-        known = ", ".join((*MEAN_KEYS, *WEIGHT_KEYS, *_OPTIMAL_KEYS, "nc4"))
+        known = ", ".join(_ALL_KEYS)
         raise ValueError(
             f"Expected argument `keys` to hold only known keys ({known}), but got {unknown}."
         )
