@@ -1645,7 +1645,7 @@ def test_losses_and_norms_run_on_the_meta_device() -> None:
     """Built and called inside ``with torch.device("meta")`` (shape inference, deferred
     initialisation): every loss and norm gives a meta result of the right shape (asking whether
     autocast is on raised on meta), and ``DotRegressionLoss``'s counts, on the default device
-    like any buffer, come back after ``to_empty()``."""
+    like any buffer (or on the ``device`` given), come back after ``to_empty()``."""
     counts = torch.randint(1, 100, (4,)).tolist()
     with torch.device("meta"):
         features, target = torch.randn(8, 3), torch.arange(8) % 4
@@ -1667,10 +1667,18 @@ def test_losses_and_norms_run_on_the_meta_device() -> None:
     for name, out in outputs.items():
         assert out.is_meta, name
         assert out.shape == (features.shape if name.startswith("feature") else ()), name
+        on_cpu = DotRegressionLoss(class_counts=counts, device="cpu")  # an explicit device wins
     dot.to_empty(device="cpu")
-    assert dot.class_counts is not None
-    assert dot.class_counts.tolist() == [float(c) for c in counts]
-    assert dot.class_counts.dtype == torch.float32
+    for built in (dot, on_cpu):
+        assert built.class_counts is not None
+        assert built.class_counts.device.type == "cpu"
+        assert built.class_counts.tolist() == [float(c) for c in counts]
+        assert built.class_counts.dtype == torch.float32
+    # the explicit device gives the same loss as the default one (reference: the default build)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    h, y, m = torch.randn(8, 3, generator=g), torch.arange(8) % 4, torch.randn(4, 3, generator=g)
+    expected = DotRegressionLoss(class_counts=counts)(h, y, m)
+    assert torch.equal(on_cpu(h, y, m), expected)
 
 
 def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:

@@ -291,6 +291,9 @@ class DotRegressionLoss(nn.Module):
         process_group: process group for ``sync_dist`` (default: the world).
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
+        device: device of the ``class_counts`` buffer (default: torch's default device, as
+            ``nn.Linear``; the counts are read on the CPU). Counted ``"batch"`` classes follow
+            the features.
 
     Example:
         >>> import torch
@@ -320,6 +323,7 @@ class DotRegressionLoss(nn.Module):
         sync_dist: bool = True,
         process_group: Any = None,
         validate_args: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
@@ -343,9 +347,9 @@ class DotRegressionLoss(nn.Module):
         # the values, to rebuild the buffer after to_empty() from the meta device
         self._class_count_values = None if counts is None else tuple(counts.tolist())
         # float32 whatever the module's dtype (see _apply): float16 would round them, or
-        # overflow beyond 65504; on the default device, as a module's buffers are
+        # overflow beyond 65504; on the default device unless one is given, as nn.Linear's weight
         if counts is not None:
-            counts = counts.to(torch.get_default_device())
+            counts = counts.to(torch.get_default_device() if device is None else device)
         self.register_buffer("class_counts", counts)
         self.reweight_power = check_weight(reweight_power, "reweight_power")
         self.reduction = reduction
