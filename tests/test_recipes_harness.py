@@ -574,8 +574,8 @@ def test_resume_reads_the_checkpoint_whatever_the_training_device(
 def test_reports_give_the_training_throughput(tmp_path: Path) -> None:
     """Every report ends with the training rate (images per second: the median over the timed
     epochs, numpy's median as the reference) and the seconds spent training and evaluating (the
-    sums of the rows); rows without timings (e.g. a probe's) are left out, and no section is
-    written without any."""
+    sums of the rows); rows without timings (e.g. a probe's) are left out, times that were not
+    recorded (None) count as none, and no section is written without any."""
     from harness.outputs import throughput, write_report
 
     g = np.random.default_rng(int(torch.randint(0, 2**31, ())))
@@ -591,7 +591,14 @@ def test_reports_give_the_training_throughput(tmp_path: Path) -> None:
     ]
     for row, seconds in zip(rows[::2], evals[::2]):
         row["eval_time"] = seconds
-    rows.append({"run": "probe", "probe_acc": 0.5})  # not a training row
+    probe = {"run": "probe", "probe_acc": 0.5}  # not a training row
+    rows.append(probe)
+    # a timed epoch whose times were not recorded counts in the rate, with no seconds
+    rates = np.append(rates, g.uniform(100, 5000))
+    rows.append(
+        {"run": "b", "train_images_per_s": rates[-1], "train_time": None, "eval_time": None}
+    )
+    count += 1
     text = throughput(rows)
     assert text is not None
     assert f"{np.median(rates):,.0f} images/s (median over {count} epochs" in text
@@ -599,6 +606,6 @@ def test_reports_give_the_training_throughput(tmp_path: Path) -> None:
     report = write_report(tmp_path / "report.md", "T", [("Results", "x")], rows=rows).read_text()
     assert "## Throughput" in report
     assert text in report
-    bare = write_report(tmp_path / "bare.md", "T", [("Results", "x")], rows=rows[-1:]).read_text()
+    bare = write_report(tmp_path / "bare.md", "T", [("Results", "x")], rows=[probe]).read_text()
     assert "Throughput" not in bare
     assert throughput([]) is None

@@ -209,21 +209,26 @@ def save_figure(
     return path
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite real number (not a bool), else ``None``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def throughput(rows: Iterable[Mapping[str, Any]]) -> str | None:
     """How fast the runs trained and evaluated, from the per-epoch rows (``train_images_per_s``,
     ``train_time``, ``eval_time``): the median training rate in images per second over every
-    epoch of every run and seed, and the seconds spent training and evaluating in all; ``None``
-    without timed rows."""
+    epoch of every run and seed, and the seconds spent training and evaluating in all (missing or
+    non-finite times count as none); ``None`` without timed rows."""
     rates: list[float] = []
     train = evaluation = 0.0
     for row in rows:
-        rate = row.get("train_images_per_s")
-        if isinstance(rate, (int, float)) and math.isfinite(rate):
-            rates.append(float(rate))
-            train += float(row.get("train_time", 0.0))
-        seconds = row.get("eval_time")
-        if isinstance(seconds, (int, float)) and math.isfinite(seconds):
-            evaluation += float(seconds)
+        rate = _finite(row.get("train_images_per_s"))
+        if rate is not None:
+            rates.append(rate)
+            train += _finite(row.get("train_time")) or 0.0
+        evaluation += _finite(row.get("eval_time")) or 0.0
     if not rates:
         return None
     rates.sort()
