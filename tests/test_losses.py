@@ -1757,3 +1757,35 @@ def test_heads_are_read_through_the_classifier_they_apply(compute_path: str) -> 
     rows = head.effective_weight.detach().numpy()[present]
     nc3 = SelfDualityLoss(k)(features, target, head).item()
     assert nc3 == pytest.approx(ref_self_duality(rows, centred), rel=1e-9), message
+
+
+def test_an_attribute_error_inside_effective_weight_is_not_taken_for_a_missing_one() -> None:
+    """A classifier whose ``effective_weight`` property fails with an ``AttributeError`` (a bug
+    in it: an attribute it reads is missing) raises that error from the regularizers and the
+    metrics, instead of their silently falling back to the raw ``weight``, which
+    ``nn.Module.__getattr__`` would have offered as if the property did not exist. A weight
+    stored as a buffer named ``effective_weight`` is read as before (reference: the same
+    weight given as a tensor)."""
+    from torchcollapse.metrics import NeuralCollapse
+
+    class Broken(nn.Linear):
+        @property
+        def effective_weight(self) -> Tensor:
+            return self.weight * self.missing_scale  # type: ignore[no-any-return]
+
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    k, d = 3, 5
+    features, target = torch.randn(12, d, generator=g, dtype=torch.float64), torch.arange(12) % k
+    broken = Broken(d, k, dtype=torch.float64)
+    readers: dict[str, Callable[[Any], Any]] = {
+        "nc3": lambda c: SelfDualityLoss(k)(features, target, c),
+        "metric": lambda c: NeuralCollapse(k, classifier=c).forward(features, target)["nc3"],
+    }
+    stored = nn.Linear(d, k, dtype=torch.float64)
+    scaled = 2.0 * stored.weight.detach()
+    stored.register_buffer("effective_weight", scaled)
+    for name, read in readers.items():
+        with pytest.raises(AttributeError, match="missing_scale"):
+            read(broken)
+        assert torch.equal(read(stored), read(scaled)), f"{name}: seed {seed}"

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import no_autocast
+from torchcollapse._classifier import applied_weight
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse._labels import check_label_range, label_range_error
 from torchcollapse._numbers import as_int, read_number
@@ -117,9 +118,7 @@ def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> 
     """
     weight: Any = classifier
     if not isinstance(classifier, Tensor):
-        weight = getattr(classifier, "effective_weight", None)
-        if not isinstance(weight, Tensor):
-            weight = getattr(classifier, "weight", None)
+        weight = applied_weight(classifier)
     if not isinstance(weight, Tensor):
         raise TypeError(
             f"Expected argument `{name}` to be a (num_classes, in_features) tensor or a module "

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from torchcollapse._classifier import applied_weight
 from torchcollapse.functional.duality import _check_bias, _check_weight
 from torchcollapse.functional.means import UndefinedCollapse, _check_global_mean
 from torchcollapse.functional.nearest_class_center import (
@@ -104,9 +105,7 @@ def _classifier_tensors(
     if isinstance(classifier, Tensor):
         weight, bias = classifier, None
     else:
-        weight = getattr(classifier, "effective_weight", None)
-        if not isinstance(weight, Tensor):
-            weight = getattr(classifier, "weight", None)
+        weight = applied_weight(classifier)
         bias = getattr(classifier, "bias", None)
         if getattr(classifier, "normalize_features", False) is True:
             eps = getattr(classifier, "eps", _DEFAULT_FEATURE_EPS)
@@ -449,7 +448,8 @@ class CollapseStatisticsMetric(Metric):
             state = state.metric_state
         samples = state.get("nc4_samples") if isinstance(state, dict) else None
         super().merge_state(incoming_state)
-        if isinstance(samples, Tensor) and bool(samples > 0):  # a host read; not in update
+        # a host read (not in update); counts may come as tensors or as Python numbers
+        if isinstance(samples, (Tensor, int, float)) and float(samples) > 0:
             self._nc4_counted_here = True
         self._computed = None
 
