@@ -7,7 +7,8 @@
 # $PYTHON (default: .venv/bin/python if it sees a GPU, else python3); the package is used from
 # src/. Each step writes one file, runs under its own time limit (the worst case of all of them
 # together is 550 s) and records a failure or a timeout in its file instead of stopping the
-# script, so that one slow step does not cost the others. In order of importance:
+# script, so that one slow step does not cost the others; the script exits with 1 if any step
+# failed or timed out (summary.txt lists them). In order of importance:
 #   1. device.txt     nvidia-smi name, memory, driver; torch and CUDA versions
 #   2. checks.txt     benchmarks/gpu_checks.py: every key vs the float64 reference on CPU for
 #                     float16/bfloat16/float32/float64 inputs, no host-device sync in update,
@@ -37,6 +38,7 @@ fi
 OUT_DIR="${OUT:-benchmarks/gpu-results}"
 mkdir -p "$OUT_DIR"
 export PYTHON PYTHONPATH="src:.${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+FAILED=()
 
 step() {  # step FILE LIMIT_SECONDS COMMAND...: run under a time limit, never stop the script
   local name=$1 limit=$2
@@ -50,8 +52,10 @@ step() {  # step FILE LIMIT_SECONDS COMMAND...: run under a time limit, never st
   local status=${PIPESTATUS[0]}
   if [[ $status -eq 124 || $status -eq 137 ]]; then
     echo "== $name: ran past ${limit} s (exit $status)" | tee -a "$OUT_DIR/$name"
+    FAILED+=("$name (ran past ${limit} s)")
   elif [[ $status -ne 0 ]]; then
     echo "== $name: FAILED (exit $status)" | tee -a "$OUT_DIR/$name"
+    FAILED+=("$name (exit $status)")
   fi
 }
 
@@ -62,7 +66,9 @@ assert torch.cuda.is_available(), "no CUDA device visible to torch"
 p = torch.cuda.get_device_properties(0)
 print(f"gpu: {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}, torchmetrics {torchmetrics.__version__}")
 PY
+  local status=$?  # torch's view decides; nvidia-smi is informative only
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  return $status
 }
 
 metrics_benchmark() {
@@ -84,4 +90,10 @@ step heads.md 55 "$PYTHON" benchmarks/heads.py --device cuda --quick --resnet-ba
   --skip-codes
 step recipes.md 50 "$PYTHON" benchmarks/recipes.py --skip-default --device cuda \
   --threads none --train 5000 --test 1000
+if ((${#FAILED[@]})); then
+  printf '%s\n' "steps that failed or timed out:" "${FAILED[@]}" | tee "$OUT_DIR/summary.txt"
+  echo "results in $OUT_DIR"
+  exit 1
+fi
+echo "every step passed" | tee "$OUT_DIR/summary.txt"
 echo "results in $OUT_DIR"
