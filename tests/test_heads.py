@@ -68,11 +68,24 @@ HEAD_FACTORIES = {
 }
 
 
+# the same heads built with another scale: a loaded state_dict gives them the saved one
+OTHER_SCALE_FACTORIES = {
+    "simplex": lambda: SimplexETFHead(16, 5, scale=3.0),
+    "simplex_minimal_learnable_bias": lambda: SimplexETFHead(
+        4, 5, scale=9.0, learnable_scale=True, bias=True
+    ),
+    "simplex_unnormalized": lambda: SimplexETFHead(16, 5, normalize_features=False, scale=2.0),
+    "spherical_code": lambda: SphericalCodeHead(3, 12, steps=50, scale=1.5),
+    "orthogonal": lambda: OrthogonalFrameHead(8, 4, bias=True, scale=2.5),
+    "hierarchy": lambda: FixedFrameHead(torch.randn(3, 6), scale=0.25),
+}
+
+
 @pytest.mark.parametrize("name", list(HEAD_FACTORIES))
 def test_fixed_heads_pass_the_module_tester(name: str) -> None:
     factory = HEAD_FACTORIES[name]
     d = factory().in_features
-    check_module(factory, (features(7, d),))
+    check_module(factory, (features(7, d),), load_into=[OTHER_SCALE_FACTORIES[name]])
 
 
 def test_simplex_head_compiles_with_inductor() -> None:
@@ -181,7 +194,7 @@ def test_default_scale_follows_the_loss_floor() -> None:
 
 def test_frame_is_a_persistent_buffer_moved_by_to_and_saved() -> None:
     head = SimplexETFHead(8, 4, bias=True)
-    assert set(head.state_dict()) == {"frame", "bias"}
+    assert set(head.state_dict()) == {"frame", "bias", "_extra_state"}  # extra state: the scale
     assert torch.equal(head.state_dict()["frame"], simplex_etf(4, 8))
     assert head.to(F64).frame.dtype == F64
     assert head.to("meta").frame.device.type == "meta"
@@ -190,6 +203,91 @@ def test_frame_is_a_persistent_buffer_moved_by_to_and_saved() -> None:
     assert (made.frame.device.type, made.frame.dtype) == ("meta", torch.bfloat16)
     kept = FixedFrameHead(simplex_etf(3, 4, dtype=F64))
     assert kept.frame.dtype == F64  # FixedFrameHead keeps the frame's dtype by default
+
+
+FIXED_SCALE_HEADS: dict[str, Callable[..., FixedFrameHead]] = {
+    "simplex": lambda d, k, **kw: SimplexETFHead(d, k, **kw),
+    "orthogonal": lambda d, k, **kw: OrthogonalFrameHead(d, k, **kw),
+    "spherical_code": lambda d, k, **kw: SphericalCodeHead(d, k, steps=20, **kw),
+    # a frame given as data: the constructor's frame is replaced by the loaded one
+    "fixed_frame": lambda d, k, **kw: FixedFrameHead(torch.randn(k, d, dtype=F64), **kw),
+}
+
+
+@pytest.mark.parametrize("kind", list(FIXED_SCALE_HEADS))
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_fixed_scale_round_trips_through_state_dict(
+    kind: str, normalize: bool, bias: bool
+) -> None:
+    import io
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
+    k, d = 5, 6
+    saved_scale = float(torch.empty((), dtype=F64).uniform_(0.1, 40.0, generator=gen))
+    other_scale = saved_scale * 2.0 + 1.0
+    make = FIXED_SCALE_HEADS[kind]
+    options = {"normalize_features": normalize, "bias": bias, "dtype": F64}
+    saved = make(d, k, scale=saved_scale, **options)
+    if saved.bias is not None:
+        with torch.no_grad():
+            saved.bias.copy_(torch.randn(k, generator=gen, dtype=F64))
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = make(d, k, scale=other_scale, **options)
+    assert str(loaded.load_state_dict(torch.load(buffer, weights_only=True))) == (
+        "<All keys matched successfully>"
+    )
+    assert loaded.scale == saved_scale, f"seed {seed}"  # exactly: a float64 of the Python float
+    assert type(loaded.scale) is float  # the forward pass still multiplies by a Python float
+    h = torch.randn(9, d, generator=gen, dtype=F64) * 3.0
+    torch.testing.assert_close(loaded(h), saved(h), rtol=0, atol=0, msg=f"seed {seed}")
+    # against the brute force at the saved scale: float64, a few ulps of logits up to ~40 * |h|
+    expected = reference_logits(saved.frame, h, saved_scale, normalize, saved.bias)
+    torch.testing.assert_close(loaded(h), expected, rtol=1e-12, atol=1e-11, msg=f"seed {seed}")
+    # and reset_parameters keeps the loaded scale
+    loaded.reset_parameters()
+    assert loaded.scale == saved_scale
+
+
+def test_scale_in_state_dict_old_checkpoints_and_errors() -> None:
+    head = SimplexETFHead(8, 4, scale=6.0, bias=True)
+    saved = head.state_dict()
+    scale_entry = saved["_extra_state"]
+    assert (scale_entry.dtype, scale_entry.device.type, scale_entry.shape) == (F64, "cpu", ())
+    # a learnable scale comes from log_scale; the extra state is the initial value
+    learnable = SimplexETFHead(8, 4, scale=6.0, learnable_scale=True)
+    with torch.no_grad():
+        learnable.log_scale.fill_(math.log(11.0))  # type: ignore[union-attr]
+    restored = SimplexETFHead(8, 4, scale=2.0, learnable_scale=True)
+    restored.load_state_dict(learnable.state_dict())
+    assert restored._current_scale() == pytest.approx(11.0, rel=1e-6)
+    restored.reset_parameters()
+    assert restored._current_scale() == pytest.approx(6.0, rel=1e-6)
+    # a state_dict from before the scale was saved (version 1) loads strictly, scale kept
+    old = type(saved)((key, value) for key, value in saved.items() if key != "_extra_state")
+    old._metadata = type(saved._metadata)({"": {"version": 1}})  # type: ignore[attr-defined]
+    target = SimplexETFHead(8, 4, scale=3.0, bias=True)
+    target.load_state_dict(old)
+    assert target.scale == 3.0
+    target.load_state_dict(dict(old))  # no metadata: as old
+    # in a model: the prefix and the metadata of the submodule
+    model = nn.Sequential(nn.Linear(8, 8), SimplexETFHead(8, 4, scale=5.0))
+    other = nn.Sequential(nn.Linear(8, 8), SimplexETFHead(8, 4, scale=1.0))
+    other.load_state_dict(model.state_dict())
+    assert other[1].scale == 5.0
+    # a current state_dict without the scale is missing a key, as any state_dict would be
+    new_without = type(saved)((key, value) for key, value in saved.items() if key != "_extra_state")
+    new_without._metadata = saved._metadata  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match=r"Missing key.*_extra_state"):
+        target.load_state_dict(new_without)
+    for bad in (torch.tensor(-1.0, dtype=F64), torch.tensor(math.nan), "x"):
+        broken = dict(saved)
+        broken["_extra_state"] = bad
+        with pytest.raises(ValueError, match=r"saved scale \(`_extra_state`\) of SimplexETFHead"):
+            target.load_state_dict(broken)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

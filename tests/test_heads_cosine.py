@@ -109,8 +109,39 @@ def test_cosine_head_passes_the_module_tester(factory) -> None:  # type: ignore[
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(7, 6, generator=gen)
     target = torch.randint(0, factory().num_classes, (7,), generator=gen)
-    check_module(factory, (h, target))
+    # built with another scale, a head computes the saved one's logits once it has loaded them
+    other = factory()
+    other._scale *= 3.0
+
+    check_module(factory, (h, target), load_into=[lambda: other])
     check_module(factory, (h,), gradcheck=False, compile_backend=None)
+
+
+@pytest.mark.parametrize(
+    ("margin_type", "margin"), [("cosface", 0.0), ("cosface", 0.35), ("arcface", 0.5)]
+)
+def test_a_fixed_scale_round_trips_through_state_dict(margin_type: str, margin: float) -> None:
+    import io
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
+    k, d = 6, 5
+    saved_scale = float(torch.empty((), dtype=F64).uniform_(1.0, 64.0, generator=gen))
+    options = {"margin": margin, "margin_type": margin_type, "dtype": F64}
+    saved = CosineHead(d, k, scale=saved_scale, **options)  # type: ignore[arg-type]
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = CosineHead(d, k, scale=saved_scale / 3.0, **options)  # type: ignore[arg-type]
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert loaded.scale == saved_scale, f"seed {seed}"
+    h, target = batch(8, d, k, seed)
+    for given in (None, target):  # evaluation, and training with the margin
+        got = loaded(h, given)
+        torch.testing.assert_close(got, saved(h, given), rtol=0, atol=0, msg=f"seed {seed}")
+        expected = brute_force_logits(saved, h, given, saved_scale)
+        # float64; acos/cos of the brute force lose a few ulps near |cos| = 1
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=f"seed {seed}")
 
 
 def test_learnable_scale_and_weight_get_gradients() -> None:

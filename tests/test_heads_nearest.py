@@ -131,7 +131,11 @@ def test_two_forwards_before_one_backward() -> None:
 
 
 def test_nearest_head_passes_the_module_tester() -> None:
-    check_module(lambda: NearestETFHead(8, 4, bias=True), (torch.randn(6, 8),))
+    check_module(
+        lambda: NearestETFHead(8, 4, bias=True),
+        (torch.randn(6, 8),),
+        load_into=[lambda: NearestETFHead(8, 4, bias=True, scale=2.0)],
+    )
 
 
 def test_training_step_compiles() -> None:

@@ -405,6 +405,17 @@ class UnusedParameter(FramedLinear):
         self.unused = nn.Parameter(torch.zeros(2))
 
 
+class ScaledFramedLinear(FramedLinear):
+    """Wrong: a fixed output scale kept as a plain float, so ``state_dict`` misses it."""
+
+    def __init__(self, scale: float = 2.0) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * self.scale
+
+
 class FramedCrossEntropy(FramedLinear):
     """A loss-like module: ``(features, target, *, scale)`` -> dict of a scalar loss and logits."""
 
@@ -467,6 +478,20 @@ def test_frame_as_plain_attribute_fails(module_inputs: tuple[Tensor]) -> None:
 def test_random_non_persistent_buffer_fails(module_inputs: tuple[Tensor]) -> None:
     with pytest.raises(AssertionError, match="state_dict round-trip into a differently seeded"):
         check_module(NonPersistentRandomFrame, module_inputs)
+
+
+def test_a_setting_missing_from_state_dict_fails_the_load_into_another_instance(
+    module_inputs: tuple[Tensor],
+) -> None:
+    # the same settings round-trip; another scale keeps its own value after the load
+    check_module(ScaledFramedLinear, module_inputs, compile_backend=None, gradcheck=False)
+    with pytest.raises(AssertionError, match=r"state_dict round-trip into load_into\[0\]"):
+        check_module(
+            ScaledFramedLinear,
+            module_inputs,
+            load_into=[lambda: ScaledFramedLinear(scale=3.0)],
+            compile_backend=None,
+        )
 
 
 def test_unconverted_buffer_fails_the_to_check(module_inputs: tuple[Tensor]) -> None:

@@ -605,6 +605,7 @@ def check_module(
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
     forward_kwargs: Mapping[str, Any] | None = None,
     fixed_dtype_buffers: Collection[str] = (),
+    load_into: Sequence[Callable[[], nn.Module]] = (),
 ) -> ModuleCheckReport:
     """Check that an ``nn.Module`` saves, moves, copies, differentiates and compiles correctly.
 
@@ -615,7 +616,10 @@ def check_module(
        RNG state (so randomly initialised weights and frames differ) gets the first one's
        ``state_dict`` after a ``torch.save``/``torch.load(weights_only=True)`` round-trip, with
        identical keys, and must give *bit-identical* outputs. A fixed frame that is a plain tensor
-       attribute or a ``persistent=False`` buffer drawn at random fails here.
+       attribute or a ``persistent=False`` buffer drawn at random fails here. So must each
+       module of ``load_into``: built with other settings, it computes what the saved module
+       did once it has loaded that ``state_dict`` (a setting the output depends on, such as a
+       fixed scale, kept as a plain attribute and missing from ``state_dict`` fails here).
     2. ``tensor attributes``: no (sub)module stores a tensor as a plain attribute (it would be
        missed by ``state_dict``, ``.to()`` and DDP); register it as a buffer.
     3. ``.to(dtype)`` for each of ``dtypes``: every floating parameter and buffer takes the dtype,
@@ -644,6 +648,8 @@ def check_module(
         forward_kwargs: keyword arguments passed to every ``forward`` call.
         fixed_dtype_buffers: buffers that deliberately keep their dtype under ``.to(dtype)``
             (counts, fixed constants); check 3 requires exactly that of them.
+        load_into: factories of modules of the same kind and shape built with other settings
+            (another fixed scale): check 1 loads the saved ``state_dict`` into each, strictly.
 
     Returns:
         A :class:`ModuleCheckReport` of the checks made.
@@ -689,6 +695,22 @@ def check_module(
             "(is every fixed tensor a persistent buffer?)",
             exact=True,
         )
+        for index, factory in enumerate(load_into):
+            other = factory().eval()
+            buffer.seek(0)
+            try:
+                other.load_state_dict(torch.load(buffer, weights_only=True))
+            except RuntimeError as error:
+                raise AssertionError(
+                    f"check_module state_dict: load into load_into[{index}] failed: {error}"
+                ) from error
+            _assert_outputs(
+                run(other),
+                expected,
+                f"state_dict round-trip into load_into[{index}], built with other settings "
+                "(is every setting the output depends on saved?)",
+                exact=True,
+            )
         report.checks.append("state_dict")
 
         # 2. no plain tensor attributes

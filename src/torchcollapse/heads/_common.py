@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import transforms_active
@@ -89,16 +89,67 @@ def check_target(target: Tensor, features: Tensor, num_classes: int) -> None:
     check_label_range(target, num_classes)
 
 
-class ScaledHeadMixin:
+# the key of a module's extra state in its state_dict (torch's _EXTRA_STATE_KEY_SUFFIX)
+_EXTRA_STATE_KEY = "_extra_state"
+
+
+class ScaledHeadMixin(nn.Module):
     """``out_features`` and the logit ``scale`` (fixed float, or learnable in log space) of a head.
 
     The head sets ``num_classes``, ``_scale`` (the fixed or initial scale) and ``log_scale`` (a
     parameter, or ``None`` when the scale is fixed).
+
+    ``_scale`` is saved in ``state_dict`` as the module's extra state (key ``_extra_state``): a
+    0-dim float64 CPU tensor, exact for a Python float, and a tensor like every other entry, so
+    ``torch.load(weights_only=True)``, safetensors and code that treats every entry as a tensor
+    (EMA copies) take it. Loading a ``state_dict`` sets the scale of this head to the saved one,
+    as it sets the parameters: a head loaded from a checkpoint computes what the saved head did.
+    In the forward pass the fixed scale stays a Python float. A learnable scale is restored from
+    its ``log_scale`` parameter; its extra state is the initial value (what ``reset_parameters``
+    puts back). A ``state_dict`` saved before the scale was saved (version 1, or one without
+    metadata) loads as before, also with ``strict=True``, and leaves the scale as it is.
     """
+
+    # version 2: the scale is in state_dict (extra state); nn.Module's default is 1
+    _version = 2
 
     num_classes: int
     _scale: float
     log_scale: Tensor | None
+
+    def get_extra_state(self) -> Tensor:
+        """The fixed (or initial) scale for ``state_dict``: a 0-dim float64 CPU tensor."""
+        return torch.tensor(self._scale, dtype=torch.float64, device="cpu")
+
+    def set_extra_state(self, state: Any) -> None:
+        """Set the fixed (or initial) scale from a ``state_dict`` entry (a one-element tensor or
+        a number, finite and positive)."""
+        value = as_finite_float(state.detach() if isinstance(state, Tensor) else state)
+        if value is None or not value > 0:
+            raise ValueError(
+                f"Expected the saved scale (`{_EXTRA_STATE_KEY}`) of {type(self).__name__} to be "
+                f"a finite number > 0, but got {state!r}."
+            )
+        self._scale = value
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # a state_dict from before the scale was saved keeps loading, even strictly
+        key = prefix + _EXTRA_STATE_KEY
+        version = local_metadata.get("version")
+        if key not in state_dict and (version is None or version < 2) and key in missing_keys:
+            missing_keys.remove(key)
 
     @property
     def out_features(self) -> int:

@@ -60,7 +60,8 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         scale: logit scale ``s``. Default: the scale whose simplex cross-entropy floor is
             :data:`~torchcollapse.heads.scale.DEFAULT_LOSS_FLOOR`.
         learnable_scale: learn the scale as a parameter ``log_scale`` (initialised at
-            ``log(scale)``).
+            ``log(scale)``). Either way ``state_dict`` holds it: a fixed scale as the module's
+            extra state (key ``_extra_state``), which ``load_state_dict`` sets.
         margin: margin ``m >= 0`` applied to the target logit when ``forward`` gets ``target``
             (cosine units for ``"cosface"``, radians for ``"arcface"``, where ``m < pi``).
         margin_type: ``"cosface"`` or ``"arcface"``.

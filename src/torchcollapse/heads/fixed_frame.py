@@ -9,6 +9,8 @@ al., 2022). :class:`FixedFrameHead` takes any frame from :mod:`torchcollapse.fra
 
 The frame is a persistent buffer: it is saved in ``state_dict``, moved by ``.to()`` and drawn
 from a fixed seed, so every process of a distributed run holds the same one without a broadcast.
+The scale is saved in ``state_dict`` too, so a head loaded from a checkpoint computes what the
+saved head did, whatever scale it was built with.
 
 References:
     Hoffer, Hubara & Soudry (2018), *Fix your classifier: the marginal value of training the last
@@ -75,7 +77,9 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
             :data:`~torchcollapse.heads.scale.DEFAULT_LOSS_FLOOR` (see
             :func:`~torchcollapse.heads.scale.scale_for_loss_floor`); otherwise 1.
         learnable_scale: learn the scale, as a parameter ``log_scale`` initialised at
-            ``log(scale)``; otherwise it is a constant.
+            ``log(scale)``; otherwise it is a constant. Either way ``state_dict`` holds it: a
+            fixed scale as the module's extra state (key ``_extra_state``, a 0-dim float64
+            tensor), which ``load_state_dict`` sets, as it sets the frame.
         bias: add a learnable bias (initialised at zero).
         eps: feature norms below ``eps`` are treated as ``eps``.
         device: device of the frame and parameters (default: the frame's).
