@@ -144,11 +144,76 @@ def check_replaced(model: nn.Module, x: torch.Tensor, name: str, shape: tuple[in
             "1",
             (8, 3),
         ),
+        (  # the README's Sequential(backbone, head), the head with dropout before it
+            nn.Sequential(
+                nn.Sequential(nn.Linear(4, 32), nn.ReLU()),
+                nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 10)),
+            ),
+            torch.randn(2, 4),
+            "1.1",
+            (32, 10),
+        ),
+        (  # nested twice, parameter-free layers after it at both levels
+            nn.Sequential(
+                nn.Linear(4, 8),
+                nn.Sequential(nn.Sequential(nn.Linear(8, 3), nn.Identity()), nn.Dropout(0.0)),
+                nn.Identity(),
+            ),
+            torch.randn(2, 4),
+            "1.0.0",
+            (8, 3),
+        ),
     ],
-    ids=["resnet", "vgg", "densenet", "vit", "swin", "timm", "sequential", "sequential_dropout"],
+    ids=[
+        "resnet",
+        "vgg",
+        "densenet",
+        "vit",
+        "swin",
+        "timm",
+        "sequential",
+        "sequential_dropout",
+        "nested_sequential",
+        "nested_twice",
+    ],
 )
 def test_replace_head(model: nn.Module, x: torch.Tensor, name: str, shape: tuple[int, int]) -> None:
     check_replaced(model, x, name, shape)
+
+
+def test_a_classifier_in_a_trailing_sequential_is_replaced_in_place() -> None:
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32))
+    classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 10))
+    model = nn.Sequential(backbone, classifier)
+    linear = classifier[1]
+    assert replace_head(model, SimplexETFHead) is linear  # exactly that Linear is replaced
+    assert model[1] is classifier  # the rest stays in place
+    assert isinstance(classifier[0], nn.Dropout)
+    head = classifier[1]
+    assert isinstance(head, SimplexETFHead)
+    assert (head.in_features, head.num_classes) == (32, 10)
+    x = torch.randn(5, 4, 10)
+    model.eval()
+    torch.testing.assert_close(model(x), head(backbone(x)), rtol=0, atol=0)
+    # a layer with parameters after the nested classifier: not a classifier
+    with pytest.raises(ValueError, match="Could not find the classifier of Sequential"):
+        find_head(nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 3), nn.LayerNorm(3))))
+
+
+def test_a_lazy_classifier_not_yet_initialised_is_a_clear_error() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.LazyLinear(10))
+    with pytest.raises(
+        ValueError,
+        match=r"`2` of Sequential is a lazy module \(LazyLinear\).*"
+        r"run one forward pass",
+    ):
+        replace_head(model, SimplexETFHead)
+    assert isinstance(model[2], nn.LazyLinear)  # left as it was
+    model(torch.randn(3, 2, 6))  # initialises it: in_features = 12
+    old = replace_head(model, SimplexETFHead)
+    assert (old.in_features, old.out_features) == (12, 10)  # type: ignore[union-attr]
+    assert isinstance(model[2], SimplexETFHead)
+    assert model[2].in_features == 12
 
 
 def test_timm_interface_sees_the_new_head() -> None:

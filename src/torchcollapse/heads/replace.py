@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = ["find_head", "replace_head"]
 
@@ -43,12 +44,20 @@ def _head_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _trailing_linear(sequential: nn.Sequential) -> str | None:
-    """Name of the last classifier in ``sequential`` followed only by parameter-free layers."""
+    """Dotted path of the last classifier in ``sequential`` followed only by parameter-free
+    layers, looking into a trailing ``nn.Sequential`` (``Sequential(backbone,
+    Sequential(Dropout, Linear))``: ``"1.1"``)."""
     for name, module in reversed(list(sequential.named_children())):
         if _head_shape(module) is not None:
             return name
+        if isinstance(module, nn.Sequential):
+            # (a fixed-frame head has no parameters: a Sequential holding one may have none)
+            inner = _trailing_linear(module)
+            if inner is not None:
+                return f"{name}.{inner}"
         if any(True for _ in module.parameters()):
             return None  # a layer with parameters after it: not the classifier
+        # dropout, activations, flatten: may follow the classifier
     return None
 
 
@@ -103,7 +112,10 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     Looks, in order, at timm's ``get_classifier()``; torchvision's ``fc``, ``classifier`` (or the
     last ``nn.Linear`` of a ``classifier`` ``nn.Sequential``), ``head``, ``heads.head``; and the
     last ``nn.Linear`` of an ``nn.Sequential`` followed only by parameter-free layers (dropout,
-    activations). The first candidate that is an ``nn.Linear`` (or a torchcollapse head) wins.
+    activations). In an ``nn.Sequential`` that ends with another one (``nn.Sequential(backbone,
+    nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 10)))``) the search goes on inside it, and the
+    name is dotted (``"1.1"``). The first candidate that is an ``nn.Linear`` (or a torchcollapse
+    head) wins.
 
     Args:
         model: the model.
@@ -156,8 +168,10 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
         The old classifier.
 
     Raises:
-        ValueError: when no classifier is found, or ``get_classifier()`` returns several (timm's
-            distilled models: replace ``head`` and ``head_dist`` yourself).
+        ValueError: when no classifier is found, ``get_classifier()`` returns several (timm's
+            distilled models: replace ``head`` and ``head_dist`` yourself), or the classifier is
+            a lazy module (:class:`torch.nn.LazyLinear`) not initialised yet: run one forward
+            pass first.
         TypeError: when ``factory`` does not return an ``nn.Module``.
 
     Example:
@@ -171,6 +185,13 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
         ('SimplexETFHead', torch.Size([2, 5]))
     """
     path, old = find_head(model)
+    if isinstance(old, LazyModuleMixin) and old.has_uninitialized_params():
+        raise ValueError(
+            f"The classifier `{path}` of {type(model).__name__} is a lazy module "
+            f"({type(old).__name__}) that is not initialised yet, so its `in_features` is not "
+            "known: run one forward pass through the model first (it initialises the lazy "
+            "layers), then call replace_head."
+        )
     shape = _head_shape(old)
     assert shape is not None  # find_head only returns heads with a shape
     new = factory(*shape)
