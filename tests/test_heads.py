@@ -183,6 +183,24 @@ def test_weight_is_the_effective_classifier_and_the_shape_attributes() -> None:
     )
 
 
+@pytest.mark.parametrize("learnable", [False, True])
+def test_repr_shows_the_scale_to_six_significant_digits(learnable: bool) -> None:
+    import re
+
+    # float32 log_scale: exp(log(s)) within a few ulps of s, so 6 digits come back as given
+    for scale, shown in ((1e-7, "1e-07"), (2.5e-7, "2.5e-07"), (123456789.0, "123457000.0")):
+        for head in (
+            SimplexETFHead(8, 4, scale=scale, learnable_scale=learnable),
+            CosineHead(8, 4, scale=scale, learnable_scale=learnable),
+        ):
+            found = re.search(r"scale=([^,]+),", repr(head))
+            assert found is not None
+            assert found.group(1) == shown, repr(head)
+            assert float(found.group(1)) == pytest.approx(scale, rel=5e-6)
+    head = SimplexETFHead(8, 4, scale=9.103456789, learnable_scale=learnable)
+    assert "scale=9.10346," in repr(head)
+
+
 def test_default_scale_follows_the_loss_floor() -> None:
     for k in (2, 10):
         expected = scale_for_loss_floor(DEFAULT_LOSS_FLOOR, k)

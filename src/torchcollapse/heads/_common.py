@@ -161,6 +161,11 @@ class ScaledHeadMixin(nn.Module):
             return self._scale
         return float(self.log_scale.detach().exp())
 
+    def _scale_repr(self) -> str:
+        """The current scale for ``extra_repr``: six significant digits (``1e-07``, not
+        ``0.0``), written as a float (``8.0``)."""
+        return repr(float(f"{self._current_scale():.6g}"))
+
     @property
     def scale(self) -> Tensor | float:
         """The logit scale: a 0-d tensor when learnable, else a float."""

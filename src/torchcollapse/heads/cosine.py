@@ -185,7 +185,7 @@ class CosineHead(ScaledHeadMixin, nn.Module):
     def extra_repr(self) -> str:
         text = (
             f"in_features={self.in_features}, num_classes={self.num_classes}, "
-            f"scale={round(self._current_scale(), 6)!r}, learnable_scale={self.learnable_scale}"
+            f"scale={self._scale_repr()}, learnable_scale={self.learnable_scale}"
         )
         if self.margin:
             text += f", margin={self.margin}, margin_type={self.margin_type!r}"

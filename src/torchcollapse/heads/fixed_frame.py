@@ -207,10 +207,9 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         return logits if bias is None else logits + bias.to(logits.dtype)
 
     def extra_repr(self) -> str:
-        scale = repr(round(self._current_scale(), 6))
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, "
-            f"normalize_features={self.normalize_features}, scale={scale}, "
+            f"normalize_features={self.normalize_features}, scale={self._scale_repr()}, "
             f"learnable_scale={self.learnable_scale}, bias={self.bias is not None}"
         )
 
