@@ -422,6 +422,54 @@ def test_hierarchy_frame_errors() -> None:
         hierarchy_frame(torch.tensor([[1.0, math.nan], [math.nan, 1.0]]))
 
 
+def test_sizes_are_any_integer_as_the_heads_take_them() -> None:
+    import numpy as np
+
+    similarity = torch.tensor([[1.0, 0.5, -0.3], [0.5, 1.0, -0.3], [-0.3, -0.3, 1.0]])
+    integers = (np.int64, np.int32, lambda n: torch.tensor(n), lambda n: torch.tensor([n]))
+    for wrap in integers:
+        # the same frame as with Python ints (the generator draws the same numbers)
+        calls = [
+            (simplex_etf, (10, 16), {}),
+            (orthogonal_frame, (5, 8), {}),
+            (spherical_code, (7, 3), {"steps": 20}),
+            (hierarchy_frame, (similarity, 5), {"max_iter": 50}),
+        ]
+        for function, args, kwargs in calls:
+            expected = function(*args, **kwargs, dtype=F64)  # type: ignore[operator]
+            wrapped = tuple(wrap(a) if isinstance(a, int) else a for a in args)
+            wrapped_kwargs = {key: wrap(value) for key, value in kwargs.items()}
+            got = function(*wrapped, **wrapped_kwargs, dtype=F64)  # type: ignore[operator]
+            assert torch.equal(got, expected), function.__name__
+        assert min_angle_bound(wrap(7), wrap(3)) == min_angle_bound(7, 3)
+    # wrong types are type errors, sizes out of range value errors, naming the argument
+    for bad in (True, np.bool_(True), torch.tensor(True), 10.0, np.float64(10.0), "10", None):
+        with pytest.raises(TypeError, match="`num_classes` to be an int"):
+            simplex_etf(bad, 16)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="`dim` to be an int"):
+            orthogonal_frame(4, bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="`steps` to be an int"):
+            spherical_code(7, 3, steps=bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="`max_iter` to be an int"):
+            hierarchy_frame(similarity, 5, max_iter=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`num_classes` to be an int, but got Tensor"):
+        spherical_code(torch.tensor([7, 8]), 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`num_classes` to be at least 2, but got 1"):
+        simplex_etf(np.int64(1), 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`dim` to be at least 1, but got 0"):
+        min_angle_bound(3, torch.tensor(0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`max_iter` to be at least 1"):
+        hierarchy_frame(similarity, max_iter=np.int64(0))  # type: ignore[arg-type]
+    # the tolerance of hierarchy_frame: a real number >= 0
+    expected = hierarchy_frame(similarity, 5, tol=1e-9, dtype=F64)
+    for tol in (np.float32(1e-9), torch.tensor(1e-9, dtype=F64)):
+        assert torch.equal(hierarchy_frame(similarity, 5, tol=tol, dtype=F64), expected)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`tol` to be a real number, but got str"):
+        hierarchy_frame(similarity, tol="1e-9")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`tol` to be a number >= 0"):
+        hierarchy_frame(similarity, tol=-1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Every process builds the same frames without a broadcast
 # ------------------------------------------------------------------------------------------------

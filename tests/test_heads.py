@@ -446,6 +446,49 @@ def test_scale_for_loss_floor_inverts_the_floor() -> None:
         cross_entropy_floor(1.0, 1)
 
 
+def test_scale_helpers_read_any_real_scalar_as_the_heads_do() -> None:
+    import warnings
+
+    import numpy as np
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    gen = torch.Generator().manual_seed(seed)
+    k = int(torch.randint(2, 50, (), generator=gen))
+    scale = float(torch.empty((), dtype=F64).uniform_(0.5, 20.0, generator=gen))
+    # a learnable head's scale, a 0-dim tensor that requires grad (no warning on reading it)
+    head = SimplexETFHead(k, k, scale=scale, learnable_scale=True, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        floor = cross_entropy_floor(head.scale, head.num_classes)
+    assert type(floor) is float
+    # independent reference: the cross-entropy of the class vector itself, in float64, where
+    # logsumexp minus the target logit (both ~ scale) cancels to ~ scale * 2**-52 absolute
+    at_vertex = F.cross_entropy(head(head.frame[:1]), torch.zeros(1, dtype=torch.long))
+    tolerance = 64 * scale * torch.finfo(F64).eps
+    assert floor == pytest.approx(float(at_vertex.detach()), rel=1e-12, abs=tolerance), seed
+    for wrapped in (np.float32(8.0), np.float64(8.0), np.int64(8), torch.tensor(8.0)):
+        assert cross_entropy_floor(wrapped, np.int64(k)) == cross_entropy_floor(8.0, k)  # type: ignore[arg-type]
+    for wrapped in (np.float32(0.25), torch.tensor(0.25, dtype=F64)):
+        # float32(0.25) is exact: the same scale as from the Python float
+        assert scale_for_loss_floor(wrapped, torch.tensor(k)) == scale_for_loss_floor(0.25, k)  # type: ignore[arg-type]
+    assert scale_for_loss_floor(np.float32(0.01), 10) == pytest.approx(
+        scale_for_loss_floor(0.01, 10), rel=1e-6
+    )
+    # a wrong type is a type error, a value out of range a value error, naming the argument
+    for bad in (True, np.bool_(False), torch.tensor(True), "1.0", None, 1j, torch.ones(2)):
+        with pytest.raises(TypeError, match="`scale` to be a real number"):
+            cross_entropy_floor(bad, 10)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="`loss_floor` to be a real number"):
+            scale_for_loss_floor(bad, 10)  # type: ignore[arg-type]
+    for bad_scale in (-1.0, np.float32(-0.5), math.nan, torch.tensor(-2.0)):
+        with pytest.raises(ValueError, match="`scale` to be a number >= 0"):
+            cross_entropy_floor(bad_scale, 10)  # type: ignore[arg-type]
+    for bad_floor in (0.0, math.log(10), np.float64(3.0), math.nan, math.inf, torch.tensor(-1.0)):
+        with pytest.raises(ValueError, match=r"`loss_floor` to be in \(0, log\(num_classes\)\)"):
+            scale_for_loss_floor(bad_floor, 10)  # type: ignore[arg-type]
+    assert cross_entropy_floor(math.inf, 10) == 0.0  # the limit, as before
+
+
 # ------------------------------------------------------------------------------------------------
 # etf_init_
 # ------------------------------------------------------------------------------------------------

@@ -9,30 +9,39 @@ from typing import Any
 
 import torch
 
-__all__ = ["as_finite_float", "as_int", "read_number"]
+__all__ = ["as_finite_float", "as_int", "as_real_float", "read_number"]
 
 
-def as_finite_float(value: Any) -> float | None:
-    """``value`` as a finite Python float, or ``None`` when it is not one.
+def as_real_float(value: Any) -> float | None:
+    """``value`` as a Python float, NaN and infinities included, or ``None`` when it is not a
+    real number.
 
-    Accepted: real scalars of Python, numpy and torch (0-dim or one-element tensors), and anything
-    else ``float()`` reads exactly as a number (``Decimal``, ``Fraction``). Refused: bools of any
-    kind, complex numbers, strings and bytes, NaN and infinities.
+    Accepted: real scalars of Python, numpy and torch (0-dim or one-element tensors, also ones
+    that require grad, such as a learnable scale), and anything else ``float()`` reads exactly
+    as a number (``Decimal``, ``Fraction``). Refused: bools of any kind, complex numbers,
+    strings and bytes.
     """
     if isinstance(value, (bool, str, bytes, bytearray, complex)):
         return None
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             return None
+        value = value.detach()  # float() of a tensor that requires grad warns
     else:
         kind = getattr(getattr(value, "dtype", None), "kind", None)  # numpy scalars
         if kind in ("b", "c"):
             return None
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError, RuntimeError, OverflowError):
         return None
-    return number if math.isfinite(number) else None
+
+
+def as_finite_float(value: Any) -> float | None:
+    """``value`` as a finite Python float, or ``None`` when it is not one: what
+    :func:`as_real_float` accepts, less NaN and infinities."""
+    number = as_real_float(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def read_number(

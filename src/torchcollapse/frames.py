@@ -28,6 +28,10 @@ when it wraps a model). The draw stays on the CPU under a default-device context
 ``device=None`` then means the context's device (``with torch.device("meta")`` gives a meta
 tensor, whose values are gone, but the generator has advanced as on the CPU).
 
+Sizes (``num_classes``, ``dim``, ``steps``, ``max_iter``) are any integer, as the heads take them:
+Python or numpy integers and 0-dim integer tensors (never a bool or a float); a wrong type is a
+``TypeError``, a size out of range a ``ValueError``, each naming the argument.
+
 References:
     Papyan, Han & Donoho (2020), *Prevalence of neural collapse during the terminal phase of deep
     learning training*, PNAS. Hoffer et al. (2018), *Fix your classifier*, ICLR. Yang et al.
@@ -48,7 +52,7 @@ import torch
 from torch import Tensor
 
 from torchcollapse._autograd import no_autocast
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import as_int, as_real_float, read_number
 
 __all__ = [
     "DEFAULT_SEED",
@@ -82,11 +86,14 @@ _CPU = torch.device("cpu")
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int of at least ``minimum``: any integer (Python, numpy, 0-dim integer
+    tensor; ``operator.index``), as the heads take sizes, never a bool or a float."""
+    number = as_int(value)
+    if number is None:
         raise TypeError(f"Expected argument `{name}` to be an int, but got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"Expected argument `{name}` to be at least {minimum}, but got {value}.")
-    return value
+    if number < minimum:
+        raise ValueError(f"Expected argument `{name}` to be at least {minimum}, but got {number}.")
+    return number
 
 
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -830,7 +837,8 @@ def hierarchy_frame(
         dim: dimension of the frame, at least the rank ``r`` of the projected Gram matrix;
             default ``r``.
         max_iter: most alternating-projection rounds.
-        tol: stop when a round changes the matrix by less than this (relative Frobenius norm).
+        tol: stop when a round changes the matrix by less than this (relative Frobenius norm),
+            a real number ``>= 0``.
         generator: CPU generator for the orientation; default: seeded with :data:`DEFAULT_SEED`.
         dtype: dtype of the result (default: ``torch.get_default_dtype()``).
         device: device of the result (default: torch's default device, as ``torch.randn``).
@@ -866,11 +874,18 @@ def hierarchy_frame(
         )
     if not similarity.is_floating_point() or not bool(torch.isfinite(similarity).all()):
         raise ValueError("Expected argument `similarity` to be a finite floating-point tensor.")
-    _check_int(max_iter, "max_iter", 1)
+    max_iter = _check_int(max_iter, "max_iter", 1)
+    tol_value = as_real_float(tol)
+    if tol_value is None:
+        raise TypeError(
+            f"Expected argument `tol` to be a real number, but got {type(tol).__name__}."
+        )
+    if not tol_value >= 0:
+        raise ValueError(f"Expected argument `tol` to be a number >= 0, but got {tol!r}.")
     s = similarity.detach().to(device="cpu", dtype=torch.float64)
     s = (s + s.T) / 2
     s.fill_diagonal_(1.0)
-    gram = _nearest_correlation(s, max_iter, tol)
+    gram = _nearest_correlation(s, max_iter, tol_value)
     values, vectors = torch.linalg.eigh(gram)
     keep = values > values.max() * s.shape[0] * torch.finfo(torch.float64).eps * 16
     rank = int(keep.sum())

@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import transforms_active
 from torchcollapse._labels import check_label_range
-from torchcollapse._numbers import as_finite_float, as_int
+from torchcollapse._numbers import as_finite_float, as_int, as_real_float
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
 __all__: list[str] = []
@@ -40,22 +40,12 @@ def resolve_scale(scale: object, num_classes: int, normalize_features: bool) -> 
     default: the DEFAULT_LOSS_FLOOR scale (normalized) or 1."""
     if scale is None:
         return scale_for_loss_floor(DEFAULT_LOSS_FLOOR, num_classes) if normalize_features else 1.0
-    value = as_finite_float(scale)
-    if value is None and not _is_non_finite_number(scale):
+    value = as_real_float(scale)
+    if value is None:
         raise TypeError(f"Expected argument `scale` to be a float, but got {type(scale).__name__}.")
-    if value is None or not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"Expected argument `scale` to be a finite number > 0, but got {scale}.")
     return value
-
-
-def _is_non_finite_number(value: object) -> bool:
-    """Whether ``value`` is a real number (not a bool or a string) that is NaN or infinite."""
-    if isinstance(value, (bool, str, bytes)):
-        return False
-    try:
-        return not math.isfinite(float(value))  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        return False
 
 
 def check_features(features: Tensor, in_features: int) -> None:
@@ -124,7 +114,7 @@ class ScaledHeadMixin(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         """Set the fixed (or initial) scale from a ``state_dict`` entry (a one-element tensor or
         a number, finite and positive)."""
-        value = as_finite_float(state.detach() if isinstance(state, Tensor) else state)
+        value = as_finite_float(state)
         if value is None or not value > 0:
             raise ValueError(
                 f"Expected the saved scale (`{_EXTRA_STATE_KEY}`) of {type(self).__name__} to be "

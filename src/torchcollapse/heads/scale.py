@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-from torchcollapse._numbers import as_int
+from torchcollapse._numbers import as_int, as_real_float
 
 __all__ = ["DEFAULT_LOSS_FLOOR", "cross_entropy_floor", "scale_for_loss_floor"]
 
@@ -46,6 +46,18 @@ def _check_num_classes(num_classes: object) -> int:
     return value
 
 
+def _real_number(value: object, name: str) -> float:
+    """``value`` as a Python float (NaN and infinities included: the caller checks the range):
+    any real scalar (Python, numpy, 0-dim tensor, also a head's learnable ``scale``), not a
+    bool."""
+    number = as_real_float(value)
+    if number is None:
+        raise TypeError(
+            f"Expected argument `{name}` to be a real number, but got {type(value).__name__}."
+        )
+    return number
+
+
 def cross_entropy_floor(scale: float, num_classes: int) -> float:
     """Smallest cross-entropy a simplex-ETF head with logit scale ``scale`` can reach.
 
@@ -53,11 +65,16 @@ def cross_entropy_floor(scale: float, num_classes: int) -> float:
     vector, the best any unit feature can do.
 
     Args:
-        scale: logit scale ``s >= 0``.
-        num_classes: number of classes ``K >= 2``.
+        scale: logit scale ``s >= 0``: any real scalar (Python, numpy, a 0-dim tensor such as
+            the ``scale`` of a head with a learnable scale).
+        num_classes: number of classes ``K >= 2``: any integer (Python, numpy, 0-dim tensor).
 
     Returns:
-        The loss floor in nats (``log K`` at ``s = 0``).
+        The loss floor in nats (``log K`` at ``s = 0``), a Python float.
+
+    Raises:
+        TypeError: when ``scale`` is not a real number or ``num_classes`` not an integer.
+        ValueError: when ``scale`` is negative or NaN, or ``num_classes < 2``.
 
     Example:
         >>> round(cross_entropy_floor(0.0, 10), 4) == round(math.log(10), 4)
@@ -66,9 +83,10 @@ def cross_entropy_floor(scale: float, num_classes: int) -> float:
         1.6e-07
     """
     k = _check_num_classes(num_classes)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale >= 0:
+    value = _real_number(scale, "scale")
+    if not value >= 0:
         raise ValueError(f"Expected argument `scale` to be a number >= 0, but got {scale!r}.")
-    return math.log1p((k - 1) * math.exp(-float(scale) * k / (k - 1)))
+    return math.log1p((k - 1) * math.exp(-value * k / (k - 1)))
 
 
 def scale_for_loss_floor(loss_floor: float, num_classes: int) -> float:
@@ -77,11 +95,16 @@ def scale_for_loss_floor(loss_floor: float, num_classes: int) -> float:
     The inverse of :func:`cross_entropy_floor`: ``(K - 1) / K * log((K - 1) / (exp(L) - 1))``.
 
     Args:
-        loss_floor: target floor ``L`` in nats, ``0 < L < log K``.
-        num_classes: number of classes ``K >= 2``.
+        loss_floor: target floor ``L`` in nats, ``0 < L < log K``: any real scalar (Python,
+            numpy, 0-dim tensor).
+        num_classes: number of classes ``K >= 2``: any integer (Python, numpy, 0-dim tensor).
 
     Returns:
-        The scale ``s > 0``.
+        The scale ``s > 0``, a Python float.
+
+    Raises:
+        TypeError: when ``loss_floor`` is not a real number or ``num_classes`` not an integer.
+        ValueError: when ``loss_floor`` is outside ``(0, log K)`` or ``num_classes < 2``.
 
     Example:
         >>> s = scale_for_loss_floor(0.01, 100)
@@ -91,13 +114,10 @@ def scale_for_loss_floor(loss_floor: float, num_classes: int) -> float:
         0.01
     """
     k = _check_num_classes(num_classes)
-    if (
-        not isinstance(loss_floor, (int, float))
-        or isinstance(loss_floor, bool)
-        or not 0 < loss_floor < math.log(k)
-    ):
+    value = _real_number(loss_floor, "loss_floor")
+    if not 0 < value < math.log(k):
         raise ValueError(
             "Expected argument `loss_floor` to be in (0, log(num_classes)) = "
             f"(0, {math.log(k):.4f}), but got {loss_floor!r}."
         )
-    return (k - 1) / k * (math.log(k - 1) - math.log(math.expm1(loss_floor)))
+    return (k - 1) / k * (math.log(k - 1) - math.log(math.expm1(value)))
