@@ -915,3 +915,199 @@ def test_merging_no_nc4_counts_keeps_restored_ones_and_compute_sees_the_merge() 
     expected = both.compute()["nc1"].item()
     assert expected != pytest.approx(before, rel=1e-6), f"seed {seed}"
     assert first.compute()["nc1"].item() == pytest.approx(expected, rel=1e-12), f"seed {seed}"
+
+
+def _nc4_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear, torch.Tensor]:
+    """A case with a classifier and reference means far enough from the class means that NC4
+    counts mismatches (fresh inputs from ``seed``)."""
+    features, target, classifier = _case(120, 5, 4, spread=1.2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    return features, target, classifier, means
+
+
+def test_merged_and_loaded_states_are_copies_never_shared() -> None:
+    """``merge_state`` into an empty metric and ``load_state_dict`` take copies: updating the
+    receiver leaves the sender (and the loaded dict) as they were, and every metric equals the
+    float64 reference over its own samples."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, classifier, means = _nc4_case(seed)
+    first, second = slice(0, 60), slice(60, 120)
+    reference = _reference(4, classifier, means.numpy())
+
+    def check(metric: NeuralCollapse, rows: slice | None) -> None:
+        h, y = (features, target) if rows is None else (features[rows], target[rows])
+        out, expected = metric.compute(), reference(h, y)
+        np.testing.assert_allclose(float(out["nc1"]), expected["nc1"], rtol=RTOL, err_msg=seed)
+        assert float(out["nc4"]) == _nc4_brute_force(h, classifier, means), f"seed {seed}"
+
+    def fresh() -> NeuralCollapse:
+        return NeuralCollapse(4, classifier=classifier, class_means=means)
+
+    sender = fresh()
+    sender.update(features[first], target[first])
+    receiver = fresh()
+    receiver.merge_state(sender)
+    receiver.update(features[second], target[second])
+    check(sender, first)
+    check(receiver, None)
+    sender.update(features[second], target[second])  # and the other way round
+    check(receiver, None)
+    assert receiver.statistics.data_ptr() != sender.statistics.data_ptr()
+
+    source = fresh()
+    source.update(features[first], target[first])
+    source.persistent(True)
+    state = source.state_dict()
+    saved = {key: value.clone() for key, value in state.items()}
+    loaded = [fresh(), fresh()]
+    for metric in loaded:
+        metric.persistent(True)
+        metric.load_state_dict(state)
+        metric.set_class_means(means)  # restored counts are kept (taken against these means)
+    loaded[0].update(features[second], target[second])
+    for key, value in state.items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=f"{key}, seed {seed}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The ``compute`` method of metric")  # torchmetrics'
+        check(loaded[1], first)
+        check(source, first)
+    check(loaded[0], None)
+
+
+def test_loaded_statistics_of_another_dtype_accumulate_in_float64() -> None:
+    """A state_dict cast to float16 (its values exact there: small integer features) loads as
+    float64 statistics, so that later updates behind an offset of 100, where float16 would
+    overflow and float32 lose NC1, match the float64 reference."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    k, d = 3, 3
+    y1 = torch.arange(45) % k
+    h1 = torch.randint(-2, 3, (45, d), generator=g).double()  # stats below 2048: exact in f16
+    y2 = torch.arange(45) % k
+    h2 = 100.0 + torch.randn(k, d, generator=g, dtype=torch.float64)[y2]
+    h2 = h2 + 1e-3 * torch.randn(45, d, generator=g, dtype=torch.float64)
+    source = NeuralCollapseNC1(k)
+    source.update(h1, y1)
+    source.persistent(True)
+    for dtype in (torch.float16, torch.float32):
+        state = {key: value.to(dtype) for key, value in source.state_dict().items()}
+        restored = NeuralCollapseNC1(k)
+        restored.persistent(True)
+        restored.load_state_dict(state)
+        assert restored.statistics.dtype == torch.float64
+        assert restored.nc4_samples.dtype == torch.float64
+        restored.update(h2, y2)
+        expected = _reference(k)(torch.cat([h1, h2]), torch.cat([y1, y2]))["nc1"]
+        np.testing.assert_allclose(
+            float(restored.compute()), expected, rtol=RTOL, err_msg=f"{dtype}, seed {seed}"
+        )
+
+
+def test_states_of_another_size_are_refused_at_load_and_merge() -> None:
+    features, target, _ = _case(60, 6, 4, seed=12)
+    four = NeuralCollapseNC1(4)
+    four.update(features, target)
+    four.persistent(True)
+    with pytest.raises(ValueError, match=r"`statistics` in the loaded state_dict .* 5 classes"):
+        NeuralCollapseNC1(5).load_state_dict(four.state_dict())
+    with pytest.raises(ValueError, match=r"`statistics` of the incoming state .* 5 classes"):
+        NeuralCollapseNC1(5).merge_state(four)
+    with pytest.raises(ValueError, match=r"4 classes and 5 features like this metric \(73 values"):
+        NeuralCollapseNC1(4, num_features=5).load_state_dict(four.state_dict())
+    with pytest.raises(ValueError, match=r"4 classes and 5 features like this metric"):
+        NeuralCollapseNC1(4, num_features=5).merge_state(four)
+    with pytest.raises(ValueError, match=r"`nc4_samples` in the loaded state_dict to be a real"):
+        NeuralCollapseNC1(4).load_state_dict({**four.state_dict(), "nc4_samples": torch.ones(2)})
+    # a state saved before any update (empty statistics) loads into a metric of known size
+    empty = NeuralCollapseNC1(4)
+    empty.persistent(True)
+    sized = NeuralCollapseNC1(4, num_features=6)
+    sized.load_state_dict(empty.state_dict())
+    assert sized.statistics.numel() == ClassStatistics.packed_size(4, 6)
+    sized.update(features, target)
+    np.testing.assert_allclose(float(sized.compute()), float(four.compute()), rtol=1e-12)
+
+
+_K, _D = 4, 5
+_LIN = torch.nn.Linear(_D, _K).double()
+_MEANS = torch.randn(_K, _D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("factory", "key"),
+    [
+        (lambda: NeuralCollapse(_K, num_features=_D), "nc1"),
+        (lambda: NeuralCollapse(_K, classifier=_LIN), "nc3"),
+        (lambda: NeuralCollapse(_K, classifier=_LIN, class_means=_MEANS), "nc4"),
+        (lambda: NeuralCollapseNC1(_K, num_features=_D), "nc1"),
+        (lambda: NeuralCollapseCDNV(_K, num_features=_D), "cdnv"),
+        (lambda: NeuralCollapseETFDistance(_K, num_features=_D), "nc2_etf_distance"),
+        (lambda: NeuralCollapseNC3(_K, classifier=_LIN), "nc3"),
+        (lambda: NeuralCollapseNC4(_K, classifier=_LIN, class_means=_MEANS), "nc4"),
+    ],
+    ids=["nc-sized", "nc-classifier", "nc-means", "nc1", "cdnv", "etf", "nc3", "nc4"],
+)
+def test_reset_forward_and_compute_under_inference_mode_then_updates_outside(
+    factory: Any, key: str
+) -> None:
+    """The training loop of torchmetrics users: updates, an ``@torch.inference_mode()``
+    evaluation that computes, resets and runs ``forward``, then updates outside it again (on
+    states allocated in advance: ``num_features`` or a classifier given)."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(200, _D, _K, spread=1.2, seed=seed)
+    batches = list(zip(features.split(50), target.split(50)))
+    with torch.inference_mode():
+        metric = factory()  # even built there
+    metric.update(*batches[0])
+    with torch.inference_mode():
+        metric.compute()
+        metric.reset()
+    metric.update(*batches[1])
+    with torch.inference_mode():
+        metric(*batches[2])  # forward: the merged state is built there
+    metric.update(*batches[3])
+    with torch.inference_mode():
+        out = metric.compute()
+    value = out[key] if isinstance(out, dict) else out
+    expected = _reference(_K, _LIN, _MEANS.numpy())(features[50:], target[50:])[key]
+    np.testing.assert_allclose(float(value), expected, rtol=RTOL, atol=ATOL, err_msg=f"{seed}")
+    assert not metric.statistics.is_inference()
+
+
+@pytest.mark.parametrize("num_features", [None, 8])
+def test_a_refused_forward_keeps_the_accumulated_state(num_features: int | None) -> None:
+    """``forward`` validates the batch before torchmetrics sets the state aside: a batch of
+    another feature count (named with the metric's and the batch's), labels out of range, NaN
+    features or missing arguments raise and leave the state as it was."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(160, 8, 4, seed=seed)
+    metric = NeuralCollapseNC1(4, num_features=num_features)
+    metric(features[:80], target[:80])
+    nan = features[80:96].clone()
+    nan[3, 2] = float("nan")
+    refused: list[tuple[tuple[Any, ...], type, str]] = [
+        ((features[:32, :4], target[:32]), ValueError, r"8 features .* got shape \(32, 4\)"),
+        ((features[:8], target[:8] + 4), ValueError, r"class indices in \[0, 3\]"),
+        ((nan, target[80:96]), ValueError, "finite"),
+        ((features[:8],), TypeError, "NeuralCollapseNC1.forward: missing .*'target'"),
+        ((features[:8].long(), target[:8]), TypeError, "floating point"),
+    ]
+    for args, error, match in refused:
+        with pytest.raises(error, match=match):
+            metric(*args)
+        assert metric.class_statistics().total == 80, f"seed {seed}, {match}"
+    metric(features[80:], target[80:])
+    expected = _reference(4)(features, target)["nc1"]
+    np.testing.assert_allclose(float(metric.compute()), expected, rtol=RTOL, err_msg=f"{seed}")
+
+
+def test_num_features_accepts_any_integer_type() -> None:
+    for value in (np.int64(6), np.int32(6), torch.tensor(6), 6):
+        metric = NeuralCollapse(3, num_features=value)  # type: ignore[arg-type]
+        assert metric.num_features == 6
+        assert type(metric.num_features) is int
+        assert metric.statistics.numel() == ClassStatistics.packed_size(3, 6)
+    for bad in (True, np.bool_(True), 6.0, torch.tensor(6.0), 0, "6"):
+        with pytest.raises(ValueError, match="`num_features` to be a positive integer or None"):
+            NeuralCollapse(3, num_features=bad)  # type: ignore[arg-type]

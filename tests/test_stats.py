@@ -402,3 +402,14 @@ def test_split_cpu_product_matches_reference(threads: int, monkeypatch: pytest.M
 def test_features_without_columns_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"`features` to have at least one feature.*\(4, 0\)"):
         ClassStatistics.from_features(torch.zeros(4, 0), torch.tensor([0, 1, 2, 0]), 3)
+
+
+def test_zeros_reads_any_integer_type_for_both_sizes() -> None:
+    for value in (np.int64(3), torch.tensor(3), 3):
+        stats = ClassStatistics.zeros(2, value)  # type: ignore[arg-type]
+        assert stats.num_features == 3
+        assert stats.scatter.shape == (3, 3)
+        assert ClassStatistics.zeros(value, 2).num_classes == 3  # type: ignore[arg-type]
+    for bad in (True, np.bool_(True), 3.0, torch.tensor(3.0)):
+        with pytest.raises(ValueError, match="`num_features` to be a positive integer"):
+            ClassStatistics.zeros(2, bad)  # type: ignore[arg-type]

@@ -114,6 +114,16 @@ def _check_num_classes(num_classes: Any) -> int:
     return value
 
 
+def _check_num_features(num_features: Any) -> int:
+    """``num_features`` as a Python int (any integer type, not a bool); raise unless positive."""
+    value = as_int(num_features)
+    if value is None or value < 1:
+        raise ValueError(
+            f"Expected argument `num_features` to be a positive integer, but got {num_features!r}."
+        )
+    return value
+
+
 def _check_features_target(
     features: Any, target: Any, num_classes: int, *, validate_args: bool = True
 ) -> None:
@@ -252,11 +262,7 @@ class ClassStatistics:
             0
         """
         num_classes = _check_num_classes(num_classes)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                f"Expected argument `num_features` to be a positive integer, but got"
-                f" {num_features!r}."
-            )
+        num_features = _check_num_features(num_features)
         return cls.unpack(
             torch.zeros(cls.packed_size(num_classes, num_features), device=device, dtype=dtype),
             num_classes,

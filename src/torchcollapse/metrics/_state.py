@@ -18,6 +18,7 @@ States:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,7 +36,13 @@ from torchcollapse.functional.nearest_class_center import (
     _nc4_counts,
     _prepare_reference,
 )
-from torchcollapse.stats import ClassStatistics, _check_features, _check_num_classes
+from torchcollapse.stats import (
+    ClassStatistics,
+    _check_features,
+    _check_features_target,
+    _check_num_classes,
+    _check_num_features,
+)
 
 _T = TypeVar("_T")
 
@@ -83,6 +90,14 @@ class _SharedClassifier:
 
 
 _DEFAULT_FEATURE_EPS = 1e-12
+
+# the arguments of `update` (and so of `forward`), bound before forward touches the state
+_BATCH = inspect.Signature(
+    [
+        inspect.Parameter("features", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+)
 
 
 def _classifier_tensors(
@@ -181,6 +196,14 @@ class CollapseStatisticsMetric(Metric):
         self.global_mean = global_mean
         self.validate_args = validate_args
         self.product_dtype = product_dtype
+        if num_features is not None:
+            try:
+                num_features = _check_num_features(num_features)
+            except ValueError:
+                raise ValueError(
+                    "Expected argument `num_features` to be a positive integer or None, but got"
+                    f" {num_features!r}."
+                ) from None
         self._classifier: _SharedClassifier | None = None
         if classifier is not None:
             weight, _, _ = _classifier_tensors(classifier, num_classes)
@@ -192,23 +215,19 @@ class CollapseStatisticsMetric(Metric):
                 )
             num_features = int(weight.shape[1])
             self._classifier = _SharedClassifier(classifier)
-        if num_features is not None and (
-            isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
-        ):
-            raise ValueError(
-                f"Expected argument `num_features` to be a positive integer or None, but got"
-                f" {num_features!r}."
-            )
-        self.num_features = num_features
+        self.num_features: int | None = num_features
         size = 0 if num_features is None else ClassStatistics.packed_size(num_classes, num_features)
-        self.add_state(
-            "statistics",
-            default=torch.zeros(size, dtype=torch.float64),
-            dist_reduce_fx=_MergeStatistics(num_classes),
-        )
-        zero = torch.zeros((), dtype=torch.float64)
-        self.add_state("nc4_mismatches", default=zero.clone(), dist_reduce_fx="sum")
-        self.add_state("nc4_samples", default=zero.clone(), dist_reduce_fx="sum")
+        # normal tensors even when the metric is built under inference mode (see `reset`)
+        with torch.inference_mode(False):
+            self.add_state(
+                "statistics",
+                default=torch.zeros(size, dtype=torch.float64),
+                dist_reduce_fx=_MergeStatistics(num_classes),
+            )
+            zero = torch.zeros((), dtype=torch.float64)
+            self.add_state("nc4_mismatches", default=zero.clone(), dist_reduce_fx="sum")
+            self.add_state("nc4_samples", default=zero.clone(), dist_reduce_fx="sum")
+        self._batch_checked = False  # inside forward, once the batch is validated (see there)
         if self.dist_sync_fn is None:
             self.dist_sync_fn = _gather_statistics
         self._nc4_centre: Tensor | None
@@ -226,7 +245,8 @@ class CollapseStatisticsMetric(Metric):
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Move the statistics, never cast them: they accumulate in float64 whatever the
         dtype of the model holding the metric (``model.float()``, ``.to(torch.bfloat16)``);
-        torchmetrics' ``set_dtype`` has no effect on them either."""
+        torchmetrics' ``set_dtype`` has no effect on them either. Moved states are normal
+        tensors even under ``torch.inference_mode()``."""
 
         def device_only(tensor: Tensor) -> Tensor:
             if not tensor.is_floating_point():
@@ -239,7 +259,10 @@ class CollapseStatisticsMetric(Metric):
             moved = fn(tensor)
             return moved
 
-        return super()._apply(device_only, *args, **kwargs)
+        # moved states are normal tensors even under inference mode (a first move in an
+        # evaluation run there), so that updates outside it may write into them
+        with torch.inference_mode(False):
+            return super()._apply(device_only, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Accumulate a batch and return its own value (torchmetrics' ``forward``).
@@ -248,12 +271,22 @@ class CollapseStatisticsMetric(Metric):
         batch may have; NC4 without counted samples; a quantity undefined for the batch) is
         accumulated all the same; its value is NaN (``NeuralCollapse``: ``num_classes_present``
         and, when counted, ``nc4``), with a warning, where ``compute`` would raise.
+
+        The batch is validated first, as ``update`` validates it: a batch that ``update`` would
+        refuse raises before torchmetrics' ``forward`` sets the accumulated state aside, which
+        is kept as it was.
         """
+        try:
+            batch = _BATCH.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}.forward: {error}.") from None
+        self._check_batch(*batch.args, **batch.kwargs)
         self._batch_value, self._batch_undefined = True, None
+        self._batch_checked = True
         try:
             value = super().forward(*args, **kwargs)
         finally:
-            self._batch_value = False
+            self._batch_value = self._batch_checked = False
         reason = self._take_batch_undefined()
         if reason is not None:
             warnings.warn(
@@ -263,6 +296,40 @@ class CollapseStatisticsMetric(Metric):
                 stacklevel=4,  # forward, nn.Module's call machinery (2), the caller
             )
         return value
+
+    def _check_batch(self, features: Any, target: Any) -> None:
+        """Every check of ``update`` on a batch, before anything is written (for ``forward``)."""
+        _check_features_target(features, target, self.num_classes, validate_args=self.validate_args)
+        if self.statistics.numel():
+            num_features = ClassStatistics.num_features_from_packed_size(
+                self.statistics.numel(), self.num_classes
+            )
+            if features.shape[1] != num_features:
+                raise ValueError(
+                    f"Expected argument `features` to have {num_features} features (columns), the"
+                    f" feature dimension of this metric's statistics, but got shape"
+                    f" {tuple(features.shape)}."
+                )
+        if features.device != self.statistics.device:
+            raise ValueError(
+                f"Expected argument `features` to be on {self.statistics.device}, the device of"
+                f" this metric's statistics, but got {features.device}."
+            )
+        self._nc4_classifier(features, finite=self.validate_args)
+
+    def _nc4_classifier(
+        self, features: Tensor, *, finite: bool
+    ) -> tuple[Tensor, Tensor | None, float | None] | None:
+        """The classifier NC4 counts ``features`` with (see :meth:`_classifier_weight_bias`),
+        checked against the reference means; ``None`` when NC4 is not counted."""
+        if self._classifier is None or self._nc4_means is None:
+            return None
+        if features.shape[1] != self._nc4_means.shape[1]:
+            raise ValueError(
+                f"Expected argument `features` to have {self._nc4_means.shape[1]} features like"
+                f" the reference class means, but got shape {tuple(features.shape)}."
+            )
+        return self._classifier_weight_bias(finite=finite)
 
     def _take_batch_undefined(self) -> str | None:
         reason, self._batch_undefined = self._batch_undefined, None
@@ -369,8 +436,29 @@ class CollapseStatisticsMetric(Metric):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """torchmetrics' loading; NC4 counts read from the ``state_dict`` are restored counts,
-        kept by the next :meth:`set_class_means`."""
+        """torchmetrics' loading, of copies: the metric never shares storage with the
+        ``state_dict``, whose tensors stay as they are when the metric is updated. The statistics
+        are cast to float64 (the dtype they accumulate in) and moved to the metric's device, and
+        statistics of another number of classes or features raise a ``ValueError``. NC4 counts
+        read from the ``state_dict`` are restored counts, kept by the next
+        :meth:`set_class_means`."""
+        source = "in the loaded state_dict"
+        name = prefix + "statistics"
+        with torch.inference_mode(False):  # normal tensors, as in `reset`
+            if name in state_dict:
+                loaded = self._adopted_statistics(state_dict[name], source, loading=True)
+                if loaded.numel() == 0 and self.num_features is not None:  # saved before data
+                    loaded = torch.zeros(
+                        ClassStatistics.packed_size(self.num_classes, self.num_features),
+                        dtype=torch.float64,
+                        device=self.statistics.device,
+                    )
+                state_dict[name] = loaded
+            for key in ("nc4_mismatches", "nc4_samples"):
+                if prefix + key in state_dict:
+                    state_dict[prefix + key] = self._adopted_count(
+                        state_dict[prefix + key], key, source
+                    )
         if prefix + "nc4_samples" in state_dict:
             self._nc4_counted_here = False
         super()._load_from_state_dict(
@@ -399,9 +487,19 @@ class CollapseStatisticsMetric(Metric):
             return self.class_statistics().class_means().clone()
 
     def update(self, features: Tensor, target: Tensor) -> None:
-        """Accumulate a batch of ``features`` ``(B, d)`` with integer labels ``target`` ``(B,)``."""
+        """Accumulate a batch of ``features`` ``(B, d)`` with integer labels ``target`` ``(B,)``.
+
+        A batch refused (wrong shapes; with ``validate_args``, labels out of range or features
+        that are not finite) raises before anything is written.
+        """
         _check_features(features)
+        # inside forward the batch was validated already (_check_batch)
+        validate = self.validate_args and not self._batch_checked
+        classifier = self._nc4_classifier(features, finite=validate)
         if self.statistics.numel() == 0:
+            # the first batch fixes the feature dimension: validated before the allocation
+            _check_features_target(features, target, self.num_classes, validate_args=validate)
+            validate = False
             num_features = int(features.shape[1])
             # A normal tensor even under inference mode, so later updates outside it may write it.
             with torch.inference_mode(False):
@@ -414,22 +512,15 @@ class CollapseStatisticsMetric(Metric):
         stats.update(
             features.detach(),
             target,
-            validate_args=self.validate_args,
+            validate_args=validate,
             product_dtype=self.product_dtype,
         )
         if (
-            self._classifier is not None
+            classifier is not None
             and self._nc4_centre is not None
             and self._nc4_means is not None
             and self._nc4_offsets is not None
         ):
-            if features.shape[1] != self._nc4_means.shape[1]:
-                raise ValueError(
-                    f"Expected argument `features` to have {self._nc4_means.shape[1]} features like"
-                    f" the reference class means, but got shape {tuple(features.shape)}."
-                )
-            classifier = self._classifier_weight_bias(finite=self.validate_args)
-            assert classifier is not None  # a classifier is set (checked above)
             reference = (self._nc4_centre, self._nc4_means, self._nc4_offsets)
             weight, bias, feature_eps = classifier
             mismatches, samples = _nc4_counts(
@@ -453,31 +544,114 @@ class CollapseStatisticsMetric(Metric):
             self._nc4_counted_here = True
         self._computed = None
 
+    def reset(self) -> None:
+        """torchmetrics' ``reset``. The new states are normal tensors even under
+        ``torch.inference_mode()`` (an evaluation that computes and resets), so that updates
+        outside it may write into them."""
+        with torch.inference_mode(False):
+            super().reset()
+
+    def _copy_state_dict(self) -> dict[str, Tensor | list[Any]]:
+        """torchmetrics' copy of the states (restored by ``forward`` and after a synchronised
+        ``compute``), made of normal tensors even under ``torch.inference_mode()``."""
+        with torch.inference_mode(False):
+            copied: dict[str, Tensor | list[Any]] = super()._copy_state_dict()
+        return copied
+
+    def _adopted_statistics(
+        self, value: Any, source: str, *, loading: bool = False, copy: bool = True
+    ) -> Tensor:
+        """``value``, packed statistics from elsewhere (a ``state_dict``, ``merge_state``), in
+        float64 on this metric's device (``copy``: always a copy); a ``ValueError`` unless it
+        holds statistics of this metric's classes (and features: ``num_features``, or with
+        ``loading=False`` those of the statistics held). Empty statistics (no data) pass."""
+        if not isinstance(value, Tensor) or value.ndim != 1 or value.is_complex():
+            got = (
+                f"shape {tuple(value.shape)}, dtype {value.dtype}"
+                if isinstance(value, Tensor)
+                else type(value).__name__
+            )
+            raise ValueError(
+                f"Expected the `statistics` {source} to be a 1-D real tensor of packed class"
+                f" statistics, but got {got}."
+            )
+        size = value.numel()
+        if loading:
+            dim = self.num_features
+        elif self.statistics.numel():
+            dim = ClassStatistics.num_features_from_packed_size(
+                self.statistics.numel(), self.num_classes
+            )
+        else:
+            dim = None
+        if dim is not None:
+            expected = ClassStatistics.packed_size(self.num_classes, dim)
+            if size not in (0, expected):
+                raise ValueError(
+                    f"Expected the `statistics` {source} to hold statistics of {self.num_classes}"
+                    f" classes and {dim} features like this metric ({expected} values), but got"
+                    f" {size} values (another number of classes or features)."
+                )
+        elif size:
+            try:
+                ClassStatistics.num_features_from_packed_size(size, self.num_classes)
+            except ValueError:
+                raise ValueError(
+                    f"Expected the `statistics` {source} to hold statistics of {self.num_classes}"
+                    " classes like this metric (2K + 2Kd + d^2 values for some number of features"
+                    f" d), but got {size} values (another number of classes)."
+                ) from None
+        return value.detach().to(self.statistics.device, torch.float64, copy=copy)
+
+    def _adopted_count(self, value: Any, name: str, source: str) -> Tensor:
+        """An NC4 count from elsewhere (a tensor of one element or a number) as a 0-d float64
+        tensor on this metric's device, never ``value`` itself."""
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex():
+                raise ValueError(
+                    f"Expected `{name}` {source} to be a real tensor of one element (a count), but"
+                    f" got shape {tuple(value.shape)}, dtype {value.dtype}."
+                )
+            return value.detach().to(self.nc4_samples.device, torch.float64, copy=True).reshape(())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"Expected `{name}` {source} to be a count (a tensor of one element or a number),"
+                f" but got {value!r}."
+            )
+        return torch.tensor(float(value), dtype=torch.float64, device=self.nc4_samples.device)
+
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
-        """Merge another state into this one (``forward``, ``merge_state``), exactly."""
+        """Merge another state into this one (``forward``, ``merge_state``), exactly.
+
+        Nothing of the incoming state is taken by reference: statistics merged into an empty
+        metric are copied (cast to float64), so that updating either metric leaves the other
+        as it is. States are built as normal tensors even under ``torch.inference_mode()``.
+        """
         for name in self._defaults:
             if name not in incoming_state:
                 raise ValueError(
                     f"Expected state variable {name} to be present in incoming state"
                     f" {list(incoming_state)}"
                 )
-        theirs, mine = incoming_state["statistics"], self.statistics
-        if theirs.numel() and mine.numel() and theirs.numel() != mine.numel():
-            dim = ClassStatistics.num_features_from_packed_size(mine.numel(), self.num_classes)
-            raise ValueError(
-                f"Expected the incoming state to hold statistics of {self.num_classes} classes and"
-                f" {dim} features like this metric ({mine.numel()} values), but got"
-                f" {theirs.numel()} values (another number of classes or features)."
+        source = "of the incoming state"
+        with torch.inference_mode(False):
+            mine = self.statistics
+            theirs = self._adopted_statistics(incoming_state["statistics"], source, copy=False)
+            if theirs.numel() == 0:
+                merged = mine
+            elif mine.numel() == 0:
+                merged = theirs.clone()  # adopted: never the incoming tensor itself
+            else:
+                merged = _MergeStatistics(self.num_classes)(torch.stack([theirs, mine]))
+            if merged.is_inference():  # a state updated inside inference mode
+                merged = merged.clone()
+            self.statistics = merged
+            mismatches = self._adopted_count(
+                incoming_state["nc4_mismatches"], "nc4_mismatches", source
             )
-        if theirs.numel() == 0:
-            merged = mine
-        elif mine.numel() == 0:
-            merged = theirs.to(mine.device)
-        else:
-            merged = _MergeStatistics(self.num_classes)(torch.stack([theirs.to(mine.device), mine]))
-        self.statistics = merged
-        self.nc4_mismatches = self.nc4_mismatches + incoming_state["nc4_mismatches"]
-        self.nc4_samples = self.nc4_samples + incoming_state["nc4_samples"]
+            samples = self._adopted_count(incoming_state["nc4_samples"], "nc4_samples", source)
+            self.nc4_mismatches = self.nc4_mismatches + mismatches
+            self.nc4_samples = self.nc4_samples + samples
 
     def _nc4_uncounted(self) -> str | None:
         """Why NC4 counted no sample although a classifier and reference means are set and
