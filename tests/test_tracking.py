@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -250,6 +252,100 @@ def test_tracker_under_ddp_equals_one_process() -> None:
         # float64 statistics summed over two processes instead of one: rounding-level agreement
         torch.testing.assert_close(result["module.0"], single["0"]["nc1"], rtol=1e-9, atol=0)
         torch.testing.assert_close(result["4"], single["4"]["nc1"], rtol=1e-9, atol=0)
+
+
+class _Branches(nn.Module):
+    """A layer ``aux`` that only some forward passes run (a branch taken on some ranks only)
+    and a layer ``unused`` that none run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(5, 6).double()
+        self.aux = nn.Linear(6, 6).double()
+        self.unused = nn.Linear(6, 6).double()
+        self.fc = nn.Linear(6, NUM_CLASSES).double()
+
+    def forward(self, x: Tensor, use_aux: bool) -> Tensor:
+        h = torch.relu(self.a(x))
+        if use_aux:
+            h = self.aux(h)
+        out: Tensor = self.fc(h)
+        return out
+
+
+def _branches_data(seed: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    target = (torch.arange(80) // 2) % NUM_CLASSES  # every class on both ranks
+    x = torch.randn(80, 5, generator=generator, dtype=torch.float64)
+    return x + target.view(80, 1).double(), target
+
+
+def _branches_in_ddp(
+    rank: int, world_size: int, x: Tensor, y: Tensor
+) -> list[tuple[dict[str, float], list[str]]]:
+    model = _Branches()
+    rounds = []
+    with CollapseTracker(model, ["a", "aux", "unused"], NUM_CLASSES) as tracker:
+        for half in (slice(0, 40), slice(40, 80)):  # the second after an inference-mode compute
+            rows = torch.arange(len(y))[half][rank::world_size]
+            with torch.no_grad(), tracker.targets(y[rows]):
+                model(x[rows], use_aux=rank == 0)  # aux: rank 0 only
+            with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+                warnings.simplefilter("always")
+                results = tracker.compute()
+            values = {name: float(out["nc1"]) for name, out in results.items()}
+            rounds.append((values, [str(w.message) for w in caught]))
+    return rounds
+
+
+@pytest.mark.ddp
+def test_tracker_under_ddp_computes_a_layer_that_some_ranks_never_ran() -> None:
+    """Which layers are silent is decided over all ranks: a layer run on rank 0 only is computed
+    on both (the same collectives on every rank), over rank 0's samples; a layer run nowhere is
+    left out on both. A compute under ``torch.inference_mode()`` leaves states that the next
+    updates, outside it, may write."""
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    x, y = _branches_data(seed)
+    ranks = run_distributed(_branches_in_ddp, 2, x, y)
+    model = _Branches()
+    with torch.no_grad():  # the outputs of the hooked layers
+        hidden = model.a(x)
+        aux = model.aux(torch.relu(hidden))
+    for number, seen in enumerate((slice(0, 40), slice(0, 80))):
+        rows = torch.arange(len(y))[seen]
+        rank0 = rows[rows % 2 == 0]  # rank 0: the even rows of each half
+        expected = {
+            "a": _nc1_brute_force(hidden[rows], y[rows]),
+            "aux": _nc1_brute_force(aux[rank0], y[rank0]),
+        }
+        for rank, rounds in enumerate(ranks):
+            values, messages = rounds[number]
+            assert list(values) == ["a", "aux"], f"rank {rank}, seed {seed}"
+            for name, value in expected.items():
+                assert values[name] == pytest.approx(value, rel=1e-9), f"{name}, seed {seed}"
+            silent = [m for m in messages if "recorded no samples" in m]
+            assert len(silent) == 1, f"rank {rank}: {messages}"
+            assert "['unused']" in silent[0], f"rank {rank}: {silent}"
+
+
+def test_tracker_reset_inside_an_inference_mode_evaluation_then_tracks_again() -> None:
+    # the last hidden layer's metric holds the classifier: its statistics are allocated in advance
+    model = _model()
+    x, y = _data()
+    with CollapseTracker(model, ["4"], NUM_CLASSES, metric_kwargs={"classifier": model[5]}) as t:
+        t.update(x[:48], y[:48])
+        with torch.inference_mode():  # an evaluation that logs and resets
+            t.compute()
+            t.reset()
+        t.update(x[48:], y[48:])
+        got = t.compute()["4"]
+    features = _by_hand(model, x[48:])["4"]
+    assert float(got["nc1"]) == pytest.approx(_nc1_brute_force(features, y[48:]), rel=1e-9)
+    expected = neural_collapse(
+        features, y[48:], num_classes=NUM_CLASSES, weight=model[5].weight.detach()
+    )
+    assert float(got["nc3"]) == pytest.approx(float(expected["nc3"]), rel=1e-9)
 
 
 def test_repr_names_layers() -> None:

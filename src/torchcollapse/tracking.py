@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import einops
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
@@ -352,9 +353,16 @@ class CollapseTracker:
         """``{layer: {quantity: value}}`` over everything recorded since the last :meth:`reset`.
 
         Layers that recorded nothing (never called by the forward passes, say an unused head)
-        are left out with a warning; if no layer recorded anything, a ``RuntimeError``.
+        are left out with a warning; if no layer recorded anything, a ``RuntimeError``. Under
+        ``torch.distributed`` a layer counts as silent only when it recorded nothing on every
+        process (decided together, with one ``all_reduce`` of a flag per layer), so that every
+        process runs the same collectives: a layer only some processes ran is computed on all of
+        them, over the samples of those that ran it. There the layers' metrics never return a
+        result cached by an earlier ``compute`` (torchmetrics drops it only on a local update, so
+        a process that recorded nothing since would skip the synchronisation the others run).
         """
-        silent = [name for name, metric in self.metrics.items() if not _has_data(metric)]
+        recorded = _has_data_anywhere(self.metrics)
+        silent = [name for name in self.metrics if not recorded[name]]
         if len(silent) == len(self.metrics):
             raise RuntimeError(
                 f"Expected the tracked layers to have recorded samples, but none did ({silent}); "
@@ -417,6 +425,51 @@ def _remove_handles(handles: list[RemovableHandle]) -> None:
     for handle in handles:
         handle.remove()
     handles.clear()
+
+
+def _syncs_on_compute(metric: Metric) -> bool:
+    """Whether ``metric.compute()`` reduces its state over processes (torchmetrics' rule)."""
+    if not getattr(metric, "sync_on_compute", False):
+        return False
+    available = getattr(metric, "distributed_available_fn", None)
+    return bool(available()) if callable(available) else False
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where a tensor for a collective of ``group`` lives: the current CUDA device for NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _has_data_anywhere(metrics: Mapping[str, Metric]) -> dict[str, bool]:
+    """``{layer: whether its metric holds samples}``; for a metric that reduces over processes
+    at compute, whether it holds samples on any of them (one ``all_reduce`` of the flags of the
+    metrics of each process group, in the metrics' order, the same on every process)."""
+    local = {name: _has_data(metric) for name, metric in metrics.items()}
+    flags = dict(local)
+    groups: list[tuple[Any, list[str]]] = []
+    for name, metric in metrics.items():
+        if not _syncs_on_compute(metric):
+            continue
+        group = getattr(metric, "process_group", None)
+        for known, names in groups:
+            if known is group:
+                names.append(name)
+                break
+        else:
+            groups.append((group, [name]))
+    for group, names in groups:
+        device = _collective_device(group)
+        reduced = torch.tensor([local[name] for name in names], dtype=torch.int32, device=device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
+        for name, anywhere in zip(names, reduced.tolist(), strict=True):
+            flags[name] = bool(anywhere)
+            metric = metrics[name]
+            metric._computed = None  # torchmetrics' cached result: recomputed on every process
+            if anywhere and not local[name] and device.type != "cpu" and metric.device != device:
+                metric.to(device)  # empty here, never moved by a hook: gathered with the others
+    return flags
 
 
 def _has_data(metric: Metric) -> bool:
