@@ -3,7 +3,8 @@
 :class:`NeuralCollapse` returns every quantity (NC1-NC4, CDNV, generalized geometry) in one dict;
 :class:`NeuralCollapseNC1`, :class:`NeuralCollapseCDNV`, :class:`NeuralCollapseETFDistance`,
 :class:`NeuralCollapseNC3` and :class:`NeuralCollapseNC4` return one quantity each and share
-``NeuralCollapse``'s state inside a ``MetricCollection``. Papyan, Han & Donoho (2020),
+``NeuralCollapse``'s state inside a ``MetricCollection`` (for its ``update``; its ``forward``
+updates every metric on its own). Papyan, Han & Donoho (2020),
 "Prevalence of neural collapse during the terminal phase of deep learning training".
 """
 

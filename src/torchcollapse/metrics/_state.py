@@ -6,7 +6,10 @@ processes do not add up (their shifts differ), so the statistics are packed into
 state whose cross-process reduction is an *exact merge* (a callable ``dist_reduce_fx``: torchmetrics
 gathers the packed tensors of all ranks, stacks them and hands the stack to the merge).
 ``forward``, ``merge_state`` and ``MetricCollection`` compute groups work as for any torchmetrics
-metric: every metric of this family has the same three states, so a collection updates them once.
+metric: every metric of this family has the same three states, so a collection's ``update``
+updates them once per compute group. A collection's ``forward`` (``collection(features, y)``) runs
+each metric's own ``forward`` on its own state (torchmetrics forms compute groups in ``update``
+only): the same numbers, at one ``d x d`` product per metric.
 
 States:
 

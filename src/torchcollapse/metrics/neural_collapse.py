@@ -104,8 +104,11 @@ class NeuralCollapse(CollapseStatisticsMetric):
     matrix is formed beyond ``K <= d`` (where ``K x K`` is at most ``d x d``), and with
     ``validate_args=False`` ``update`` never synchronises host and device. Under DDP the
     statistics of the processes are merged exactly in ``compute`` (see
-    :mod:`torchcollapse.metrics._state`). ``MetricCollection`` shares this state with the
-    single-quantity metrics (:class:`NeuralCollapseNC1`, ...): one update for all of them.
+    :mod:`torchcollapse.metrics._state`). In a ``MetricCollection``, the compute groups share
+    this state with the single-quantity metrics (:class:`NeuralCollapseNC1`, ...) for
+    ``collection.update``: one update for all of them. The collection's ``forward``
+    (``collection(features, y)``) updates each metric's own state (torchmetrics forms the groups
+    in ``update`` only): the same numbers, at one ``d x d`` product per metric.
 
     Args:
         num_classes: number of classes ``K``.
