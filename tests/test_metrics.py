@@ -1111,3 +1111,17 @@ def test_num_features_accepts_any_integer_type() -> None:
     for bad in (True, np.bool_(True), 6.0, torch.tensor(6.0), 0, "6"):
         with pytest.raises(ValueError, match="`num_features` to be a positive integer or None"):
             NeuralCollapse(3, num_features=bad)  # type: ignore[arg-type]
+
+
+def test_states_moved_under_inference_mode_take_updates_outside_it() -> None:
+    # a first `.to(device)` inside an inference-mode evaluation (the tracker moves its metrics to
+    # the features' device at their first update) makes new tensors: normal ones
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(80, 4, 3, seed=seed)
+    metric = NeuralCollapseNC1(3, num_features=4)
+    with torch.inference_mode():
+        metric._apply(lambda tensor: tensor.clone())  # as a move to another device does
+        metric.update(features[:40], target[:40])
+    metric.update(features[40:], target[40:])
+    expected = _reference(3)(features, target)["nc1"]
+    np.testing.assert_allclose(float(metric.compute()), expected, rtol=RTOL, err_msg=f"{seed}")
