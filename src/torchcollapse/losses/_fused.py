@@ -55,6 +55,7 @@ __all__ = [
     "WIDE_DTYPES",
     "as_tensor",
     "collapse_terms",
+    "first_order",
     "gram_distance",
     "host_scalars",
     "identity",
@@ -367,7 +368,7 @@ def with_gradients(
         (x, _, grad_x), *rest = pairs
         y, grad_y = (rest[0][0], rest[0][2]) if rest else (None, None)
         out: Tensor = _HandOff.apply(as_tensor(value, like), x, grad_x, y, grad_y)
-        return _first_order(out)
+        return first_order(out)
     # sums and ``x - x_detached``: their backward passes the gradient through, no kernel
     total: Tensor | None = None
     for full, detached, grad in pairs:
@@ -376,10 +377,10 @@ def with_gradients(
         total = term if total is None else total + term
     if total is None:
         return as_tensor(value, like)
-    return _first_order(total + value)
+    return first_order(total + value)
 
 
-def _first_order(out: Tensor) -> Tensor:
+def first_order(out: Tensor) -> Tensor:
     """``out``, whose backward raises under ``create_graph=True``: the gradients handed over are
     closed-form constants, so a double backward (gradient penalties, MAML) would silently miss
     their second-order terms. A tensor hook (no extra operation); not under ``torch.compile``."""

@@ -16,6 +16,14 @@ unit columns) it is exactly ``1/2 (cos(h, m_y) - 1)^2``; its gradient with respe
 this is the paper's rescaling of the target lengths ``E_W`` by ``sqrt(gamma / n_c)`` with
 ``gamma = N / K_present``, which multiplies the loss of class ``c`` by exactly that factor.
 
+The frame is a constant of the loss, as in the paper (the features are trained towards a fixed
+ETF): it is detached, so no gradient reaches it, whether it is a tensor or a module (e.g. a head
+with a learnable scale). With the norms detached, the gradient the loss would send into the
+frame is not its derivative: in the log of a frame's scale it would be
+``sum_i w_i (cos_i - 1) cos_i ||h_i|| ||m_{y_i}||`` (over ``N`` for the mean), negative once the
+features align with their class vectors, while the loss itself is proportional to the scale;
+a learnable scale trained through it would grow without bound.
+
 Reference: Y. Yang, S. Chen, X. Li, L. Xie, Z. Lin, D. Tao, "Inducing neural collapse in
 imbalanced learning: do we really need a learnable classifier at the end of deep neural
 network?", NeurIPS 2022.
@@ -47,6 +55,7 @@ from torchcollapse.losses._batch import (
 from torchcollapse.losses._fused import (
     WIDE_DTYPES,
     as_tensor,
+    first_order,
     host_scalars,
     identity,
     onehot_products,
@@ -86,12 +95,14 @@ def dot_regression_loss(
     """Dot-regression loss of Yang et al. (2022) on one process (no gathering).
 
     Arguments are checked as by :class:`DotRegressionLoss`: shapes and dtypes, ``eps``, the
-    length of ``class_weight`` and, with ``validate_args``, the label range.
+    length of ``class_weight`` and, with ``validate_args``, the label range. The frame is a
+    constant (detached, see the module docstring): only ``features`` get a gradient, and a frame
+    that requires one is left with ``grad`` ``None``.
 
     Args:
         features: ``(N, d)`` features.
         target: ``(N,)`` integer labels in ``[0, K)``.
-        frame: ``(K, d)`` frame, one row ``m_c`` per class.
+        frame: ``(K, d)`` frame, one row ``m_c`` per class (no gradient reaches it).
         class_weight: optional ``(K,)`` per-class weights multiplying each sample's loss, a
             floating or integer tensor (cast to the loss's compute dtype, as
             :class:`DotRegressionLoss` casts its ``class_counts``); bools are refused.
@@ -149,8 +160,9 @@ def _check_inputs(
     *,
     defer_cpu_range: bool,
 ) -> Tensor:
-    """Validate features, labels and frame (its width); return the frame's ``(K, d)`` weight."""
-    weight = resolve_weight(frame, "frame")
+    """Validate features, labels and frame (its width); return the frame's ``(K, d)`` weight,
+    detached: the frame is a constant of the loss (see the module docstring)."""
+    weight = resolve_weight(frame, "frame").detach()
     check_features_target(
         features, target, weight.shape[0], validate_args, defer_cpu_range=defer_cpu_range
     )
@@ -247,7 +259,7 @@ def _dot_regression_terms(
     if scale is None:  # per-sample losses
         loss: Tensor = diff.mul_(coefficient).mul_(0.5)
         if products.requires_grad:
-            loss = loss + coefficient * (products - products.detach())
+            loss = first_order(loss + coefficient * (products - products.detach()))
         return loss
     total = torch.dot(coefficient, diff)
     value: float | Tensor = 0.5 * total.item() if host else total * 0.5
@@ -269,6 +281,15 @@ class DotRegressionLoss(nn.Module):
     ``features`` are what the head reads. A head's weight includes its logit scale
     (``scale * frame``), which multiplies the loss through ``||m_y||``; pass ``head.frame`` for
     the unit-vector form.
+
+    The frame is a constant of the loss (Yang et al. train the features towards a fixed ETF): it
+    is detached, so no gradient reaches it, tensor or module, and a frame parameter (a head's
+    learnable scale, a learnable weight) keeps ``grad`` ``None`` after ``backward`` of this loss
+    alone. With the norms detached, the gradient the loss would send into the frame is not the
+    loss's derivative, and would grow a learnable scale without bound (see the module
+    docstring). Other losses (e.g. cross-entropy on the head's logits) still train such a head;
+    under ``DistributedDataParallel``, a learnable frame parameter that no other loss reaches is
+    an unused parameter (``find_unused_parameters=True``, or keep it out of the wrapped model).
 
     Re-weighting (``class_counts``): ``None`` (default) for none; a sequence or tensor of ``K``
     class counts (e.g. of the training set, stored as a buffer); or ``"batch"`` to count the
