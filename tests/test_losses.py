@@ -1522,6 +1522,18 @@ def test_functional_losses_validate_like_their_modules() -> None:
         dot_regression_loss(h, y, torch.randn(3))
     with pytest.raises(ValueError, match="same number of samples"):
         dot_regression_loss(h, y[:3], frame)
+    # the rescaled square loss checks shapes as its module does: a (N, 1) or one-hot target
+    # broadcast against the logits and gave a wrong number
+    for bad in (y[:, None], F.one_hot(y, 3)):
+        for loss in (rescaled_mse_loss, RescaledMSELoss()):
+            with pytest.raises(ValueError, match="`target` to be a 1-D tensor"):
+                loss(h, bad)
+    with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 2\]"):
+        rescaled_mse_loss(h, torch.tensor([0, 3, 1, 2]))
+    with pytest.raises(ValueError, match="`logits` to be a 2-D tensor"):
+        rescaled_mse_loss(h[0], y[:1])
+    with pytest.raises(ValueError, match="same number of samples"):
+        rescaled_mse_loss(h, y[:3])
 
 
 def test_a_fake_tensor_call_leaves_no_fake_matrix_for_real_calls(

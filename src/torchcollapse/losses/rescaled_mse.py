@@ -47,15 +47,23 @@ def rescaled_mse_loss(
     k: float = 1.0,
     m: float = 1.0,
     reduction: Literal["mean", "sum", "none"] = "mean",
+    validate_args: bool = True,
 ) -> Tensor:
     """Rescaled square loss ``1/C (k (f_c - M)^2 + sum_{i != c} f_i^2)`` per sample.
 
+    Arguments are checked as by :class:`RescaledMSELoss`: shapes and dtypes (a ``(N, 1)`` or
+    one-hot target is refused, not broadcast), ``k``, ``m``, ``reduction`` and, with
+    ``validate_args``, the label range.
+
     Args:
         logits: ``(N, C)`` network outputs (no softmax).
-        target: ``(N,)`` integer labels.
+        target: ``(N,)`` integer labels in ``[0, C)``.
         k: weight of the true class's term.
         m: target value ``M`` of the true class.
-        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` over samples (NaN over an empty batch, as ``nn.MSELoss``),
+            ``"sum"`` (zero over an empty batch) or ``"none"``.
+        validate_args: check the label range (a ValueError on CPU; a device-side assertion,
+            without host synchronisation, on accelerators; skipped under torch.compile).
 
     Returns:
         The loss in at least float32.
@@ -68,6 +76,8 @@ def rescaled_mse_loss(
         tensor(2.2500)
     """
     k, m = _check_arguments(k, m, reduction)
+    num_classes = logits.shape[-1] if isinstance(logits, Tensor) and logits.ndim else 0
+    check_features_target(logits, target, num_classes, validate_args, name="logits")
     dtype = compute_dtype(logits.dtype)
     with no_autocast(logits.device.type):
         f = logits.to(dtype)
@@ -77,7 +87,7 @@ def rescaled_mse_loss(
         return per_sample
     if reduction == "sum":
         return per_sample.sum()
-    return per_sample.sum() / max(per_sample.shape[0], 1)
+    return per_sample.sum() / per_sample.shape[0]  # NaN over no samples, as torch's mean
 
 
 class RescaledMSELoss(nn.Module):
@@ -91,7 +101,8 @@ class RescaledMSELoss(nn.Module):
     Args:
         k: weight of the true class's term (``k`` in the paper).
         m: value of the true class's target (``M`` in the paper).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (NaN over an empty batch, as ``nn.MSELoss``), ``"sum"`` (zero
+            over an empty batch) or ``"none"``.
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
 
@@ -123,6 +134,4 @@ class RescaledMSELoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Rescaled square loss of ``logits`` (``(N, C)``) against labels ``target``."""
-        num_classes = logits.shape[-1] if isinstance(logits, Tensor) and logits.ndim else 0
-        check_features_target(logits, target, num_classes, self.validate_args, name="logits")
-        return rescaled_mse_loss(logits, target, self.k, self.m, self.reduction)
+        return rescaled_mse_loss(logits, target, self.k, self.m, self.reduction, self.validate_args)
