@@ -307,6 +307,41 @@ def test_class_weights_from_counts_follow_inverse_square_root() -> None:
 # RescaledMSELoss and BalancedSoftmaxLoss
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_classification_losses_on_an_empty_batch_agree_with_torch(dtype: torch.dtype) -> None:
+    """No samples: ``"mean"`` is NaN (a mean over nothing, as ``nn.CrossEntropyLoss`` and
+    ``nn.MSELoss``), ``"sum"`` zero and ``"none"`` an empty tensor, for the three losses on
+    logits or features (modules and functions); a backward pass still runs."""
+    k = 3
+    logits = torch.empty(0, k, dtype=dtype, requires_grad=True)
+    target = torch.empty(0, dtype=torch.long)
+    frame = torch.eye(k, dtype=dtype)
+    losses: dict[str, Callable[[Any], Tensor]] = {
+        "balanced softmax": lambda r: BalancedSoftmaxLoss([3, 2, 1], reduction=r)(logits, target),
+        "rescaled mse": lambda r: RescaledMSELoss(reduction=r)(logits, target),
+        "rescaled mse function": lambda r: rescaled_mse_loss(logits, target, reduction=r),
+        "dot regression": lambda r: DotRegressionLoss(reduction=r)(logits, target, frame),
+        "dot regression, batch counts": lambda r: DotRegressionLoss(
+            class_counts="batch", reduction=r
+        )(logits, target, frame),
+        "dot regression function": lambda r: dot_regression_loss(
+            logits, target, frame, reduction=r
+        ),
+    }
+    assert torch.isnan(nn.CrossEntropyLoss()(logits, target))
+    assert torch.isnan(nn.MSELoss()(logits, logits.detach()))
+    for name, loss in losses.items():
+        mean = loss("mean")
+        assert torch.isnan(mean), name
+        mean.backward()
+        assert logits.grad is not None, name
+        assert logits.grad.shape == (0, k), name
+        total = loss("sum")
+        assert total.item() == 0.0, name
+        assert total.dtype == dtype, name
+        assert loss("none").shape == (0,), name
+
+
 @pytest.mark.parametrize(("k", "m"), [(1.0, 1.0), (15.0, 30.0), (0.5, 2.0)])
 def test_rescaled_mse_matches_loop(k: float, m: float) -> None:
     g = torch.Generator().manual_seed(5)

@@ -146,8 +146,28 @@ def _run_case(name: str, rank: int | None) -> dict[str, object]:
     return {"losses": losses, "grads": grads, "buffers": buffers}
 
 
+def _empty_batches(rank: int) -> dict[str, object]:
+    """``DotRegressionLoss`` when rank 0's batch is empty (the mean over rank 1's samples) and
+    when every rank's is (NaN for the mean, as torch's losses; zero for the sum)."""
+    features, target = _data(0)
+    features, target = features[:, :D], target
+    empty_features, empty_target = features[:0], target[:0]
+    results: dict[str, object] = {}
+    for counts in (None, "batch"):
+        for reduction in ("mean", "sum"):
+            loss = DotRegressionLoss(class_counts=counts, reduction=reduction)
+            local = (empty_features, empty_target) if rank == 0 else (features, target)
+            results[f"{counts} {reduction} one empty"] = loss(*local, _frame())
+            results[f"{counts} {reduction} all empty"] = loss(
+                empty_features, empty_target, _frame()
+            )
+    return results
+
+
 def _worker(rank: int, world_size: int) -> dict[str, dict[str, object]]:
-    return {name: _run_case(name, rank) for name in CASES}
+    results = {name: _run_case(name, rank) for name in CASES}
+    results["empty batches"] = _empty_batches(rank)
+    return results
 
 
 @pytest.mark.ddp
@@ -176,3 +196,20 @@ def test_losses_under_ddp_equal_one_process_on_the_concatenated_batch() -> None:
             assert all(torch.equal(g, torch.zeros_like(g)) for g in expected["grads"].values())
         else:  # the comparison is not vacuous
             assert any(g.abs().max() > 1e-6 for g in expected["grads"].values()), name
+    features, target = _data(0)
+    features = features[:, :D]
+    for rank, per_rank in enumerate(results):
+        got = per_rank["empty batches"]
+        for counts in (None, "batch"):
+            for reduction in ("mean", "sum"):
+                loss = DotRegressionLoss(class_counts=counts, reduction=reduction)
+                expected = loss(features, target, _frame())  # rank 1's samples alone
+                where = f"empty batches, {counts} {reduction}, rank {rank}"
+                torch.testing.assert_close(
+                    got[f"{counts} {reduction} one empty"], expected, rtol=TOL, atol=TOL, msg=where
+                )
+                all_empty = got[f"{counts} {reduction} all empty"]
+                if reduction == "mean":
+                    assert torch.isnan(all_empty), where
+                else:
+                    assert all_empty.item() == 0.0, where

@@ -106,7 +106,8 @@ def dot_regression_loss(
         class_weight: optional ``(K,)`` per-class weights multiplying each sample's loss, a
             floating or integer tensor (cast to the loss's compute dtype, as
             :class:`DotRegressionLoss` casts its ``class_counts``); bools are refused.
-        reduction: ``"mean"`` (over samples, not over weights), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (over samples, not over weights; NaN over an empty batch, as
+            ``nn.MSELoss``), ``"sum"`` (zero over an empty batch) or ``"none"``.
         eps: lower bound of the (detached) norms, positive.
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
@@ -138,13 +139,30 @@ def dot_regression_loss(
             f"Expected argument `class_weight` to be a real (floating or integer) tensor of "
             f"{weight.shape[0]} entries (rows of `frame`), but got {got}."
         )
-    if reduction == "none":
-        scale = None
-    else:
-        scale = 1.0 if reduction == "sum" else 1.0 / max(features.shape[0], 1)
-    return _dot_regression(
-        features, target, weight, class_weight, eps, scale, validate_args=validate_args
+    loss = _dot_regression(
+        features,
+        target,
+        weight,
+        class_weight,
+        eps,
+        _reduction_scale(reduction, features.shape[0]),
+        validate_args=validate_args,
     )
+    return _empty_mean(loss, reduction, features.shape[0])
+
+
+def _reduction_scale(reduction: str, num_samples: int) -> float | None:
+    """The factor of the sum of the per-sample losses: ``None`` for ``"none"`` (per-sample
+    losses), 1 for ``"sum"``, ``1 / N`` for ``"mean"`` (1 for no samples: see
+    :func:`_empty_mean`)."""
+    if reduction == "none":
+        return None
+    return 1.0 if reduction == "sum" or num_samples == 0 else 1.0 / num_samples
+
+
+def _empty_mean(loss: Tensor, reduction: str, num_samples: int) -> Tensor:
+    """NaN (still connected to the graph) for the mean over no samples, as torch's losses."""
+    return loss / 0.0 if reduction == "mean" and num_samples == 0 else loss
 
 
 def _check_eps(eps: Any) -> float:
@@ -306,7 +324,9 @@ class DotRegressionLoss(nn.Module):
     Args:
         class_counts: ``None``, ``K`` class counts, or ``"batch"``.
         reweight_power: exponent ``p`` of the class weights.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (NaN over an empty global batch, as ``nn.MSELoss``: under
+            ``sync_dist`` only when no process has a sample), ``"sum"`` (zero over an empty
+            batch) or ``"none"`` (an empty tensor).
         eps: lower bound of the detached norms (keeps zero features finite).
         sync_dist: reduce and count over all processes when ``torch.distributed`` is initialised.
         process_group: process group for ``sync_dist`` (default: the world).
@@ -437,20 +457,17 @@ class DotRegressionLoss(nn.Module):
             counts = counts if counts.dtype == dtype else counts.to(dtype)
             class_weight = class_weights_from_counts(counts, self.reweight_power)
         if self.reduction == "none" or not sync:
-            if self.reduction == "none":
-                scale = None
-            else:
-                scale = 1.0 if self.reduction == "sum" else 1.0 / max(features.shape[0], 1)
-            return _dot_regression(
+            loss = _dot_regression(
                 features,
                 target,
                 weight,
                 class_weight,
                 self.eps,
-                scale,
+                _reduction_scale(self.reduction, features.shape[0]),
                 batch_power,
                 self.validate_args,
             )
+            return _empty_mean(loss, self.reduction, features.shape[0])
         local = _dot_regression(features, target, weight, class_weight, self.eps, 1.0)
         total = global_sum(local, sync_dist=sync, group=self.process_group)
         if self.reduction == "sum":
@@ -460,4 +477,4 @@ class DotRegressionLoss(nn.Module):
         else:
             num_samples = as_tensor(float(features.shape[0]), local)
             all_reduce_sum(num_samples, self.process_group)
-        return total / num_samples.clamp_min(1.0)
+        return total / num_samples  # NaN when no process has a sample, as torch's mean
