@@ -381,6 +381,75 @@ def test_balanced_softmax_matches_loop(tau: float, smoothing: float) -> None:
     assert loss.item() == pytest.approx(expected / 10, rel=1e-7)  # log_prior buffer is float32
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_balanced_softmax_takes_class_probabilities(smoothing: float, reduction: str) -> None:
+    """``(N, K)`` floating targets are class probabilities, as for ``nn.CrossEntropyLoss``
+    (Mixup/CutMix): the cross-entropy of the adjusted logits with them, smoothed as torch
+    smooths probabilities, ``ignore_index`` not applied. Reference: a float64 loop, on a
+    ``.double()`` module (float64 priors), so only the summation order differs (RTOL64)."""
+    counts, tau, k, n = [500.0, 120.0, 30.0, 7.0], 0.7, 4, 10
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    logits = torch.randn(n, k, dtype=torch.float64, generator=g).requires_grad_()
+    probabilities = torch.rand(n, k, dtype=torch.float64, generator=g)
+    probabilities /= probabilities.sum(1, keepdim=True)
+    total = sum(counts)
+    losses, grads = [], torch.zeros(n, k, dtype=torch.float64)
+    for i in range(n):
+        z = [float(logits.detach()[i, j]) + tau * math.log(counts[j] / total) for j in range(k)]
+        top = max(z)
+        log_norm = top + math.log(math.fsum(math.exp(v - top) for v in z))
+        wanted = [(1 - smoothing) * float(probabilities[i, j]) + smoothing / k for j in range(k)]
+        losses.append(math.fsum(p * (log_norm - v) for p, v in zip(wanted, z)))
+        for j in range(k):
+            grads[i, j] = math.fsum(wanted) * math.exp(z[j] - log_norm) - wanted[j]
+    loss_fn = BalancedSoftmaxLoss(
+        counts,
+        tau=tau,
+        reduction=reduction,  # type: ignore[arg-type]
+        label_smoothing=smoothing,
+        ignore_index=1,  # a label, but no sample is ignored
+    ).double()
+    loss = loss_fn(logits, probabilities)
+    expected = torch.tensor(losses, dtype=torch.float64)
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    if reduction != "none":
+        expected = expected.sum() * scale
+    torch.testing.assert_close(loss, expected, rtol=RTOL64, atol=1e-14)
+    loss.sum().backward()
+    torch.testing.assert_close(logits.grad, grads * scale, rtol=1e-9, atol=1e-14)
+    # one-hot probabilities are the class indices (label smoothing alike); float32 probabilities
+    # are cast to the loss's dtype
+    labels = torch.randint(0, k, (n,), generator=g)
+    loss_fn.ignore_index = -100
+    onehot = F.one_hot(labels, k)
+    torch.testing.assert_close(loss_fn(logits, onehot.double()), loss_fn(logits, labels))
+    torch.testing.assert_close(loss_fn(logits, onehot.float()), loss_fn(logits, labels))
+    # float32 logits give a float32 loss (as with class indices), also for float64 probabilities
+    assert (
+        BalancedSoftmaxLoss(counts)(logits.detach().float(), probabilities).dtype == torch.float32
+    )
+
+
+def test_balanced_softmax_target_errors_name_both_accepted_forms() -> None:
+    loss_fn = BalancedSoftmaxLoss([5, 3, 1])
+    logits = torch.randn(4, 3)
+    wrong = {
+        "(N, 1) labels": torch.zeros(4, 1, dtype=torch.long),
+        "one-hot integers": torch.zeros(4, 3, dtype=torch.long),
+        "probabilities of another width": torch.full((4, 2), 0.5),
+        "probabilities of fewer samples": torch.full((3, 3), 1 / 3),
+        "1-D probabilities": torch.full((4,), 0.5),
+    }
+    for name, target in wrong.items():
+        message = r"`target` to hold \(4,\) integer class indices or \(4, 3\) floating class"
+        with pytest.raises(ValueError, match=message):
+            loss_fn(logits, target)
+        del name
+    with pytest.raises(ValueError, match="same number of samples"):
+        loss_fn(logits, torch.zeros(3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("validate_args", [True, False])
 @pytest.mark.parametrize("ignore_index", [-100, 1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -475,6 +544,51 @@ def test_balanced_softmax_priors_survive_meta_to_empty_and_half_casts() -> None:
         assert loss(rounded, target).item() == pytest.approx(loop(rounded.double()), rel=1e-6)
 
 
+def test_balanced_softmax_priors_widen_to_float64_under_double() -> None:
+    """``.double()`` gives the exact float64 priors (they were float32, the loss on float64
+    logits float32-accurate, 1e-8 relative), so float64 logits get the float64 formula (RTOL64
+    against a float64 loop); narrower casts after it keep float64, ``.float()`` narrows again;
+    ``reset_parameters`` and ``to_empty`` (also from the meta device) give the constructor's
+    priors in the buffer's dtype; float32 logits still give a float32 loss."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    counts = [999_999.0, 1.0, float(torch.randint(1, 1000, (), generator=g))]
+    exact = torch.tensor([math.log(c / sum(counts)) for c in counts], dtype=torch.float64)
+    logits = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (6,), generator=g)
+    expected = 0.0
+    for i in range(len(target)):
+        z = [float(logits[i, j]) + float(exact[j]) for j in range(3)]
+        top = max(z)
+        log_norm = top + math.log(math.fsum(math.exp(v - top) for v in z))
+        expected += log_norm - z[int(target[i])]
+    expected /= len(target)
+    loss_fn = BalancedSoftmaxLoss(counts)
+    assert loss_fn.log_prior.dtype == torch.float32
+    loss_fn.double()
+    assert loss_fn.log_prior.dtype == torch.float64
+    assert torch.equal(loss_fn.log_prior, exact)
+    assert loss_fn(logits, target).item() == pytest.approx(expected, rel=RTOL64)
+    float32_loss = loss_fn(logits.float(), target)
+    assert float32_loss.dtype == torch.float32
+    assert float32_loss.item() == pytest.approx(expected, rel=1e-5)
+    for dtype in (torch.float16, torch.bfloat16):  # never narrower than they are
+        assert torch.equal(BalancedSoftmaxLoss(counts).double().to(dtype).log_prior, exact)
+    assert torch.equal(loss_fn.float().log_prior, exact.float())
+    loss_fn.double()  # from the (unmodified) float32 buffer: the exact priors again
+    assert torch.equal(loss_fn.log_prior, exact)
+    with torch.no_grad():
+        loss_fn.log_prior.zero_()
+    loss_fn.reset_parameters()
+    assert torch.equal(loss_fn.log_prior, exact)
+    assert torch.equal(loss_fn.to_empty(device="cpu").log_prior, exact)
+    with torch.device("meta"):
+        deferred = BalancedSoftmaxLoss(counts).double()
+    assert torch.equal(deferred.to_empty(device="cpu").log_prior, exact)
+    with torch.device("meta"):
+        deferred = BalancedSoftmaxLoss(counts)
+    assert torch.equal(deferred.to_empty(device="cpu").double().log_prior, exact)
+
+
 def test_balanced_softmax_priors_land_on_the_default_device() -> None:
     """Without ``device``, the log priors go to torch's default device (as ``nn.Linear``'s
     weight), the counts being read on the CPU: inside a meta context the loss runs on meta
@@ -513,12 +627,8 @@ def test_classification_losses_pass_module_checks() -> None:
     g = torch.Generator().manual_seed(7)
     logits, target = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
     check_module(lambda: RescaledMSELoss(2.0, 3.0), (logits, target))
-    # float32 log priors: bfloat16 would round them
-    check_module(
-        lambda: BalancedSoftmaxLoss([5, 3, 2, 1]),
-        (logits, target),
-        fixed_dtype_buffers=("log_prior",),
-    )
+    # log priors follow float32 and float64 (never narrower: see the bfloat16 test)
+    check_module(lambda: BalancedSoftmaxLoss([5, 3, 2, 1]), (logits, target))
     frame = torch.randn(4, 5, generator=g)
     features = torch.randn(6, 5, generator=g)
     # Norms are detached by design, so a numerical gradcheck does not apply (see the loop test).

@@ -12,7 +12,9 @@
 The device always follows the module. A kept buffer is converted from the original tensor, not
 from the rounded cast, unless the original is on the meta device (it holds no values): a constant
 then comes from the constructor's values the module keeps, which is what rebuilds it after
-``to_empty()`` from the meta device.
+``to_empty()`` from the meta device. A constant that widens with the module (``.double()`` on a
+float32 buffer that is not kept under every cast) also comes from those values while the buffer
+still holds them (rounded), so that it is exact in the wider dtype, not a widened rounding.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def apply_keeping_dtypes(
         always: keep the dtype under every cast (fixed constants); otherwise only under casts to
             a floating type narrower than float32 (running statistics: at least float32).
         constants: the constructor's values of the buffers among ``names`` that are data of the
-            constructor: they are restored also when only the storage changed (``to_empty()``
-            would leave uninitialised memory), from the original buffer, or from these values
-            when the original is on the meta device.
+            constructor (give them at full precision): they are restored also when only the
+            storage changed (``to_empty()`` would leave uninitialised memory), from the original
+            buffer, or from these values when the original is on the meta device, or when the
+            buffer widens and still holds these values (rounded to its dtype).
     """
     constants = constants or {}
     originals: dict[str, Tensor] = {}
@@ -72,4 +75,17 @@ def apply_keeping_dtypes(
         source = original
         if original.is_meta:
             source = moved if values is None else torch.tensor(values, dtype=dtype, device="cpu")
+        elif values is not None and _wider(dtype, original.dtype):
+            exact = torch.tensor(values, dtype=dtype, device="cpu")
+            if torch.equal(exact.to(original.dtype), original.detach().cpu()):  # not modified
+                source = exact
         module._buffers[name] = source.to(device=moved.device, dtype=dtype)
+
+
+def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether both are floating types and ``dtype`` has more bits than ``than``."""
+    return (
+        dtype.is_floating_point
+        and than.is_floating_point
+        and torch.finfo(dtype).bits > torch.finfo(than).bits
+    )
