@@ -1917,6 +1917,30 @@ def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:
                 build(bad)
 
 
+def test_running_form_in_features_may_be_any_integer_but_not_a_bool() -> None:
+    """``in_features`` of the running form is read as ``num_classes`` is: numpy integers and
+    0-dim tensors give the same buffers and values as the int; bools and other types raise a
+    TypeError naming the type, integers below 1 a ValueError with the value."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    features, target = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.arange(12) % 4
+    expected_loss = WithinClassVariabilityLoss(4, form="running", in_features=3).double()
+    expected = expected_loss(features, target)
+    for size in (np.int64(3), np.int32(3), torch.tensor(3)):
+        loss = WithinClassVariabilityLoss(4, form="running", in_features=size).double()  # type: ignore[arg-type]
+        assert type(loss.in_features) is int, type(size)
+        assert torch.equal(loss(features, target), expected), type(size)
+        assert torch.equal(loss.running_mean, expected_loss.running_mean), type(size)
+    for bad in (True, np.bool_(True), torch.tensor(True), 3.0, "3"):
+        with pytest.raises(TypeError, match="`in_features` to be an integer when `form='running'`"):
+            WithinClassVariabilityLoss(4, form="running", in_features=bad)  # type: ignore[arg-type]
+    for bad in (0, np.int64(-1), torch.tensor(0)):
+        message = (
+            f"`in_features` to be a positive integer when `form='running'`, but got {int(bad)}\\."
+        )
+        with pytest.raises(ValueError, match=message):
+            WithinClassVariabilityLoss(4, form="running", in_features=bad)  # type: ignore[arg-type]
+
+
 def test_heads_are_read_through_the_classifier_they_apply(compute_path: str) -> None:
     """A module classifier is read as the metrics read it: its ``effective_weight`` where it has
     one. For a ``CosineHead`` (rows normalised and scaled) NC3, the classifier's NC2 and the

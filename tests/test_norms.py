@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -167,6 +168,25 @@ def test_norm_modules_pass_module_checks() -> None:
     check_module(trained_center, (features,))
 
 
+def test_feature_center_takes_any_integer_size() -> None:
+    """As ``nn.BatchNorm1d``: ``num_features`` may be a numpy integer or a 0-dim integer tensor,
+    read as the Python int (same buffers and outputs); a bool is refused by its type."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    batches = [torch.randn(5, 8, generator=g) for _ in range(3)]
+    expected = FeatureCenter(8, momentum=None)
+    outputs = [expected(x) for x in batches]
+    for size in (np.int64(8), np.int32(8), torch.tensor(8)):
+        center = FeatureCenter(size, momentum=None)  # type: ignore[arg-type]
+        assert type(center.num_features) is int, type(size)
+        assert center.num_features == 8, type(size)
+        for x, out in zip(batches, outputs):
+            assert torch.equal(center(x), out), type(size)
+        assert torch.equal(center.running_mean, expected.running_mean), type(size)
+    for bad in (True, np.bool_(True), torch.tensor(True), torch.tensor([8, 8]), "8", None):
+        with pytest.raises(TypeError, match="`num_features` to be an integer, but got"):
+            FeatureCenter(bad)  # type: ignore[arg-type]
+
+
 def test_documented_errors() -> None:
     with pytest.raises(ValueError, match="`scale` to be positive"):
         FeatureNorm(scale=0.0)
@@ -174,10 +194,14 @@ def test_documented_errors() -> None:
         FeatureNorm(eps=0.0)
     with pytest.raises(TypeError, match="floating-point tensor"):
         FeatureNorm()(torch.ones(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="`num_features` to be a positive integer"):
+    with pytest.raises(ValueError, match="`num_features` to be a positive integer, but got 0"):
         FeatureCenter(0)
-    with pytest.raises(ValueError, match="`num_features` to be a positive integer, but got True"):
+    with pytest.raises(ValueError, match="`num_features` to be a positive integer, but got -2"):
+        FeatureCenter(torch.tensor(-2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`num_features` to be an integer, but got bool"):
         FeatureCenter(True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`num_features` to be an integer, but got float"):
+        FeatureCenter(4.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`momentum`"):
         FeatureCenter(3, momentum=0.0)
     with pytest.raises(ValueError, match="last dimension 3"):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["as_finite_float", "as_int", "as_real_float", "read_number"]
+__all__ = ["as_finite_float", "as_int", "as_real_float", "read_number", "read_positive_int"]
 
 
 def as_real_float(value: Any) -> float | None:
@@ -71,3 +71,23 @@ def as_int(value: Any) -> int | None:
         return operator.index(value)
     except (TypeError, RuntimeError):  # RuntimeError: a tensor of several elements
         return None
+
+
+def read_positive_int(value: Any, name: str, when: str = "") -> int:
+    """``value`` as a positive Python int (see :func:`as_int`: numpy integers and 0-dim integer
+    tensors too, never a bool).
+
+    Not an integer at all: a ``TypeError`` naming the type, ``Expected argument `{name}` to be
+    an integer{when}, but got {type}.``; an integer below 1: a ``ValueError`` with the value,
+    ``Expected argument `{name}` to be a positive integer{when}, but got {value}.``
+    """
+    number = as_int(value)
+    if number is None:
+        raise TypeError(
+            f"Expected argument `{name}` to be an integer{when}, but got {type(value).__name__}."
+        )
+    if number < 1:
+        raise ValueError(
+            f"Expected argument `{name}` to be a positive integer{when}, but got {number}."
+        )
+    return number

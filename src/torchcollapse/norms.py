@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import read_number, read_positive_int
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
 
@@ -150,7 +150,8 @@ class FeatureCenter(nn.Module):
     by batch statistics use ``torch.nn.BatchNorm1d(num_features, affine=False)``.
 
     Args:
-        num_features: size ``d`` of the last dimension.
+        num_features: size ``d`` of the last dimension, a positive integer (Python's, numpy's
+            or a 0-dim integer tensor, as ``nn.BatchNorm1d``; not a bool).
         momentum: update factor in ``(0, 1]``, or ``None`` for a cumulative average.
         sync_dist: average the batch mean over processes when ``torch.distributed`` is
             initialised.
@@ -188,11 +189,7 @@ class FeatureCenter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                "Expected argument `num_features` to be a positive integer, but got "
-                f"{num_features!r}."
-            )
+        num_features = read_positive_int(num_features, "num_features")
         if momentum is not None:
             momentum = read_number(
                 momentum, "momentum", "in (0, 1] or None", lambda value: 0.0 < value <= 1.0

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import read_number, read_positive_int
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_features_target,
@@ -130,7 +130,8 @@ class WithinClassVariabilityLoss(nn.Module):
         process_group: process group for ``sync_dist`` (default: the world).
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
-        in_features: feature dimension ``d``; required for ``form="running"`` (buffer shape).
+        in_features: feature dimension ``d``; required for ``form="running"`` (buffer shape),
+            a positive integer (Python's, numpy's or a 0-dim integer tensor; not a bool).
         device: device of the running buffers.
         dtype: dtype of the running means (default float32; kept under casts of the module to
             float16 or bfloat16, where their updates would round away; widened by ``.double()``).
@@ -184,13 +185,15 @@ class WithinClassVariabilityLoss(nn.Module):
         self.validate_args = validate_args
         self.in_features = in_features
         if form == "running":
-            if not isinstance(in_features, int) or in_features < 1:
+            if in_features is None:
                 raise ValueError(
-                    "Expected argument `in_features` to be a positive integer when "
-                    f"`form='running'`, but got {in_features}."
+                    "Expected argument `in_features` (the feature dimension) when "
+                    "`form='running'`, but got None."
                 )
+            size = read_positive_int(in_features, "in_features", " when `form='running'`")
+            self.in_features = size
             factory: dict[str, Any] = {"device": device, "dtype": dtype or torch.float32}
-            self.register_buffer("running_mean", torch.zeros(num_classes, in_features, **factory))
+            self.register_buffer("running_mean", torch.zeros(num_classes, size, **factory))
             self.register_buffer(
                 "class_batches", torch.zeros(num_classes, dtype=torch.long, device=device)
             )
