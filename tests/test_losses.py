@@ -1523,6 +1523,26 @@ def test_large_batches_hand_their_gradients_to_autograd(compute_path: str) -> No
     assert frame.grad is None
 
 
+def test_handed_off_gradient_is_shared_with_a_retained_graph() -> None:
+    """Documented in ``_HandOff``: for large inputs the gradient ``torch.autograd.grad`` returns
+    is the tensor the graph keeps, so an in-place edit makes a second backward through the
+    retained graph raise; editing a clone leaves the second gradient equal to the first."""
+    n, d, k = 1024, 64, 10
+    assert n * d >= fused.HANDOFF_MIN
+    features, target = make_batch(n, d, k, seed=int(torch.randint(0, 10_000, ())))
+    h = features.clone().requires_grad_()
+    value = CollapseRegularizer(k, nc1=1.0, nc2=1.0)(h, target)
+    (first,) = torch.autograd.grad(value, h, retain_graph=True)
+    masked = first.clone()  # the safe way: edit a copy
+    masked[: n // 2] = 0.0
+    (second,) = torch.autograd.grad(value, h, retain_graph=True)
+    assert torch.equal(second, first)
+    assert first[: n // 2].abs().max() > 0
+    first.mul_(0.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(value, h)
+
+
 def test_tensor_path_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """The path of accelerators and ``torch.compile`` never synchronises: no value is read."""
     monkeypatch.setattr(fused, "_is_compiling", lambda: True)

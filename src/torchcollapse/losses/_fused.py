@@ -319,7 +319,15 @@ HANDOFF_MIN = 1 << 15
 class _HandOff(torch.autograd.Function):
     """``value``, whose gradients with respect to ``x`` and ``y`` are the given tensors (times
     the incoming gradient). For large inputs, where the memory passes of the inner-product form
-    of :func:`with_gradients` cost more than a Python backward."""
+    of :func:`with_gradients` cost more than a Python backward.
+
+    With an incoming gradient of 1 on CPU (the common case) the backward returns the saved
+    gradient tensors themselves, no copy: ``torch.autograd.grad(loss, x, retain_graph=True)``
+    hands out a tensor shared with the graph. Edited in place (masking, clipping, gradient
+    surgery), it makes a later backward through the retained graph raise autograd's "modified
+    by an inplace operation" error: edit a ``clone()``. A copy on every call would cost a pass
+    over ``x`` in the common case, which this node exists to avoid. The ``.grad`` of leaves is
+    not affected (autograd accumulates into its own tensor, cloning under ``retain_graph``)."""
 
     @staticmethod
     def forward(
