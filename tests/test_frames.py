@@ -133,7 +133,7 @@ def test_frame_errors() -> None:
         simplex_etf(3, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="`dim` to be at least 2 for 3 classes"):
         spherical_code(3, 1)
-    with pytest.raises(ValueError, match="`steps` to be at least 1"):
+    with pytest.raises(ValueError, match="`steps` to be a positive integer"):
         spherical_code(30, 3, steps=0)
 
 
@@ -452,13 +452,13 @@ def test_sizes_are_any_integer_as_the_heads_take_them() -> None:
             spherical_code(7, 3, steps=bad)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="`max_iter` to be an int"):
             hierarchy_frame(similarity, 5, max_iter=bad)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="`num_classes` to be an int, but got Tensor"):
+    with pytest.raises(TypeError, match="`num_classes` to be an integer, but got Tensor"):
         spherical_code(torch.tensor([7, 8]), 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`num_classes` to be at least 2, but got 1"):
         simplex_etf(np.int64(1), 3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="`dim` to be at least 1, but got 0"):
+    with pytest.raises(ValueError, match="`dim` to be a positive integer, but got 0"):
         min_angle_bound(3, torch.tensor(0))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="`max_iter` to be at least 1"):
+    with pytest.raises(ValueError, match="`max_iter` to be a positive integer"):
         hierarchy_frame(similarity, max_iter=np.int64(0))  # type: ignore[arg-type]
     # the tolerance of hierarchy_frame: a real number >= 0
     expected = hierarchy_frame(similarity, 5, tol=1e-9, dtype=F64)

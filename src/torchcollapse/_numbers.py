@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["as_finite_float", "as_int", "as_real_float", "read_number", "read_positive_int"]
+__all__ = ["as_finite_float", "as_int", "as_real_float", "read_int", "read_number"]
 
 
 def as_real_float(value: Any) -> float | None:
@@ -73,21 +73,21 @@ def as_int(value: Any) -> int | None:
         return None
 
 
-def read_positive_int(value: Any, name: str, when: str = "") -> int:
-    """``value`` as a positive Python int (see :func:`as_int`: numpy integers and 0-dim integer
-    tensors too, never a bool).
+def read_int(value: Any, name: str, minimum: int = 1, when: str = "") -> int:
+    """``value`` as a Python int of at least ``minimum`` (see :func:`as_int`: numpy integers and
+    0-dim integer tensors too, never a bool).
 
     Not an integer at all: a ``TypeError`` naming the type, ``Expected argument `{name}` to be
-    an integer{when}, but got {type}.``; an integer below 1: a ``ValueError`` with the value,
-    ``Expected argument `{name}` to be a positive integer{when}, but got {value}.``
+    an integer{when}, but got {type}.``; an integer below ``minimum``: a ``ValueError`` with the
+    value, ``Expected argument `{name}` to be a positive integer{when}, but got {value}.`` (``at
+    least {minimum}`` unless ``minimum`` is 1).
     """
     number = as_int(value)
     if number is None:
         raise TypeError(
             f"Expected argument `{name}` to be an integer{when}, but got {type(value).__name__}."
         )
-    if number < 1:
-        raise ValueError(
-            f"Expected argument `{name}` to be a positive integer{when}, but got {number}."
-        )
+    if number < minimum:
+        expected = "a positive integer" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"Expected argument `{name}` to be {expected}{when}, but got {number}.")
     return number

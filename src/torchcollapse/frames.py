@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from torchcollapse._autograd import no_autocast
-from torchcollapse._numbers import as_int, as_real_float, read_number
+from torchcollapse._numbers import as_real_float, read_int, read_number
 
 __all__ = [
     "DEFAULT_SEED",
@@ -88,12 +88,7 @@ _CPU = torch.device("cpu")
 def _check_int(value: object, name: str, minimum: int) -> int:
     """``value`` as a Python int of at least ``minimum``: any integer (Python, numpy, 0-dim integer
     tensor; ``operator.index``), as the heads take sizes, never a bool or a float."""
-    number = as_int(value)
-    if number is None:
-        raise TypeError(f"Expected argument `{name}` to be an int, but got {type(value).__name__}.")
-    if number < minimum:
-        raise ValueError(f"Expected argument `{name}` to be at least {minimum}, but got {number}.")
-    return number
+    return read_int(value, name, minimum)
 
 
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
-from torchcollapse._numbers import read_number, read_positive_int
+from torchcollapse._numbers import read_int, read_number
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
 
@@ -189,7 +189,7 @@ class FeatureCenter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        num_features = read_positive_int(num_features, "num_features")
+        num_features = read_int(num_features, "num_features")
         if momentum is not None:
             momentum = read_number(
                 momentum, "momentum", "in (0, 1] or None", lambda value: 0.0 < value <= 1.0

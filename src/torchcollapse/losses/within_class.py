@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum, is_distributed
-from torchcollapse._numbers import read_number, read_positive_int
+from torchcollapse._numbers import read_int, read_number
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_features_target,
@@ -190,7 +190,7 @@ class WithinClassVariabilityLoss(nn.Module):
                     "Expected argument `in_features` (the feature dimension) when "
                     "`form='running'`, but got None."
                 )
-            size = read_positive_int(in_features, "in_features", " when `form='running'`")
+            size = read_int(in_features, "in_features", when=" when `form='running'`")
             self.in_features = size
             factory: dict[str, Any] = {"device": device, "dtype": dtype or torch.float32}
             self.register_buffer("running_mean", torch.zeros(num_classes, size, **factory))
