@@ -104,24 +104,23 @@ def _check_features(features: Any, name: str = "features") -> None:
         )
 
 
+def _check_size(value: Any, name: str) -> int:
+    """``value`` as a Python int (any integer type, not a bool); a ``ValueError`` naming ``name``
+    unless it is a positive integer."""
+    number = as_int(value)
+    if number is None or number < 1:
+        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
+    return number
+
+
 def _check_num_classes(num_classes: Any) -> int:
     """``num_classes`` as a Python int (any integer type, not a bool); raise unless positive."""
-    value = as_int(num_classes)
-    if value is None or value < 1:
-        raise ValueError(
-            f"Expected argument `num_classes` to be a positive integer, but got {num_classes!r}."
-        )
-    return value
+    return _check_size(num_classes, "num_classes")
 
 
 def _check_num_features(num_features: Any) -> int:
     """``num_features`` as a Python int (any integer type, not a bool); raise unless positive."""
-    value = as_int(num_features)
-    if value is None or value < 1:
-        raise ValueError(
-            f"Expected argument `num_features` to be a positive integer, but got {num_features!r}."
-        )
-    return value
+    return _check_size(num_features, "num_features")
 
 
 def _check_features_target(
