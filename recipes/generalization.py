@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from harness.config import TrainConfig, arg, check_choices, parse_config
+from harness.config import TrainConfig, arg, check_choices, check_number, parse_config
 from harness.evaluate import evaluate
 from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
 from harness.outputs import (
@@ -96,7 +96,7 @@ class GeneralizationConfig(TrainConfig):
     runs: tuple[str, ...] = arg(tuple(RUNS), f"Runs to train, from {', '.join(RUNS)}.")
     decay: float = arg(5e-3, "Weight decay of the `linear_wd` run.")
     etf_scale: float | None = arg(
-        None, "Logit scale of the ETF head (none: the head's default, a 0.01 loss floor)."
+        None, "Logit scale of the ETF head (default: none, the head's own: a 0.01 loss floor)."
     )
     reg_nc1: float = arg(1.0, "Weight of the regularizer's NC1 term (`etf_reg`).")
     reg_nc3: float = arg(1.0, "Weight of the regularizer's NC3 term (`etf_reg`).")
@@ -104,6 +104,15 @@ class GeneralizationConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices("runs", self.runs, RUNS)
+        check_number("decay", self.decay, "a finite number >= 0", lambda v: v >= 0)
+        check_number("etf_scale", self.etf_scale, "a finite number > 0", lambda v: v > 0)
+        check_number("reg_nc1", self.reg_nc1, "a finite number", lambda v: True)
+        check_number("reg_nc3", self.reg_nc3, "a finite number", lambda v: True)
+        if "etf_reg" in self.runs and self.reg_nc1 == 0 and self.reg_nc3 == 0:
+            raise ValueError(
+                "Expected argument `reg_nc1` or `reg_nc3` to be non-zero for the `etf_reg` run, "
+                "but got both 0."
+            )
 
 
 def _builder(
@@ -140,16 +149,15 @@ TABLE = {
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN below three points or when one
-    side is constant, so that a short or flat sweep reports no correlation instead of failing."""
+    """Spearman rank correlation (average ranks for ties); NaN below three points, when a value
+    is NaN (a diverged run) or when one side is constant, so that a short or flat sweep reports
+    no correlation instead of failing."""
     if len(x) < 3:
         return float("nan")
-    try:
-        return spearman_correlation(
-            torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-        )
-    except ValueError:
+    xs, ys = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    if xs.isnan().any() or ys.isnan().any() or len(xs.unique()) < 2 or len(ys.unique()) < 2:
         return float("nan")
+    return spearman_correlation(xs, ys)
 
 
 def findings(summary: Mapping[str, Mapping[str, Stat]]) -> list[str]:
@@ -245,8 +253,10 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], config: GeneralizationConfi
     ]
     summary = summarize(rows, list(TABLE))
     model = MODEL_NAMES[config.model]
+    width, feature_dim = config.sizes
     setting = (
-        f"{config.dataset}, {model}, {config.epochs} epochs, batch {config.batch_size}, "
+        f"{config.dataset}, {model} (width {width}, feature dim {feature_dim}), "
+        f"{config.epochs} epochs, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.lr} ({config.schedule}), seeds {list(config.seeds)}; "
         f"weight decay {config.weight_decay} (`linear_wd`: {config.decay}); ETF scale "
         f"{config.etf_scale or 'default'}; regularizer NC1 {config.reg_nc1}, NC3 {config.reg_nc3}."
@@ -279,15 +289,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         def run_evaluation(model: CollapseModel) -> dict[str, float]:
             return evaluate(model, data, runtime)
 
+        builders = {n: _builder(n, config, data.input_shape, data.num_classes) for n in config.runs}
+        for build in builders.values():  # every run's model and objective, before any training
+            build()
         for name in config.runs:
             decay = config.decay if name == "linear_wd" else None
             for seed in config.seeds:
                 experiment.run(
-                    name,
-                    seed,
-                    _builder(name, config, data.input_shape, data.num_classes),
-                    evaluate=run_evaluation,
-                    weight_decay=decay,
+                    name, seed, builders[name], evaluate=run_evaluation, weight_decay=decay
                 )
         report = experiment.out / "report.md"
         if runtime.is_main:

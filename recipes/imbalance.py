@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from harness.config import TrainConfig, arg, check_choices, parse_config
+from harness.config import TrainConfig, arg, check_choices, check_number, parse_config
 from harness.data import Dataset, Split
 from harness.evaluate import class_means, extract
 from harness.longtail import head_tail_split, long_tail_counts, long_tail_indices
@@ -134,12 +134,23 @@ class ImbalanceConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices("methods", self.methods, METHODS)
-        if not self.ratios or any(not r >= 1 for r in self.ratios):
+        if not self.ratios or any(not (math.isfinite(r) and r >= 1) for r in self.ratios):
             raise ValueError(
-                f"Expected argument `ratios` to hold numbers >= 1, but got {list(self.ratios)}."
+                "Expected argument `ratios` to hold finite numbers >= 1, but got "
+                f"{list(self.ratios)}."
             )
         if len(set(self.ratios)) != len(self.ratios):
             raise ValueError(f"Expected distinct `ratios`, but got {list(self.ratios)}.")
+        check_number("minority_fraction", self.minority_fraction, "in (0, 1)", lambda v: 0 < v < 1)
+        check_number("etf_scale", self.etf_scale, "a finite number > 0", lambda v: v > 0)
+        if self.max_count is not None and self.max_count < 1:
+            raise ValueError(
+                f"Expected argument `max_count` to be positive, but got {self.max_count}."
+            )
+        if self.subset_seed < 0:
+            raise ValueError(
+                f"Expected argument `subset_seed` to be >= 0, but got {self.subset_seed}."
+            )
 
 
 def run_name(method: str, ratio: float) -> str:
@@ -569,7 +580,7 @@ def write_outputs(
     )
     setting = (
         f"{config.dataset}, {config.profile} profile (minority fraction "
-        f"{config.minority_fraction}), {model} (feature dim {config.feature_dim}), "
+        f"{config.minority_fraction}), {model} (feature dim {config.sizes[1]}), "
         f"{config.epochs} epochs, batch {config.batch_size}, {config.optimizer} lr {config.lr} "
         f"({config.schedule}), weight decay {config.weight_decay}, ETF scale {config.etf_scale}, "
         f"seeds {list(config.seeds)}; wall time {seconds:.0f} s with "
@@ -642,8 +653,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 f"Expected argument `minority_fraction` to make between 2 and {k - 1} of the {k}"
                 f" classes minority classes, but {config.minority_fraction} makes {num_minority}."
             )
+        # every ratio's subset and every run's model and objective, before any training
+        subsets = {r: long_tail_subset(full, counts[r], config.subset_seed) for r in config.ratios}
+        builders = {
+            (method, ratio): _builder(
+                method, config, full.input_shape, counts[ratio], runtime.device
+            )
+            for ratio in config.ratios
+            for method in config.methods
+        }
+        for build in builders.values():
+            build()
         for ratio in config.ratios:
-            data = long_tail_subset(full, counts[ratio], config.subset_seed)
+            data = subsets[ratio]
             experiment.data = data
             _, minority = head_tail_split(counts[ratio], config.minority_fraction)
 
@@ -657,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                     experiment.run(
                         run_name(method, ratio),
                         seed,
-                        _builder(method, config, data.input_shape, counts[ratio], runtime.device),
+                        builders[(method, ratio)],
                         evaluate=run_evaluation,
                     )
         experiment.data = full

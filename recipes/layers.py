@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness.config import TrainConfig, arg, check_choices, parse_config
+from harness.config import TrainConfig, arg, check_choices, check_number, parse_config
 from harness.evaluate import evaluate
 from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
 from harness.outputs import Stat, final_rows, format_stat, gap_note, write_report
@@ -77,12 +77,13 @@ class LayersConfig(TrainConfig):
     runs: tuple[str, ...] = arg(tuple(HEADS), f"Heads to train, from {', '.join(HEADS)}.")
     weight_decay: float = arg(5e-3, "Weight decay of every run (learnable heads need it).")
     etf_scale: float | None = arg(
-        None, "Logit scale of the ETF head (none: the head's default, a 0.01 loss floor)."
+        None, "Logit scale of the ETF head (default: none, the head's own: a 0.01 loss floor)."
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices("runs", self.runs, HEADS)
+        check_number("etf_scale", self.etf_scale, "a finite number > 0", lambda v: v > 0)
 
 
 def tracked_layers(model: CollapseModel) -> list[str]:
@@ -117,10 +118,13 @@ def depth_profile(
 ) -> list[Stat]:
     """Final-epoch ``{split}_nc1@layer`` of ``run`` over seeds, one :class:`Stat` per layer.
 
-    The layer :data:`HEAD_INPUT` reads the main metric ``{split}_nc1`` (the head's input).
+    The layer :data:`HEAD_INPUT` reads the main metric ``{split}_nc1`` (the head's input). A seed
+    that diverged counts as NaN.
     """
     last = [r for r in final_rows(rows, _column(split, layers[0])) if r["run"] == run]
-    return [Stat.of([float(r[_column(split, layer)]) for r in last]) for layer in layers]
+    return [
+        Stat.of([float(r.get(_column(split, layer), math.nan)) for r in last]) for layer in layers
+    ]
 
 
 def fit_geometric_decay(values: Sequence[float]) -> tuple[float, float]:
@@ -147,6 +151,10 @@ def _plots(
     for ax, run in zip(axes[0], runs):
         evaluated = [r for r in rows if r["run"] == run and _column("train", layers[0]) in r]
         epochs = sorted({int(r["epoch"]) for r in evaluated})
+        if not epochs:  # diverged before its first evaluation
+            ax.set_axis_off()
+            ax.set_title(f"{HEADS[run]}: not evaluated (diverged)")
+            continue
         grid = [
             [
                 math.log10(
@@ -228,8 +236,10 @@ def write_outputs(
             f"({gap_note(b, a)})."
         )
     model = MODEL_NAMES[config.model]
+    width, feature_dim = config.sizes
     setting = (
-        f"{config.dataset}, {model}, {config.epochs} epochs, batch {config.batch_size}, "
+        f"{config.dataset}, {model} (width {width}, feature dim {feature_dim}), "
+        f"{config.epochs} epochs, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.lr} ({config.schedule}), weight decay "
         f"{config.weight_decay}, seeds {list(config.seeds)}; tracked layers: "
         f"{', '.join(layers)} (conv maps averaged over length/space)."
@@ -254,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     with Experiment(config) as experiment:
         data, runtime = experiment.data, experiment.runtime
         builders = {n: _builder(n, config, data.input_shape, data.num_classes) for n in config.runs}
-        layers = tracked_layers(builders[config.runs[0]]()[0])  # same blocks for every head
+        # every run's model, before any training (the blocks are the same for every head)
+        models = [build()[0] for build in builders.values()]
+        layers = tracked_layers(models[0])
 
         def run_evaluation(model: CollapseModel) -> dict[str, float]:
             return evaluate(model, data, runtime, layers=layers)

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from harness.config import TrainConfig, arg, check_choices, parse_config
+from harness.config import TrainConfig, arg, check_choices, check_number, parse_config
 from harness.data import Dataset, Split
 from harness.evaluate import evaluate
 from harness.models import CollapseModel, build_model, simplex_etf_head
@@ -150,14 +150,21 @@ class TransferConfig(TrainConfig):
             )
         if self.draws < 1:
             raise ValueError(f"Expected argument `draws` to be at least 1, but got {self.draws}.")
-        if self.reg_weight <= 0:
+        check_number("reg_weight", self.reg_weight, "a finite number > 0", lambda v: v > 0)
+        check_number("target_nc1", self.target_nc1, "in [0, 1]", lambda v: 0 <= v <= 1)
+        check_number("label_smoothing", self.label_smoothing, "in [0, 1)", lambda v: 0 <= v < 1)
+        check_number("etf_scale", self.etf_scale, "a finite number > 0", lambda v: v > 0)
+        check_number(
+            "probe_weight_decay", self.probe_weight_decay, "a finite number >= 0", lambda v: v >= 0
+        )
+        if self.permutations < 1:
             raise ValueError(
-                f"Expected argument `reg_weight` to be positive, but got {self.reg_weight}."
+                f"Expected argument `permutations` to be at least 1, but got {self.permutations}."
             )
-        if not 0 <= self.label_smoothing < 1:
+        if self.source_classes is not None and self.source_classes < 2:
             raise ValueError(
-                f"Expected argument `label_smoothing` to be in [0, 1), "
-                f"but got {self.label_smoothing}."
+                "Expected argument `source_classes` to be at least 2, but got "
+                f"{self.source_classes}."
             )
 
 
@@ -347,15 +354,25 @@ class Correlation:
     points: int
     per_seed: Stat
 
+    @property
+    def undefined_because(self) -> str:
+        """Why ``rho`` is NaN: too few points, or a constant column."""
+        return f"only {self.points} points" if self.points < 3 else "a constant column"
+
     def describe(self) -> str:
         if math.isnan(self.rho):
-            return "undefined (a constant)"
+            return f"undefined ({self.undefined_because})"
         seeds = (
             f"; per seed {format_stat(self.per_seed, 2)} over {self.per_seed.n} seeds"
             if self.per_seed.n > 0
             else ""
         )
         return f"ρ = {self.rho:+.2f} (p = {self.p_value:.3g}, n = {self.points}{seeds})"
+
+
+def _varies(values: Tensor) -> bool:
+    """Whether ``values`` hold at least two distinct numbers (a rank correlation is defined)."""
+    return len(values.unique()) >= 2
 
 
 def correlations(
@@ -365,37 +382,35 @@ def correlations(
     *,
     permutations: int = 10_000,
 ) -> Correlation:
-    """Rank correlation of ``y_key`` on ``x_key`` over the final rows (one per run and seed)."""
+    """Rank correlation of ``y_key`` on ``x_key`` over the final rows (one per run and seed).
+
+    Points where a value is NaN are left out; with fewer than three points left, or a constant
+    column, the correlation is undefined (NaN). Any other error is raised.
+    """
     points = [
         (float(r[x_key]), float(r[y_key]), int(r["seed"]))
         for r in finals
-        if x_key in r and y_key in r
+        if x_key in r and y_key in r and not (math.isnan(r[x_key]) or math.isnan(r[y_key]))
     ]
-    if len(points) < 3:
-        return Correlation(math.nan, math.nan, len(points), Stat.of([]))
     x = torch.tensor([p[0] for p in points], dtype=torch.float64)
     y = torch.tensor([p[1] for p in points], dtype=torch.float64)
-    try:
-        rho, p_value = spearman_permutation_test(
-            x, y, num_permutations=permutations, generator=torch.Generator().manual_seed(0)
-        )
-    except ValueError:
+    if len(points) < 3 or not (_varies(x) and _varies(y)):
         return Correlation(math.nan, math.nan, len(points), Stat.of([]))
+    rho, p_value = spearman_permutation_test(
+        x, y, num_permutations=permutations, generator=torch.Generator().manual_seed(0)
+    )
     per_seed = []
     for seed in sorted({p[2] for p in points}):
         xs = torch.tensor([p[0] for p in points if p[2] == seed], dtype=torch.float64)
         ys = torch.tensor([p[1] for p in points if p[2] == seed], dtype=torch.float64)
-        if len(xs) >= 3:
-            try:
-                per_seed.append(spearman_correlation(xs, ys))
-            except ValueError:
-                continue
+        if len(xs) >= 3 and _varies(xs) and _varies(ys):
+            per_seed.append(spearman_correlation(xs, ys))
     return Correlation(rho, p_value, len(points), Stat.of(per_seed))
 
 
 def _claim_verdict(corr: Correlation, expect_positive: bool, alpha: float = 0.05) -> str:
     if math.isnan(corr.rho):
-        return "could not be checked (a constant column)"
+        return f"could not be checked ({corr.undefined_because})"
     agrees = corr.rho > 0 if expect_positive else corr.rho < 0
     if not agrees:
         return "did not hold here"
@@ -517,14 +532,17 @@ def _plot_scatter(finals: Sequence[Mapping[str, Any]], config: TransferConfig, p
     for i, (x_key, x_label) in enumerate(predictors.items()):
         for j, (y_key, y_label) in enumerate(columns.items()):
             ax = axes[i][j]
+            positive = False
             for c, run in enumerate(runs):
                 pts = [r for r in finals if str(r["run"]) == run and x_key in r and y_key in r]
+                positive = positive or any(float(r[x_key]) > 0 for r in pts)
                 ax.scatter(
                     [float(r[x_key]) for r in pts], [float(r[y_key]) for r in pts],
                     color=f"C{c}", s=18, label=RUNS.get(run, run),
                 )  # fmt: skip
             corr = correlations(finals, x_key, y_key, permutations=1000)
-            ax.set_xscale("log")
+            if positive:  # no point at all when every run diverged
+                ax.set_xscale("log")
             ax.set_title(f"{y_label}: ρ = {corr.rho:+.2f}", fontsize=9)
             ax.set_xlabel(x_label, fontsize=8)
             ax.set_ylabel("target accuracy", fontsize=8)
@@ -575,7 +593,7 @@ def write_outputs(
     source = _source_classes(config)
     setting = (
         f"{config.dataset}: source classes 0-{source - 1}, target classes the rest; {model} "
-        f"(feature dim {config.feature_dim}), {config.epochs} epochs, batch {config.batch_size}, "
+        f"(feature dim {config.sizes[1]}), {config.epochs} epochs, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.lr} ({config.schedule}), weight decay "
         f"{config.weight_decay}, seeds {list(config.seeds)}. Regularizer NC1 weight "
         f"±{config.reg_weight} (bounded NC1), target NC1 {config.target_nc1}; label smoothing "
@@ -629,14 +647,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
         def run_evaluation(model: CollapseModel) -> dict[str, float]:
             return evaluate(model, source, runtime)
 
+        builders = {
+            name: _builder(name, config, source.input_shape, source.num_classes)
+            for name in config.runs
+        }
+        for build in builders.values():  # every run's model and objective, before any training
+            build()
         for name in config.runs:
             for seed in config.seeds:
-                model, history = experiment.run(
-                    name,
-                    seed,
-                    _builder(name, config, source.input_shape, source.num_classes),
-                    evaluate=run_evaluation,
-                )
+                model, history = experiment.run(name, seed, builders[name], evaluate=run_evaluation)
+                if history[-1].get("diverged"):  # no transfer columns: its features are not finite
+                    continue
                 history[-1].update(transfer_metrics(model, source, target, runtime, config, seed))
                 experiment.write_csv()
         experiment.data = full

@@ -220,10 +220,33 @@ def test_bad_draws_and_shots_fail_before_training(
 ) -> None:
     trained: list[str] = []
     monkeypatch.setattr(transfer.Experiment, "run", lambda self, *a, **k: trained.append("run"))
-    with pytest.raises(ValueError, match="`draws` to be at least 1"):
+    with pytest.raises(SystemExit):  # an argparse error naming the flag
         transfer.main([*TINY, "--draws", "0", "--cache-dir", cache, "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="`shots` to be at most"):
         transfer.main(
             [*TINY, "--shots", "1", "100000", "--cache-dir", cache, "--out", str(tmp_path)]
         )
     assert not trained
+    assert not any(tmp_path.iterdir())  # nothing written before the checks passed
+
+
+def test_correlations_are_undefined_only_for_a_constant_or_too_few_points() -> None:
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n = int(torch.randint(9, 15, (), generator=g))  # > 8 points: the Monte Carlo test
+    x, y = torch.randn(n, generator=g).tolist(), torch.randn(n, generator=g).tolist()
+    finals = [{"run": f"r{i}", "seed": i % 3, "a": a, "b": b} for i, (a, b) in enumerate(zip(x, y))]
+    corr = correlations(finals, "a", "b", permutations=200)
+    assert not math.isnan(corr.rho)
+    assert corr.points == n
+    # a real error is raised, not reported as "undefined (a constant)"
+    with pytest.raises(ValueError, match="num_permutations"):
+        correlations(finals, "a", "b", permutations=0)
+    constant = [{**row, "b": 0.5} for row in finals]
+    undefined = correlations(constant, "a", "b", permutations=200)
+    assert math.isnan(undefined.rho)
+    assert undefined.describe() == "undefined (a constant column)"
+    few = correlations(finals[:2], "a", "b", permutations=200)
+    assert few.describe() == "undefined (only 2 points)"
+    # a NaN value (a diverged run) leaves its point out
+    holes = [{**row, "a": math.nan} if i == 0 else row for i, row in enumerate(finals)]
+    assert correlations(holes, "a", "b", permutations=200).points == n - 1

@@ -8,6 +8,8 @@ import json
 import math
 import pickle
 import random
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,7 +39,10 @@ class _Config(TrainConfig):
 # ----------------------------------------------------------------------------------------- config
 
 
-def test_config_precedence_defaults_preset_file_flags(tmp_path: Path) -> None:
+def test_config_precedence_defaults_preset_file_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default out folder is created under ./runs
     presets = {"paper": {"epochs": 200, "seeds": [0, 1, 2], "extra": 2.0}}
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"extra": 3.0, "lr": 0.2}))
@@ -516,9 +521,12 @@ def test_runtime_device_cuda_takes_this_process_gpu(monkeypatch: pytest.MonkeyPa
     assert chosen == [torch.device("cuda:1")]
 
 
-def test_config_rejects_repeated_seeds_and_resume_without_a_run(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="distinct `seeds`"):
+def test_config_rejects_repeated_seeds_and_resume_without_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
         parse_config(_Config, ["--seeds", "0", "0", "--out", str(tmp_path)])
+    assert "distinct `--seeds`" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="to name a run folder"):
         parse_config(_Config, ["--resume", "--out", str(tmp_path)])
 
@@ -527,10 +535,11 @@ def test_config_rejects_repeated_seeds_and_resume_without_a_run(tmp_path: Path) 
 
 
 def _tiny_experiment_config(out: Path, cache: Path, **changes: object) -> _Config:
-    return _Config(
+    values: dict[str, object] = dict(
         model="mlp", width=16, feature_dim=8, train_samples=64, test_samples=32, batch_size=32,
-        epochs=1, seeds=(0,), progress=False, cache_dir=str(cache), out=str(out), **changes,
+        epochs=1, seeds=(0,), progress=False, cache_dir=str(cache), out=str(out),
     )  # fmt: skip
+    return _Config(**{**values, **changes})  # type: ignore[arg-type]
 
 
 def _tiny_run(experiment: object, seed: int = 0) -> list[dict[str, object]]:
@@ -609,3 +618,340 @@ def test_reports_give_the_training_throughput(tmp_path: Path) -> None:
     bare = write_report(tmp_path / "bare.md", "T", [("Results", "x")], rows=[probe]).read_text()
     assert "Throughput" not in bare
     assert throughput([]) is None
+
+
+# ------------------------------------------------------------------ validation, folders, resume
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "0"], "--lr"),
+        (["--momentum", "-0.5"], "--momentum"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--seeds", "-1"], "--seeds"),
+        (["--seeds", "1", "1"], "--seeds"),
+        (["--threads", "0"], "--threads"),
+        (["--epochs", "0"], "--epochs"),
+        (["--warmup-epochs", "-3"], "--warmup-epochs"),
+        (["--device", "tpu"], "--device"),
+        (["--dataset", "cifar10"], "--model"),
+    ],
+)
+def test_values_out_of_range_are_argparse_errors_naming_the_flag(
+    argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(_Config, [*argv, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2  # argparse's status, not a traceback
+    error = capsys.readouterr().err
+    assert f"`{flag}`" in error, error
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_states_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(_Config, ["--help"])
+    text = capsys.readouterr().out
+    entries: dict[str, str] = {}
+    for chunk in re.split(r"\n  (?=--)", text):
+        flag = re.match(r"--[a-z-]+", chunk)
+        if flag is not None:
+            entries[flag.group(0)] = " ".join(chunk.split())
+    for flag in ("--out", "--resume", "--width", "--feature-dim", "--threads", "--epochs"):
+        assert entries[flag].count("(default") == 1, entries[flag]
+    for flag, entry in entries.items():
+        assert entry.count("(default") <= 1, (flag, entry)
+
+
+def test_default_out_folders_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Launches in the same second (the stamp is frozen) each get a folder of their own, also
+    # when they race; the newest is the one a later --resume picks.
+    import harness.config
+
+    monkeypatch.chdir(tmp_path)
+    frozen = harness.config.datetime(2025, 1, 2, 3, 4, 5)
+
+    class _Frozen(harness.config.datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> harness.config.datetime:  # type: ignore[override]
+            return frozen
+
+    monkeypatch.setattr(harness.config, "datetime", _Frozen)
+    count = int(torch.randint(3, 12, ()))
+    outs: list[str] = []
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        for config in pool.map(lambda _: parse_config(_Config, []), range(count)):
+            assert config.out is not None
+            outs.append(config.out)
+    assert len(set(outs)) == count
+    expected = {"20250102-030405"} | {f"20250102-030405-{i}" for i in range(2, count + 1)}
+    assert {Path(o).name for o in outs} == expected
+    assert all(Path(o).is_dir() and Path(o).parent == Path("runs/unit") for o in outs)
+    for out in outs:  # every launch started: each writes its config.json
+        save_config(_Config(out=out), Path(out) / "config.json")
+    resumed = parse_config(_Config, ["--resume"])
+    assert resumed.out == str(Path(f"runs/unit/20250102-030405-{count}"))  # -10 after -9
+
+
+def test_config_sizes_left_unset_follow_the_chosen_model(tmp_path: Path) -> None:
+    from harness.models import DEFAULT_SIZES
+
+    file = tmp_path / "config.json"
+    save_config(_Config(model="cnn", out=str(tmp_path)), file)
+    assert json.loads(file.read_text())["width"] is None  # saved as unset, not as CNN's 32
+    for argv, model, expected in (
+        (["--model", "mlp"], "mlp", (256, 32)),
+        (["--dataset", "cifar10", "--model", "resnet18"], "resnet18", (64, 512)),
+        (["--model", "mlp", "--width", "16"], "mlp", (16, 32)),
+    ):
+        config = parse_config(_Config, ["--config", str(file), *argv, "--out", "o"])
+        assert config.model == model
+        assert (
+            config.sizes
+            == expected
+            == (
+                expected[0] if "--width" in argv else DEFAULT_SIZES[model][0],
+                DEFAULT_SIZES[model][1],
+            )
+        )
+    # a size the user set is kept with the saved config
+    save_config(_Config(model="cnn", width=8, out=str(tmp_path)), file)
+    config = parse_config(_Config, ["--config", str(file), "--model", "mlp", "--out", "o"])
+    assert config.sizes == (8, 32)
+    built = config.build_model((1, 40), 10)
+    assert built.feature_dim == 32
+    assert built.blocks[0][0].out_features == 8  # type: ignore[index]
+
+
+def test_resume_and_config_refuse_another_recipes_folder(tmp_path: Path) -> None:
+    @dataclasses.dataclass
+    class _Other(TrainConfig):
+        study: ClassVar[str] = "other"
+
+    save_config(_Other(epochs=3, out=str(tmp_path)), tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["study"] == "other"
+    with pytest.raises(ValueError, match="written by the 'other' recipe"):
+        parse_config(_Config, ["--resume", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="written by the 'other' recipe"):
+        parse_config(_Config, ["--config", str(tmp_path / "config.json"), "--out", "o"])
+    assert parse_config(_Other, ["--resume", "--out", str(tmp_path)]).epochs == 3
+
+
+def test_a_launch_that_fails_before_training_writes_and_deletes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness.train import Experiment
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    # an earlier run, finished, in the default place, with its report and a plot
+    first = parse_config(_Config, [])
+    assert first.out is not None
+    out = Path(first.out)
+    with Experiment(_tiny_experiment_config(out, cache)) as experiment:
+        _tiny_run(experiment)
+    (out / "report.md").write_text("earlier report")
+    (out / "curves.png").write_bytes(b"png")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert out / "checkpoints" / "tiny-seed0.pt" in before
+
+    # a mistyped launch into the same folder: CIFAR without --data-root
+    broken = _tiny_experiment_config(out, cache, dataset="cifar10", model="resnet18")
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        Experiment(broken)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # the same mistake with a default folder: the folder made for it is removed again...
+    failed = parse_config(_Config, ["--dataset", "cifar10", "--model", "resnet18"])
+    assert failed.out is not None
+    assert Path(failed.out).is_dir()
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        Experiment(failed)
+    assert not Path(failed.out).exists()
+    # ... and --resume still finds the earlier run
+    assert parse_config(_Config, ["--resume"]).out == str(out)
+    # a recipe's own check failing inside the experiment leaves no folder either
+    checked = parse_config(_Config, ["--cache-dir", str(cache)])
+    with pytest.raises(ValueError, match="recipe check"), Experiment(checked):
+        raise ValueError("recipe check")
+    assert checked.out is not None
+    assert not Path(checked.out).exists()
+
+    # starting over for real clears every output of the earlier run
+    with Experiment(_tiny_experiment_config(out, cache, epochs=2)) as experiment:
+        experiment.start()
+        assert not (out / "report.md").exists()
+        assert not (out / "curves.png").exists()
+        assert not (out / "metrics.csv").exists()
+        assert not list((out / "checkpoints").glob("*.pt"))
+        assert json.loads((out / "config.json").read_text())["epochs"] == 2
+
+
+def _diverging_study(out: Path, cache: Path, **changes: object) -> list[dict[str, object]]:
+    """Run ``explodes`` (cross-entropy at a huge learning rate) and ``frozen`` (the same loss
+    times 0: no gradient, it cannot diverge) for two seeds, evaluated with the real metrics."""
+    from harness.evaluate import evaluate
+    from harness.train import Experiment, Objective, cross_entropy
+
+    options = {"lr": 1e30, "epochs": 3, "seeds": (0, 1), "eval_every": 1, **changes}
+    config = _tiny_experiment_config(out, cache, **options)
+
+    def frozen_loss(logits: Tensor, features: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(logits, features, target) * 0.0
+
+    with Experiment(config) as experiment:
+        data = experiment.data
+        for name, loss in (("explodes", cross_entropy), ("frozen", frozen_loss)):
+
+            def build(loss: object = loss) -> tuple[nn.Module, Objective]:
+                model = experiment.config.build_model(data.input_shape, data.num_classes)
+                return model, Objective(sample_loss=loss)  # type: ignore[arg-type]
+
+            for seed in config.seeds:
+                experiment.run(
+                    name,
+                    seed,
+                    build,  # type: ignore[arg-type]
+                    evaluate=lambda model: evaluate(model, data, experiment.runtime),
+                )
+        return experiment.rows
+
+
+@pytest.mark.parametrize("batch_size", [32, 64])
+def test_a_diverged_run_is_recorded_and_the_study_goes_on(
+    batch_size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # batch 32: two steps per epoch, the epoch's loss is not finite; batch 64: one step, the
+    # loss (taken before the step) is finite and the evaluation finds non-finite features.
+    import harness.train
+    from harness.outputs import read_csv, summarize, write_report
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    rows = _diverging_study(out, cache, batch_size=batch_size)
+    for seed in (0, 1):
+        exploded = [r for r in rows if r["run"] == "explodes" and r["seed"] == seed]
+        assert exploded[-1].get("diverged") == 1
+        assert all("diverged" not in r for r in exploded[:-1])
+        assert "test_acc" not in exploded[-1]  # no metrics of a diverged model
+        assert len(exploded) < 3  # training stopped where it diverged
+        if batch_size == 64:
+            assert math.isfinite(float(exploded[-1]["loss"]))  # type: ignore[arg-type]
+        kept = [r for r in rows if r["run"] == "frozen" and r["seed"] == seed]
+        assert [r["epoch"] for r in kept] == [1, 2, 3]
+        assert all(math.isfinite(float(r["test_nc1"])) for r in kept)  # type: ignore[arg-type]
+    csv_rows = read_csv(out / "metrics.csv")
+    assert [r.get("diverged") for r in csv_rows] == [r.get("diverged") for r in rows]
+    summary = summarize(csv_rows, ["test_acc", "train_nc1"])
+    assert math.isnan(summary["explodes"]["test_acc"].mean)  # not an epoch before it diverged
+    assert summary["explodes"]["test_acc"].n == 2
+    assert math.isfinite(summary["frozen"]["test_acc"].mean)
+    report = write_report(out / "report.md", "T", [("Results", "x")], rows=csv_rows).read_text()
+    assert "## Diverged runs" in report
+    for row in csv_rows:
+        if row.get("diverged"):
+            assert f"`explodes`, seed {row['seed']}: diverged at epoch {row['epoch']}" in report
+
+    # --resume keeps the diverged runs as they are and trains nothing
+    written = (out / "metrics.csv").read_text()
+    monkeypatch.setattr(harness.train, "train_one_epoch", lambda *a, **k: pytest.fail("trained"))
+    resumed = _diverging_study(out, cache, batch_size=batch_size, resume=True)
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in rows]
+    assert (out / "metrics.csv").read_text() == written
+
+
+def test_a_corrupt_cifar_file_is_named_in_the_error(tmp_path: Path) -> None:
+    folder = write_random_cifar10(tmp_path, 50, 20)
+    assert load_cifar("cifar10", tmp_path).train.inputs.shape == (50, 3, 32, 32)
+    batch = folder / f"data_batch_{int(torch.randint(1, 6, ()))}"
+    data = batch.read_bytes()
+    batch.write_bytes(data[: int(torch.randint(1, len(data) - 1, ()))])  # truncated
+    with pytest.raises(ValueError, match=re.escape(f"Expected {batch} to be a valid CIFAR")):
+        load_cifar("cifar10", tmp_path)
+    batch.write_bytes(pickle.dumps([1, 2, 3]))  # a pickle, but not a CIFAR batch
+    with pytest.raises(ValueError, match="holds no dict with 'data' and 'labels'"):
+        load_cifar("cifar10", tmp_path)
+
+
+_RECIPE_ARGS = {
+    "generalization": ["--runs", "linear", "etf"],
+    "transfer": ["--runs", "ce", "etf", "--shots", "1", "--draws", "2", "--permutations", "10"],
+    "imbalance": ["--methods", "linear_ce", "etf_ce", "--ratios", "10"],
+    "layers": ["--runs", "linear", "etf"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(_RECIPE_ARGS))
+def test_every_recipe_reports_a_diverged_run_and_resumes(
+    recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A huge learning rate: the linear head's run diverges in its first epoch; the study still
+    # ends with a report that names it, and --resume of that study works.
+    import importlib
+
+    from harness.outputs import read_csv
+
+    module = importlib.import_module(recipe)
+    out = tmp_path / "run"
+    args = [
+        "--train-samples", "400", "--test-samples", "100", "--batch-size", "64", "--width", "8",
+        "--epochs", "2", "--eval-every", "1", "--seeds", "0", "--no-progress", "--lr", "1e30",
+        "--cache-dir", str(tmp_path / "cache"), *_RECIPE_ARGS[recipe],
+    ]  # fmt: skip
+    report = module.main([*args, "--out", str(out)])
+    rows = read_csv(out / "metrics.csv")
+    diverged = [r for r in rows if r.get("diverged")]
+    assert diverged
+    assert any(str(r["run"]).startswith(("linear", "ce")) for r in diverged)
+    text = report.read_text()
+    assert "## Diverged runs" in text
+    for row in diverged:
+        assert f"`{row['run']}`, seed 0: diverged at epoch {row['epoch']}" in text
+    assert "diverged at epoch" in capsys.readouterr().err
+    module.main(["--resume", "--out", str(out), "--no-progress"])
+    assert (out / "metrics.csv").read_text().count("\n") == len(rows) + 1
+
+
+@pytest.mark.parametrize(
+    ("recipe", "argv", "flag"),
+    [
+        ("generalization", ["--etf-scale", "-1"], "--etf-scale"),
+        ("generalization", ["--decay", "-1"], "--decay"),
+        ("generalization", ["--reg-nc1", "nan"], "--reg-nc1"),
+        ("generalization", ["--reg-nc1", "0", "--reg-nc3", "0"], "--reg-nc1"),
+        ("generalization", ["--runs", "foo"], "--runs"),
+        ("layers", ["--etf-scale", "0"], "--etf-scale"),
+        ("imbalance", ["--etf-scale", "inf"], "--etf-scale"),
+        ("imbalance", ["--minority-fraction", "1.5"], "--minority-fraction"),
+        ("imbalance", ["--ratios", "inf"], "--ratios"),
+        ("imbalance", ["--max-count", "0"], "--max-count"),
+        ("transfer", ["--target-nc1", "2"], "--target-nc1"),
+        ("transfer", ["--permutations", "0"], "--permutations"),
+        ("transfer", ["--probe-weight-decay", "-1"], "--probe-weight-decay"),
+        ("transfer", ["--etf-scale", "0"], "--etf-scale"),
+        ("transfer", ["--label-smoothing", "nan"], "--label-smoothing"),
+        ("transfer", ["--reg-weight", "inf"], "--reg-weight"),
+    ],
+)
+def test_recipe_values_are_checked_before_anything_runs(
+    recipe: str,
+    argv: list[str],
+    flag: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    import harness.train
+
+    module = importlib.import_module(recipe)
+    monkeypatch.setattr(harness.train.Experiment, "__init__", lambda *a: pytest.fail("started"))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([*argv, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert f"`{flag}`" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -11,11 +11,18 @@ field's ``metadata["help"]``. Values resolve in this order, later winning:
    folder of its own unless ``--out`` says otherwise),
 4. flags given explicitly on the command line.
 
+Every value is checked before anything is trained or written: a value out of range is an
+argparse error naming the flag (exit status 2). ``width`` and ``feature_dim`` left unset stay
+unset (``null`` in ``config.json``) and mean the chosen model's default sizes, so a saved config
+reused with another ``--model`` builds that model at its own sizes.
+
+Without ``--out`` a run gets a new folder ``runs/<study>/<timestamp>``, created here so that two
+launches in the same second get two folders (the second one's name ends in ``-2``).
 ``--resume`` with an ``--out`` folder (or, without ``--out``, the newest run of the study) reloads
-the ``config.json`` saved there; flags given alongside it may only change run-time settings
-(device, progress bar, threads, where the data lies), never what is trained. The resolved
-configuration is written as ``config.json`` by :func:`save_config` (the pattern of Lightning's
-examples and timm's ``args.yaml``).
+the ``config.json`` saved there, which must have been written by the same recipe (its ``study``);
+flags given alongside it may only change run-time settings (device, progress bar, threads, where
+the data lies), never what is trained. The configuration is written as ``config.json`` by
+:func:`save_config` (the pattern of Lightning's examples and timm's ``args.yaml``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,6 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
+import torch
 from torch import nn
 
 from harness.models import DEFAULT_SIZES, CollapseModel, build_model
@@ -39,9 +50,11 @@ __all__ = [
     "TrainConfig",
     "arg",
     "check_choices",
+    "check_number",
     "config_to_dict",
     "load_config",
     "parse_config",
+    "release_folder",
     "save_config",
 ]
 
@@ -56,10 +69,42 @@ RUNTIME_FIELDS = frozenset(
 #: Fields a ``--config`` file never sets: where a saved run lives and whether it was resumed.
 _RUN_FIELDS = frozenset({"out", "resume"})
 
+#: The key of ``config.json`` that names the recipe (the config class's ``study``).
+_STUDY_KEY = "study"
+
+#: Largest seed: numpy's global generator takes seeds in [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
+
+#: Run folders :func:`parse_config` created for this process's launch (:func:`release_folder`).
+_CLAIMED: set[Path] = set()
+
 
 def arg(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help text for the command line."""
+    """A dataclass field with a default and a help text for the command line.
+
+    ``--help`` adds ``(default: ...)`` unless ``help`` already says ``(default...``.
+    """
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def check_number(
+    name: str, value: float | None, expected: str, accept: Callable[[float], bool]
+) -> None:
+    """Raise unless ``value`` is None or a finite number that ``accept`` takes.
+
+    The message names the argument: ``Expected argument `{name}` to be {expected}, but got ...``.
+
+    Example:
+        >>> check_number("lr", 0.1, "a finite number > 0", lambda v: v > 0)
+        >>> check_number("lr", float("nan"), "a finite number > 0", lambda v: v > 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected argument `lr` to be a finite number > 0, but got nan.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not math.isfinite(value) or not accept(value):
+        raise ValueError(f"Expected argument `{name}` to be {expected}, but got {value!r}.")
 
 
 @dataclasses.dataclass
@@ -78,11 +123,13 @@ class TrainConfig:
     model: Literal["cnn", "mlp", "resnet18"] = arg("cnn", "Feature extractor.")
     width: int | None = arg(
         None,
-        "Channels (CNN, ResNet) or hidden units (MLP) of the first block (none: the model's "
-        "default, CNN 32, MLP 256, ResNet-18 64; resolved in the saved config).",
+        "Channels (CNN, ResNet) or hidden units (MLP) of the first block (default: none, the "
+        "model's own: CNN 32, MLP 256, ResNet-18 64).",
     )
     feature_dim: int | None = arg(
-        None, "Dimension of the features the head reads (none: 32, ResNet-18 512)."
+        None,
+        "Dimension of the features the head reads (default: none, the model's own: 32, "
+        "ResNet-18 512).",
     )
     neck_batchnorm: bool = arg(True, "End the feature extractor with Linear + BatchNorm.")
     epochs: int = arg(30, "Training epochs.")
@@ -99,7 +146,7 @@ class TrainConfig:
     device: str = arg("auto", "auto, cpu, cuda or cuda:N.")
     threads: int | None = arg(
         1,
-        "torch CPU threads per process (none: torch's default); one is fastest for the small "
+        "torch CPU threads per process (none: torch's own number); one is fastest for the small "
         "MNIST-1D models and keeps a busy machine from stalling.",
     )
     progress: bool = arg(True, "Progress bar on rank 0.")
@@ -107,12 +154,7 @@ class TrainConfig:
     resume: bool = arg(False, "Continue the interrupted run in --out (default: the newest one).")
 
     def __post_init__(self) -> None:
-        default_width, default_dim = DEFAULT_SIZES.get(self.model, (None, None))
-        if self.width is None:
-            self.width = default_width
-        if self.feature_dim is None:
-            self.feature_dim = default_dim
-        positive = ("width", "feature_dim", "epochs", "batch_size", "eval_every")
+        positive = ("width", "feature_dim", "epochs", "batch_size", "eval_every", "threads")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -121,12 +163,30 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 2:
                 raise ValueError(f"Expected argument `{name}` to be at least 2, but got {value}.")
+        if self.warmup_epochs < 0:
+            raise ValueError(
+                f"Expected argument `warmup_epochs` to be >= 0, but got {self.warmup_epochs}."
+            )
         if not self.seeds:
             raise ValueError("Expected argument `seeds` to hold at least one seed, but got ().")
+        if any(not 0 <= s <= MAX_SEED for s in self.seeds):
+            raise ValueError(
+                f"Expected argument `seeds` to hold integers in [0, {MAX_SEED}], but got "
+                f"{list(self.seeds)}."
+            )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"Expected distinct `seeds`, but got {list(self.seeds)}.")
-        if self.lr <= 0:
-            raise ValueError(f"Expected argument `lr` to be positive, but got {self.lr}.")
+        check_number("lr", self.lr, "a finite number > 0", lambda v: v > 0)
+        check_number("momentum", self.momentum, "a finite number >= 0", lambda v: v >= 0)
+        check_number("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    "Expected argument `device` to be auto, cpu, cuda, cuda:N or another torch "
+                    f"device, but got {self.device!r}."
+                ) from None
         if self.dataset != "mnist1d" and self.model != "resnet18":
             raise ValueError(
                 f"Expected argument `model` to be 'resnet18' for dataset {self.dataset!r}, "
@@ -137,6 +197,16 @@ class TrainConfig:
                 "Expected argument `model` to be 'cnn' or 'mlp' for dataset 'mnist1d', "
                 "but got 'resnet18'."
             )
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """``(width, feature_dim)`` of the model that is built: the unset ones are the model's
+        defaults (:data:`~harness.models.DEFAULT_SIZES`)."""
+        default_width, default_dim = DEFAULT_SIZES[self.model]
+        return (
+            default_width if self.width is None else self.width,
+            default_dim if self.feature_dim is None else self.feature_dim,
+        )
 
     def build_model(
         self,
@@ -205,8 +275,8 @@ def _parse_bool(text: str) -> bool:
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field[Any], tp: Any) -> None:
     flag = "--" + field.name.replace("_", "-")
     help_text = field.metadata.get("help", "")
-    default = field.default
-    help_text = f"{help_text} (default: {default!r})"
+    if "(default" not in help_text:  # said once: where the text states it, it is not repeated
+        help_text = f"{help_text} (default: {field.default!r})"
     tp, optional = _strip_optional(tp)
     if tp is bool and not optional:
         parser.add_argument(
@@ -269,29 +339,125 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | Path) -> Path:
-    """Write ``config`` as indented JSON (``config.json`` in a run folder) and return the path."""
+    """Write ``config`` as indented JSON (``config.json`` in a run folder) and return the path.
+
+    The file also names the recipe (``"study"``: the config class's ``study``), so that
+    ``--resume`` and ``--config`` can refuse a folder written by another recipe.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    values = config_to_dict(config)
+    study = getattr(type(config), "study", None)
+    if study is not None:
+        values = {_STUDY_KEY: study, **values}
+    path.write_text(json.dumps(values, indent=2) + "\n")
     return path
 
 
-def load_config(cls: type[C], path: str | Path) -> C:
-    """Read a config saved by :func:`save_config` back into ``cls``."""
+def _read_values(cls: type[Any], path: str | Path) -> dict[str, Any]:
+    """The field values of a JSON config file, checked against ``cls`` (and its recipe)."""
     values = json.loads(Path(path).read_text())
-    return cls(**_coerce(cls, values, str(path)))
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"Expected {path} to hold a JSON object of field values, but got "
+            f"{type(values).__name__}."
+        )
+    study, expected = values.pop(_STUDY_KEY, None), getattr(cls, "study", None)
+    if study is not None and expected is not None and study != expected:
+        raise ValueError(
+            f"Expected {path} to hold the config of a {expected!r} run, but it was written by "
+            f"the {study!r} recipe; use recipes/{study}.py for it."
+        )
+    return _coerce(cls, values, str(path))
 
 
-def _latest_run(study: str) -> Path:
-    root = Path("runs") / study
-    runs = (
-        sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
+def load_config(cls: type[C], path: str | Path) -> C:
+    """Read a config saved by :func:`save_config` back into ``cls``.
+
+    Raises:
+        ValueError: when the file was written by another recipe, holds unknown keys or values
+            out of range.
+    """
+    return cls(**_read_values(cls, path))
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key reading digit runs as numbers: ``20250101-000000-10`` after ``...-2``."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part
     )
+
+
+def _latest_run(cls: type[Any]) -> Path:
+    """The newest run folder of ``cls.study`` that a launch got to start (holding config.json).
+
+    A launch writes config.json only once its config and data were checked, so a launch that
+    failed before that is never picked; nor is a folder whose config.json names another recipe.
+    """
+    study = getattr(cls, "study", "recipe")
+    root = Path("runs") / study
+
+    def started(folder: Path) -> bool:
+        file = folder / "config.json"
+        if not file.is_file():
+            return False
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(saved, dict) and saved.get(_STUDY_KEY, study) == study
+
+    runs = [p for p in root.glob("*") if p.is_dir() and started(p)] if root.is_dir() else []
     if not runs:
         raise FileNotFoundError(
             f"Expected a run to resume under {root}/, but found none; pass --out <run folder>."
         )
-    return runs[-1]
+    return max(runs, key=lambda p: _natural_key(p.name))
+
+
+def _claim_new_folder(base: Path) -> Path:
+    """Create ``base`` (or, when it exists, ``base-2``, ``base-3``, ...) and return it.
+
+    ``mkdir`` without ``exist_ok`` is atomic: two launches never get the same folder.
+    """
+    base.parent.mkdir(parents=True, exist_ok=True)
+    candidate, suffix = base, 1
+    while True:
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            suffix += 1
+            candidate = base.with_name(f"{base.name}-{suffix}")
+            continue
+        _CLAIMED.add(candidate.resolve())
+        return candidate
+
+
+def release_folder(folder: str | Path) -> bool:
+    """Remove ``folder`` if :func:`parse_config` created it for this launch and it is still empty.
+
+    A launch that fails before its run starts (missing data, a recipe's own check) leaves no
+    empty run folder behind. Returns whether the folder was removed.
+    """
+    path = Path(folder).resolve()
+    if path not in _CLAIMED:
+        return False
+    _CLAIMED.discard(path)
+    try:
+        path.rmdir()  # only succeeds on an empty folder
+    except OSError:
+        return False
+    return True
+
+
+def _flag_message(cls: type[Any], message: str) -> str:
+    """``message`` with each `field` name spelled as its flag, `--field-name`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return re.sub(
+        r"`([a-z_][a-z0-9_]*)`",
+        lambda m: f"`--{m.group(1).replace('_', '-')}`" if m.group(1) in names else m.group(0),
+        message,
+    )
 
 
 def parse_config(
@@ -310,8 +476,16 @@ def parse_config(
         description: help text shown by ``--help`` (usually the recipe's module docstring).
 
     Returns:
-        The resolved config. When ``cls`` has an ``out`` field left unset, it is filled with
-        ``runs/<study>/<timestamp>``.
+        The resolved config. When ``cls`` has an ``out`` field left unset, it is filled with a
+        new folder ``runs/<study>/<timestamp>`` (``-2``, ``-3``, ... appended when that exists),
+        created here.
+
+    Raises:
+        SystemExit: (argparse's error, status 2) for a flag's value that is out of range, naming
+            the flag.
+        FileNotFoundError: for ``--resume`` without a run to resume.
+        ValueError: for a ``--config`` file with unknown keys or written by another recipe, and
+            for ``--resume`` with changes to what is trained.
     """
     presets = dict(presets or {})
     parser = argparse.ArgumentParser(
@@ -334,7 +508,7 @@ def parse_config(
 
     if explicit.get("resume"):
         out = explicit.get("out")
-        folder = Path(out) if out else _latest_run(getattr(cls, "study", "recipe"))
+        folder = Path(out) if out else _latest_run(cls)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"Expected --resume --out {folder} to name a run folder (holding config.json),"
@@ -351,19 +525,26 @@ def parse_config(
                 "start a new run instead."
             )
         runtime = {k: v for k, v in explicit.items() if k in RUNTIME_FIELDS}
-        return dataclasses.replace(saved, **{**runtime, "out": str(folder)})  # type: ignore[type-var]
+        try:
+            return dataclasses.replace(saved, **{**runtime, "out": str(folder)})  # type: ignore[type-var]
+        except ValueError as error:
+            parser.error(_flag_message(cls, str(error)))
 
     values: dict[str, Any] = {}
     if preset is not None:
         values.update(_coerce(cls, presets[preset], f"preset {preset!r}"))
     if config_file is not None:
-        from_file = _coerce(cls, json.loads(config_file.read_text()), str(config_file))
+        from_file = _read_values(cls, config_file)
         values.update({k: v for k, v in from_file.items() if k not in _RUN_FIELDS})
     values.update(explicit)
-    config = cls(**values)
+    try:
+        config = cls(**values)
+    except ValueError as error:  # a value out of range: an argparse error naming the flag
+        parser.error(_flag_message(cls, str(error)))
     if any(f.name == "out" for f in dataclasses.fields(cls)) and config.out is None:  # type: ignore[arg-type]
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        config = dataclasses.replace(  # type: ignore[type-var]
-            config, out=str(Path("runs") / getattr(cls, "study", "recipe") / stamp)
-        )
+        folder = Path("runs") / getattr(cls, "study", "recipe") / stamp
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's folder is used
+            folder = _claim_new_folder(folder)
+        config = dataclasses.replace(config, out=str(folder))  # type: ignore[type-var]
     return config

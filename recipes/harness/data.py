@@ -176,16 +176,39 @@ def load_mnist1d(
     return Dataset("mnist1d", train, test, num_classes=10)
 
 
-def _unpickle(path: Path) -> dict[str, object]:
-    with path.open("rb") as handle:
-        data: dict[str, object] = pickle.load(handle, encoding="latin1")
+def _unpickle(path: Path, label_key: str, hint: str) -> dict[str, object]:
+    """One CIFAR python batch: a pickled dict with ``data`` and the labels ``label_key``.
+
+    Raises:
+        ValueError: naming the file, when it is not such a batch (truncated, corrupt, another
+            file), with where to get the dataset again.
+    """
+    problem = None
+    try:
+        with path.open("rb") as handle:
+            data = pickle.load(handle, encoding="latin1")
+    # a truncated or corrupt pickle fails in any of these ways, depending on where it breaks
+    except (
+        pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+        IndexError, KeyError, MemoryError,
+    ) as error:  # fmt: skip
+        problem = f"{type(error).__name__}: {error}"
+    else:
+        if not isinstance(data, dict) or "data" not in data or label_key not in data:
+            problem = f"it holds no dict with 'data' and {label_key!r}"
+    if problem is not None:
+        raise ValueError(
+            f"Expected {path} to be a valid CIFAR python batch (a pickled dict with 'data' and "
+            f"{label_key!r}), but it could not be read ({problem}); the file may be truncated or "
+            f"corrupt: {hint}."
+        )
     return data
 
 
-def _cifar_split(files: Sequence[Path], label_key: str) -> Split:
+def _cifar_split(files: Sequence[Path], label_key: str, hint: str) -> Split:
     images, labels = [], []
     for file in files:
-        batch = _unpickle(file)
+        batch = _unpickle(file, label_key, hint)
         images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(batch[label_key], dtype=np.int64))
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
@@ -201,6 +224,8 @@ def load_cifar(
 
     Raises:
         FileNotFoundError: when the folder or one of its files is missing, with where to get it.
+        ValueError: when a file is not a valid CIFAR python batch (truncated or corrupt), naming
+            it.
     """
     folder_name = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
     archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
@@ -223,8 +248,8 @@ def load_cifar(
         raise FileNotFoundError(f"Expected {name} files {missing} to exist: {hint}.")
     return Dataset(
         name,
-        _cifar_split(train_files, label_key),
-        _cifar_split(test_files, label_key),
+        _cifar_split(train_files, label_key, hint),
+        _cifar_split(test_files, label_key, hint),
         num_classes,
     )
 

@@ -15,6 +15,8 @@ split. Then:
   :class:`~torchcollapse.tracking.CollapseTracker`, as ``{split}_{quantity}@{layer}``.
 
 All reductions go over processes, so one process and ``torchrun`` report the same numbers.
+Features or logits that are not finite (a diverged run) raise :class:`harness.train.Diverged` on
+every process, before any metric is computed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from harness.data import Dataset, Split
 from harness.models import CollapseModel
-from harness.train import Runtime
+from harness.train import Diverged, Runtime
 from torchcollapse._distributed import all_reduce_sum
 from torchcollapse.metrics import NeuralCollapse
 from torchcollapse.tracking import CollapseTracker
@@ -81,6 +83,9 @@ def extract(
     """Run ``model`` on this rank's shard (``rank::world_size``) of ``split``, no augmentation.
 
     With ``tracker`` the forward passes are recorded by its hooks.
+
+    Raises:
+        Diverged: on every process, when the features or logits of any process are not finite.
     """
     indices = torch.arange(runtime.rank, len(split), runtime.world_size)
     features, logits, targets = [], [], []
@@ -96,7 +101,15 @@ def extract(
             features.append(model.forward_head(raw, pre_logits=True).float())
             logits.append(model.forward_head(raw).float())
         targets.append(target)
-    return Features(torch.cat(features), torch.cat(logits), torch.cat(targets))
+    shard = Features(torch.cat(features), torch.cat(logits), torch.cat(targets))
+    finite = bool(shard.features.isfinite().all()) and bool(shard.logits.isfinite().all())
+    # agreed over processes, so that all of them raise (none is left waiting in a collective)
+    bad = all_reduce_sum(torch.tensor(float(not finite), device=shard.targets.device))
+    if bool(bad > 0):
+        raise Diverged(
+            f"Expected finite features and logits on the {len(split)} samples, but got NaN or inf."
+        )
+    return shard
 
 
 def class_means(shard: Features, num_classes: int) -> Tensor:

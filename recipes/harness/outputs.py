@@ -4,6 +4,10 @@ The training loop writes ``config.json`` and ``metrics.csv`` (one row per run, s
 this module turns those rows into what a reader wants: the final value of each metric as
 ``mean +- std`` over seeds (sample std, ``ddof=1``), curves over epochs with the spread of the seeds
 shaded, and a markdown report that embeds the plots. Matplotlib runs headless (Agg).
+
+A run that diverged (its last row has ``diverged``, see :class:`harness.train.Experiment`) counts
+with NaN for every metric: its final row is the diverged one, so its table cells read ``nan``
+rather than the numbers of an epoch before it diverged, and the report lists it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 __all__ = [
     "Panel",
     "Stat",
+    "diverged_runs",
     "final_rows",
     "format_stat",
     "gap_note",
@@ -78,10 +83,11 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 
 
 def final_rows(rows: Iterable[Mapping[str, Any]], key: str = "test_acc") -> list[Mapping[str, Any]]:
-    """The last evaluated row (holding ``key``) of each (run, seed)."""
+    """The last evaluated row (holding ``key``) of each (run, seed); for a (run, seed) that
+    diverged, its diverged row (which holds no metrics)."""
     last: dict[tuple[str, int], Mapping[str, Any]] = {}
     for row in rows:
-        if key in row:
+        if key in row or row.get("diverged"):
             ident = (str(row["run"]), int(row["seed"]))
             if ident not in last or row["epoch"] >= last[ident]["epoch"]:
                 last[ident] = row
@@ -91,14 +97,29 @@ def final_rows(rows: Iterable[Mapping[str, Any]], key: str = "test_acc") -> list
 def summarize(
     rows: Iterable[Mapping[str, Any]], metrics: Sequence[str], key: str = "test_acc"
 ) -> dict[str, dict[str, Stat]]:
-    """``{run: {metric: Stat over seeds}}`` of the last evaluated rows (runs kept in order)."""
+    """``{run: {metric: Stat over seeds}}`` of the last evaluated rows (runs kept in order); a
+    seed that diverged gives NaN for every metric."""
     grouped: dict[str, list[Mapping[str, Any]]] = {}
     for row in final_rows(rows, key):
         grouped.setdefault(str(row["run"]), []).append(row)
     return {
-        run: {m: Stat.of([float(r[m]) for r in group if m in r]) for m in metrics}
+        run: {
+            m: Stat.of(
+                [
+                    math.nan if r.get("diverged") else float(r[m])
+                    for r in group
+                    if m in r or r.get("diverged")
+                ]
+            )
+            for m in metrics
+        }
         for run, group in grouped.items()
     }
+
+
+def diverged_runs(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows marked ``diverged`` (one per run and seed that diverged), in order."""
+    return [row for row in rows if row.get("diverged")]
 
 
 def format_stat(stat: Stat, digits: int = 3) -> str:
@@ -247,11 +268,25 @@ def write_report(
     plots: Sequence[Path] = (),
     rows: Iterable[Mapping[str, Any]] = (),
 ) -> Path:
-    """Write ``report.md``: a title, ``(heading, markdown)`` sections, a ``Throughput`` section
+    """Write ``report.md``: a title, ``(heading, markdown)`` sections, a ``Diverged runs`` section
+    naming each run, seed and epoch that diverged (none when none did), a ``Throughput`` section
     from the per-epoch ``rows`` (see :func:`throughput`; none without timed rows) and the plots
     embedded."""
     path = Path(path)
     parts = [f"# {title}", ""]
+    rows = list(rows)
+    diverged = diverged_runs(rows)
+    if diverged:
+        lines = [
+            f"- `{row['run']}`, seed {row['seed']}: diverged at epoch {row['epoch']} (training "
+            f"loss {float(row.get('loss', math.nan)):.3g}); training stopped there."
+            for row in diverged
+        ]
+        note = (
+            "Their metrics count as NaN in the tables above (the spread of the other seeds is not "
+            "shown alone). A lower `--lr` (or a warm-up, `--warmup-epochs`) may keep them stable."
+        )
+        sections = [*sections, ("Diverged runs", "\n".join(lines) + "\n\n" + note)]
     speed = throughput(rows)
     if speed is not None:
         sections = [*sections, ("Throughput", speed)]

@@ -10,6 +10,13 @@ because the batch order depends only on (seed, epoch) and the checkpoint holds t
 optimiser, schedule, gradient scaler and random states, the resumed run matches an uninterrupted
 one.
 
+Nothing is written into (or deleted from) the output folder before the data has loaded and the
+recipe's own checks have passed: the folder is prepared by :meth:`Experiment.start`, which the
+first :meth:`~Experiment.run` calls. A run whose training loss or evaluated features stop being
+finite is recorded as *diverged*: its row of that epoch gets ``diverged = 1`` and no metrics,
+its training stops there, and the study goes on with the other runs (``--resume`` leaves it as
+it is); the reports list it (:func:`harness.outputs.write_report`).
+
 Distributed training: under ``torchrun`` the process group is initialised from the environment
 (nccl on GPU, gloo on CPU); each rank trains on its slice of every global batch
 (:class:`~harness.data.ShardedBatchSampler`). Per-sample losses are summed and divided by the
@@ -41,12 +48,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from harness.config import TrainConfig, save_config
+from harness.config import TrainConfig, release_folder, save_config
 from harness.data import Dataset, ShardedBatchSampler, load_dataset
 from harness.models import CollapseModel
 from torchcollapse._distributed import all_reduce_sum, gather_with_grad
 
 __all__ = [
+    "Diverged",
     "Experiment",
     "GatheredBatchNorm",
     "Objective",
@@ -109,6 +117,13 @@ class Runtime:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+
+class Diverged(FloatingPointError):
+    """Raised by an evaluation whose features or logits are not finite: the run has diverged.
+
+    Every process raises it together (the check is reduced over processes).
+    """
 
 
 def seed_everything(seed: int) -> None:
@@ -248,22 +263,56 @@ class Experiment:
         self.out = Path(out)
         self.checkpoints = self.out / "checkpoints"
         self.rows: list[dict[str, Any]] = []
-        if self.runtime.is_main:
-            if not config.resume and self.checkpoints.is_dir():
-                print(f"{self.out} holds an earlier run; starting over (use --resume to continue)")
-                for stale in self.checkpoints.glob("*.pt"):
-                    stale.unlink()
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.out / "config.json")
-        self.runtime.barrier()
-        data = load_dataset(
-            config.dataset,
-            data_root=config.data_root,
-            cache=config.cache_dir,
-            train_samples=config.train_samples,
-            test_samples=config.test_samples,
-        )
+        self.started = False
+        try:
+            data = load_dataset(
+                config.dataset,
+                data_root=config.data_root,
+                cache=config.cache_dir,
+                train_samples=config.train_samples,
+                test_samples=config.test_samples,
+            )
+        except BaseException:
+            self._release()
+            raise
         self.data: Dataset = data.to(self.runtime.device)
+
+    #: What a run leaves at the top of its folder, cleared when a new run starts over there.
+    OUTPUTS = ("config.json", "metrics.csv", "metrics.csv.tmp", "report.md", "*.png")
+
+    def start(self) -> None:
+        """Prepare the output folder, once: the first :meth:`run` calls it.
+
+        Called after the data has loaded and the recipe's checks have passed, so a launch that
+        fails before leaves the folder as it was. Without ``--resume``, a folder that holds an
+        earlier run is cleared first (its checkpoints, ``config.json``, ``metrics.csv``,
+        ``report.md`` and plots), so no file of the earlier run is left next to the new ones.
+        Then ``config.json`` is written.
+        """
+        if self.started:
+            return
+        if self.runtime.is_main:
+            if self.config.resume:
+                print(f"resuming the run in {self.out}", file=sys.stderr)
+            elif self.checkpoints.is_dir() or (self.out / "config.json").is_file():
+                print(
+                    f"{self.out} holds an earlier run; starting over (use --resume to continue)",
+                    file=sys.stderr,
+                )
+                stale = [*self.checkpoints.glob("*.pt"), *self.checkpoints.glob("*.pt.tmp")]
+                for pattern in self.OUTPUTS:
+                    stale.extend(p for p in self.out.glob(pattern) if p.is_file())
+                for path in stale:
+                    path.unlink()
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out / "config.json")
+        self.runtime.barrier()
+        self.started = True
+
+    def _release(self) -> None:
+        """Remove the output folder if it was created for this launch and nothing was written."""
+        if self.runtime.is_main and not self.started:
+            release_folder(self.out)
 
     def __enter__(self) -> Experiment:
         return self
@@ -272,7 +321,9 @@ class Experiment:
         self.close()
 
     def close(self) -> None:
-        """Leave the process group (when this experiment joined one)."""
+        """Leave the process group (when this experiment joined one); a launch that never started
+        a run removes the empty folder made for it (see :func:`harness.config.release_folder`)."""
+        self._release()
         if dist.is_initialized():
             self.runtime.barrier()
             dist.destroy_process_group()
@@ -333,8 +384,12 @@ class Experiment:
             (the learning rate after the epoch's last step, i.e. the one the next epoch starts
             with: 0 after the last epoch of a cosine schedule), ``loss`` (the epoch's mean
             training loss), ``train_time``, ``train_images_per_s`` and, on evaluated epochs,
-            ``evaluate``'s columns and ``eval_time``.
+            ``evaluate``'s columns and ``eval_time``. When the training loss is not finite, or
+            ``evaluate`` raises :class:`Diverged`, the run has diverged: that epoch's row gets
+            ``diverged = 1`` (and no ``evaluate`` columns), it is the last row and the model is
+            the diverged one.
         """
+        self.start()
         config, runtime = self.config, self.runtime
         seed_everything(seed)
         model, objective = build()
@@ -374,6 +429,8 @@ class Experiment:
             torch.set_rng_state(state["rng"]["torch"])
             history = state["history"]
             start = state["epoch"] + 1
+            if history and history[-1].get("diverged"):
+                start = config.epochs + 1  # stopped where it diverged
         self.rows.extend(history)
 
         bar = tqdm(
@@ -402,13 +459,28 @@ class Experiment:
                 "train_time": train_time,
                 "train_images_per_s": train_stats["samples"] / train_time,
             }
-            if epoch % config.eval_every == 0 or epoch == config.epochs:
+            diverged = not math.isfinite(train_stats["loss"])
+            if not diverged and (epoch % config.eval_every == 0 or epoch == config.epochs):
                 tic = time.perf_counter()
                 model.eval()
-                with torch.no_grad(), _autocast(runtime.device, amp_dtype if use_amp else None):
-                    row.update(evaluate(model))
+                try:
+                    with torch.no_grad(), _autocast(runtime.device, amp_dtype if use_amp else None):
+                        row.update(evaluate(model))
+                except Diverged:
+                    diverged = True
+                else:
+                    row["eval_time"] = time.perf_counter() - tic
                 model.train()
-                row["eval_time"] = time.perf_counter() - tic
+            if diverged:
+                row["diverged"] = 1
+                if runtime.is_main:
+                    bar.clear()
+                    print(
+                        f"{name} seed {seed} diverged at epoch {epoch} (training loss "
+                        f"{train_stats['loss']:.3g}); it stops there and the study goes on "
+                        "(a lower --lr may help)",
+                        file=sys.stderr,
+                    )
             history.append(row)
             self.rows.append(row)
             self._save(
@@ -424,6 +496,8 @@ class Experiment:
                 },
             )
             self.write_csv()
+            if diverged:
+                break
             bar.set_postfix(
                 {k: f"{row[k]:.3g}" for k in ("loss", "train_acc", "test_acc") if k in row}
             )
