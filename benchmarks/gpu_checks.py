@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+import _cli as cli
 import numpy as np
 import torch
 
@@ -231,17 +232,21 @@ def check_large(device: torch.device, n: int, d: int, k: int, batch: int) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--large", default="100000x4096x50000", help="NxDxK of the large case")
-    parser.add_argument("--batch", type=int, default=1000)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--device", type=cli.device, default="cuda", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--large", type=cli.size, default="100000x4096x50000", help="NxDxK of the large case"
+    )
+    parser.add_argument(
+        "--batch", type=cli.positive_int, default=1000, help="samples per update batch"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}")
     check_small_cases(device)
     check_no_sync(device)
-    n, d, k = (int(v) for v in args.large.lower().split("x"))
+    n, d, k = args.large
     check_large(device, n, d, k, args.batch)
     print("ALL PASSED" if not FAILURES else f"FAILED: {FAILURES}")
     sys.exit(1 if FAILURES else 0)

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import _cli as cli
 import torch
 from torch import Tensor
 
@@ -94,10 +95,14 @@ def measure(batch: int, d: int, k: int, device: torch.device, batches: int) -> s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--sizes", default=SIZES, help="comma-separated BxDxK")
-    parser.add_argument("--batches", type=int, default=50)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--device", type=cli.device, default="cuda", help="cuda or cuda:N")
+    parser.add_argument(
+        "--sizes", type=cli.sizes, default=SIZES, help="comma-separated BxDxK sizes"
+    )
+    parser.add_argument(
+        "--batches", type=cli.positive_int, default=50, help="batches per timed block"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -109,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         " eager / floor | graph / floor | graph == eager |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for size in args.sizes.split(","):
-        batch, d, k = (int(v) for v in size.split("x"))
+    for batch, d, k in args.sizes:
         print(measure(batch, d, k, device, args.batches))
 
 

@@ -38,6 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
+import _cli as cli
 from _device import sync
 from losses import dispatched_ops, terms
 
@@ -93,11 +94,11 @@ def row(name: str, result: dict[str, float], device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--device", type=cli.device, default="cuda", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--calls", type=cli.positive_int, default=50, help="calls timed back to back"
     )
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--calls", type=int, default=50, help="calls timed back to back")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+import _cli as cli
+
 from torchcollapse import stats
 
 DEFAULT_CELLS = "192:128,256,512;256:64,128,256;512:64,128,256;1024:32,64,128;2048:32,64,96"
@@ -63,20 +65,41 @@ def time_cell(d: int, rows: int, generator: torch.Generator) -> tuple[float, flo
     return full, panels, chosen
 
 
+def _cells(text: str) -> list[tuple[int, list[int]]]:
+    """``d:rows,rows;d:rows,...`` as ``[(d, [rows, ...]), ...]`` of positive integers."""
+    cells = []
+    for cell in text.split(";"):
+        dim_text, _, rows_text = cell.partition(":")
+        try:
+            d, rows = (
+                cli.positive_int(dim_text),
+                [cli.positive_int(r) for r in rows_text.split(",")],
+            )
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected d:rows,rows;d:rows,... of positive integers, got {text!r}"
+            ) from None
+        cells.append((d, rows))
+    return cells
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cells", default=DEFAULT_CELLS, help="d:rows,rows;d:rows,...")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--cells",
+        type=_cells,
+        default=DEFAULT_CELLS,
+        help="feature dimensions and their row counts: d:rows,rows;d:rows,...",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), float64\n")
     print("| d | rows | full addmm us | panels us | panels / full | chosen | chosen / best |")
     print("|---:|---:|---:|---:|---:|---|---:|")
     generator = torch.Generator().manual_seed(0)
-    for cell in args.cells.split(";"):
-        dim_text, rows_text = cell.split(":")
-        d = int(dim_text)
-        for rows in map(int, rows_text.split(",")):
+    for d, row_counts in args.cells:
+        for rows in row_counts:
             full, panels, chosen = time_cell(d, rows, generator)
             picked = panels if chosen == "panels" else full
             print(

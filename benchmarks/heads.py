@@ -25,6 +25,7 @@ import argparse
 import time
 from collections.abc import Callable
 
+import _cli as cli
 import torch
 import torch.nn.functional as F
 from _device import sync
@@ -231,12 +232,23 @@ def spherical_code_table(cases: list[tuple[int, int]]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller grid, fewer repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cell")
-    parser.add_argument("--resnet-batch", type=int, default=16, help="ResNet-18 step batch")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (frames are built on CPU)")
+    parser.add_argument(
+        "--repeats",
+        type=cli.positive_int,
+        default=None,
+        help="timed repeats per cell (none: 5 with --quick, else 11)",
+    )
+    parser.add_argument(
+        "--resnet-batch", type=cli.positive_int, default=16, help="ResNet-18 step batch"
+    )
+    parser.add_argument(
+        "--threads", type=cli.threads, default=None, help="torch threads (none: torch's own)"
+    )
+    parser.add_argument(
+        "--device", type=cli.device, default="cpu", help="cpu or cuda (frames are built on CPU)"
+    )
     parser.add_argument("--skip-codes", action="store_true", help="skip the spherical_code table")
     args = parser.parse_args()
     device = torch.device(args.device)

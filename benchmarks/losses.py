@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
+import _cli as cli
 from _device import sync
 from harness.models import CNN1d, CollapseModel, ResNet18
 
@@ -323,21 +324,27 @@ def count_ops(accelerator_path: bool) -> list[tuple[str, int, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="cnn", choices=["cnn", "resnet18"])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--device", type=cli.device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
-        "--rounds", type=int, default=7, help="interleaved timed blocks per variant"
+        "--model", default="cnn", choices=["cnn", "resnet18"], help="network of the step"
     )
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
-    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="batch size")
+    parser.add_argument(
+        "--num-classes", type=cli.positive_int, default=10, help="number of classes K"
+    )
+    parser.add_argument(
+        "--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision"
+    )
+    parser.add_argument("--steps", type=cli.positive_int, default=10, help="steps per timed block")
+    parser.add_argument(
+        "--rounds", type=cli.positive_int, default=7, help="interleaved timed blocks per variant"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timings")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="CPU intra-op threads")
+    parser.add_argument(
+        "--skip-scaling", action="store_true", help="skip the table of sizes (scaling)"
+    )
     parser.add_argument(
         "--count-ops", action="store_true", help="count the operations of each term and exit"
     )

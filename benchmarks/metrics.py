@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import _cli as cli
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -198,17 +199,28 @@ def measure(name: str, args: tuple[Any, ...], threads: int, repeats: int, fork: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated NxDxK")
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default="floor,ours,ours-f32,two-pass")
-    parser.add_argument("--repeats", type=int, default=1, help="report the fastest of R runs")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument(
+        "--sizes", type=cli.sizes, default=DEFAULT_SIZES, help="comma-separated NxDxK sizes"
+    )
+    parser.add_argument(
+        "--batch", type=cli.positive_int, default=1000, help="samples per update batch"
+    )
+    parser.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", type=cli.device, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--methods",
+        type=cli.names(METHODS),
+        default=",".join(METHODS),
+        help=f"comma-separated methods to run, from {', '.join(METHODS)}",
+    )
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=1, help="report the fastest of R runs"
+    )
     parser.add_argument("--no-fork", action="store_true", help="run in this process (no memory)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    methods = args.methods.split(",")
+    methods = args.methods
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device: {name}, torch {torch.__version__}, threads {args.threads}, batch {args.batch},"
@@ -222,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         " NC1 two-pass |"
     )
     print("|" + "---|" * 16)
-    for size in args.sizes.split(","):
-        n, d, k = (int(v) for v in size.lower().split("x"))
+    for n, d, k in args.sizes:
         call = (n, d, k, args.batch, device)
         res = {m: measure(m, call, args.threads, args.repeats, not args.no_fork) for m in methods}
         floor, ours, base = res.get("floor"), res.get("ours"), res.get("two-pass")

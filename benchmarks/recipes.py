@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _cli as cli
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -91,21 +93,34 @@ def throughput(args: argparse.Namespace) -> None:
             print(f"| {run} | {train_rate:.1f} | {with_eval:.1f} | {share:.0%} |")
 
 
-def _threads(value: str) -> int | None:
-    return None if value.lower() == "none" else int(value)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--skip-default", action="store_true")
-    parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--train", type=int, default=512, help="training images per epoch")
-    parser.add_argument("--test", type=int, default=256, help="test images per evaluation")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument(
-        "--threads", type=_threads, default=2, help="CPU threads (none: torch's default)"
+        "--skip-default", action="store_true", help="skip part 1 (the default demo's wall time)"
+    )
+    parser.add_argument(
+        "--skip-throughput", action="store_true", help="skip part 2 (ResNet-18 throughput)"
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding cifar-10-batches-py (none: random images in its format)",
+    )
+    parser.add_argument(
+        "--device",
+        type=lambda text: text if text == "auto" else cli.device(text),
+        default="auto",
+        help="auto, cpu, cuda or cuda:N",
+    )
+    parser.add_argument(
+        "--train", type=cli.positive_int, default=512, help="training images per epoch"
+    )
+    parser.add_argument(
+        "--test", type=cli.positive_int, default=256, help="test images per evaluation"
+    )
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="batch size")
+    parser.add_argument(
+        "--threads", type=cli.threads, default=2, help="CPU threads (none: torch's own number)"
     )
     args = parser.parse_args()
     if not args.skip_default:
