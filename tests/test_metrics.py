@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from tests._helpers.cases import collapse_case
@@ -1100,6 +1100,37 @@ def test_a_refused_forward_keeps_the_accumulated_state(num_features: int | None)
     metric(features[80:], target[80:])
     expected = _reference(4)(features, target)["nc1"]
     np.testing.assert_allclose(float(metric.compute()), expected, rtol=RTOL, err_msg=f"{seed}")
+
+
+def test_subclasses_overriding_update_keep_their_own_inputs_in_forward() -> None:
+    """A subclass whose ``update`` takes other inputs (a feature map pooled over space, labels
+    with an ignore value, an extra mask argument) works through ``forward`` as through
+    ``update``: the batch check of ``forward`` is the base ``update``'s, run only when
+    ``update`` is not overridden. Reference: the float64 two-pass NC1 of the pooled, kept
+    samples; the values that reach the base ``update`` are still validated."""
+
+    class Pooled(NeuralCollapseNC1):
+        def update(self, features: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+            features = features.mean((2, 3))
+            keep = target >= 0 if mask is None else mask & (target >= 0)
+            super().update(features[keep], target[keep])
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.randn(90, 6, 3, 3, generator=g, dtype=torch.float64)
+    target = torch.arange(90) % 4
+    target[::7] = -1  # ignored samples
+    mask = torch.rand(90, generator=g) > 0.2
+    metric = Pooled(4)
+    metric(maps[:40], target[:40], mask=mask[:40])
+    metric(maps[40:], target[40:], mask[40:])
+    keep = mask & (target >= 0)
+    expected = _reference(4)(maps.mean((2, 3))[keep], target[keep])["nc1"]
+    np.testing.assert_allclose(float(metric.compute()), expected, rtol=RTOL, err_msg=f"{seed}")
+    bad = maps[:8].clone()
+    bad[1, 0, 0, 0] = float("nan")  # reaches the base update after pooling: still refused
+    with pytest.raises(ValueError, match="finite"):
+        metric(bad, target[:8])
 
 
 def test_num_features_accepts_any_integer_type() -> None:

@@ -231,6 +231,7 @@ class CollapseStatisticsMetric(Metric):
             self.add_state("nc4_mismatches", default=zero.clone(), dist_reduce_fx="sum")
             self.add_state("nc4_samples", default=zero.clone(), dist_reduce_fx="sum")
         self._batch_checked = False  # inside forward, once the batch is validated (see there)
+        self._checked_classifier: tuple[Tensor, Tensor | None, float | None] | None = None
         if self.dist_sync_fn is None:
             self.dist_sync_fn = _gather_statistics
         self._nc4_centre: Tensor | None
@@ -277,19 +278,22 @@ class CollapseStatisticsMetric(Metric):
 
         The batch is validated first, as ``update`` validates it: a batch that ``update`` would
         refuse raises before torchmetrics' ``forward`` sets the accumulated state aside, which
-        is kept as it was.
+        is kept as it was. (A subclass that overrides ``update``, taking other inputs, is left
+        to validate them there, as with any torchmetrics metric.)
         """
-        try:
-            batch = _BATCH.bind(*args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{type(self).__name__}.forward: {error}.") from None
-        self._check_batch(*batch.args, **batch.kwargs)
+        if type(self).update is CollapseStatisticsMetric.update:
+            try:
+                batch = _BATCH.bind(*args, **kwargs)
+            except TypeError as error:
+                raise TypeError(f"{type(self).__name__}.forward: {error}.") from None
+            self._checked_classifier = self._check_batch(*batch.args, **batch.kwargs)
+            self._batch_checked = True
         self._batch_value, self._batch_undefined = True, None
-        self._batch_checked = True
         try:
             value = super().forward(*args, **kwargs)
         finally:
             self._batch_value = self._batch_checked = False
+            self._checked_classifier = None
         reason = self._take_batch_undefined()
         if reason is not None:
             warnings.warn(
@@ -300,8 +304,11 @@ class CollapseStatisticsMetric(Metric):
             )
         return value
 
-    def _check_batch(self, features: Any, target: Any) -> None:
-        """Every check of ``update`` on a batch, before anything is written (for ``forward``)."""
+    def _check_batch(
+        self, features: Any, target: Any
+    ) -> tuple[Tensor, Tensor | None, float | None] | None:
+        """Every check of ``update`` on a batch, before anything is written (for ``forward``);
+        returns the classifier NC4 counts the batch with (see :meth:`_nc4_classifier`)."""
         _check_features_target(features, target, self.num_classes, validate_args=self.validate_args)
         if self.statistics.numel():
             num_features = ClassStatistics.num_features_from_packed_size(
@@ -318,7 +325,7 @@ class CollapseStatisticsMetric(Metric):
                 f"Expected argument `features` to be on {self.statistics.device}, the device of"
                 f" this metric's statistics, but got {features.device}."
             )
-        self._nc4_classifier(features, finite=self.validate_args)
+        return self._nc4_classifier(features, finite=self.validate_args)
 
     def _nc4_classifier(
         self, features: Tensor, *, finite: bool
@@ -496,9 +503,12 @@ class CollapseStatisticsMetric(Metric):
         that are not finite) raises before anything is written.
         """
         _check_features(features)
-        # inside forward the batch was validated already (_check_batch)
+        # inside forward the batch was validated already (_check_batch), the classifier read
         validate = self.validate_args and not self._batch_checked
-        classifier = self._nc4_classifier(features, finite=validate)
+        if self._batch_checked:
+            classifier = self._checked_classifier
+        else:
+            classifier = self._nc4_classifier(features, finite=validate)
         if self.statistics.numel() == 0:
             # the first batch fixes the feature dimension: validated before the allocation
             _check_features_target(features, target, self.num_classes, validate_args=validate)
