@@ -1248,7 +1248,7 @@ def test_documented_loss_errors() -> None:
             RescaledMSELoss(k=k)
     with pytest.raises(ValueError, match="`m` to be a finite number"):
         RescaledMSELoss(m=math.nan)
-    with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
+    with pytest.raises(TypeError, match="`num_classes` to be an integer, but got bool"):
         CollapseRegularizer(True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`target_nc1` to be in"):
         CollapseRegularizer(3, nc1_form="ratio", target_nc1=math.inf)
@@ -1932,9 +1932,11 @@ def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:
     assert cross_entropy_floor(10.0, np.int64(4)) == cross_entropy_floor(10.0, 4)
     assert scale_for_loss_floor(0.1, torch.tensor(4)) == scale_for_loss_floor(0.1, 4)
     for build in builders.values():
-        for bad in (True, 4.0, "4"):
-            with pytest.raises(ValueError, match="`num_classes`"):
+        for bad in (True, 4.0, "4"):  # not integers: a TypeError, as nn.Linear's sizes
+            with pytest.raises(TypeError, match="`num_classes` to be an integer"):
                 build(bad)
+        with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
+            build(0)
 
 
 def test_running_form_in_features_may_be_any_integer_but_not_a_bool() -> None:

@@ -1139,9 +1139,11 @@ def test_num_features_accepts_any_integer_type() -> None:
         assert metric.num_features == 6
         assert type(metric.num_features) is int
         assert metric.statistics.numel() == ClassStatistics.packed_size(3, 6)
-    for bad in (True, np.bool_(True), 6.0, torch.tensor(6.0), 0, "6"):
-        with pytest.raises(ValueError, match="`num_features` to be a positive integer or None"):
+    for bad in (True, np.bool_(True), 6.0, torch.tensor(6.0), "6"):  # TypeError, as nn.Linear
+        with pytest.raises(TypeError, match="`num_features` to be an integer"):
             NeuralCollapse(3, num_features=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`num_features` to be a positive integer, but got 0"):
+        NeuralCollapse(3, num_features=0)
 
 
 def test_states_moved_under_inference_mode_take_updates_outside_it() -> None:

@@ -410,6 +410,6 @@ def test_zeros_reads_any_integer_type_for_both_sizes() -> None:
         assert stats.num_features == 3
         assert stats.scatter.shape == (3, 3)
         assert ClassStatistics.zeros(value, 2).num_classes == 3  # type: ignore[arg-type]
-    for bad in (True, np.bool_(True), 3.0, torch.tensor(3.0)):
-        with pytest.raises(ValueError, match="`num_features` to be a positive integer"):
+    for bad in (True, np.bool_(True), 3.0, torch.tensor(3.0)):  # TypeError, as nn.Linear
+        with pytest.raises(TypeError, match="`num_features` to be an integer"):
             ClassStatistics.zeros(2, bad)  # type: ignore[arg-type]

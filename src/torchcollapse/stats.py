@@ -73,7 +73,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from torchcollapse._distributed import is_distributed
-from torchcollapse._numbers import as_int
+from torchcollapse._numbers import read_int
 
 __all__ = ["ClassStatistics", "symmetric_product"]
 
@@ -105,12 +105,10 @@ def _check_features(features: Any, name: str = "features") -> None:
 
 
 def _check_size(value: Any, name: str) -> int:
-    """``value`` as a Python int (any integer type, not a bool); a ``ValueError`` naming ``name``
-    unless it is a positive integer."""
-    number = as_int(value)
-    if number is None or number < 1:
-        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
-    return number
+    """``value`` as a positive Python int (any integer type, not a bool): a ``TypeError`` naming
+    ``name`` for a non-integer, a ``ValueError`` below 1 (see
+    :func:`~torchcollapse._numbers.read_int`)."""
+    return read_int(value, name)
 
 
 def _check_num_classes(num_classes: Any) -> int:

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import read_int, read_number
 from torchcollapse.stats import _scratch, symmetric_product
 
 __all__ = [
@@ -443,16 +443,10 @@ def spherical_energy(vectors: Tensor, exponent: float = 1.0) -> Tensor:
     return pairwise_geometry(vectors, exponent=exponent)["spherical_energy"]
 
 
-def _check_sizes(num_classes: int, num_features: int) -> None:
-    for name, value in (("num_classes", num_classes), ("num_features", num_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"Expected argument `{name}` to be a positive integer, but got {value!r}."
-            )
-    if num_classes < 2:
-        raise ValueError(
-            f"Expected argument `num_classes` to be at least 2, but got {num_classes}."
-        )
+def _check_sizes(num_classes: Any, num_features: Any) -> tuple[int, int]:
+    """The sizes as Python ints (any integer type, not a bool): ``num_classes >= 2``,
+    ``num_features >= 1`` (see :func:`~torchcollapse._numbers.read_int`)."""
+    return read_int(num_classes, "num_classes", 2), read_int(num_features, "num_features")
 
 
 def min_angle_optimal(num_classes: int, num_features: int) -> float | None:
@@ -468,8 +462,7 @@ def min_angle_optimal(num_classes: int, num_features: int) -> float | None:
         >>> min_angle_optimal(100, 10) is None
         True
     """
-    _check_sizes(num_classes, num_features)
-    k, d = num_classes, num_features
+    k, d = _check_sizes(num_classes, num_features)
     if k <= d + 1:
         return math.acos(-1.0 / (k - 1))
     if d == 1:
@@ -496,8 +489,8 @@ def spherical_energy_optimal(
         >>> spherical_energy_optimal(2, 1)  # two antipodal points: 1/2
         0.5
     """
-    _check_sizes(num_classes, num_features)
-    k, d, s = num_classes, num_features, float(exponent)
+    k, d = _check_sizes(num_classes, num_features)
+    s = float(exponent)
     if s < 0:
         return None
     if k <= d + 1:

@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import transforms_active
 from torchcollapse._labels import check_label_range
-from torchcollapse._numbers import as_finite_float, as_int, as_real_float
+from torchcollapse._numbers import as_finite_float, as_real_float, read_int
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
 __all__: list[str] = []
@@ -26,13 +26,8 @@ _is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lamb
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     """``value`` as a Python int of at least ``minimum``: any integer (Python, numpy, 0-dim integer
-    tensor; ``operator.index``), never a bool."""
-    number = as_int(value)
-    if number is None:
-        raise TypeError(f"Expected argument `{name}` to be an int, but got {type(value).__name__}.")
-    if number < minimum:
-        raise ValueError(f"Expected argument `{name}` to be at least {minimum}, but got {number}.")
-    return number
+    tensor; ``operator.index``), never a bool (see :func:`~torchcollapse._numbers.read_int`)."""
+    return read_int(value, name, minimum)
 
 
 def resolve_scale(scale: object, num_classes: int, normalize_features: bool) -> float:

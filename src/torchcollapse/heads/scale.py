@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-from torchcollapse._numbers import as_int, as_real_float
+from torchcollapse._numbers import as_real_float, read_int
 
 __all__ = ["DEFAULT_LOSS_FLOOR", "cross_entropy_floor", "scale_for_loss_floor"]
 
@@ -36,14 +36,8 @@ target at perfect collapse)."""
 
 
 def _check_num_classes(num_classes: object) -> int:
-    value = as_int(num_classes)  # any integer type (numpy's, 0-dim tensors), not a bool
-    if value is None:
-        raise TypeError(
-            f"Expected argument `num_classes` to be an int, but got {type(num_classes).__name__}."
-        )
-    if value < 2:
-        raise ValueError(f"Expected argument `num_classes` to be at least 2, but got {value}.")
-    return value
+    """Any integer type (numpy's, 0-dim tensors), not a bool; at least 2."""
+    return read_int(num_classes, "num_classes", 2)
 
 
 def _real_number(value: object, name: str) -> float:

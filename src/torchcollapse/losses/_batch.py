@@ -34,7 +34,7 @@ from torchcollapse._autograd import no_autocast
 from torchcollapse._classifier import applied_weight
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse._labels import check_label_range, label_range_error
-from torchcollapse._numbers import as_int, read_number
+from torchcollapse._numbers import read_int, read_number
 
 __all__ = [
     "BatchClassStatistics",
@@ -142,14 +142,9 @@ def check_classifier_shape(weight: Tensor, num_classes: int, in_features: int) -
 
 
 def check_num_classes(num_classes: Any) -> int:
-    """``num_classes`` as a Python int; raise unless it is a positive integer (any integer type,
-    numpy's and 0-dim tensors too; not a bool)."""
-    value = as_int(num_classes)
-    if value is None or value < 1:
-        raise ValueError(
-            f"Expected argument `num_classes` to be a positive integer, but got {num_classes!r}."
-        )
-    return value
+    """``num_classes`` as a Python int: any integer type (numpy's, 0-dim tensors), not a bool; a
+    ``TypeError`` for a non-integer, a ``ValueError`` below 1."""
+    return read_int(num_classes, "num_classes")
 
 
 REDUCTIONS = ("mean", "sum", "none")

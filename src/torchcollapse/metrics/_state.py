@@ -200,13 +200,7 @@ class CollapseStatisticsMetric(Metric):
         self.validate_args = validate_args
         self.product_dtype = product_dtype
         if num_features is not None:
-            try:
-                num_features = _check_num_features(num_features)
-            except ValueError:
-                raise ValueError(
-                    "Expected argument `num_features` to be a positive integer or None, but got"
-                    f" {num_features!r}."
-                ) from None
+            num_features = _check_num_features(num_features)
         self._classifier: _SharedClassifier | None = None
         if classifier is not None:
             weight, _, _ = _classifier_tensors(classifier, num_classes)
