@@ -93,6 +93,12 @@ class ScaledHeadMixin(nn.Module):
     its ``log_scale`` parameter; its extra state is the initial value (what ``reset_parameters``
     puts back). A ``state_dict`` saved before the scale was saved (version 1, or one without
     metadata) loads as before, also with ``strict=True``, and leaves the scale as it is.
+
+    Tools that take only parameters and buffers refuse the extra entry under ``strict=True``:
+    ``torch.func.functional_call(model, model.state_dict(), ...)`` (pass
+    ``dict(model.named_parameters())`` and buffers instead) and the module of a
+    ``torch.export`` program (load with ``strict=False``; the exported graph holds the scale
+    it was exported with).
     """
 
     # version 2: the scale is in state_dict (extra state); nn.Module's default is 1
