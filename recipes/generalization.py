@@ -52,6 +52,7 @@ from harness.outputs import (
     markdown_table,
     plot_panels,
     summarize,
+    without_diverged,
     write_report,
 )
 from harness.probe import spearman_correlation
@@ -217,6 +218,14 @@ def findings(summary: Mapping[str, Mapping[str, Stat]]) -> list[str]:
     return lines
 
 
+def _findings(
+    summary: Mapping[str, Mapping[str, Stat]], rows: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """:func:`findings` of the runs that did not diverge, after a sentence naming the others."""
+    kept, left_out = without_diverged(summary, rows)
+    return ([left_out] if left_out else []) + findings({run: summary[run] for run in kept})
+
+
 def write_outputs(rows: Sequence[Mapping[str, Any]], config: GeneralizationConfig) -> Path:
     """Plots, table and ``report.md`` in ``config.out``; returns the report's path."""
     out = Path(str(config.out))
@@ -272,7 +281,7 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], config: GeneralizationConfi
         [
             ("Setting", setting),
             ("Results", markdown_table(summary, TABLE, labels) + "\n\n" + note),
-            ("Findings", "\n".join(f"- {line}" for line in findings(summary))),
+            ("Findings", "\n".join(f"- {line}" for line in _findings(summary, rows))),
         ],
         plots,
         rows=rows,

@@ -68,6 +68,7 @@ from harness.outputs import (
     plot_panels,
     save_figure,
     summarize,
+    without_diverged,
     write_report,
 )
 from harness.train import Experiment, Objective, Runtime
@@ -559,6 +560,9 @@ def write_outputs(
     k = len(next(iter(counts.values())))
     per_class_keys = [f"test_acc_c{c}" for c in range(k)]
     summary = summarize(rows, [*TABLE, *per_class_keys, "test_acc", "majority_w_cos"])
+    kept, left_out = without_diverged(summary, rows)  # NaN means would read as results
+    lines = [left_out] if left_out else []
+    lines += findings({run: summary[run] for run in kept}, config.ratios, config.methods, k)
     labels = {run_name(m, r): f"{METHODS[m]}, ρ={r:g}" for m in METHODS for r in config.ratios}
     plots = [
         _plot_per_class(summary, config, counts, out / "per_class.png"),
@@ -610,12 +614,7 @@ def write_outputs(
         [
             ("Setting", setting),
             ("Results", "\n\n".join(tables) + "\n\n" + note),
-            (
-                "Findings",
-                "\n".join(
-                    f"- {line}" for line in findings(summary, config.ratios, config.methods, k)
-                ),
-            ),
+            ("Findings", "\n".join(f"- {line}" for line in lines)),
         ],
         plots,
         rows=rows,

@@ -36,7 +36,14 @@ from typing import Any, ClassVar
 from harness.config import TrainConfig, arg, check_choices, check_number, parse_config
 from harness.evaluate import evaluate
 from harness.models import MODEL_NAMES, CollapseModel, simplex_etf_head
-from harness.outputs import Stat, final_rows, format_stat, gap_note, write_report
+from harness.outputs import (
+    Stat,
+    final_rows,
+    format_stat,
+    gap_note,
+    without_diverged,
+    write_report,
+)
 from harness.train import Experiment, Objective
 
 __all__ = [
@@ -213,7 +220,8 @@ def write_outputs(
         cells = [format_stat(profiles[(r, "train")][i]) for r in runs]
         cells += [format_stat(profiles[(r, "test")][i]) for r in runs]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    findings = []
+    runs, left_out = without_diverged(runs, rows)  # NaN means would read as results
+    findings = [left_out] if left_out else []
     for run in runs:
         means = [s.mean for s in profiles[(run, "train")][: len(layers)]]  # network layers only
         ratio, r2 = fit_geometric_decay(means)

@@ -66,6 +66,7 @@ from harness.outputs import (
     plot_panels,
     save_figure,
     summarize,
+    without_diverged,
     write_report,
 )
 from harness.probe import (
@@ -567,6 +568,9 @@ def write_outputs(
         **columns,
     }
     summary = summarize(rows, list(table), key="probe_acc")
+    kept, left_out = without_diverged(summary, rows)  # NaN means would read as results
+    lines = [left_out] if left_out else []
+    lines += findings({run: summary[run] for run in kept}, finals, config)
     plots = [
         _plot_scatter(finals, config, out / "scatter.png"),
         plot_panels(
@@ -615,7 +619,7 @@ def write_outputs(
             ("Setting", setting),
             ("Results", markdown_table(summary, table, RUNS) + "\n\n" + note),
             ("Rank correlations", "\n".join(corr_lines)),
-            ("Findings", "\n".join(f"- {line}" for line in findings(summary, finals, config))),
+            ("Findings", "\n".join(f"- {line}" for line in lines)),
         ],
         plots,
         rows=rows,

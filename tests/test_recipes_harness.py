@@ -911,6 +911,12 @@ def test_every_recipe_reports_a_diverged_run_and_resumes(
     for row in diverged:
         assert f"`{row['run']}`, seed 0: diverged at epoch {row['epoch']}" in text
     assert "diverged at epoch" in capsys.readouterr().err
+    # the findings leave the diverged runs out, and say so: no comparison of NaN means
+    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
+    note, rest = findings.split("(a seed diverged; see Diverged runs).", 1)
+    named = set(note.split("Left out of the findings below:", 1)[1].strip().split(", "))
+    assert named == {str(row["run"]) for row in diverged}
+    assert "nan" not in rest.lower()
     module.main(["--resume", "--out", str(out), "--no-progress"])
     assert (out / "metrics.csv").read_text().count("\n") == len(rows) + 1
 

@@ -31,6 +31,7 @@ __all__ = [
     "read_csv",
     "summarize",
     "throughput",
+    "without_diverged",
     "write_report",
 ]
 
@@ -120,6 +121,21 @@ def summarize(
 def diverged_runs(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The rows marked ``diverged`` (one per run and seed that diverged), in order."""
     return [row for row in rows if row.get("diverged")]
+
+
+def without_diverged(
+    runs: Iterable[str], rows: Iterable[Mapping[str, Any]]
+) -> tuple[list[str], str | None]:
+    """The ``runs`` none of whose seeds diverged, for the findings (whose comparisons of NaN means
+    would read as results), and a sentence naming the runs left out (``None``: none)."""
+    diverged = {str(row["run"]) for row in diverged_runs(rows)}
+    runs = list(runs)
+    left_out = [run for run in runs if run in diverged]
+    kept = [run for run in runs if run not in diverged]
+    if not left_out:
+        return kept, None
+    names = ", ".join(left_out)
+    return kept, f"Left out of the findings below: {names} (a seed diverged; see Diverged runs)."
 
 
 def format_stat(stat: Stat, digits: int = 3) -> str:
