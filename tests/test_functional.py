@@ -763,3 +763,20 @@ def test_errors_name_the_argument_at_fault() -> None:
         neural_collapse_nc4(features, weight, bias, class_means=means)
     with pytest.raises(ValueError, match="hold Inf"):
         NeuralCollapse(3, classifier=weight, class_means=means)
+
+
+def test_spherical_energy_optimal_reads_the_exponent_as_spherical_energy_does() -> None:
+    """The exponent of ``spherical_energy_optimal`` is checked as that of ``spherical_energy``:
+    NaN, infinities, bools and strings are refused by name (they returned NaN, 0 or the value
+    for 1); numpy scalars and 0-dim tensors are read. Reference: the simplex energy
+    ``(2K / (K - 1))^(-s/2)`` in closed form."""
+    for bad in (float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="`exponent` to be a finite number"):
+            spherical_energy_optimal(4, 5, bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="`exponent` to be a finite number"):
+            spherical_energy(torch.randn(4, 5), bad)  # type: ignore[arg-type]
+    s = float(torch.rand(()) * 3)
+    expected = (2.0 * 4 / 3) ** (-s / 2)
+    for exponent in (s, np.float64(s), torch.tensor(s, dtype=torch.float64)):
+        value = spherical_energy_optimal(4, 5, exponent)  # type: ignore[arg-type]
+        assert value == pytest.approx(expected, rel=1e-12)

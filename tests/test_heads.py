@@ -915,3 +915,31 @@ def test_exported_normalized_heads_run_with_autograd_and_match_eager(kind: str) 
         torch.testing.assert_close(
             got, parameter.grad, rtol=1e-10, atol=1e-12, msg=f"{name}, seed {seed}"
         )
+
+
+def test_etf_init_reads_the_gain_as_a_finite_number() -> None:
+    """``gain`` is a finite real number (numpy and 0-dim tensors too): rows of norm ``|gain|``,
+    a negative gain flipping the frame (as ``torch.nn.init``); NaN, infinities, bools and
+    strings are refused by name before anything is written (NaN filled the weight). Reference:
+    the Gram matrix ``gain^2 K/(K-1) (I - 11^T/K)`` in float64."""
+    import numpy as np
+
+    k, d = 5, 8
+    gain = float(torch.rand(()) * 4 + 0.1)
+    etf = torch.eye(k, dtype=torch.float64) - 1.0 / k
+    values = (
+        (gain, 1.0),
+        (np.float64(gain), 1.0),
+        (torch.tensor(-gain, dtype=torch.float64), -1.0),
+    )
+    for value, sign in values:
+        weight = etf_init_(torch.empty(k, d, dtype=torch.float64), gain=value)  # type: ignore[arg-type]
+        torch.testing.assert_close(weight @ weight.T, gain**2 * k / (k - 1) * etf)
+        flipped = etf_init_(torch.empty(k, d, dtype=torch.float64), gain=abs(float(value)))
+        torch.testing.assert_close(weight, sign * flipped)
+    linear = nn.Linear(d, k)
+    before = linear.weight.detach().clone()
+    for bad in (float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="`gain` to be a finite number"):
+            etf_init_(linear, gain=bad)  # type: ignore[arg-type]
+        assert torch.equal(linear.weight, before)

@@ -317,3 +317,21 @@ def test_dtype_keeping_buffers_allow_deferred_initialisation_from_meta() -> None
     assert loss.class_counts is not None
     assert loss.class_counts.device.type == "cpu"
     assert loss.class_counts.dtype == torch.float32
+
+
+def test_feature_norm_repr_shows_the_current_scale() -> None:
+    """``repr`` shows the scale the module applies (learned, or loaded from a state_dict), to six
+    significant digits, not the constructor's: as the heads show theirs. Reference: the norm of
+    the module's output."""
+    learned = FeatureNorm(scale=16.0, learnable=True)
+    with torch.no_grad():
+        learned.log_scale.fill_(math.log(3.0))
+    loaded = FeatureNorm(scale=1.0)
+    loaded.load_state_dict(FeatureNorm(scale=10.0).state_dict())
+    tiny = FeatureNorm(scale=2.5e-7)
+    for module, scale in ((learned, 3.0), (loaded, 10.0), (tiny, 2.5e-7)):
+        out = module(torch.randn(4, 6, dtype=torch.float64))
+        torch.testing.assert_close(out.norm(dim=1), torch.full((4,), scale, dtype=torch.float64))
+        assert f"scale={float(f'{scale:.6g}')!r}," in repr(module), repr(module)
+    with torch.device("meta"):
+        assert "scale=5.0," in repr(FeatureNorm(scale=5.0))

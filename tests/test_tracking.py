@@ -511,3 +511,19 @@ def test_tracker_computes_restored_single_quantity_metrics() -> None:
         restored.metrics["4"].load_state_dict(saved)
         got = restored.compute()["4"]
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_num_classes_is_read_as_the_other_sizes_are() -> None:
+    """``num_classes`` takes any integer (numpy's, 0-dim tensors); a non-integer is a
+    ``TypeError`` and a value below 2 a ``ValueError``, both naming the argument, as the heads'
+    and the metrics' sizes."""
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    for value in (np.int64(3), torch.tensor(3), 3):
+        assert CollapseTracker(model, ["0"], value).num_classes == 3  # type: ignore[arg-type]
+    for bad in (2.5, "3", True):
+        with pytest.raises(TypeError, match="`num_classes` to be an integer"):
+            CollapseTracker(model, ["0"], bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`num_classes` to be at least 2, but got 1"):
+        CollapseTracker(model, ["0"], 1)

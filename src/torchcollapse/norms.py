@@ -114,7 +114,11 @@ class FeatureNorm(nn.Module):
         return self.log_scale.exp()
 
     def extra_repr(self) -> str:
-        return f"scale={self._init_scale}, learnable={self.learnable}, dim={self.dim}"
+        # the current scale (learned, or loaded from a state_dict), to six significant digits;
+        # the constructor's on the meta device, where there is no value to read
+        log_scale = self.log_scale.detach()
+        scale = self._init_scale if log_scale.is_meta else float(log_scale.exp())
+        return f"scale={float(f'{scale:.6g}')!r}, learnable={self.learnable}, dim={self.dim}"
 
     def forward(self, features: Tensor) -> Tensor:
         """Normalize ``features`` along ``dim`` to norm ``scale``; same shape and dtype."""

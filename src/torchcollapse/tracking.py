@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
-from torchcollapse._numbers import as_int
+from torchcollapse._numbers import read_int
 from torchcollapse.metrics import CollapseStatisticsMetric, NeuralCollapse
 
 __all__ = ["CollapseTracker", "pool_features"]
@@ -238,13 +238,7 @@ class CollapseTracker:
                 "Expected argument `model` to be a torch.nn.Module, but got "
                 f"{type(model).__name__}."
             )
-        value = as_int(num_classes)  # any integer type (numpy's, 0-dim tensors), not a bool
-        if value is None or value < 2:
-            raise ValueError(
-                f"Expected argument `num_classes` to be an integer of at least 2, but got "
-                f"{num_classes!r}."
-            )
-        num_classes = value
+        num_classes = read_int(num_classes, "num_classes", 2)  # any integer type, not a bool
         if not callable(pool) and pool not in ("mean", "max", "flatten"):
             raise ValueError(
                 "Expected argument `pool` to be 'mean', 'max', 'flatten' or a callable, but got "

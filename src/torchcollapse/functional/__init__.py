@@ -18,7 +18,9 @@ uniformity gap". The formula sheet and its conventions are in each function's do
   :func:`within_class_covariance`, :func:`between_class_covariance`.
 - :class:`UndefinedCollapse` (a ``ValueError``): a quantity that the data leave undefined (fewer
   than two classes, coinciding class means, ...); :data:`MEAN_KEYS` and :data:`WEIGHT_KEYS`: the
-  keys :func:`neural_collapse_compute` gives from the means and from a classifier.
+  keys :func:`neural_collapse_compute` gives from the means and from a classifier (beside them it
+  gives the best-possible values of the generalized geometry, ``*_optimal``, and ``nc4`` when
+  counted).
 """
 
 from __future__ import annotations

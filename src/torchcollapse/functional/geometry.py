@@ -490,7 +490,7 @@ def spherical_energy_optimal(
         0.5
     """
     k, d = _check_sizes(num_classes, num_features)
-    s = float(exponent)
+    s = read_number(exponent, "exponent", "a finite number")
     if s < 0:
         return None
     if k <= d + 1:

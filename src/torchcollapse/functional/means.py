@@ -82,7 +82,10 @@ def class_means(statistics: ClassStatistics) -> tuple[Tensor, Tensor]:
 
     Returns:
         ``(means, present)``: the ``(K, d)`` float64 means of the ``K`` present classes, and their
-        class indices (ascending).
+        class indices (ascending). (:meth:`ClassStatistics.class_means
+        <torchcollapse.stats.ClassStatistics.class_means>` and the metrics' ``class_means()``
+        instead give all ``num_classes`` rows, NaN for absent classes: the form
+        ``set_class_means`` takes.)
 
     Raises:
         ValueError: fewer than two classes have samples.

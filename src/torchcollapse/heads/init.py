@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from torchcollapse._numbers import read_number
 from torchcollapse.frames import simplex_etf
 
 __all__ = ["etf_init_"]
@@ -33,7 +34,8 @@ def etf_init_(
         target: a 2-D tensor (filled without recording autograd), or a module with a 2-D
             ``weight`` such as :class:`torch.nn.Linear` or
             :class:`~torchcollapse.heads.CosineHead` (its ``bias``, if any, is zeroed).
-        gain: norm of every row.
+        gain: scale of the frame, a finite real number: every row has norm ``|gain|`` (as in
+            :mod:`torch.nn.init`, a negative gain flips the frame).
         generator: CPU generator for the orientation; default: the fixed default seed of
             :func:`~torchcollapse.frames.simplex_etf`.
 
@@ -41,7 +43,10 @@ def etf_init_(
         ``target``.
 
     Raises:
-        ValueError: when ``in_features < num_classes - 1`` (no simplex ETF fits).
+        ValueError: when ``in_features < num_classes - 1`` (no simplex ETF fits), or ``gain`` is
+            not a finite number.
+        TypeError: when ``target`` is neither a tensor nor a module with a ``weight`` parameter
+            or buffer.
 
     Example:
         >>> fc = etf_init_(torch.nn.Linear(16, 5))
@@ -51,6 +56,7 @@ def etf_init_(
         >>> bool((fc.bias == 0).all())
         True
     """
+    gain = read_number(gain, "gain", "a finite number")
     if isinstance(target, nn.Module):
         weight = getattr(target, "weight", None)
         if not isinstance(weight, Tensor):

@@ -9,7 +9,7 @@ tensors, and the result is handed to autograd as ``total + <x - x.detach(), g>``
 ``x`` with gradient ``g``: the inner product is exactly zero, so the value is ``total``, and its
 backward pass, three built-in nodes, delivers exactly ``g`` (times the incoming gradient). The
 formulas are those of the formula sheet in ``DESIGN.md`` (Papyan, Han & Donoho, 2020), the same as
-the composable functions :func:`~torchcollapse.losses._batch.batch_class_statistics`,
+the composable functions :func:`~torchcollapse.losses.batch_class_statistics`,
 :func:`~torchcollapse.losses.within_class.within_class_variability`,
 :func:`~torchcollapse.losses.simplex_geometry.simplex_geometry_of_means` and
 :func:`~torchcollapse.losses.self_duality.self_duality_distance`, which the tests hold these to.

@@ -37,7 +37,7 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
     Args:
         weight: ``(K_total, d)`` classifier weight; rows of classes absent from the batch are
             ignored.
-        stats: batch statistics from :func:`~torchcollapse.losses._batch.batch_class_statistics`.
+        stats: batch statistics from :func:`~torchcollapse.losses.batch_class_statistics`.
 
     Returns:
         A scalar in ``[0, 4]`` in the statistics' dtype (autocast disabled); zero, connected to

@@ -70,7 +70,7 @@ def within_class_variability(
     """NC1 of a batch from its differentiable class statistics.
 
     Args:
-        stats: statistics from :func:`torchcollapse.losses._batch.batch_class_statistics`.
+        stats: statistics from :func:`~torchcollapse.losses.batch_class_statistics`.
         form: ``"bounded"`` for ``tr Sigma_W / (tr Sigma_W + tr Sigma_B)`` or ``"ratio"`` for
             ``tr Sigma_W / tr Sigma_B``.
 

@@ -17,7 +17,8 @@ only the first metric of each group is updated. So give them the same ``classifi
 Metrics that count NC4 at the first update (a ``classifier`` and reference means) form a group
 apart from those that do not. Reference means set only *later* (the epoch loop of
 :class:`~torchcollapse.metrics.NeuralCollapse`, whose first epoch has none) find the NC4 metrics
-in one group with the others, whose first metric (the collection orders them by name) may have no
+in one group with the others, whose first metric (in the collection's order: by name for a dict,
+as given for a list) may have no
 classifier or no means: then nothing is counted, and ``compute`` says so (``NeuralCollapseNC4``
 raises, ``NeuralCollapse`` warns and leaves ``nc4`` out). Two ways always work: create the
 collection with ``MetricCollection(..., compute_groups=False)`` (every metric updated on its own),
