@@ -33,6 +33,11 @@ samples that are all alike (a dead backbone) give exactly zero residuals and cen
 that NC1, NC2 and NC3 take their documented values at zero with zero gradients instead of
 ratios of rounding noise, and a common offset of the features adds no rounding to them.
 
+Float32 inputs whose sums of squares leave ``[2**-100, 2**100]`` (features or classifier rows
+beyond a scale of ~1e+-15, where Gram entries and gradient coefficients would underflow or
+overflow) are computed in float64 on CPU, where the check reads host floats; on accelerators and
+under ``torch.compile`` (no host reads) such inputs should be cast to float64 by the caller.
+
 Reference: V. Papyan, X. Y. Han, D. L. Donoho, "Prevalence of neural collapse during the terminal
 phase of deep learning training", PNAS 2020.
 """
@@ -477,7 +482,10 @@ def _collapse_terms(
     config: tuple[float, str, float | None, str, float, float],
     want_parts: bool,
     validate_args: bool,
+    cap: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
+    """See :func:`collapse_terms`; ``cap`` of the ratio form of NC1 (default: ``1 / eps`` of
+    the compute dtype; the float64 fallback of float32 inputs keeps float32's)."""
     h = hf.detach()
     n, d = h.shape
     dtype = h.dtype
@@ -553,7 +561,8 @@ def _collapse_terms(
     gram = None
     frob: Scalar = 0.0
     tiny = _TINY.get(dtype) or torch.finfo(dtype).tiny
-    cap = _CAP.get(dtype) or 1.0 / torch.finfo(dtype).eps
+    if cap is None:
+        cap = _CAP.get(dtype) or 1.0 / torch.finfo(dtype).eps
     if nc2 != 0:
         # the Gram matrix over ||M||_F^2 (its trace): entries of order 1, so that its Frobenius
         # norm (~ scale^4 unnormalized) neither overflows nor underflows in float32
@@ -571,6 +580,10 @@ def _collapse_terms(
         rows_flat = rows.reshape(-1)
         w2 = _item(torch.dot(rows_flat, rows_flat), host)
         inner = _item(torch.dot(rows_flat, centred_flat), host)
+    if host and dtype == torch.float32 and valid and _outside_float32_range(within, msq, w2, rows):
+        # squares at the edge of the float32 range (features or classifier rows beyond ~1e+-15):
+        # the products and quotients below would underflow or overflow; the same in float64
+        return _in_float64(hf, target, wf, num_classes, config, want_parts, validate_args)
     total: Scalar = 0.0
     values: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
     coefficients: tuple[Scalar, ...] = (0.0,) * 6
@@ -639,6 +652,40 @@ def _collapse_terms(
     return with_gradients(total, h, *pairs), parts
 
 
+_SAFE = (2.0**-100, 2.0**100)
+"""Sums of squares inside which float32 statistics, Gram matrices and gradient coefficients
+stay normal and finite (their entries' products at least ``2**-100 / (K d)``)."""
+
+
+def _outside_float32_range(within: Scalar, msq: Scalar, w2: Scalar, rows: Tensor | None) -> bool:
+    """Whether float32 sums of squares (host floats) leave :data:`_SAFE`: the squared norm of
+    the centred means (also when it is zero: rounded away, or means that coincide), the
+    within-class sum of squares above it, the classifier rows' when they are read."""
+    low, high = _SAFE
+    if not low <= float(msq) <= high or float(within) > high:
+        return True
+    return rows is not None and not low <= float(w2) <= high
+
+
+def _in_float64(
+    hf: Tensor,
+    target: Tensor,
+    wf: Tensor | None,
+    num_classes: int,
+    config: tuple[float, str, float | None, str, float, float],
+    want_parts: bool,
+    validate_args: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_collapse_terms` of float32 inputs computed in float64 (differentiable casts), the
+    results returned in float32; the ratio form of NC1 keeps float32's cap."""
+    w64 = None if wf is None else wf.double()
+    cap = _CAP[torch.float32]
+    total, parts = _collapse_terms(
+        hf.double(), target, w64, num_classes, config, want_parts, validate_args, cap
+    )
+    return total.float(), None if parts is None else parts.float()
+
+
 def _add_scaled(out: Tensor, other: Tensor, factor: Scalar) -> Tensor:
     """``out + factor * other``, in place on ``out`` (a fresh temporary); skipped for a host 0."""
     if isinstance(factor, Tensor):
@@ -672,6 +719,9 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
         left = v.shape[0] <= v.shape[1]
         v_flat = v.reshape(-1)
         trace = _item(torch.dot(v_flat, v_flat), host)  # ||v||_F^2
+        if host and dtype == torch.float32 and not _SAFE[0] <= float(trace) <= _SAFE[1]:
+            # rows at the edge of the float32 range: the same in float64 (see _SAFE)
+            return gram_distance(vf.double(), present, scale).float()
         norm = _at_least(trace, _TINY.get(dtype) or torch.finfo(dtype).tiny)
         gram = (v @ v.T if left else v.T @ v).div_(norm)
         row_sum = v.sum(0)
