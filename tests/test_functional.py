@@ -780,3 +780,26 @@ def test_spherical_energy_optimal_reads_the_exponent_as_spherical_energy_does() 
     for exponent in (s, np.float64(s), torch.tensor(s, dtype=torch.float64)):
         value = spherical_energy_optimal(4, 5, exponent)  # type: ignore[arg-type]
         assert value == pytest.approx(expected, rel=1e-12)
+
+
+def test_geometry_is_the_same_at_any_float64_scale() -> None:
+    """Every geometric quantity is scale-free (CDNV with the variances scaled by the square):
+    rows scaled by 1e+-100 (and by a non-power of two) give the values of the unscaled rows,
+    also the ETF distance, whose Gram matrix's squared entries (fourth powers of the scale)
+    overflowed or underflowed float64 beyond ~1e+-77, and the ETF distance of rows with a zero
+    row. Reference: the same call at scale 1 (rtol 1e-12, float64 rounding of the rescaled
+    cosines)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    variances = torch.rand(6, generator=g, dtype=torch.float64)
+    expected = pairwise_geometry(v, variances=variances)
+    with_zero = torch.cat([v[:3], torch.zeros(1, 4, dtype=torch.float64)])
+    expected_zero = etf_distance(with_zero)
+    for scale in (1e100, 1e-100, 3.7e90, 3.7e-90):
+        out = pairwise_geometry(v * scale, variances=variances * scale**2)
+        for key, value in expected.items():
+            torch.testing.assert_close(out[key], value, rtol=1e-12, atol=0, msg=f"{key} {scale}")
+        torch.testing.assert_close(
+            etf_distance(with_zero * scale), expected_zero, rtol=1e-12, atol=0
+        )

@@ -248,6 +248,8 @@ def pairwise_geometry(
     v = _check_vectors(vectors)
     num, _ = v.shape
     device = v.device
+    power = _power_of_two_scale(v)  # every quantity is scale-free (cdnv: with the variances)
+    v = v * power
     norms = _row_norms(v, "vectors")
     units = v / norms[:, None]
     squared = norms.square()
@@ -258,8 +260,10 @@ def pairwise_geometry(
             raise ValueError(
                 f"Expected argument `variances` to have shape ({num},), but got {shape}."
             )
-        var = variances.detach().to(device=device, dtype=torch.float64)
+        var = variances.detach().to(device=device, dtype=torch.float64) * power**2
     small = _small_gram(v) if gram is None else gram.to(device=device, dtype=torch.float64)
+    if gram is not None:
+        small = small * power**2
     gram_norm = torch.linalg.matrix_norm(small)
     # With K <= d the K x K Gram matrix is at hand: cosines are read from it, not recomputed.
     full = small if num <= v.shape[1] else None
@@ -350,13 +354,26 @@ def pairwise_geometry(
     return out
 
 
+def _power_of_two_scale(v: Tensor) -> float:
+    """A power of two that brings the largest entry of ``v`` to ``[0.5, 1)``: multiplying by it
+    is exact, and keeps the squared entries of Gram matrices (fourth powers of the scale) inside
+    the float64 range whatever the rows' scale (beyond ~1e+-77 they would overflow or underflow).
+    1 for rows that are all zero or not finite (left to the callers' checks)."""
+    top = float(v.abs().max()) if v.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(top)[1])
+
+
 def _etf_distance_without_angles(v: Tensor, gram: Tensor | None = None) -> Tensor:
     """ETF distance of rows ``v`` (float64, not all zero; zero rows allowed) from norms alone:
     ``||G/||G|| - E||^2 = 2 - 2 <G, E> / ||G||`` with ``<G, E> = (||V||_F^2 - ||V^T 1||^2 / K) /
     sqrt(K-1)`` and ``||G||_F`` that of the smaller Gram matrix ``gram``. Cancels near 0, so only
     for rows with a zero one, which are far from a simplex."""
     k = v.shape[0]
-    small = _small_gram(v) if gram is None else gram
+    power = _power_of_two_scale(v)  # (scale-free)
+    v = v * power
+    small = _small_gram(v) if gram is None else gram * power**2
     inner = (v.square().sum() - v.sum(0).square().sum() / k) / math.sqrt(k - 1)
     distance: Tensor = (2.0 - 2.0 * inner / torch.linalg.matrix_norm(small)).clamp_min(0.0).sqrt()
     return distance
