@@ -338,6 +338,44 @@ def test_update_is_synchronised_across_processes() -> None:
     torch.testing.assert_close(ranks[0]["frame"], single.frame, rtol=0, atol=1e-9)
 
 
+def _ddp_groups_step(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(200 + rank)
+    n = 8 + 5 * rank
+    x = torch.randn(n, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    groups = [dist.new_group([0, 1]), dist.new_group([2])]  # every rank creates every group
+    grouped = NearestETFHead(6, 4, momentum=1.0, dtype=F64, process_group=groups[rank // 2])
+    grouped.train()(x, y)
+    alone = NearestETFHead(6, 4, momentum=1.0, dtype=F64, sync_dist=False).train()
+    if rank != 1:  # called on some ranks only: no collective
+        alone(x, y)
+    dist.barrier()
+    return {"x": x, "y": y, "grouped": grouped.running_means, "alone": alone.running_means}
+
+
+@pytest.mark.ddp
+def test_update_is_synchronised_over_its_process_group_only() -> None:
+    """With ``process_group`` the batch statistics are summed over that group alone (ranks 0
+    and 1 take the step of their concatenated batches, rank 2 that of its own), and with
+    ``sync_dist=False`` every process updates from its own batch, also when another process
+    does not call the head. Reference: one process on the same batches."""
+    ranks = run_distributed(_ddp_groups_step, 3)
+
+    def single(*batches: dict[str, torch.Tensor]) -> torch.Tensor:
+        head = NearestETFHead(6, 4, momentum=1.0, dtype=F64).train()
+        head(torch.cat([b["x"] for b in batches]), torch.cat([b["y"] for b in batches]))
+        return head.running_means
+
+    pair = single(ranks[0], ranks[1])
+    for rank, expected in ((0, pair), (1, pair), (2, single(ranks[2]))):
+        torch.testing.assert_close(ranks[rank]["grouped"], expected, rtol=0, atol=1e-12)
+    for rank in (0, 2):
+        torch.testing.assert_close(ranks[rank]["alone"], single(ranks[rank]), rtol=0, atol=0)
+    assert not ranks[1]["alone"].any()  # never called there
+
+
 def test_float64_running_means_are_exact() -> None:
     # The update rate of a float64 head must not be rounded to float32 (it shifted the running
     # means by ~1e-8 relative).

@@ -76,6 +76,11 @@ class NearestETFHead(FixedFrameHead):
             initial frame is drawn on the CPU in any case, then moved).
         dtype: dtype of the buffers and parameters (default: ``torch.get_default_dtype()``);
             the running means are at least float32.
+        sync_dist: sum the batch statistics over the processes of ``process_group`` when
+            ``torch.distributed`` is initialised, so that every process takes the same step
+            (``False``: each process updates from its own batch, e.g. when only one calls it).
+        process_group: process group for ``sync_dist`` (default: the world), e.g. the
+            data-parallel group of the processes that hold this head.
 
     Example:
         >>> head = NearestETFHead(8, 3, momentum=1.0)
@@ -106,6 +111,8 @@ class NearestETFHead(FixedFrameHead):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        sync_dist: bool = True,
+        process_group: Any = None,
     ) -> None:
         in_features = check_positive_int(in_features, "in_features")
         num_classes = check_positive_int(num_classes, "num_classes", 2)
@@ -126,6 +133,8 @@ class NearestETFHead(FixedFrameHead):
         )
         self.momentum = float(momentum)
         self.proximal = float(proximal)
+        self.sync_dist = bool(sync_dist)
+        self.process_group = process_group
         # at least float32 (see _apply): in 16 bits small momentum steps round away
         self.register_buffer(
             "running_means",
@@ -155,8 +164,8 @@ class NearestETFHead(FixedFrameHead):
     def update(self, features: Tensor, target: Tensor) -> Tensor:
         """Fold a batch into the running means and move the frame to the nearest simplex ETF.
 
-        Under ``torch.distributed`` the batch statistics are summed over processes first, so every
-        process takes the same step.
+        Under ``torch.distributed`` (with ``sync_dist``) the batch statistics are summed over the
+        processes of ``process_group`` first, so every process takes the same step.
 
         A batch with a NaN or infinite feature (on any process) is refused before anything
         changes: running means, seen classes and frame stay as they were, and the next batch
@@ -184,7 +193,8 @@ class NearestETFHead(FixedFrameHead):
         with_counts = torch.cat([unit, unit.new_ones(unit.shape[0], 1)], dim=1)
         stats = unit.new_zeros(self.num_classes, self.in_features + 1)
         stats.index_add_(0, target.long(), with_counts)
-        all_reduce_sum(stats)
+        if self.sync_dist:
+            all_reduce_sum(stats, self.process_group)
         # a non-finite feature makes its class's row NaN (its unit vector is NaN); checked after
         # the reduction, so that every process decides alike
         finite = torch.isfinite(stats).all()

@@ -133,9 +133,12 @@ class NeuralCollapse(CollapseStatisticsMetric):
         product_dtype: dtype of the ``d x d`` product of each centred batch. ``torch.float64``
             (default) is exact. ``torch.float32`` (full IEEE precision, TF32 off) halves the cost
             of that product where float64 is slow (AVX2/AVX-512 CPUs, consumer and workstation GPUs
-            whose float64 rate is 1/32-1/64 of float32), at a relative error of ~1e-7 up to a few
-            1e-6 on ``Sigma_W``-based keys (NC1); data-centre GPUs (A100, H100, H200) run float64
-            at the float32 rate and need no change.
+            whose float64 rate is 1/32-1/64 of float32), at a relative error on ``Sigma_W``-based
+            keys (NC1) of about float32's epsilon times the spread of ``Sigma_W``'s eigenvalues:
+            ~1e-7 to a few 1e-6 on typical features, 1e-3 when some within-class directions are
+            1e-3 of the others' scale; data-centre GPUs (A100, H100, H200) run float64 at the
+            float32 rate and need no change. Float32 products also need features whose squares
+            stay in the float32 range (scales within ~1e+-18).
         kwargs: torchmetrics ``Metric`` options (``sync_on_compute``, ``process_group``, ...).
 
     Raises:
