@@ -754,8 +754,9 @@ def test_a_launch_that_fails_before_training_writes_and_deletes_nothing(
     out = Path(first.out)
     with Experiment(_tiny_experiment_config(out, cache)) as experiment:
         _tiny_run(experiment)
-    (out / "report.md").write_text("earlier report")
+    (out / "report.md").write_text("earlier report\n\n![curves](curves.png)\n")
     (out / "curves.png").write_bytes(b"png")
+    (out / "figure.png").write_bytes(b"the user's own")  # not the run's: never deleted
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert out / "checkpoints" / "tiny-seed0.pt" in before
 
@@ -781,7 +782,7 @@ def test_a_launch_that_fails_before_training_writes_and_deletes_nothing(
     assert checked.out is not None
     assert not Path(checked.out).exists()
 
-    # starting over for real clears every output of the earlier run
+    # starting over for real clears every output of the earlier run, and nothing else
     with Experiment(_tiny_experiment_config(out, cache, epochs=2)) as experiment:
         experiment.start()
         assert not (out / "report.md").exists()
@@ -789,6 +790,19 @@ def test_a_launch_that_fails_before_training_writes_and_deletes_nothing(
         assert not (out / "metrics.csv").exists()
         assert not list((out / "checkpoints").glob("*.pt"))
         assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    assert (out / "figure.png").read_bytes() == b"the user's own"
+
+    # a folder whose config.json is not a run of this recipe is refused, untouched
+    for foreign in ("{}", '{"study": "another"}', "not json"):
+        folder = tmp_path / f"user-{len(foreign)}"
+        folder.mkdir()
+        (folder / "config.json").write_text(foreign)
+        (folder / "figure.png").write_bytes(b"png")
+        files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        refused = pytest.raises(ValueError, match="to be empty or to hold a run of")
+        with refused, Experiment(_tiny_experiment_config(folder, cache)) as experiment:
+            experiment.start()
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
 
 
 def _diverging_study(out: Path, cache: Path, **changes: object) -> list[dict[str, object]]:

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -277,37 +279,73 @@ class Experiment:
             raise
         self.data: Dataset = data.to(self.runtime.device)
 
-    #: What a run leaves at the top of its folder, cleared when a new run starts over there.
-    OUTPUTS = ("config.json", "metrics.csv", "metrics.csv.tmp", "report.md", "*.png")
+    #: What a run leaves at the top of its folder (with the plots its report links), cleared
+    #: when a new run of the same recipe starts over there.
+    OUTPUTS = ("config.json", "metrics.csv", "metrics.csv.tmp", "report.md")
 
     def start(self) -> None:
         """Prepare the output folder, once: the first :meth:`run` calls it.
 
         Called after the data has loaded and the recipe's checks have passed, so a launch that
         fails before leaves the folder as it was. Without ``--resume``, a folder that holds an
-        earlier run is cleared first (its checkpoints, ``config.json``, ``metrics.csv``,
-        ``report.md`` and plots), so no file of the earlier run is left next to the new ones.
-        Then ``config.json`` is written.
+        earlier run of the same recipe is cleared first (its checkpoints, ``config.json``,
+        ``metrics.csv``, ``report.md`` and the plots the report links; nothing else), so no file
+        of the earlier run is left next to the new ones; a folder whose ``config.json`` is not a
+        run of this recipe is refused (a ``ValueError``), as the user's files there are not the
+        recipe's to delete. Then ``config.json`` is written.
         """
         if self.started:
             return
+        earlier = not self.config.resume and (
+            self.checkpoints.is_dir() or (self.out / "config.json").is_file()
+        )
+        # checked on every process (the same folder), so that a refusal stops all of them
+        stale = self._earlier_run_outputs() if earlier else []
         if self.runtime.is_main:
             if self.config.resume:
                 print(f"resuming the run in {self.out}", file=sys.stderr)
-            elif self.checkpoints.is_dir() or (self.out / "config.json").is_file():
+            elif earlier:
                 print(
                     f"{self.out} holds an earlier run; starting over (use --resume to continue)",
                     file=sys.stderr,
                 )
-                stale = [*self.checkpoints.glob("*.pt"), *self.checkpoints.glob("*.pt.tmp")]
-                for pattern in self.OUTPUTS:
-                    stale.extend(p for p in self.out.glob(pattern) if p.is_file())
                 for path in stale:
                     path.unlink()
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.out / "config.json")
         self.runtime.barrier()
         self.started = True
+
+    def _earlier_run_outputs(self) -> list[Path]:
+        """The files of the earlier run of this recipe in the output folder; a ``ValueError``
+        when its ``config.json`` is not the run config of this recipe."""
+        config = self.out / "config.json"
+        if config.is_file():
+            study = getattr(type(self.config), "study", None)
+            try:
+                saved = json.loads(config.read_text())
+            except (OSError, ValueError):
+                saved = None
+            # a run config names its recipe (runs from before the "study" key: by their fields)
+            is_run = isinstance(saved, dict) and (
+                saved["study"] == study
+                if "study" in saved
+                else {"dataset", "epochs", "seeds"} <= saved.keys()
+            )
+            if not is_run:
+                raise ValueError(
+                    f"Expected --out {self.out} to be empty or to hold a run of the {study!r} "
+                    f"recipe, but its config.json is not one; choose another folder (nothing was "
+                    "changed there)."
+                )
+        stale = [*self.checkpoints.glob("*.pt"), *self.checkpoints.glob("*.pt.tmp")]
+        stale += [self.out / name for name in self.OUTPUTS if (self.out / name).is_file()]
+        report = self.out / "report.md"
+        if report.is_file():  # the plots the earlier report links (write_report: ![name](file))
+            for name in re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", report.read_text()):
+                if (self.out / name).is_file():
+                    stale.append(self.out / name)
+        return stale
 
     def _release(self) -> None:
         """Remove the output folder if it was created for this launch and nothing was written."""
