@@ -1131,6 +1131,10 @@ def test_subclasses_overriding_update_keep_their_own_inputs_in_forward() -> None
     bad[1, 0, 0, 0] = float("nan")  # reaches the base update after pooling: still refused
     with pytest.raises(ValueError, match="finite"):
         metric(bad, target[:8])
+    # ... and the state accumulated before is put back, with torchmetrics' sync settings
+    assert metric.class_statistics().total == int(keep.sum()), f"seed {seed}"
+    assert metric._to_sync == metric.sync_on_compute and not metric._enable_grad
+    np.testing.assert_allclose(float(metric.compute()), expected, rtol=RTOL, err_msg=f"{seed}")
 
 
 def test_num_features_accepts_any_integer_type() -> None:

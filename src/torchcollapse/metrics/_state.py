@@ -272,8 +272,8 @@ class CollapseStatisticsMetric(Metric):
 
         The batch is validated first, as ``update`` validates it: a batch that ``update`` would
         refuse raises before torchmetrics' ``forward`` sets the accumulated state aside, which
-        is kept as it was. (A subclass that overrides ``update``, taking other inputs, is left
-        to validate them there, as with any torchmetrics metric.)
+        is kept as it was. A subclass that overrides ``update`` (taking other inputs) validates
+        them there; if its ``update`` raises, the accumulated state is put back as it was.
         """
         if type(self).update is CollapseStatisticsMetric.update:
             try:
@@ -283,8 +283,22 @@ class CollapseStatisticsMetric(Metric):
             self._checked_classifier = self._check_batch(*batch.args, **batch.kwargs)
             self._batch_checked = True
         self._batch_value, self._batch_undefined = True, None
+        # torchmetrics sets the accumulated state aside and resets it (new tensors) before the
+        # batch's update: references to it and its bookkeeping are enough to put it back
+        kept = {name: getattr(self, name) for name in self._defaults}
+        bookkeeping = (self._update_count, self._computed, self._nc4_counted_here)
+        compute_on_cpu = self.compute_on_cpu
         try:
             value = super().forward(*args, **kwargs)
+        except BaseException:
+            for name, state in kept.items():
+                setattr(self, name, state)
+            self._update_count, self._computed, self._nc4_counted_here = bookkeeping
+            # and the synchronisation settings torchmetrics' forward changes for the batch
+            self._is_synced, self._should_unsync = False, True
+            self._to_sync, self._enable_grad = self.sync_on_compute, False
+            self.compute_on_cpu = compute_on_cpu
+            raise
         finally:
             self._batch_value = self._batch_checked = False
             self._checked_classifier = None
