@@ -784,11 +784,11 @@ def test_spherical_energy_optimal_reads_the_exponent_as_spherical_energy_does() 
 
 def test_geometry_is_the_same_at_any_float64_scale() -> None:
     """Every geometric quantity is scale-free (CDNV with the variances scaled by the square):
-    rows scaled by 1e+-100 (and by a non-power of two) give the values of the unscaled rows,
-    also the ETF distance, whose Gram matrix's squared entries (fourth powers of the scale)
-    overflowed or underflowed float64 beyond ~1e+-77, and the ETF distance of rows with a zero
-    row. Reference: the same call at scale 1 (rtol 1e-12, float64 rounding of the rescaled
-    cosines)."""
+    rows scaled by 1e+-100 up to 1e300 and down to subnormals (and by non-powers of two) give the
+    values of the unscaled rows, also the ETF distance, whose Gram matrix's squared entries
+    (fourth powers of the scale) overflowed or underflowed float64 beyond ~1e+-77, and the ETF
+    distance of rows with a zero row (tiny rows' norms underflowed to zero). Reference: the same
+    call at scale 1 (rtol 1e-12, float64 rounding of the rescaled cosines)."""
     seed = int(torch.randint(0, 2**31, ()))
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -796,9 +796,14 @@ def test_geometry_is_the_same_at_any_float64_scale() -> None:
     expected = pairwise_geometry(v, variances=variances)
     with_zero = torch.cat([v[:3], torch.zeros(1, 4, dtype=torch.float64)])
     expected_zero = etf_distance(with_zero)
-    for scale in (1e100, 1e-100, 3.7e90, 3.7e-90):
-        out = pairwise_geometry(v * scale, variances=variances * scale**2)
+    for scale in (1e100, 1e-100, 3.7e90, 3.7e-90, 1e-160, 1e-300, 1e-310, 1e160, 1e300):
+        # (variances scaled by the square only where that square is a normal float64)
+        squared = scale * scale if 1e-300 < scale * scale < 1e300 else None
+        scaled_variances = None if squared is None else variances * squared
+        out = pairwise_geometry(v * scale, variances=scaled_variances)
         for key, value in expected.items():
+            if key == "cdnv" and squared is None:
+                continue
             torch.testing.assert_close(out[key], value, rtol=1e-12, atol=0, msg=f"{key} {scale}")
         torch.testing.assert_close(
             etf_distance(with_zero * scale), expected_zero, rtol=1e-12, atol=0

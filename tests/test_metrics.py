@@ -1133,7 +1133,8 @@ def test_subclasses_overriding_update_keep_their_own_inputs_in_forward() -> None
         metric(bad, target[:8])
     # ... and the state accumulated before is put back, with torchmetrics' sync settings
     assert metric.class_statistics().total == int(keep.sum()), f"seed {seed}"
-    assert metric._to_sync == metric.sync_on_compute and not metric._enable_grad
+    assert metric._to_sync == metric.sync_on_compute
+    assert not metric._enable_grad
     np.testing.assert_allclose(float(metric.compute()), expected, rtol=RTOL, err_msg=f"{seed}")
 
 

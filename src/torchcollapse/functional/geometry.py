@@ -260,10 +260,10 @@ def pairwise_geometry(
             raise ValueError(
                 f"Expected argument `variances` to have shape ({num},), but got {shape}."
             )
-        var = variances.detach().to(device=device, dtype=torch.float64) * power**2
+        var = variances.detach().to(device=device, dtype=torch.float64) * power * power
     small = _small_gram(v) if gram is None else gram.to(device=device, dtype=torch.float64)
     if gram is not None:
-        small = small * power**2
+        small = _rescaled_gram(small, v, power)
     gram_norm = torch.linalg.matrix_norm(small)
     # With K <= d the K x K Gram matrix is at hand: cosines are read from it, not recomputed.
     full = small if num <= v.shape[1] else None
@@ -354,15 +354,27 @@ def pairwise_geometry(
     return out
 
 
+def _rescaled_gram(gram: Tensor, v: Tensor, power: float) -> Tensor:
+    """A caller's Gram matrix of the rows before their rescaling by ``power``, rescaled (twice
+    by ``power``: its square may leave the float range); recomputed from the rescaled rows ``v``
+    when its largest entry is not a normal float64 number far from the range's ends (it
+    overflowed, or underflowed into subnormals, before the rescaling)."""
+    top = float(gram.abs().max()) if gram.numel() else 0.0
+    if not 2.0**-1000 <= top <= 2.0**1000:
+        return _small_gram(v)
+    return gram * power * power
+
+
 def _power_of_two_scale(v: Tensor) -> float:
     """A power of two that brings the largest entry of ``v`` to ``[0.5, 1)``: multiplying by it
     is exact, and keeps the squared entries of Gram matrices (fourth powers of the scale) inside
     the float64 range whatever the rows' scale (beyond ~1e+-77 they would overflow or underflow).
-    1 for rows that are all zero or not finite (left to the callers' checks)."""
+    1 for rows that are all zero or not finite (left to the callers' checks); at most ``2**1000``
+    (a Python float), which brings even subnormal rows to ~``2**-30``."""
     top = float(v.abs().max()) if v.numel() else 0.0
     if top == 0.0 or not math.isfinite(top):
         return 1.0
-    return math.ldexp(1.0, -math.frexp(top)[1])
+    return math.ldexp(1.0, min(1000, -math.frexp(top)[1]))
 
 
 def _etf_distance_without_angles(v: Tensor, gram: Tensor | None = None) -> Tensor:
@@ -373,7 +385,7 @@ def _etf_distance_without_angles(v: Tensor, gram: Tensor | None = None) -> Tenso
     k = v.shape[0]
     power = _power_of_two_scale(v)  # (scale-free)
     v = v * power
-    small = _small_gram(v) if gram is None else gram * power**2
+    small = _small_gram(v) if gram is None else _rescaled_gram(gram, v, power)
     inner = (v.square().sum() - v.sum(0).square().sum() / k) / math.sqrt(k - 1)
     distance: Tensor = (2.0 - 2.0 * inner / torch.linalg.matrix_norm(small)).clamp_min(0.0).sqrt()
     return distance
@@ -433,6 +445,7 @@ def etf_distance(vectors: Tensor) -> Tensor:
         tensor(0.7654, dtype=torch.float64)
     """
     v = _check_vectors(vectors)
+    v = v * _power_of_two_scale(v)  # (scale-free) norms of tiny rows do not underflow to 0
     norms = torch.linalg.vector_norm(v, dim=1)
     if bool((norms == 0).any()):
         _check_not_all_zero(v, norms)

@@ -657,14 +657,21 @@ _SAFE = (2.0**-100, 2.0**100)
 stay normal and finite (their entries' products at least ``2**-100 / (K d)``)."""
 
 
+def _in_range(value: Scalar) -> bool:
+    """Whether a float32 sum of squares (a host float) is inside :data:`_SAFE`. A zero is not:
+    rows of ~1e-23 square to exactly zero in float32 and are only told from zero rows (a
+    zero-initialised classifier, coinciding class means) in float64, which gives the latter
+    their documented values too."""
+    return _SAFE[0] <= float(value) <= _SAFE[1]
+
+
 def _outside_float32_range(within: Scalar, msq: Scalar, w2: Scalar, rows: Tensor | None) -> bool:
     """Whether float32 sums of squares (host floats) leave :data:`_SAFE`: the squared norm of
-    the centred means (also when it is zero: rounded away, or means that coincide), the
-    within-class sum of squares above it, the classifier rows' when they are read."""
-    low, high = _SAFE
-    if not low <= float(msq) <= high or float(within) > high:
+    the centred means, the within-class sum of squares above it, the classifier rows' when they
+    are read."""
+    if not _in_range(msq) or float(within) > _SAFE[1]:
         return True
-    return rows is not None and not low <= float(w2) <= high
+    return rows is not None and not _in_range(w2)
 
 
 def _in_float64(
@@ -719,7 +726,7 @@ def gram_distance(vectors: Tensor, present: Tensor | None = None, scale: float =
         left = v.shape[0] <= v.shape[1]
         v_flat = v.reshape(-1)
         trace = _item(torch.dot(v_flat, v_flat), host)  # ||v||_F^2
-        if host and dtype == torch.float32 and not _SAFE[0] <= float(trace) <= _SAFE[1]:
+        if host and dtype == torch.float32 and not _in_range(trace):
             # rows at the edge of the float32 range: the same in float64 (see _SAFE)
             return gram_distance(vf.double(), present, scale).float()
         norm = _at_least(trace, _TINY.get(dtype) or torch.finfo(dtype).tiny)
