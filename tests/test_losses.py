@@ -2080,3 +2080,38 @@ def test_float32_regularizers_at_the_edges_of_the_range(
         ), f"{scale}, seed {seed}"
         nc3 = SelfDualityLoss(k)(features.float(), target, scaled).item()
         assert nc3 == pytest.approx(expected_nc3, rel=1e-5), f"{scale}, seed {seed}"
+
+
+def test_modules_with_a_process_group_can_be_copied_and_pickled() -> None:
+    """Process groups cannot be pickled: a deep copy (an EMA copy of a model) or a pickle
+    (``torch.save(model)``) of a module built with a ``process_group`` holds ``None`` (the
+    world) instead of failing, and computes what the original computes in one process.
+    Reference: the original module's output."""
+    import copy
+    import pickle
+
+    class Unpicklable:  # stands in for a ProcessGroup
+        def __reduce__(self) -> Any:
+            raise TypeError("cannot pickle 'ProcessGroup' object")
+
+    group = Unpicklable()
+    k, d = 3, 4
+    features, target = torch.randn(12, d, dtype=torch.float64), torch.arange(12) % k
+    frame = torch.randn(k, d, dtype=torch.float64)
+    calls: dict[str, tuple[nn.Module, Callable[[nn.Module], Tensor]]] = {
+        "nc1": (WithinClassVariabilityLoss(k, process_group=group), lambda m: m(features, target)),
+        "nc2": (SimplexGeometryLoss(k, process_group=group), lambda m: m(features, target)),
+        "nc3": (SelfDualityLoss(k, process_group=group), lambda m: m(features, target, frame)),
+        "collapse": (
+            CollapseRegularizer(k, nc1=1.0, nc2=1.0, process_group=group),
+            lambda m: m(features, target),
+        ),
+        "dot": (DotRegressionLoss(process_group=group), lambda m: m(features, target, frame)),
+        "center": (FeatureCenter(d, process_group=group).eval(), lambda m: m(features)),
+    }
+    for name, (module, call) in calls.items():
+        expected = call(module)
+        for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+            assert copied.process_group is None, name
+            assert torch.equal(call(copied), expected), name
+        assert module.process_group is group, name  # the original keeps its group

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "DropsProcessGroupWhenPickled",
     "all_reduce_mean",
     "all_reduce_sum",
     "gather_with_grad",
@@ -111,3 +112,18 @@ def all_reduce_mean(tensor: Tensor, group: Any = None) -> Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         tensor.div_(dist.get_world_size(group))
     return tensor
+
+
+class DropsProcessGroupWhenPickled(nn.Module):
+    """Mixin for modules with a ``process_group`` attribute: process groups cannot be pickled, so
+    a ``copy.deepcopy`` (an EMA copy of a model) or a pickle (``torch.save(model)``) of the
+    module holds ``process_group=None`` (the world) instead; set it again on the copy if it
+    should reduce over a group."""
+
+    process_group: Any
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        if state.get("process_group") is not None:
+            state = {**state, "process_group": None}
+        return state

@@ -31,7 +31,11 @@ from torch import Tensor, nn
 
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
-from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse._distributed import (
+    DropsProcessGroupWhenPickled,
+    all_reduce_sum,
+    is_distributed,
+)
 from torchcollapse._numbers import read_int, read_number
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
@@ -135,7 +139,7 @@ class FeatureNorm(nn.Module):
         return out.to(features.dtype)
 
 
-class FeatureCenter(nn.Module):
+class FeatureCenter(DropsProcessGroupWhenPickled):
     """Subtract a running estimate of the global feature mean.
 
     In training, the mean of the batch (over all leading dimensions, and over all processes when
@@ -159,7 +163,8 @@ class FeatureCenter(nn.Module):
         momentum: update factor in ``(0, 1]``, or ``None`` for a cumulative average.
         sync_dist: average the batch mean over processes when ``torch.distributed`` is
             initialised.
-        process_group: process group for ``sync_dist`` (default: the world).
+        process_group: process group for ``sync_dist`` (default: the world; copies and
+            pickles of the module hold ``None``: process groups cannot be pickled).
         device: device of the buffers.
         dtype: dtype of ``running_mean`` (default float32; kept under casts to float16 or
             bfloat16, widened by ``.double()``).

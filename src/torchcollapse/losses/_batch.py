@@ -32,7 +32,11 @@ from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import no_autocast
 from torchcollapse._classifier import applied_weight
-from torchcollapse._distributed import gather_with_grad, is_distributed
+from torchcollapse._distributed import (
+    DropsProcessGroupWhenPickled,
+    gather_with_grad,
+    is_distributed,
+)
 from torchcollapse._labels import check_label_range, label_range_error
 from torchcollapse._numbers import read_int, read_number
 
@@ -163,7 +167,7 @@ def check_weight(value: Any, name: str = "weight") -> float:
     return read_number(value, name, "a finite number")
 
 
-class BatchCollapseTerm(nn.Module):
+class BatchCollapseTerm(DropsProcessGroupWhenPickled):
     """Shared construction of a weighted collapse term over the (global) batch.
 
     Args:
@@ -338,6 +342,10 @@ def batch_class_statistics(
 
     Returns:
         A :class:`BatchClassStatistics`.
+
+    In float32 the traces are sums of squares, exact only while those stay in float32's normal
+    range: for features beyond a scale of ~1e+-15 pass them in float64 (the fused
+    regularizers do that themselves on CPU).
     """
     if sync_dist and is_distributed(group):
         features = gather_with_grad(features, group)

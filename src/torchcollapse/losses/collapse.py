@@ -21,6 +21,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
+from torchcollapse._distributed import DropsProcessGroupWhenPickled
 from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import (
     check_classifier_shape,
@@ -68,7 +69,7 @@ def target_penalty(
     raise ValueError(f"Expected argument `mode` to be one of {_TARGET_MODES}, but got {mode!r}.")
 
 
-class CollapseRegularizer(nn.Module):
+class CollapseRegularizer(DropsProcessGroupWhenPickled):
     """Signed sum of NC1, NC2 and NC3 terms of the global batch, optionally aiming at a NC1 level.
 
     ``forward(features, target, classifier=None)`` returns the scalar
@@ -108,7 +109,8 @@ class CollapseRegularizer(nn.Module):
         target_mode: ``"squared"``, ``"at_most"`` or ``"at_least"``; see above.
         nc1_form: ``"bounded"`` or ``"ratio"``.
         sync_dist: compute over the global batch when ``torch.distributed`` is initialised.
-        process_group: process group for ``sync_dist`` (default: the world).
+        process_group: process group for ``sync_dist`` (default: the world; copies and
+            pickles of the module hold ``None``: process groups cannot be pickled).
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
 

@@ -40,7 +40,11 @@ from torch import Tensor, nn
 
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
-from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse._distributed import (
+    DropsProcessGroupWhenPickled,
+    all_reduce_sum,
+    is_distributed,
+)
 from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import (
     check_features_target,
@@ -286,7 +290,7 @@ def _dot_regression_terms(
     return with_gradients(value, h, (products, products.detach(), coefficient))
 
 
-class DotRegressionLoss(nn.Module):
+class DotRegressionLoss(DropsProcessGroupWhenPickled):
     """Dot-regression loss towards a (fixed) frame, over the global batch (Yang et al., 2022).
 
     ``forward(features, target, frame)`` returns the mean over samples of
@@ -329,7 +333,8 @@ class DotRegressionLoss(nn.Module):
             batch) or ``"none"`` (an empty tensor).
         eps: lower bound of the detached norms (keeps zero features finite).
         sync_dist: reduce and count over all processes when ``torch.distributed`` is initialised.
-        process_group: process group for ``sync_dist`` (default: the world).
+        process_group: process group for ``sync_dist`` (default: the world; copies and
+            pickles of the module hold ``None``: process groups cannot be pickled).
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
         device: device of the ``class_counts`` buffer (default: torch's default device, as

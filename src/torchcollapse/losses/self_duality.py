@@ -44,6 +44,8 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
         the graph, when fewer than two classes are present. An all-zero ``W`` or ``M`` gives 2
         (``M`` with a zero gradient; class means that coincide, as when every sample is alike,
         come out exactly equal: the statistics are taken about one of the samples).
+    Float32 statistics of features beyond a scale of ~1e+-15 are out of range (see
+    :func:`~torchcollapse.losses.batch_class_statistics`): take them in float64.
     """
     means = stats.centered_means
     with no_autocast(means.device.type):

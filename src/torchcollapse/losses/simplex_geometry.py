@@ -59,6 +59,8 @@ def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
 
     Class means that coincide (every sample alike; the statistics are taken about one of the
     samples, so such means come out exactly equal) give all-zero rows: 2, with a zero gradient.
+    Float32 statistics of features beyond a scale of ~1e+-15 are out of range (see
+    :func:`~torchcollapse.losses.batch_class_statistics`): take them in float64.
     """
     means = stats.centered_means
     with no_autocast(means.device.type):

@@ -32,11 +32,15 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes
-from torchcollapse._distributed import all_reduce_sum, is_distributed
+from torchcollapse._distributed import (
+    DropsProcessGroupWhenPickled,
+    all_reduce_sum,
+    is_distributed,
+)
 from torchcollapse._numbers import read_int, read_number
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
@@ -94,7 +98,7 @@ def within_class_variability(
     return where_valid(stats.valid, within / denominator)
 
 
-class WithinClassVariabilityLoss(nn.Module):
+class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
     r"""Within-class variability (NC1) of the global batch, times a signed weight.
 
     ``forward(features, target)`` returns ``weight * nc1`` where ``nc1`` is, by ``form``:
@@ -127,7 +131,8 @@ class WithinClassVariabilityLoss(nn.Module):
             cumulative average.
         sync_dist: compute over the global batch when ``torch.distributed`` is initialised. Set
             to ``False`` to compute per process (e.g. when only one rank calls it).
-        process_group: process group for ``sync_dist`` (default: the world).
+        process_group: process group for ``sync_dist`` (default: the world; copies and
+            pickles of the module hold ``None``: process groups cannot be pickled).
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
         in_features: feature dimension ``d``; required for ``form="running"`` (buffer shape),
