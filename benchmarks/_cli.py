@@ -55,12 +55,24 @@ def device(text: str) -> str:
     return text
 
 
+def num_classes(text: str) -> int:
+    """A number of classes: an integer >= 2 (collapse needs two classes)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 classes, got {value}")
+    return value
+
+
 def size(text: str) -> tuple[int, int, int]:
-    """One ``AxBxC`` of three positive integers (e.g. ``NxDxK``)."""
+    """One ``NxDxK`` of three positive integers, the number of classes ``K`` at least 2."""
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(
             f"expected three positive integers joined by x (like 1000x256x10), got {text!r}"
+        )
+    if int(parts[2]) < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected at least 2 classes (the last number), got {text!r}"
         )
     return int(parts[0]), int(parts[1]), int(parts[2])
 

@@ -331,7 +331,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="batch size")
     parser.add_argument(
-        "--num-classes", type=cli.positive_int, default=10, help="number of classes K"
+        "--num-classes", type=cli.num_classes, default=10, help="number of classes K"
     )
     parser.add_argument(
         "--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision"
