@@ -527,3 +527,70 @@ def test_num_classes_is_read_as_the_other_sizes_are() -> None:
             CollapseTracker(model, ["0"], bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`num_classes` to be at least 2, but got 1"):
         CollapseTracker(model, ["0"], 1)
+
+
+def test_tracker_on_a_compiled_model_keeps_its_graph_and_equals_the_eager_tracker() -> None:
+    # The hooks of a compiled model are traced with it: they must not break its graph (a graph
+    # break in a hook splits the model and leaves most of it eager), and what they record must
+    # equal the tracker on the plain model. Inputs drawn fresh; the "eager" backend runs the
+    # traced graph op by op, so the values agree to float64 rounding.
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    seed = int(torch.randint(0, 2**31, ()))
+    model = _model()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, 2, 12, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (96,), generator=generator)
+    x = x + y.view(-1, 1, 1).double()
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounter()
+        compiled = torch.compile(model, backend=counter)
+        tracker = CollapseTracker(compiled, ["0", "2", "4"], NUM_CLASSES)
+        reference = CollapseTracker(_model(), ["0", "2", "4"], NUM_CLASSES)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        reference_model = reference.model
+        reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.01)
+        for xb, yb in zip(x.split(32), y.split(32), strict=True):  # train while tracking
+            for net, opt, track in (
+                (compiled, optimizer, tracker),
+                (reference_model, reference_optimizer, reference),
+            ):
+                with track.targets(yb):
+                    loss = nn.functional.cross_entropy(net(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            compiled(xb)  # outside targets(): nothing recorded
+        assert counter.frame_count <= 2, f"seed {seed}"  # with the hooks' work, and without
+        with tracker.targets(y[:32]):  # the same hooks, traced anew with the plain model
+            explanation = torch._dynamo.explain(model)(x[:32])
+        assert explanation.graph_count == 1, f"seed {seed}"
+        assert explanation.graph_break_count == 0, f"seed {seed}"
+        assert [m.update_count for m in tracker.metrics.values()] == [4, 4, 4], f"seed {seed}"
+        tracker.reset()
+        reference.reset()
+        with torch.no_grad():
+            for xb, yb in zip(x.split(48), y.split(48), strict=True):
+                with tracker.targets(yb):
+                    compiled(xb)
+                reference.update(xb, yb)
+        got, expected = tracker.compute(), reference.compute()
+        for layer in ("0", "2", "4"):
+            for key in ("nc1", "cdnv", "nc2_etf_distance"):
+                torch.testing.assert_close(
+                    got[layer][key], expected[layer][key], rtol=1e-10, atol=1e-12
+                )
+
+        # a layer run twice in one block warns when the block ends, as in eager mode
+        def twice() -> None:
+            with tracker.targets(y[:32]):
+                compiled(x[:32])
+                compiled(x[:32])
+
+        with pytest.warns(UserWarning, match="ran more than once") as caught:
+            twice()
+        assert [str(w.message).split("'")[1] for w in caught] == ["0", "2", "4"]
+    finally:
+        torch._dynamo.reset()

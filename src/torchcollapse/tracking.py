@@ -185,6 +185,13 @@ class CollapseTracker:
     torchmetrics does. ``nn.DataParallel`` over several devices is refused (its replicas run the
     hooks in threads on slices of the batch); use ``DistributedDataParallel``.
 
+    Works on a model compiled with ``torch.compile`` (before or after the tracker is made; the
+    hooks sit on the inner model's layers) without breaking its graph: the compiled hooks only
+    pool each layer's output and queue it, and the queued features update the metrics when the
+    ``targets()`` block ends. Entering and leaving ``targets()`` costs one recompilation (a
+    graph with the hooks' work, one without); errors about a layer's output (its shape, a
+    layer run twice) then come at the end of the block rather than during the forward pass.
+
     Args:
         model: the network to watch.
         layers: what to hook: layer names as in ``model.named_modules()`` (``"layer3"``,
@@ -265,6 +272,9 @@ class CollapseTracker:
         self.metrics: dict[str, Metric] = {name: factory(name) for name in self.modules}
         self._target: Tensor | None = None
         self._recorded: set[str] = set()  # layers that recorded in the current targets() block
+        # under torch.compile the hooks queue (layer, pooled features) here; see _record
+        self._recording = False  # inside targets(): read by the compiled hooks
+        self._pending: list[tuple[str, Tensor]] = []
         self._handles: list[RemovableHandle] = [
             module.register_forward_hook(_hook(weakref.ref(self), name))
             for name, module in self.modules.items()
@@ -283,25 +293,45 @@ class CollapseTracker:
         return len(self._handles)
 
     def _record(self, name: str, output: Any) -> None:
-        """The forward hook's work: pool ``output`` and update the layer's metric."""
+        """The forward hook's work: pool ``output`` and update the layer's metric.
+
+        Traced by torch.compile (the hooks of a compiled model are inlined into its graph), it
+        only pools the output and queues the detached features, which the graph holds without a
+        break; :meth:`_flush` records them when the ``targets()`` block ends."""
+        if torch.compiler.is_compiling():
+            if self._recording:
+                self._pending.append((name, self._pooled(name, output).detach()))
+            return
         target = self._target
-        if target is None:
+        if target is None or self._is_repeat(name):
             return
-        if name in self._recorded:
-            warnings.warn(
-                f"Layer {name!r} ran more than once in one forward pass inside `targets()` (a"
-                " module reused in the forward, or several forward passes in one block); only its"
-                " first output is recorded. Track a module that runs once per forward pass.",
-                UserWarning,
-                stacklevel=2,
-            )
-            return
+        self._update_metric(name, self._pooled(name, output), target)
+
+    def _is_repeat(self, name: str) -> bool:
+        """Whether ``name`` already recorded in this ``targets()`` block (then a warning)."""
+        if name not in self._recorded:
+            return False
+        warnings.warn(
+            f"Layer {name!r} ran more than once in one forward pass inside `targets()` (a"
+            " module reused in the forward, or several forward passes in one block); only its"
+            " first output is recorded. Track a module that runs once per forward pass.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return True
+
+    def _pooled(self, name: str, output: Any) -> Tensor:
+        """``output`` pooled to a 2-D tensor (not yet detached)."""
         pooled = self.pool(output) if callable(self.pool) else pool_features(output, self.pool)
         if not isinstance(pooled, Tensor) or pooled.ndim != 2:
             raise ValueError(
                 f"Expected the pooled output of layer {name!r} to be a 2-D tensor, but got "
                 f"{getattr(pooled, 'shape', type(pooled).__name__)}."
             )
+        return pooled
+
+    def _update_metric(self, name: str, pooled: Tensor, target: Tensor) -> None:
+        """Update the metric of layer ``name`` with its pooled output, labelled ``target``."""
         if pooled.shape[0] != target.shape[0]:
             raise ValueError(
                 f"Expected layer {name!r} to output one row per target ({target.shape[0]}), "
@@ -315,6 +345,20 @@ class CollapseTracker:
             metric.to(features.device)
         metric.update(features, target.to(features.device))
         self._recorded.add(name)
+
+    def _flush(self) -> None:
+        """Record the features queued by hooks traced under torch.compile (see :meth:`_record`),
+        labelled with the current targets, in the order the layers ran."""
+        if not self._pending:
+            return
+        pending = list(self._pending)
+        self._pending.clear()  # in place: the compiled code appends to this very list
+        target = self._target
+        if target is None:
+            return
+        for name, pooled in pending:
+            if not self._is_repeat(name):
+                self._update_metric(name, pooled, target)
 
     @contextlib.contextmanager
     def targets(self, target: Tensor) -> Iterator[CollapseTracker]:
@@ -330,10 +374,15 @@ class CollapseTracker:
             )
         previous, self._target = self._target, target
         recorded, self._recorded = self._recorded, set()
+        self._recording = True
         try:
             yield self
         finally:
-            self._target, self._recorded = previous, recorded
+            try:
+                self._flush()
+            finally:
+                self._target, self._recorded = previous, recorded
+                self._recording = previous is not None
 
     def update(self, inputs: Any, target: Tensor) -> Any:
         """Run ``model(inputs)`` under ``torch.no_grad`` inside :meth:`targets`; return it.
@@ -355,6 +404,7 @@ class CollapseTracker:
         result cached by an earlier ``compute`` (torchmetrics drops it only on a local update, so
         a process that recorded nothing since would skip the synchronisation the others run).
         """
+        self._flush()  # inside a targets() block: what compiled hooks queued so far
         recorded = _has_data_anywhere(self.metrics)
         silent = [name for name in self.metrics if not recorded[name]]
         if len(silent) == len(self.metrics):
