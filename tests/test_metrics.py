@@ -438,8 +438,12 @@ def test_reference_means_set_after_the_first_update_of_a_collection() -> None:
     late = epoch_two()
     assert late.compute_groups == {0: ["nc1", "nc4", "summary"]}  # "nc1" updates the group
     remedies = r"(?s)MetricCollection.*`compute_groups=False`.*before the collection's first update"
-    with pytest.raises(ValueError, match=remedies):
-        late.compute()
+    with pytest.warns(UserWarning, match=remedies):
+        out = late.compute()  # NaN for NC4, the others computed
+    assert torch.isnan(out["nc4"]), f"seed {seed}"
+    assert "summary_nc4" not in out, f"seed {seed}"
+    expected_nc1 = reference_neural_collapse(features, target, 4)["nc1"]
+    np.testing.assert_allclose(float(out["nc1"]), expected_nc1, rtol=RTOL, err_msg=f"{seed}")
     with pytest.warns(UserWarning, match="counted no sample for NC4"):
         assert "nc4" not in late["summary"].compute()
     g = torch.Generator().manual_seed(seed)
@@ -455,6 +459,51 @@ def test_reference_means_set_after_the_first_update_of_a_collection() -> None:
     lone.set_class_means(lone.class_means())  # and no update since
     with pytest.warns(UserWarning, match="counted no sample for NC4"):
         assert "nc4" not in lone.compute()
+
+
+def test_nc4_in_a_collection_in_the_first_epoch_is_nan_and_the_collection_computes() -> None:
+    # The documented previous-epoch pattern (`set_class_means(None)` in the first epoch) inside a
+    # MetricCollection: the collection's compute gives the other metrics' values of that epoch,
+    # and NC4 NaN with a warning saying why; the next epoch (own group: compute_groups=False)
+    # gives NC4 against the first epoch's means, as the brute force does.
+    from torchmetrics.classification import MulticlassAccuracy
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, classifier = _case(180, 6, 3, spread=2.0, seed=seed)
+    collection = MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes=3, average="micro"),
+            "nc1": NeuralCollapseNC1(3),
+            "nc4": NeuralCollapseNC4(3, classifier=classifier),
+        },
+        compute_groups=False,
+    )
+    weight, bias = classifier.weight.detach().double(), classifier.bias.detach().double()
+    logits = features.double() @ weight.T + bias  # float64, as the reference
+    means = None
+    for epoch in range(2):
+        collection["nc4"].set_class_means(means)  # None in the first epoch
+        for rows in torch.arange(180).split(60):
+            collection.update(preds=logits[rows], target=target[rows], features=features[rows])
+        if epoch == 0:
+            with pytest.warns(UserWarning, match=r"NC4 is undefined.*reference class means"):
+                out = collection.compute()
+            assert torch.isnan(out["nc4"]), f"seed {seed}"
+        else:
+            out = collection.compute()
+            expected_nc4 = _nc4_brute_force(features, classifier, means)
+            assert float(out["nc4"]) == expected_nc4, f"seed {seed}"
+        accuracy = float((logits.argmax(1) == target).double().mean())
+        assert float(out["acc"]) == pytest.approx(accuracy, rel=1e-6), f"seed {seed}"
+        expected_nc1 = reference_neural_collapse(features, target, 3)["nc1"]
+        np.testing.assert_allclose(float(out["nc1"]), expected_nc1, rtol=RTOL, err_msg=f"{seed}")
+        means = torch.from_numpy(reference_class_means(features, target, 3))
+        collection.reset()
+    lone = NeuralCollapseNC4(3, classifier=classifier)  # forward and compute agree: NaN
+    with pytest.warns(UserWarning, match="no value of its own"):
+        assert torch.isnan(lone(features, target))
+    with pytest.warns(UserWarning, match="NC4 is undefined"):
+        assert torch.isnan(lone.compute())
 
 
 def test_ddp_rank_without_data_and_synchronised_class_means() -> None:
@@ -573,8 +622,8 @@ def test_compute_errors() -> None:
         metric.compute()
     nc4 = NeuralCollapseNC4(3, classifier=torch.randn(3, 4))
     nc4.update(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
-    with pytest.raises(ValueError, match="reference class means"):
-        nc4.compute()
+    with pytest.warns(UserWarning, match=r"NC4 is undefined.*reference class means"):
+        assert torch.isnan(nc4.compute())  # no reference means: NaN, as forward gives
 
 
 def test_construction_errors() -> None:
@@ -722,6 +771,10 @@ def test_forward_on_a_batch_without_a_value_keeps_the_accumulated_state() -> Non
             torch.testing.assert_close(nc1, expected, rtol=1e-10, atol=0, msg=f"seed {seed}")
         metric.reset()
         metric.update(*last)
+        if isinstance(metric, NeuralCollapseNC4):  # nothing counted: NaN, with a warning
+            with pytest.warns(UserWarning, match="NC4 is undefined"):
+                assert torch.isnan(metric.compute()), f"seed {seed}"
+            continue
         with pytest.raises(ValueError, match="class"):  # compute itself still raises
             metric.compute()
 

@@ -18,11 +18,11 @@ Metrics that count NC4 at the first update (a ``classifier`` and reference means
 apart from those that do not. Reference means set only *later* (the epoch loop of
 :class:`~torchcollapse.metrics.NeuralCollapse`, whose first epoch has none) find the NC4 metrics
 in one group with the others, whose first metric (in the collection's order: by name for a dict,
-as given for a list) may have no
-classifier or no means: then nothing is counted, and ``compute`` says so (``NeuralCollapseNC4``
-raises, ``NeuralCollapse`` warns and leaves ``nc4`` out). Two ways always work: create the
-collection with ``MetricCollection(..., compute_groups=False)`` (every metric updated on its own),
-or set reference means on every metric with a ``classifier`` before the collection's first update
+as given for a list) may have no classifier or no means: then nothing is counted, and
+``compute`` says so with a warning (``NeuralCollapseNC4`` returns NaN, ``NeuralCollapse`` leaves
+``nc4`` out). Two ways always work: create the collection with
+``MetricCollection(..., compute_groups=False)`` (every metric updated on its own), or set
+reference means on every metric with a ``classifier`` before the collection's first update
 (``class_means=``; any means, e.g. of a first pass) and each later epoch's means on all of them.
 
 Example:
@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -193,7 +194,10 @@ class NeuralCollapseNC4(_SingleQuantity):
     Needs a ``classifier`` and reference class means (``class_means=`` or
     :meth:`set_class_means`); only samples updated after the means were set are counted. New means
     drop the counts taken against earlier ones; counts restored from a ``state_dict`` are kept
-    (see :class:`~torchcollapse.metrics.NeuralCollapse`).
+    (see :class:`~torchcollapse.metrics.NeuralCollapse`). Without counted samples (no reference
+    means yet, as in the first epoch when the means come from the previous one) ``compute``
+    returns NaN with a warning instead of raising, so that a ``MetricCollection`` holding the
+    metric still computes the others.
 
     Example:
         >>> import torch
@@ -212,8 +216,24 @@ class NeuralCollapseNC4(_SingleQuantity):
     def compute(self) -> Tensor:
         """NC4 over the samples updated since the reference means were set (or over the counts
         restored from a ``state_dict``, which does not hold the means, as for
-        :class:`~torchcollapse.metrics.NeuralCollapse`)."""
-        return self._batch_or_raise(self._compute, self._nan)
+        :class:`~torchcollapse.metrics.NeuralCollapse`).
+
+        NaN, with a ``UserWarning`` saying why, when nothing was counted: no reference means
+        were set (the first epoch of the previous-epoch pattern), every sample came before
+        them, or the metric's compute group in a ``MetricCollection`` is updated by a metric
+        without them (see the module docstring). A collection's ``compute`` then still returns
+        its other metrics' values, as ``forward`` returns NaN for such a batch."""
+        if self._batch_value:
+            return self._batch_or_raise(self._compute, self._nan)
+        try:
+            return self._compute()
+        except UndefinedCollapse as error:
+            warnings.warn(
+                f"{type(self).__name__}.compute: NC4 is undefined, so its value is NaN. ({error})",
+                UserWarning,
+                stacklevel=2,
+            )
+            return self._nan()
 
     def _compute(self) -> Tensor:
         counted = float(self.nc4_samples) > 0
