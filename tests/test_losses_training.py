@@ -152,3 +152,46 @@ def test_bounded_form_is_stable_for_weights_from_minus_one_to_one_unlike_the_rat
             lr=0.05,
         )
         assert ratio["finite"] == 0.0 or ratio["largest_norm"] > 2.0 * bounded[-1.0]["largest_norm"]
+
+
+@pytest.mark.parametrize("use_feature_norm", [False, True])
+def test_dot_regression_on_normalized_features_trains_and_keeps_the_norms_bounded(
+    use_feature_norm: bool,
+) -> None:
+    # The documented use: the loss reads L2-normalized features (F.normalize or a FeatureNorm
+    # layer), towards a fixed simplex ETF. Over a few dozen SGD steps (momentum, weight decay)
+    # the loss falls and stays finite, each value equals the float64 formula
+    # mean 1/2 (cos(h, m_y) - 1)^2, and the raw features' norms stay near where they started
+    # (the normalization's gradient is orthogonal to the raw feature: it only rotates it).
+    from torchcollapse.heads import SimplexETFHead
+    from torchcollapse.losses import DotRegressionLoss
+    from torchcollapse.norms import FeatureNorm
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh initialisation and order, reported on failure
+    inputs, target = mixture()
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Linear(D_IN, 32), nn.ReLU(), nn.Linear(32, D))
+    head = SimplexETFHead(D, K)
+    norm = FeatureNorm() if use_feature_norm else None
+    loss_fn = DotRegressionLoss()
+    opt = torch.optim.SGD(body.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    order = torch.Generator().manual_seed(seed)
+    losses, norms = [], []
+    for _ in range(40):
+        rows = torch.randperm(N, generator=order)[:BATCH]
+        raw = body(inputs[rows])
+        features = norm(raw) if norm is not None else F.normalize(raw, dim=1)
+        loss = loss_fn(features, target[rows], head.frame)
+        cos = F.cosine_similarity(raw.detach().double(), head.frame.double()[target[rows]], dim=1)
+        expected = float((0.5 * (cos - 1) ** 2).mean())
+        assert float(loss.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-7), f"seed {seed}"
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        norms.append(float(raw.detach().norm(dim=1).max()))
+    assert all(math.isfinite(value) for value in losses), f"seed {seed}"
+    assert max(losses) <= 2.0, f"seed {seed}"  # 1/2 (cos - 1)^2 <= 2 on unit vectors
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, f"seed {seed}: {first} -> {last}"
+    assert max(norms) < 10.0 * norms[0], f"seed {seed}: {norms[0]} -> {max(norms)}"

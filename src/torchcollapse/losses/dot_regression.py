@@ -11,7 +11,17 @@ intact under class imbalance (no minority collapse). Per sample, with the norms 
 
 On unit-norm features and a unit-norm frame (the paper's setting: normalized features, ETF of
 unit columns) it is exactly ``1/2 (cos(h, m_y) - 1)^2``; its gradient with respect to ``h`` is
-``(cos(h, m_y) - 1) m_y``. Optionally each sample is re-weighted by its class,
+``(cos(h, m_y) - 1) m_y``.
+
+**Pass L2-normalized features**, as the paper does: ``torch.nn.functional.normalize(h, dim=1)``
+or a :class:`~torchcollapse.norms.FeatureNorm` layer at the end of the backbone (also when the
+head normalizes its features itself, as ``SimplexETFHead`` does by default: the loss reads the
+features it is given, not the head's input). With the norms detached, the gradient
+``(cos - 1) m_y`` only adds a multiple of the class vector to ``h``: nothing in it shrinks
+``||h||``, and the loss, proportional to ``||h||``, grows with it. On raw features training
+along this gradient grows the feature norms without bound (the loss rises and the accuracy
+falls); behind the normalization the raw features' norms no longer enter the loss, and the
+normalized ones are 1. Optionally each sample is re-weighted by its class,
 ``w_c = (n_mean / n_c)^p`` with ``p = 1/2`` and ``n_mean`` the mean count of the classes present:
 this is the paper's rescaling of the target lengths ``E_W`` by ``sqrt(gamma / n_c)`` with
 ``gamma = N / K_present``, which multiplies the loss of class ``c`` by exactly that factor.
@@ -98,13 +108,16 @@ def dot_regression_loss(
 ) -> Tensor:
     """Dot-regression loss of Yang et al. (2022) on one process (no gathering).
 
-    Arguments are checked as by :class:`DotRegressionLoss`: shapes and dtypes, ``eps``, the
-    length of ``class_weight`` and, with ``validate_args``, the label range. The frame is a
+    Pass L2-normalized ``features`` (e.g. ``torch.nn.functional.normalize(h, dim=1)``): on raw
+    features the gradient only grows them along their class vectors and the loss diverges (see
+    :class:`DotRegressionLoss`). Arguments are checked as by :class:`DotRegressionLoss`: shapes
+    and dtypes, ``eps``, the length of ``class_weight`` and, with ``validate_args``, the label
+    range. The frame is a
     constant (detached, see the module docstring): only ``features`` get a gradient, and a frame
     that requires one is left with ``grad`` ``None``.
 
     Args:
-        features: ``(N, d)`` features.
+        features: ``(N, d)`` features, L2-normalized.
         target: ``(N,)`` integer labels in ``[0, K)``.
         frame: ``(K, d)`` frame, one row ``m_c`` per class (no gradient reaches it).
         class_weight: optional ``(K,)`` per-class weights multiplying each sample's loss, a
@@ -120,9 +133,10 @@ def dot_regression_loss(
         The loss in at least float32.
 
     Example:
+        >>> import torch.nn.functional as F
         >>> frame = torch.eye(2)
-        >>> dot_regression_loss(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]),
-        ...                     frame, reduction="none")   # aligned: 0; orthogonal: 1/2 * 1 * 1
+        >>> features = F.normalize(torch.tensor([[2.0, 0.0], [0.0, 3.0]]), dim=1)  # unit rows
+        >>> dot_regression_loss(features, torch.tensor([0, 0]), frame, reduction="none")
         tensor([0.0000, 0.5000])
     """
     check_reduction(reduction)
@@ -299,10 +313,18 @@ class DotRegressionLoss(DropsProcessGroupWhenPickled):
 
     i.e. ``w_y * ||h|| ||m_y|| / 2 * (cos(h, m_y) - 1)^2``, which is ``1/2 (cos - 1)^2`` on unit
     vectors; see the module docstring. ``frame`` is the ``(K, d)`` frame, a tensor or a module
-    (e.g. a ``SimplexETFHead``; its ``effective_weight`` where it has one, else its ``weight``);
-    ``features`` are what the head reads. A head's weight includes its logit scale
-    (``scale * frame``), which multiplies the loss through ``||m_y||``; pass ``head.frame`` for
-    the unit-vector form.
+    (e.g. a ``SimplexETFHead``; its ``effective_weight`` where it has one, else its ``weight``).
+    A head's weight includes its logit scale (``scale * frame``), which multiplies the loss
+    through ``||m_y||``; pass ``head.frame`` for the unit-vector form.
+
+    ``features`` must be L2-normalized, as in the paper: pass
+    ``torch.nn.functional.normalize(features, dim=1)``, or end the backbone with a
+    :class:`~torchcollapse.norms.FeatureNorm`; a head that normalizes its input itself (a
+    ``SimplexETFHead`` by default) does not normalize what this loss reads. The norms are
+    detached, so the gradient ``(cos - 1) m_y`` only adds a multiple of the class vector to each
+    feature and never limits ``||h||``, while the loss is proportional to ``||h||``: on raw
+    features, training grows the feature norms without bound and the loss with them. Behind the
+    normalization the loss is ``1/2 (cos - 1)^2``, bounded, whatever the raw norms.
 
     The frame is a constant of the loss (Yang et al. train the features towards a fixed ETF): it
     is detached, so no gradient reaches it, tensor or module, and a frame parameter (a head's
@@ -343,18 +365,20 @@ class DotRegressionLoss(DropsProcessGroupWhenPickled):
 
     Example:
         >>> import torch
+        >>> import torch.nn.functional as F
         >>> from torchcollapse.losses import DotRegressionLoss
-        >>> frame = torch.eye(3)                          # stands for a fixed ETF head's weight
-        >>> features = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+        >>> frame = torch.eye(3)                          # stands for a fixed ETF head's frame
+        >>> raw = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
         >>> target = torch.tensor([0, 1])
+        >>> features = F.normalize(raw, dim=1)            # unit rows, as the loss expects
         >>> loss = DotRegressionLoss()(features, target, frame)
-        >>> loss.item()                                   # (0 + 2 * 1 / 2 * (0 - 1)^2) / 2
-        0.5
+        >>> loss.item()                                   # (0 + 1/2 * (0 - 1)^2) / 2
+        0.25
         >>> loss.backward()
-        >>> features.grad[0].abs().sum()                  # aligned: no gradient
+        >>> raw.grad[0].abs().sum()                       # aligned: no gradient
         tensor(0.)
-        >>> features.grad[1, 1]                           # (cos - 1) m_y / N: pulls towards m_y
-        tensor(-0.5000)
+        >>> raw.grad[1, 1]                                # (cos - 1) m_y / N through the norm
+        tensor(-0.2500)
     """
 
     class_counts: Tensor | None
