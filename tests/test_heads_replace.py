@@ -290,3 +290,77 @@ def test_a_distilled_model_with_two_classifiers_is_a_clear_error() -> None:
         replace_head(model, SimplexETFHead)
     assert type(model.head) is nn.Linear
     assert type(model.head_dist) is nn.Linear
+
+
+def _wrapped_replace(wrap: str) -> tuple[str, bool]:
+    """Replace the head of a ResNet look-alike and of an nn.Sequential inside ``wrap``; check
+    the inner model's classifier is the new head and the wrapper's output is the new head's."""
+    results = []
+    for make in (ResNetLike, lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))):
+        torch.manual_seed(0)
+        inner = make()
+        assert isinstance(inner, nn.Module)
+        if wrap == "ddp":
+            model: nn.Module = nn.parallel.DistributedDataParallel(inner)
+        elif wrap == "dp":
+            model = nn.DataParallel(inner)  # on CPU: no device, a pass-through
+        elif wrap == "ema":
+            model = torch.optim.swa_utils.AveragedModel(inner)
+            inner = model.module  # a copy of the model
+        elif wrap == "compiled":
+            model = torch.compile(inner, backend="eager")
+        else:  # compiled, then averaged
+            model = torch.optim.swa_utils.AveragedModel(torch.compile(inner, backend="eager"))
+            inner = model.module._orig_mod
+        name, old = find_head(model)
+        assert model.get_submodule(name) is old
+        expected_old = inner.fc if isinstance(inner, ResNetLike) else inner[2]
+        assert old is expected_old
+        assert replace_head(model, SimplexETFHead) is old
+        head = inner.fc if isinstance(inner, ResNetLike) else inner[2]
+        assert isinstance(head, SimplexETFHead)
+        assert model.get_submodule(name) is head
+        x = torch.randn(5, 3, 4, 4) if isinstance(inner, ResNetLike) else torch.randn(5, 6)
+        if isinstance(inner, ResNetLike):
+            features = torch.flatten(inner.avgpool(inner.conv1(x)), 1)
+        else:
+            features = inner[1](inner[0](x))
+        torch.testing.assert_close(model(x), head(features), rtol=0, atol=0)
+        results.append(name)
+    return ",".join(results), True
+
+
+@pytest.mark.parametrize(
+    ("wrap", "names"),
+    [
+        ("dp", "module.fc,module.2"),
+        ("ema", "module.fc,module.2"),
+        ("compiled", "_orig_mod.fc,_orig_mod.2"),
+        ("compiled_ema", "module._orig_mod.fc,module._orig_mod.2"),
+    ],
+)
+def test_replace_head_reaches_inside_data_parallel_averaged_and_compiled_models(
+    wrap: str, names: str
+) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        assert _wrapped_replace(wrap) == (names, True)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_replace_head_reaches_inside_distributed_data_parallel() -> None:
+    from tests._helpers.ddp import run_distributed
+
+    def work(rank: int, world_size: int) -> tuple[str, bool]:
+        return _wrapped_replace("ddp")
+
+    assert run_distributed(work, 1) == [("module.fc,module.2", True)]
+
+
+def test_a_wrapped_model_without_classifier_names_both_in_the_error() -> None:
+    wrapped = nn.DataParallel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match=r"classifier of Sequential \(inside DataParallel\)"):
+        find_head(wrapped)

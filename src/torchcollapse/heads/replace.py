@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.optim.swa_utils import AveragedModel
 
 __all__ = ["find_head", "replace_head"]
 
@@ -59,6 +60,25 @@ def _trailing_linear(sequential: nn.Sequential) -> str | None:
             return None  # a layer with parameters after it: not the classifier
         # dropout, activations, flatten: may follow the classifier
     return None
+
+
+_MODULE_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)
+
+
+def _unwrap(model: nn.Module) -> tuple[str, nn.Module]:
+    """The model inside ``DistributedDataParallel``, ``DataParallel``, ``AveragedModel``
+    (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, nested in any order, and the
+    dotted prefix of its names in ``model.named_modules()`` (``""`` for an unwrapped model)."""
+    prefix = ""
+    while True:
+        if isinstance(model, _MODULE_WRAPPERS) and isinstance(model.module, nn.Module):
+            prefix, model = f"{prefix}module.", model.module
+            continue
+        inner = model._modules.get("_orig_mod")  # torch.compile's OptimizedModule
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            prefix, model = f"{prefix}_orig_mod.", inner
+            continue
+        return prefix, model
 
 
 def _qualified_name(model: nn.Module, target: nn.Module) -> str | None:
@@ -112,16 +132,19 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     Looks, in order, at timm's ``get_classifier()``; torchvision's ``fc``, ``classifier`` (or the
     last ``nn.Linear`` of a ``classifier`` ``nn.Sequential``), ``head``, ``heads.head``; and the
     last ``nn.Linear`` of an ``nn.Sequential`` followed only by parameter-free layers (dropout,
-    activations). In an ``nn.Sequential`` that ends with another one (``nn.Sequential(backbone,
-    nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 10)))``) the search goes on inside it, and the
-    name is dotted (``"1.1"``). The first candidate that is an ``nn.Linear`` (or a torchcollapse
-    head) wins.
+    activations). A model wrapped in ``DistributedDataParallel``, ``nn.DataParallel``,
+    :class:`torch.optim.swa_utils.AveragedModel` (``.module``) or compiled by ``torch.compile``
+    (``._orig_mod``) is searched inside its wrappers. In an ``nn.Sequential`` that ends with
+    another one (``nn.Sequential(backbone, nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 10)))``)
+    the search goes on inside it, and the name is dotted (``"1.1"``). The first candidate that
+    is an ``nn.Linear`` (or a torchcollapse head) wins.
 
     Args:
         model: the model.
 
     Returns:
-        ``(name, module)``, ``name`` as in ``model.named_modules()``.
+        ``(name, module)``, ``name`` as in ``model.named_modules()`` (through a wrapper,
+        prefixed: ``"module.fc"``, ``"_orig_mod.fc"``).
 
     Raises:
         ValueError: when no classifier is found (the message names the model type and what was
@@ -139,13 +162,15 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
         raise TypeError(
             f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}."
         )
-    for path in _candidates(model):
-        module = model.get_submodule(path)
+    prefix, inner = _unwrap(model)
+    for path in _candidates(inner):
+        module = inner.get_submodule(path)
         if _head_shape(module) is not None:
-            return path, module
+            return prefix + path, module
+    within = f" (inside {type(model).__name__})" if inner is not model else ""
     raise ValueError(
-        f"Could not find the classifier of {type(model).__name__}: looked for {_LOOKED_FOR}, "
-        "and found none that is an `nn.Linear` (or a torchcollapse head)."
+        f"Could not find the classifier of {type(inner).__name__}{within}: looked for "
+        f"{_LOOKED_FOR}, and found none that is an `nn.Linear` (or a torchcollapse head)."
     )
 
 
@@ -156,7 +181,13 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
     and floating dtype, put where the old one was (in its parent module, by name, so an
     ``nn.Sequential`` keeps its order), and the old head is returned. Works for timm models (the
     module ``get_classifier()`` returns is replaced where it lives, so ``get_classifier()`` then
-    returns the new head), torchvision models and plain ``nn.Sequential``.
+    returns the new head), torchvision models and plain ``nn.Sequential``, also inside
+    ``DistributedDataParallel``, ``nn.DataParallel``, ``AveragedModel`` and ``torch.compile``
+    wrappers (the wrapped model's classifier is replaced in place; a compiled model recompiles
+    at its next call). ``DistributedDataParallel`` registers the parameters it synchronises when
+    it is built: replace the head before wrapping, or wrap the model again after replacing it.
+    An ``AveragedModel`` holds its own copy of the model: replace the head in the model and in
+    the average alike.
 
     Args:
         model: the model, modified in place.
