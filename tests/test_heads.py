@@ -620,7 +620,7 @@ def test_logits_may_be_edited_in_place_before_backward(kind: str) -> None:
         "cosine": lambda: CosineHead(12, 5, dtype=F64),
         "nearest": lambda: NearestETFHead(12, 5, dtype=F64),
     }
-    head = heads[kind]()
+    head = heads[kind]().eval()  # the same logits as in training without targets, no warning
     h = features(8, 12, seed=seed, dtype=F64)
     x_edit, x_ref = h.clone().requires_grad_(), h.clone().requires_grad_()
     logits = head(x_edit)

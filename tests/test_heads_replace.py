@@ -364,3 +364,53 @@ def test_a_wrapped_model_without_classifier_names_both_in_the_error() -> None:
     wrapped = nn.DataParallel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
     with pytest.raises(ValueError, match=r"classifier of Sequential \(inside DataParallel\)"):
         find_head(wrapped)
+
+
+@pytest.mark.parametrize("kind", ["nearest", "cosine_margin"])
+def test_heads_that_need_targets_warn_once_when_trained_without_them(kind: str) -> None:
+    # After replace_head, `model(x)` never gives the head the labels: NearestETFHead's frame
+    # stays put and CosineHead's margin is never applied. Two training calls without target
+    # warn, once per head; eval mode, calls with targets, a single unlabelled call before a
+    # labelled one (semi-supervised steps) and torch.compile do not.
+    import warnings
+
+    import torch._dynamo
+
+    from torchcollapse.heads import NearestETFHead
+
+    def make() -> nn.Module:
+        if kind == "nearest":
+            return NearestETFHead(8, 4)
+        return CosineHead(8, 4, margin=0.35)
+
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    replace_head(model, lambda d, k: make())
+    head = model[1]
+    frame = head.frame.clone() if kind == "nearest" else None
+    model(x)  # one call: could be the unlabelled half of a semi-supervised step
+    with pytest.warns(UserWarning, match=r"training mode without `target`.*head\(features, t"):
+        model(x)
+    if frame is not None:  # indeed: the frame did not move
+        assert torch.equal(head.frame, frame), f"seed {seed}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(x)  # once per head
+        model.eval()(x)
+        for step in range(2):  # a fresh head in eval mode, with targets, or semi-supervised
+            fresh = make()
+            fresh.eval()(x)
+            fresh.eval()(x)
+            fresh.train()(x) if step else fresh.train()(x, y)
+            fresh(x, y)
+            fresh(x)
+            fresh(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(make().train(), backend="eager", fullgraph=True)
+            compiled(x)
+            compiled(x)  # no graph break either (fullgraph)
+        finally:
+            torch._dynamo.reset()

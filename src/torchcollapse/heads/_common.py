@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,31 @@ def resolve_scale(scale: object, num_classes: int, normalize_features: bool) -> 
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"Expected argument `scale` to be a finite number > 0, but got {scale}.")
     return value
+
+
+def note_training_call(head: nn.Module, target: Tensor | None, message: str) -> None:
+    """For a head that needs ``target`` in training: warn once per head (``message`` says what is
+    lost) when it was called twice in training mode without ``target`` before any call with one
+    (a second call: an unlabelled call followed by a labelled one in the same step, as
+    semi-supervised steps do, is not warned about). Plain attributes, not state. The caller
+    skips this in eval mode and under torch.compile (``torch.compiler.is_compiling()``), which
+    this must not graph-break."""
+    state = head.__dict__
+    if target is not None:
+        state["_target_seen"] = True
+        return
+    if state.get("_target_seen", False) or state.get("_warned_without_target", False):
+        return
+    calls = state.get("_calls_without_target", 0) + 1
+    state["_calls_without_target"] = calls
+    if calls < 2:
+        return
+    state["_warned_without_target"] = True
+    warnings.warn(
+        f"{message} Warned once per head.",
+        UserWarning,
+        stacklevel=5,  # this function, forward, nn.Module's call machinery (2), the caller
+    )
 
 
 def check_features(features: Tensor, in_features: int) -> None:

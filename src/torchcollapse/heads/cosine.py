@@ -37,6 +37,7 @@ from torchcollapse.heads._common import (
     check_positive_int,
     check_target,
     normalized_linear,
+    note_training_call,
     resolve_scale,
 )
 
@@ -63,7 +64,11 @@ class CosineHead(ScaledHeadMixin, nn.Module):
             ``log(scale)``). Either way ``state_dict`` holds it: a fixed scale as the module's
             extra state (key ``_extra_state``), which ``load_state_dict`` sets.
         margin: margin ``m >= 0`` applied to the target logit when ``forward`` gets ``target``
-            (cosine units for ``"cosface"``, radians for ``"arcface"``, where ``m < pi``).
+            (cosine units for ``"cosface"``, radians for ``"arcface"``, where ``m < pi``). The
+            head must then be called as ``head(features, target)`` in training: called without
+            ``target`` (``model(x)`` after :func:`~torchcollapse.heads.replace_head`) it applies
+            no margin, and warns once when called so twice in training mode before any call
+            with ``target`` (outside ``torch.compile``).
         margin_type: ``"cosface"`` or ``"arcface"``.
         easy_margin: ArcFace only: apply the margin only where ``cos(theta_y) > 0``.
         eps: norms below ``eps`` are treated as ``eps``.
@@ -171,6 +176,15 @@ class CosineHead(ScaledHeadMixin, nn.Module):
             ``scale * cos(theta)``, with the target entries replaced by the margin's logit.
         """
         check_features(features, self.in_features)
+        if self.margin != 0.0 and self.training and not torch.compiler.is_compiling():
+            note_training_call(
+                self,
+                target,
+                f"CosineHead(margin={self.margin}) was called in training mode without `target`:"
+                " the margin applies only when the head gets the batch's labels, e.g."
+                " `head(features, target)`; called as `model(x)` (as after `replace_head`) it"
+                " gives plain scaled cosines, without the margin.",
+            )
         weight = F.normalize(self.weight, dim=1, eps=self.eps)
         if target is None or self.margin == 0.0:
             if target is not None:

@@ -36,7 +36,12 @@ from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import all_reduce_sum
 from torchcollapse._numbers import read_number
 from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
-from torchcollapse.heads._common import check_features, check_positive_int, check_target
+from torchcollapse.heads._common import (
+    check_features,
+    check_positive_int,
+    check_target,
+    note_training_call,
+)
 from torchcollapse.heads.fixed_frame import FixedFrameHead, _FrameBuilder, check_simplex_features
 
 __all__ = ["NearestETFHead"]
@@ -51,6 +56,12 @@ class NearestETFHead(FixedFrameHead):
         head = NearestETFHead(512, num_classes)
         logits = head(model(images), labels)  # training: updates the frame, then the logits
         logits = head(model(images))  # or in eval mode: the frame is fixed
+
+    Without ``target`` the frame does not move: a head put in place by
+    :func:`~torchcollapse.heads.replace_head` and called as ``model(x)`` stays the initial,
+    fixed ETF. So a second call in training mode without ``target`` before any call with one
+    (outside ``torch.compile``) warns, once per head; a single unlabelled call before the
+    labelled one of a semi-supervised step does not.
 
     Limitations: as :class:`FixedFrameHead`, with ``normalize_features=True`` (the default) the
     backward is first-order only: no double backward (``create_graph=True``) and no forward-mode
@@ -244,6 +255,15 @@ class NearestETFHead(FixedFrameHead):
             target: optional ``(N,)`` class indices of the batch.
         """
         check_features(features, self.in_features)
+        if self.training and not torch.compiler.is_compiling():
+            note_training_call(
+                self,
+                target,
+                "NearestETFHead was called in training mode without `target`: its frame moves"
+                " towards the class means only when the head gets the batch's labels, e.g."
+                " `head(features, target)`; called as `model(x)` (as after `replace_head`) it"
+                " stays the initial, fixed simplex ETF.",
+            )
         if target is not None and self.training:
             # A fresh tensor, not the buffer, enters the graph: updating the buffer in a later
             # step cannot invalidate this step's backward pass.

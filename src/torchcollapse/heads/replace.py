@@ -189,6 +189,14 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
     An ``AveragedModel`` holds its own copy of the model: replace the head in the model and in
     the average alike.
 
+    The training code stays as it was for heads that read only the features (``nn.Linear``,
+    ``SimplexETFHead``, ``FixedFrameHead``, a ``CosineHead`` without margin). Two heads need the
+    labels in training and do nothing useful when called as ``model(x)``:
+    :class:`~torchcollapse.heads.NearestETFHead` moves its frame, and a ``CosineHead`` with a
+    margin applies it, only when called as ``head(features, target)``; call the head yourself
+    (e.g. ``model.fc = nn.Identity()`` and ``head(model(x), y)``). Both warn once when called
+    twice in training mode without ``target`` before any call with one.
+
     Args:
         model: the model, modified in place.
         factory: called as ``factory(in_features, num_classes)`` with the old classifier's shape;
