@@ -519,3 +519,36 @@ def test_a_loss_reading_the_head_before_its_labelled_call_trains() -> None:
         assert reference.grad is not None
         assert h_ce.grad is not None
         torch.testing.assert_close(h.grad, h_ce.grad + reference.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_head_with_a_process_group_deep_copies_and_pickles_without_it() -> None:
+    # A ProcessGroup cannot be pickled or deep-copied; an EMA (AveragedModel deep-copies the
+    # model) or a checkpoint by pickle of a model with such a head must work all the same: the
+    # copy gets process_group=None, the original keeps its group. A real gloo group, in a
+    # one-process world.
+    import copy
+    import pickle
+
+    import torch.distributed as dist
+
+    def work(rank: int, world_size: int) -> list[bool]:
+        group = dist.new_group([0])
+        seed = int(torch.randint(0, 2**31, ()))
+        g = torch.Generator().manual_seed(seed)
+        head = NearestETFHead(8, 3, process_group=group, generator=g)
+        x, y = torch.randn(12, 8, generator=g), torch.arange(12) % 3
+        head(x, y)  # one synchronised step over the group
+        checks = []
+        for clone in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+            checks.append(clone.process_group is None and head.process_group is group)
+            same = all(
+                torch.equal(a, b)
+                for a, b in zip(head.state_dict().values(), clone.state_dict().values())
+            )
+            clone(x, y)  # trains, over the world
+            checks.append(same)
+        averaged = torch.optim.swa_utils.AveragedModel(nn.Sequential(head))
+        checks.append(averaged.module[0].process_group is None)
+        return checks
+
+    assert run_distributed(work, 1) == [[True] * 5]

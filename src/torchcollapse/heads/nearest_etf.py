@@ -74,6 +74,20 @@ class NearestETFHead(FixedFrameHead):
     recomputed logits (whose graph the backward differentiates) use the frame after the second
     update, not the one the forward pass used.
 
+    EMA of the weights (a teacher, an evaluation copy): average the parameters and *copy* the
+    buffers (``frame``, ``running_means``, ``class_seen``), as
+    :class:`torch.optim.swa_utils.AveragedModel` does by default (``use_buffers=False``; its
+    ``update_parameters`` leaves the buffers of the copy to you: copy them from the live head,
+    e.g. ``ema.module.fc.frame.copy_(model.fc.frame)``). An EMA that averages every
+    ``state_dict`` entry (``AveragedModel(use_buffers=True)``, timm's ``ModelEmaV2``/``V3``, a
+    hand-written loop over the ``state_dict``) averages frames of different orientations: the
+    result is no frame (rows of norm below 1, cosines away from ``-1/(K-1)``), which biases the
+    logits per class. Keep the head out of such an EMA, or copy its buffers after each update.
+
+    Copies: ``copy.deepcopy`` and pickling give a head with ``process_group=None`` (the world,
+    under ``sync_dist``): a process group cannot be copied; set ``copy.process_group`` again
+    where the copy should synchronise over a subgroup.
+
     Args:
         in_features: feature dimension ``d >= num_classes - 1``.
         num_classes: number of classes ``K >= 2``.
@@ -91,7 +105,8 @@ class NearestETFHead(FixedFrameHead):
             ``torch.distributed`` is initialised, so that every process takes the same step
             (``False``: each process updates from its own batch, e.g. when only one calls it).
         process_group: process group for ``sync_dist`` (default: the world), e.g. the
-            data-parallel group of the processes that hold this head.
+            data-parallel group of the processes that hold this head. Not copied by
+            ``copy.deepcopy`` or pickling (the copy gets ``None``).
 
     Example:
         >>> head = NearestETFHead(8, 3, momentum=1.0)
@@ -246,6 +261,13 @@ class NearestETFHead(FixedFrameHead):
         """The frame as it is now; a copy while autograd records, so that the in-place move of a
         labelled call later in the step cannot invalidate a backward pass through it."""
         return self.frame.clone() if torch.is_grad_enabled() else self.frame
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state for ``copy.deepcopy`` and pickling: everything but the process group (not
+        copyable), which the copy gets as ``None``."""
+        state = dict(self.__dict__)
+        state["process_group"] = None
+        return state
 
     def forward(self, features: Tensor, target: Tensor | None = None) -> Tensor:
         """Logits ``(*, num_classes)``; in training mode with ``target``, update the frame first.
