@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from torchcollapse._buffers import apply_keeping_dtypes
-from torchcollapse._distributed import all_reduce_sum
+from torchcollapse._distributed import DropsProcessGroupWhenPickled, all_reduce_sum
 from torchcollapse._numbers import read_number
 from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import (
@@ -47,7 +47,7 @@ from torchcollapse.heads.fixed_frame import FixedFrameHead, _FrameBuilder, check
 __all__ = ["NearestETFHead"]
 
 
-class NearestETFHead(FixedFrameHead):
+class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
     """A simplex-ETF head that rotates, each training step, to the ETF nearest the class means.
 
     Use it where the targets reach the head, e.g. with a backbone that returns features::
@@ -261,13 +261,6 @@ class NearestETFHead(FixedFrameHead):
         """The frame as it is now; a copy while autograd records, so that the in-place move of a
         labelled call later in the step cannot invalidate a backward pass through it."""
         return self.frame.clone() if torch.is_grad_enabled() else self.frame
-
-    def __getstate__(self) -> dict[str, Any]:
-        """The state for ``copy.deepcopy`` and pickling: everything but the process group (not
-        copyable), which the copy gets as ``None``."""
-        state = dict(self.__dict__)
-        state["process_group"] = None
-        return state
 
     def forward(self, features: Tensor, target: Tensor | None = None) -> Tensor:
         """Logits ``(*, num_classes)``; in training mode with ``target``, update the frame first.
