@@ -541,7 +541,8 @@ def parse_config(
         config = cls(**values)
     except ValueError as error:  # a value out of range: an argparse error naming the flag
         parser.error(_flag_message(cls, str(error)))
-    if any(f.name == "out" for f in dataclasses.fields(cls)) and config.out is None:  # type: ignore[arg-type]
+    has_out = any(f.name == "out" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    if has_out and getattr(config, "out", None) is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         folder = Path("runs") / getattr(cls, "study", "recipe") / stamp
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's folder is used

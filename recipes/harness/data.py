@@ -132,7 +132,7 @@ def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # (numpy's stubs: allow_pickle)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -202,7 +202,8 @@ def _unpickle(path: Path, label_key: str, hint: str) -> dict[str, object]:
             f"{label_key!r}), but it could not be read ({problem}); the file may be truncated or "
             f"corrupt: {hint}."
         )
-    return data
+    batch: dict[str, object] = data
+    return batch
 
 
 def _cifar_split(files: Sequence[Path], label_key: str, hint: str) -> Split:

@@ -161,7 +161,8 @@ class GatheredBatchNorm(nn.modules.batchnorm._BatchNorm):
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Make every BatchNorm use global-batch statistics (SyncBatchNorm on GPU, else gathered)."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        converted: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return converted
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             gathered = GatheredBatchNorm(
