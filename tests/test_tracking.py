@@ -594,3 +594,44 @@ def test_tracker_on_a_compiled_model_keeps_its_graph_and_equals_the_eager_tracke
         assert [str(w.message).split("'")[1] for w in caught] == ["0", "2", "4"]
     finally:
         torch._dynamo.reset()
+
+
+def test_tracker_made_after_a_compiled_model_ran_and_nested_blocks_under_compile() -> None:
+    """Graphs compiled before the hooks existed do not call them (dynamo does not guard on
+    hooks): a tracker made on a compiled model that already ran (same grad mode, no reason to
+    recompile) resets the compiled code, so its layers record; ``remove()`` does the same, so a
+    second tracker records too. Features queued by compiled hooks for an outer ``targets()``
+    block are recorded with the outer targets when an inner block (``update``) begins. Reference:
+    the same forward passes through the plain model, tracked eagerly (float64, rtol 1e-10)."""
+    import torch._dynamo
+
+    seed = int(torch.randint(0, 2**31, ()))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(60, 2, 12, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (60,), generator=generator)
+    x = x + y.view(-1, 1, 1).double()
+    model = _model()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        compiled(x[:20])  # compiled and run before any tracker exists
+        first = CollapseTracker(compiled, ["2"], NUM_CLASSES)
+        with first.targets(y[:20]):
+            compiled(x[:20])
+        assert first.metrics["2"].update_count == 1, f"seed {seed}"
+        first.remove()
+        tracker = CollapseTracker(compiled, ["0", "4"], NUM_CLASSES)
+        eager = CollapseTracker(model, ["0", "4"], NUM_CLASSES)
+        for net, track in ((compiled, tracker), (model, eager)):
+            with track.targets(y[:20]):  # an outer block of 20, an inner one of 40
+                net(x[:20])
+                track.update(x[20:], y[20:])
+        for name in ("0", "4"):
+            assert tracker.metrics[name].update_count == 2, f"seed {seed}"
+            expected = eager.compute()[name]["nc1"]
+            torch.testing.assert_close(
+                tracker.compute()[name]["nc1"], expected, rtol=1e-10, atol=0, msg=f"seed {seed}"
+            )
+        assert first.metrics["2"].update_count == 1  # the removed tracker records no more
+    finally:
+        torch._dynamo.reset()

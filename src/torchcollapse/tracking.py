@@ -105,6 +105,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _reset_if_compiled(model: nn.Module) -> None:
+    """``torch.compiler.reset()`` when ``model`` is a compiled module (possibly inside
+    ``DistributedDataParallel``): graphs compiled before hooks were added or removed do not
+    notice them (dynamo does not guard on hooks), so they must be compiled again."""
+    if isinstance(_unwrap(model), torch._dynamo.eval_frame.OptimizedModule):
+        torch.compiler.reset()
+
+
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
     """The submodule of ``model`` called ``name`` (any of its names: ``named_modules()`` lists a
     module reached under two names once), else ``None``; not the model itself."""
@@ -185,12 +193,16 @@ class CollapseTracker:
     torchmetrics does. ``nn.DataParallel`` over several devices is refused (its replicas run the
     hooks in threads on slices of the batch); use ``DistributedDataParallel``.
 
-    Works on a model compiled with ``torch.compile`` (before or after the tracker is made; the
-    hooks sit on the inner model's layers) without breaking its graph: the compiled hooks only
-    pool each layer's output and queue it, and the queued features update the metrics when the
-    ``targets()`` block ends. Entering and leaving ``targets()`` costs one recompilation (a
-    graph with the hooks' work, one without); errors about a layer's output (its shape, a
-    layer run twice) then come at the end of the block rather than during the forward pass.
+    Works on a model compiled with ``torch.compile`` (the hooks sit on the inner model's
+    layers) without breaking its graph: the compiled hooks only pool each layer's output and
+    queue it, and the queued features update the metrics when the ``targets()`` block ends (or
+    an inner one begins). Entering and leaving ``targets()`` costs one recompilation (a graph
+    with the hooks' work, one without); errors about a layer's output (its shape, a layer run
+    twice) then come at the end of the block rather than during the forward pass. Compiled
+    graphs do not see hooks added after they were compiled: given a compiled model
+    (``torch.compile(model)``), the tracker and :meth:`remove` call ``torch.compiler.reset()``
+    so that the next call recompiles with (or without) the hooks; if the model is compiled
+    elsewhere and has already run, call ``torch.compiler.reset()`` after making the tracker.
 
     Args:
         model: the network to watch.
@@ -266,6 +278,7 @@ class CollapseTracker:
         self.model = model
         self.num_classes = num_classes
         self.pool = pool
+        _reset_if_compiled(model)  # graphs compiled before now do not see the hooks
         kwargs = dict(metric_kwargs or {})
         factory = metric_factory or (lambda name: NeuralCollapse(num_classes, **kwargs))
         self.modules: dict[str, nn.Module] = _select_layers(model, layers)
@@ -372,6 +385,7 @@ class CollapseTracker:
             raise RuntimeError(
                 "Expected the tracker's hooks to be registered, but they were removed."
             )
+        self._flush()  # what compiled hooks queued for an outer block, with its targets
         previous, self._target = self._target, target
         recorded, self._recorded = self._recorded, set()
         self._recording = True
@@ -410,7 +424,9 @@ class CollapseTracker:
         if len(silent) == len(self.metrics):
             raise RuntimeError(
                 f"Expected the tracked layers to have recorded samples, but none did ({silent}); "
-                "run the model inside `with tracker.targets(y):`."
+                "run the model inside `with tracker.targets(y):` (a model compiled elsewhere"
+                " that ran before the tracker was made keeps graphs without its hooks: call"
+                " `torch.compiler.reset()` after making the tracker)."
             )
         if silent:
             warnings.warn(
@@ -436,7 +452,9 @@ class CollapseTracker:
 
     def remove(self) -> None:
         """Remove every hook (safe to call twice); the metrics keep what they recorded."""
-        _remove_handles(self._handles)
+        if self._handles:
+            _remove_handles(self._handles)
+            _reset_if_compiled(self.model)
 
     def __enter__(self) -> CollapseTracker:
         return self
