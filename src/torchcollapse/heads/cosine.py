@@ -13,7 +13,10 @@ et al., 2017). When the target is passed, a margin ``m`` is applied to the targe
 
 A margin makes training harder than evaluation, so ``forward(features)`` without a target (as at
 evaluation) gives plain ``s cos(theta)``. Margins usually need larger scales than the default
-(``s`` = 30 to 64 in face recognition).
+(``s`` = 30 to 64 in face recognition). A head with a margin called twice in training mode
+without a target (``model(x)`` after ``replace_head``) warns once; code that does so on purpose,
+as ``torch.optim.swa_utils.update_bn``, may silence it with ``warnings.filterwarnings("ignore",
+".*called in training mode without")``.
 
 References:
     Wang et al. (2017), *NormFace: L2 hypersphere embedding for face verification*, ACM MM.

@@ -61,7 +61,10 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
     :func:`~torchcollapse.heads.replace_head` and called as ``model(x)`` stays the initial,
     fixed ETF. So a second call in training mode without ``target`` before any call with one
     (outside ``torch.compile``) warns, once per head; a single unlabelled call before the
-    labelled one of a semi-supervised step does not.
+    labelled one of a semi-supervised step does not. Code that runs a model in training mode on
+    purpose without labels, as ``torch.optim.swa_utils.update_bn`` does to recompute BatchNorm
+    statistics, may silence it: ``warnings.filterwarnings("ignore", ".*called in training mode
+    without")``.
 
     Limitations: as :class:`FixedFrameHead`, with ``normalize_features=True`` (the default) the
     backward is first-order only: no double backward (``create_graph=True``) and no forward-mode
