@@ -252,7 +252,7 @@ def test_num_classes_inference() -> None:
 # ------------------------------------------------------------------ errors
 def test_errors() -> None:
     features, target, weight, bias = _case(n=30, d=3, k=3, seed=12)
-    with pytest.raises(ValueError, match=r"`weight` to have shape \(num_classes, num_features\)"):
+    with pytest.raises(ValueError, match=r"`weight` to be \(num_classes, 3\), one column per"):
         neural_collapse(features, target, num_classes=3, weight=torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"`bias` to have shape \(num_classes,\) = \(3,\)"):
         neural_collapse(features, target, weight=weight, bias=torch.zeros(4))
@@ -808,3 +808,17 @@ def test_geometry_is_the_same_at_any_float64_scale() -> None:
         torch.testing.assert_close(
             etf_distance(with_zero * scale), expected_zero, rtol=1e-12, atol=0
         )
+
+
+def test_a_transposed_weight_is_named_as_such() -> None:
+    """A ``(d, K)`` weight given to ``neural_collapse`` is refused for its columns, with a hint
+    that it may be transposed (its rows were taken as the number of classes, and the error spoke
+    of another shape); the right weight gives the keys."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    features, target = torch.randn(40, 5, generator=g), torch.arange(40) % 4
+    weight = torch.randn(4, 5, generator=g)
+    with pytest.raises(ValueError, match=r"\(num_classes, 5\).*\(5, 4\) \(a transposed weight\?\)"):
+        neural_collapse(features, target, weight=weight.T)
+    with pytest.raises(ValueError, match=r"one column per feature, but got shape \(4, 3\)\.$"):
+        neural_collapse(features, target, weight=weight[:, :3])
+    assert "nc3" in neural_collapse(features, target, weight=weight)

@@ -413,3 +413,30 @@ def test_zeros_reads_any_integer_type_for_both_sizes() -> None:
     for bad in (True, np.bool_(True), 3.0, torch.tensor(3.0)):  # TypeError, as nn.Linear
         with pytest.raises(TypeError, match="`num_features` to be an integer"):
             ClassStatistics.zeros(2, bad)  # type: ignore[arg-type]
+
+
+def test_to_merge_all_and_dtypes_as_torch_users_expect() -> None:
+    """``to`` takes a dtype first, as ``Tensor.to`` (it went to ``torch.device``); a
+    non-floating accumulation dtype is a ``TypeError`` naming ``dtype`` (int64 truncated the
+    means silently); ``merge_all`` of one statistics is a new object, as ``merge`` gives (it was
+    the input itself). Reference: the statistics' own values, converted by torch."""
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    features, target = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.arange(20) % 4
+    stats = ClassStatistics.from_features(features, target, 4)
+    as32 = stats.to(torch.float32)
+    assert as32.dtype == torch.float32
+    torch.testing.assert_close(as32.scatter, stats.scatter.float())
+    assert stats.to("cpu", torch.float32).dtype == torch.float32
+    for bad in (torch.int64, torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match="`dtype` to be a floating-point"):
+            stats.to(dtype=bad)
+        with pytest.raises(TypeError, match="`dtype` to be a floating-point"):
+            ClassStatistics.from_features(features, target, 4, dtype=bad)
+    with pytest.raises(TypeError, match="one dtype"):
+        stats.to(torch.float32, torch.float64)
+    merged = ClassStatistics.merge_all([stats])
+    assert merged is not stats
+    merged.update(features, target)
+    assert stats.total == 20  # the input is left as it was
+    assert merged.total == 40

@@ -121,6 +121,15 @@ def _check_num_features(num_features: Any) -> int:
     return _check_size(num_features, "num_features")
 
 
+def _check_dtype(dtype: Any) -> None:
+    """Raise unless ``dtype`` is a real floating dtype (the accumulation dtype)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"Expected argument `dtype` to be a floating-point torch.dtype (torch.float64 for exact"
+            f" statistics), but got {dtype}."
+        )
+
+
 def _check_features_target(
     features: Any, target: Any, num_classes: int, *, validate_args: bool = True
 ) -> None:
@@ -260,6 +269,7 @@ class ClassStatistics:
         """
         num_classes = _check_num_classes(num_classes)
         num_features = _check_num_features(num_features)
+        _check_dtype(dtype)
         return cls.unpack(
             torch.zeros(cls.packed_size(num_classes, num_features), device=device, dtype=dtype),
             num_classes,
@@ -655,7 +665,7 @@ class ClassStatistics:
         """Exact merge of several statistics, left to right (see :meth:`merge`)."""
         if len(statistics) == 0:
             raise ValueError("Expected argument `statistics` to hold at least one ClassStatistics.")
-        merged = statistics[0]
+        merged = statistics[0].clone()  # a new object, as merge gives, also for one statistics
         for other in statistics[1:]:
             merged = merged.merge(other)
         return merged
@@ -677,9 +687,20 @@ class ClassStatistics:
         )
 
     def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        device: torch.device | str | torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
     ) -> ClassStatistics:
-        """The statistics on another device or dtype (``self`` when nothing changes)."""
+        """The statistics on another device or (floating) dtype (``self`` when nothing changes);
+        as for :meth:`torch.Tensor.to`, a dtype may come first (``stats.to(torch.float32)``)."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(
+                    f"Expected one dtype, but got {device} (first argument) and {dtype} (`dtype`)."
+                )
+            device, dtype = None, device
+        if dtype is not None:
+            _check_dtype(dtype)
         if (device is None or torch.device(device) == self.device) and (
             dtype is None or dtype == self.dtype
         ):

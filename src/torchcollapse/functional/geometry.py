@@ -19,7 +19,10 @@ generalized geometry of the normalized rows ``u_c = v_c / ||v_c||`` is then what
 Jiang et al., 2023, "Generalized neural collapse for a large number of classes"):
 
 - ``min_angle``: the smallest angle between two rows (radians), computed for the closest pair as
-  ``2 atan2(||u - u'||, ||u + u'||)``, accurate for tiny and for near-``pi`` angles;
+  ``2 atan2(||u - u'||, ||u + u'||)``, accurate for tiny and for near-``pi`` angles. The closest
+  pair is the one of the largest float64 cosine: of several pairs closer than ~1.5e-8 rad (whose
+  cosines all round to 1) it may report another than the closest;
+  :func:`~torchcollapse.frames.frame_min_angle` (CPU) is exact there;
 - ``spherical_energy``: the Riesz ``s``-energy, mean over pairs of ``||u_c - u_c'||^(-s)``
   (``s = 1``: the Thomson problem; Liu et al., 2018, "Learning towards minimum hyperspherical
   energy").

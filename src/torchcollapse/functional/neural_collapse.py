@@ -352,6 +352,13 @@ def neural_collapse(
     features = features.detach()
     weight = weight.detach() if isinstance(weight, Tensor) else weight
     bias = bias.detach() if isinstance(bias, Tensor) else bias
+    # the weight's columns checked before num_classes is read from its rows
+    if isinstance(weight, Tensor) and weight.ndim == 2 and weight.shape[1] != features.shape[1]:
+        hint = " (a transposed weight?)" if weight.shape[0] == features.shape[1] else ""
+        raise ValueError(
+            f"Expected argument `weight` to be (num_classes, {features.shape[1]}), one column"
+            f" per feature, but got shape {tuple(weight.shape)}{hint}."
+        )
     if num_classes is None:
         if weight is not None and isinstance(weight, Tensor) and weight.ndim == 2:
             num_classes = int(weight.shape[0])
