@@ -635,3 +635,22 @@ def test_tracker_made_after_a_compiled_model_ran_and_nested_blocks_under_compile
         assert first.metrics["2"].update_count == 1  # the removed tracker records no more
     finally:
         torch._dynamo.reset()
+
+
+def test_layer_names_of_a_compiled_model_are_those_of_the_inner_model() -> None:
+    """Layers chosen by type or predicate on a compiled model are named as on the plain model
+    (they came out with an ``_orig_mod.`` prefix, so turning compile on renamed the results);
+    a name with that prefix is accepted, as ``module.`` is for DDP."""
+    import torch._dynamo
+
+    model = _model()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        plain = CollapseTracker(model, nn.Conv1d, NUM_CLASSES).layers
+        assert CollapseTracker(compiled, nn.Conv1d, NUM_CLASSES).layers == plain
+        by_predicate = CollapseTracker(compiled, lambda n, m: isinstance(m, nn.Conv1d), 3)
+        assert by_predicate.layers == plain
+        prefixed = CollapseTracker(compiled, ["_orig_mod.0"], NUM_CLASSES)
+        assert prefixed.modules["_orig_mod.0"] is model[0]
+    finally:
+        torch._dynamo.reset()

@@ -96,21 +96,39 @@ def pool_features(output: Tensor, pool: Pool = "mean") -> Tensor:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``model``."""
-    inner = getattr(model, "module", None)
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(
-        inner, nn.Module
-    ):
-        return inner
-    return model
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, nested in any order, else ``model``."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and (
+            isinstance(inner, nn.Module)
+        ):
+            model = inner
+            continue
+        compiled = model._modules.get("_orig_mod") if _is_compiled(model) else None
+        if isinstance(compiled, nn.Module):
+            model = compiled
+            continue
+        return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is the wrapper ``torch.compile(module)`` returns."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def _reset_if_compiled(model: nn.Module) -> None:
-    """``torch.compiler.reset()`` when ``model`` is a compiled module (possibly inside
-    ``DistributedDataParallel``): graphs compiled before hooks were added or removed do not
-    notice them (dynamo does not guard on hooks), so they must be compiled again."""
-    if isinstance(_unwrap(model), torch._dynamo.eval_frame.OptimizedModule):
-        torch.compiler.reset()
+    """``torch.compiler.reset()`` when ``model`` is, or wraps, a compiled module: graphs
+    compiled before hooks were added do not call them (dynamo does not guard on hooks), so they
+    must be compiled again. The reset is process-wide (every compiled function recompiles)."""
+    while not _is_compiled(model):
+        inner = getattr(model, "module", None)
+        if not isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            return
+        if not isinstance(inner, nn.Module):
+            return
+        model = inner
+    torch.compiler.reset()
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -148,8 +166,10 @@ def _select_layers(model: nn.Module, layers: LayerSelector) -> dict[str, nn.Modu
                     f"Expected argument `layers` to hold layer names (str), but got {name!r}."
                 )
             module = _submodule(inner, name)
-            if module is None and name.startswith("module."):
-                module = _submodule(inner, name.removeprefix("module."))
+            stripped = name
+            while module is None and stripped.startswith(("module.", "_orig_mod.")):
+                stripped = stripped.split(".", 1)[1]  # a wrapper's prefix
+                module = _submodule(inner, stripped)
             if module is None:
                 available = ", ".join(list(named)[:12])
                 raise ValueError(
@@ -198,11 +218,15 @@ class CollapseTracker:
     queue it, and the queued features update the metrics when the ``targets()`` block ends (or
     an inner one begins). Entering and leaving ``targets()`` costs one recompilation (a graph
     with the hooks' work, one without); errors about a layer's output (its shape, a layer run
-    twice) then come at the end of the block rather than during the forward pass. Compiled
-    graphs do not see hooks added after they were compiled: given a compiled model
-    (``torch.compile(model)``), the tracker and :meth:`remove` call ``torch.compiler.reset()``
-    so that the next call recompiles with (or without) the hooks; if the model is compiled
-    elsewhere and has already run, call ``torch.compiler.reset()`` after making the tracker.
+    twice) then come at the end of the block rather than during the forward pass. Layer names
+    are those of the inner model (a ``_orig_mod.`` or ``module.`` prefix is accepted). Compiled
+    graphs do not call hooks added after they were compiled: given a compiled model
+    (``torch.compile(model)``, also inside DDP), the tracker calls ``torch.compiler.reset()``
+    when it is made, which is process-wide (every compiled function in the process compiles
+    again at its next call). So make one tracker for the whole run (its hooks do nothing outside
+    ``targets()``) rather than one per epoch; if the model is compiled elsewhere and has already
+    run, call ``torch.compiler.reset()`` after making the tracker. After :meth:`remove`, graphs
+    traced with the hooks keep running their (now idle) queueing until they recompile.
 
     Args:
         model: the network to watch.
@@ -452,9 +476,7 @@ class CollapseTracker:
 
     def remove(self) -> None:
         """Remove every hook (safe to call twice); the metrics keep what they recorded."""
-        if self._handles:
-            _remove_handles(self._handles)
-            _reset_if_compiled(self.model)
+        _remove_handles(self._handles)
 
     def __enter__(self) -> CollapseTracker:
         return self
