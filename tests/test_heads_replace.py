@@ -351,13 +351,23 @@ def test_replace_head_reaches_inside_data_parallel_averaged_and_compiled_models(
         torch._dynamo.reset()
 
 
-def test_replace_head_reaches_inside_distributed_data_parallel() -> None:
+def test_find_head_reads_through_ddp_and_replace_head_refuses_it() -> None:
+    """``find_head`` names the classifier inside ``DistributedDataParallel``; ``replace_head``
+    refuses the wrapped model (DDP registered the old head's parameters when it was built: the
+    replaced head broke its gradient reduction at the next step) and leaves it as it was."""
     from tests._helpers.ddp import run_distributed
 
-    def work(rank: int, world_size: int) -> tuple[str, bool]:
-        return _wrapped_replace("ddp")
+    def work(rank: int, world_size: int) -> tuple[str, str]:
+        inner = ResNetLike()
+        ddp = nn.parallel.DistributedDataParallel(inner)
+        name, old = find_head(ddp)
+        assert old is inner.fc
+        with pytest.raises(ValueError, match=r"not wrapped in DistributedDataParallel"):
+            replace_head(ddp, SimplexETFHead)
+        assert inner.fc is old
+        return name, type(inner.fc).__name__
 
-    assert run_distributed(work, 1) == [("module.fc,module.2", True)]
+    assert run_distributed(work, 1) == [("module.fc", "Linear")]
 
 
 def test_a_wrapped_model_without_classifier_names_both_in_the_error() -> None:

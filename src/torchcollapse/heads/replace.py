@@ -65,20 +65,36 @@ def _trailing_linear(sequential: nn.Sequential) -> str | None:
 _MODULE_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)
 
 
+def _wrapped(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(attribute, module)`` that a ``DistributedDataParallel``, ``DataParallel``,
+    ``AveragedModel`` (``module``) or ``torch.compile`` (``_orig_mod``) wrapper holds; ``None``
+    for anything else."""
+    if isinstance(model, _MODULE_WRAPPERS) and isinstance(model.module, nn.Module):
+        return "module", model.module
+    inner = model._modules.get("_orig_mod")  # torch.compile's OptimizedModule
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return "_orig_mod", inner
+    return None
+
+
 def _unwrap(model: nn.Module) -> tuple[str, nn.Module]:
-    """The model inside ``DistributedDataParallel``, ``DataParallel``, ``AveragedModel``
-    (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, nested in any order, and the
+    """The model inside such wrappers (see :func:`_wrapped`), nested in any order, and the
     dotted prefix of its names in ``model.named_modules()`` (``""`` for an unwrapped model)."""
     prefix = ""
-    while True:
-        if isinstance(model, _MODULE_WRAPPERS) and isinstance(model.module, nn.Module):
-            prefix, model = f"{prefix}module.", model.module
-            continue
-        inner = model._modules.get("_orig_mod")  # torch.compile's OptimizedModule
-        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-            prefix, model = f"{prefix}_orig_mod.", inner
-            continue
-        return prefix, model
+    while (wrapped := _wrapped(model)) is not None:
+        attribute, model = wrapped
+        prefix = f"{prefix}{attribute}."
+    return prefix, model
+
+
+def _inside_ddp(model: nn.Module) -> bool:
+    """Whether a ``DistributedDataParallel`` is among the wrappers :func:`_unwrap` goes through."""
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        wrapped = _wrapped(model)
+        if wrapped is None:
+            return False
+        model = wrapped[1]
+    return True
 
 
 def _qualified_name(model: nn.Module, target: nn.Module) -> str | None:
@@ -185,7 +201,9 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
     ``DistributedDataParallel``, ``nn.DataParallel``, ``AveragedModel`` and ``torch.compile``
     wrappers (the wrapped model's classifier is replaced in place; a compiled model recompiles
     at its next call). ``DistributedDataParallel`` registers the parameters it synchronises when
-    it is built: replace the head before wrapping, or wrap the model again after replacing it.
+    it is built, so a head replaced inside it would break its gradient reduction at the next
+    step: it is refused (replace the head of ``ddp.module`` or of the model before wrapping,
+    then wrap it again).
     An ``AveragedModel`` holds its own copy of the model: replace the head in the model and in
     the average alike.
 
@@ -208,9 +226,9 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
 
     Raises:
         ValueError: when no classifier is found, ``get_classifier()`` returns several (timm's
-            distilled models: replace ``head`` and ``head_dist`` yourself), or the classifier is
-            a lazy module (:class:`torch.nn.LazyLinear`) not initialised yet: run one forward
-            pass first.
+            distilled models: replace ``head`` and ``head_dist`` yourself), the classifier is
+            a lazy module (:class:`torch.nn.LazyLinear`) not initialised yet (run one forward
+            pass first), or the model is inside ``DistributedDataParallel``.
         TypeError: when ``factory`` does not return an ``nn.Module``.
 
     Example:
@@ -223,6 +241,13 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
         >>> type(model[1]).__name__, model(torch.randn(2, 8)).shape
         ('SimplexETFHead', torch.Size([2, 5]))
     """
+    if _inside_ddp(model):
+        raise ValueError(
+            f"Expected a model not wrapped in DistributedDataParallel, but got one around "
+            f"{type(_unwrap(model)[1]).__name__}: DDP registered the old head's parameters for "
+            "its gradient reduction when it was built. Replace the head before wrapping (e.g. "
+            "`replace_head(ddp.module, ...)` on a fresh model) and wrap the model again."
+        )
     path, old = find_head(model)
     if isinstance(old, LazyModuleMixin) and old.has_uninitialized_params():
         raise ValueError(
