@@ -424,3 +424,32 @@ def test_heads_that_need_targets_warn_once_when_trained_without_them(kind: str) 
             compiled(x)  # no graph break either (fullgraph)
         finally:
             torch._dynamo.reset()
+
+
+def test_the_library_warnings_point_at_the_users_line() -> None:
+    """Warnings raised deep inside a model (a head in an ``nn.Sequential``) or a
+    ``MetricCollection`` name the user's file, not torch's or torchmetrics' call machinery
+    (a fixed ``stacklevel`` pointed into ``torch/nn/modules/container.py``)."""
+    import warnings
+
+    from torchmetrics import MetricCollection
+
+    from torchcollapse.heads import NearestETFHead
+    from torchcollapse.metrics import NeuralCollapseNC1, NeuralCollapseNC4
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    replace_head(model, NearestETFHead)
+    x = torch.randn(6, 8)
+    head = nn.Linear(16, 4)
+    collection = MetricCollection(
+        {"nc1": NeuralCollapseNC1(4), "nc4": NeuralCollapseNC4(4, classifier=head)}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x)
+        model(x)  # the second call without targets warns
+        collection.update(torch.randn(12, 16), torch.arange(12) % 4)
+        collection.compute()  # NC4 without reference means: NaN with a warning
+    messages = {str(w.message).split(" ")[0]: w.filename for w in caught}
+    assert messages["NearestETFHead"] == __file__, messages
+    assert messages["NeuralCollapseNC4.compute:"] == __file__, messages

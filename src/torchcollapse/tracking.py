@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
 from torchcollapse._numbers import read_int
+from torchcollapse._warnings import user_stacklevel
 from torchcollapse.metrics import CollapseStatisticsMetric, NeuralCollapse
 
 __all__ = ["CollapseTracker", "pool_features"]
@@ -353,7 +354,7 @@ class CollapseTracker:
             " module reused in the forward, or several forward passes in one block); only its"
             " first output is recorded. Track a module that runs once per forward pass.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return True
 
@@ -457,7 +458,7 @@ class CollapseTracker:
                 f"Layers {silent} recorded no samples (not called by the forward passes run "
                 "inside `targets()`); they are left out of the results.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         results: dict[str, dict[str, Tensor]] = {}
         for name, metric in self.metrics.items():

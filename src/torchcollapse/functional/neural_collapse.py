@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from torchcollapse._numbers import as_finite_float, read_number
+from torchcollapse._warnings import user_stacklevel
 from torchcollapse.functional.duality import _check_bias, _check_weight, _nc3, _nc3_cosine
 from torchcollapse.functional.geometry import (
     _etf_distance_without_angles,
@@ -312,7 +313,9 @@ def _check_keys(
 
 def _warn_left_out(reason: str, keys: str) -> None:
     verb = "is" if keys.endswith(" key") else "are"
-    warnings.warn(f"{reason}: the {keys} {verb} left out.", UserWarning, stacklevel=3)
+    warnings.warn(
+        f"{reason}: the {keys} {verb} left out.", UserWarning, stacklevel=user_stacklevel()
+    )
 
 
 def neural_collapse(

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 from torchcollapse._autograd import transforms_active
 from torchcollapse._labels import check_label_range
 from torchcollapse._numbers import as_finite_float, as_real_float, read_int
+from torchcollapse._warnings import user_stacklevel
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
 __all__: list[str] = []
@@ -65,7 +66,7 @@ def note_training_call(head: nn.Module, target: Tensor | None, message: str) -> 
     warnings.warn(
         f"{message} Warned once per head.",
         UserWarning,
-        stacklevel=5,  # this function, forward, nn.Module's call machinery (2), the caller
+        stacklevel=user_stacklevel(),  # the user's line, also through a model around the head
     )
 
 

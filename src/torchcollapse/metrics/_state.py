@@ -32,6 +32,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from torchcollapse._classifier import applied_weight
+from torchcollapse._warnings import user_stacklevel
 from torchcollapse.functional.duality import _check_bias, _check_weight
 from torchcollapse.functional.means import UndefinedCollapse, _check_global_mean
 from torchcollapse.functional.nearest_class_center import (
@@ -308,7 +309,7 @@ class CollapseStatisticsMetric(Metric):
                 f"{type(self).__name__}.forward: the batch has no value of its own; it was"
                 f" accumulated, and its value is NaN. ({reason})",
                 UserWarning,
-                stacklevel=4,  # forward, nn.Module's call machinery (2), the caller
+                stacklevel=user_stacklevel(),
             )
         return value
 
@@ -427,7 +428,7 @@ class CollapseStatisticsMetric(Metric):
                 f"{type(self).__name__} has no `classifier`, so NC4 is not measured against these"
                 " class means; pass `classifier=` at construction.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         centre, centred, offsets = _prepare_reference(means.to(self.nc4_samples.device))
         self._nc4_centre, self._nc4_means, self._nc4_offsets = centre, centred, offsets

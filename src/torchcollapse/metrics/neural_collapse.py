@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from torchcollapse._warnings import user_stacklevel
 from torchcollapse.functional.neural_collapse import neural_collapse_compute
 from torchcollapse.metrics._state import CollapseStatisticsMetric
 
@@ -198,7 +199,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
         classifier = self._classifier_weight_bias(finite=True)
         reason = self._nc4_uncounted()
         if reason is not None:
-            warnings.warn(f"{reason} The nc4 key is left out.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{reason} The nc4 key is left out.", UserWarning, stacklevel=user_stacklevel()
+            )
         return neural_collapse_compute(
             self.class_statistics(),
             weight=None if classifier is None else classifier[0],

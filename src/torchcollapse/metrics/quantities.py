@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from torchcollapse._warnings import user_stacklevel
 from torchcollapse.functional.means import UndefinedCollapse
 from torchcollapse.functional.neural_collapse import neural_collapse_compute
 from torchcollapse.metrics._state import CollapseStatisticsMetric
@@ -231,7 +232,7 @@ class NeuralCollapseNC4(_SingleQuantity):
             warnings.warn(
                 f"{type(self).__name__}.compute: NC4 is undefined, so its value is NaN. ({error})",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return self._nan()
 
