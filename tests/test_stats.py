@@ -416,9 +416,10 @@ def test_zeros_reads_any_integer_type_for_both_sizes() -> None:
 
 
 def test_to_merge_all_and_dtypes_as_torch_users_expect() -> None:
-    """``to`` takes a dtype first, as ``Tensor.to`` (it went to ``torch.device``); a
-    non-floating accumulation dtype is a ``TypeError`` naming ``dtype`` (int64 truncated the
-    means silently); ``merge_all`` of one statistics is a new object, as ``merge`` gives (it was
+    """``to`` takes a dtype first, as ``Tensor.to`` (it went to ``torch.device``); an
+    accumulation dtype other than float64/float32 is a ``TypeError`` naming ``dtype`` (int64
+    truncated the means, bfloat16 counts stalled at 256, silently); ``merge_all`` of one
+    statistics is a new object, as ``merge`` gives (it was
     the input itself). Reference: the statistics' own values, converted by torch."""
     seed = int(torch.randint(0, 2**31, ()))
     g = torch.Generator().manual_seed(seed)
@@ -428,10 +429,11 @@ def test_to_merge_all_and_dtypes_as_torch_users_expect() -> None:
     assert as32.dtype == torch.float32
     torch.testing.assert_close(as32.scatter, stats.scatter.float())
     assert stats.to("cpu", torch.float32).dtype == torch.float32
-    for bad in (torch.int64, torch.bool, torch.complex64):
-        with pytest.raises(TypeError, match="`dtype` to be a floating-point"):
+    # 16-bit floats stop counting (bfloat16 counts stall at 256), integers truncate
+    for bad in (torch.int64, torch.bool, torch.complex64, torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=r"`dtype` to be torch\.float64 .* or torch\.float32"):
             stats.to(dtype=bad)
-        with pytest.raises(TypeError, match="`dtype` to be a floating-point"):
+        with pytest.raises(TypeError, match=r"`dtype` to be torch\.float64 .* or torch\.float32"):
             ClassStatistics.from_features(features, target, 4, dtype=bad)
     with pytest.raises(TypeError, match="one dtype"):
         stats.to(torch.float32, torch.float64)

@@ -654,3 +654,27 @@ def test_layer_names_of_a_compiled_model_are_those_of_the_inner_model() -> None:
         assert prefixed.modules["_orig_mod.0"] is model[0]
     finally:
         torch._dynamo.reset()
+
+
+def test_a_warning_at_the_end_of_a_compiled_block_points_at_the_users_line() -> None:
+    """On a compiled model the layers' outputs are recorded when the ``targets()`` block ends,
+    inside ``contextlib``'s exit: the "ran more than once" warning then names the user's file,
+    not ``contextlib.py``."""
+    import warnings
+
+    import torch._dynamo
+
+    model = _model()
+    x, y = torch.randn(8, 2, 12), torch.arange(8) % NUM_CLASSES
+    try:
+        compiled = torch.compile(model, backend="eager")
+        tracker = CollapseTracker(compiled, ["0"], NUM_CLASSES)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with tracker.targets(y):
+                compiled(x)
+                compiled(x)  # the layer runs twice in one block
+        repeats = [w for w in caught if "more than once" in str(w.message)]
+        assert [w.filename for w in repeats] == [__file__]
+    finally:
+        torch._dynamo.reset()

@@ -122,11 +122,12 @@ def _check_num_features(num_features: Any) -> int:
 
 
 def _check_dtype(dtype: Any) -> None:
-    """Raise unless ``dtype`` is a real floating dtype (the accumulation dtype)."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    """Raise unless ``dtype`` is an accumulation dtype: float64 (exact) or float32. 16-bit
+    floats would stop counting (bfloat16 counts stall at 256) and integers truncate."""
+    if dtype not in (torch.float64, torch.float32):
         raise TypeError(
-            f"Expected argument `dtype` to be a floating-point torch.dtype (torch.float64 for exact"
-            f" statistics), but got {dtype}."
+            f"Expected argument `dtype` to be torch.float64 (exact statistics) or torch.float32,"
+            f" but got {dtype}."
         )
 
 

@@ -114,8 +114,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is the wrapper ``torch.compile(module)`` returns."""
-    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    """Whether ``model`` is the wrapper ``torch.compile(module)`` returns (by its type's name:
+    reading ``torch._dynamo`` would import it, ~1 s, for every tracker)."""
+    return type(model).__name__ == "OptimizedModule" and "_orig_mod" in model._modules
 
 
 def _reset_if_compiled(model: nn.Module) -> None:
