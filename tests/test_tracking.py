@@ -665,7 +665,7 @@ def test_a_warning_at_the_end_of_a_compiled_block_points_at_the_users_line() -> 
     import torch._dynamo
 
     model = _model()
-    x, y = torch.randn(8, 2, 12), torch.arange(8) % NUM_CLASSES
+    x, y = torch.randn(8, 2, 12, dtype=torch.float64), torch.arange(8) % NUM_CLASSES
     try:
         compiled = torch.compile(model, backend="eager")
         tracker = CollapseTracker(compiled, ["0"], NUM_CLASSES)
