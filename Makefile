@@ -3,7 +3,8 @@
 #   make test   set up .venv and run lint, format check, type check and the whole test suite
 #
 # The virtual environment reuses an existing torch: when the Python that creates it can already
-# import torch, .venv sees the system packages; otherwise a CPU build (torch==2.13.0) is installed.
+# import torch, .venv sees the system packages; otherwise torch==2.13.0 is installed (TORCH_CPU;
+# add --index-url https://download.pytorch.org/whl/cpu to it where pip would pick a CUDA build).
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -198,9 +198,9 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
     ``nn.Sequential`` keeps its order), and the old head is returned. Works for timm models (the
     module ``get_classifier()`` returns is replaced where it lives, so ``get_classifier()`` then
     returns the new head), torchvision models and plain ``nn.Sequential``, also inside
-    ``DistributedDataParallel``, ``nn.DataParallel``, ``AveragedModel`` and ``torch.compile``
-    wrappers (the wrapped model's classifier is replaced in place; a compiled model recompiles
-    at its next call). ``DistributedDataParallel`` registers the parameters it synchronises when
+    ``nn.DataParallel``, ``AveragedModel`` and ``torch.compile`` wrappers (the wrapped model's
+    classifier is replaced in place; a compiled model recompiles at its next call).
+    ``DistributedDataParallel`` registers the parameters it synchronises when
     it is built, so a head replaced inside it would break its gradient reduction at the next
     step: it is refused (replace the head of ``ddp.module`` or of the model before wrapping,
     then wrap it again).
