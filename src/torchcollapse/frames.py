@@ -85,12 +85,6 @@ _BLOCK_ELEMENTS = 2**22  # rows are processed in blocks of at most this many gat
 _CPU = torch.device("cpu")
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    """``value`` as a Python int of at least ``minimum``: any integer (Python, numpy, 0-dim integer
-    tensor; ``operator.index``), as the heads take sizes, never a bool or a float."""
-    return read_int(value, name, minimum)
-
-
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         return torch.Generator().manual_seed(DEFAULT_SEED)
@@ -179,8 +173,8 @@ def simplex_etf(
         >>> torch.equal(frame, simplex_etf(4, 3, dtype=torch.float64))  # same default seed
         True
     """
-    k = _check_int(num_classes, "num_classes", 2)
-    d = _check_int(dim, "dim", 1)
+    k = read_int(num_classes, "num_classes", 2)
+    d = read_int(dim, "dim", 1)
     if d < k - 1:
         advice = (
             f"use `spherical_code({k}, {d})` for maximally separated directions instead"
@@ -345,8 +339,8 @@ def orthogonal_frame(
         >>> torch.allclose(frame @ frame.T, torch.eye(3, dtype=torch.float64))
         True
     """
-    k = _check_int(num_classes, "num_classes", 1)
-    d = _check_int(dim, "dim", 1)
+    k = read_int(num_classes, "num_classes", 1)
+    d = read_int(dim, "dim", 1)
     if d < k:
         raise ValueError(
             f"Expected argument `dim` to be at least `num_classes` = {k} for an orthogonal frame, "
@@ -534,9 +528,9 @@ def spherical_code(
         >>> torch.equal(code, spherical_code(12, 3, dtype=torch.float64))  # deterministic
         True
     """
-    k = _check_int(num_classes, "num_classes", 2)
-    d = _check_int(dim, "dim", 1)
-    steps = _check_int(steps, "steps", 1)
+    k = read_int(num_classes, "num_classes", 2)
+    d = read_int(dim, "dim", 1)
+    steps = read_int(steps, "steps", 1)
     if d == 1 and k > 2:
         raise ValueError(
             f"Expected argument `dim` to be at least 2 for {k} classes: a line holds only 2 "
@@ -701,8 +695,8 @@ def min_angle_bound(num_classes: int, dim: int) -> tuple[float, str]:
         >>> min_angle_bound(6, 3)
         (90.0, 'orthoplex')
     """
-    k = _check_int(num_classes, "num_classes", 2)
-    d = _check_int(dim, "dim", 1)
+    k = read_int(num_classes, "num_classes", 2)
+    d = read_int(dim, "dim", 1)
     if d == 1:
         return (180.0, "simplex") if k == 2 else (0.0, "cap packing")
     bounds = [(math.degrees(math.acos(-1.0 / (k - 1))), "simplex")]
@@ -869,7 +863,7 @@ def hierarchy_frame(
         )
     if not similarity.is_floating_point() or not bool(torch.isfinite(similarity).all()):
         raise ValueError("Expected argument `similarity` to be a finite floating-point tensor.")
-    max_iter = _check_int(max_iter, "max_iter", 1)
+    max_iter = read_int(max_iter, "max_iter", 1)
     tol_value = as_real_float(tol)
     if tol_value is None:
         raise TypeError(
@@ -886,7 +880,7 @@ def hierarchy_frame(
     rank = int(keep.sum())
     if dim is None:
         dim = rank
-    d = _check_int(dim, "dim", 1)
+    d = read_int(dim, "dim", 1)
     if d < rank:
         raise ValueError(
             f"Expected argument `dim` to be at least {rank}, the rank of the projected "

@@ -104,21 +104,14 @@ def _check_features(features: Any, name: str = "features") -> None:
         )
 
 
-def _check_size(value: Any, name: str) -> int:
-    """``value`` as a positive Python int (any integer type, not a bool): a ``TypeError`` naming
-    ``name`` for a non-integer, a ``ValueError`` below 1 (see
-    :func:`~torchcollapse._numbers.read_int`)."""
-    return read_int(value, name)
-
-
 def _check_num_classes(num_classes: Any) -> int:
     """``num_classes`` as a Python int (any integer type, not a bool); raise unless positive."""
-    return _check_size(num_classes, "num_classes")
+    return read_int(num_classes, "num_classes")
 
 
 def _check_num_features(num_features: Any) -> int:
     """``num_features`` as a Python int (any integer type, not a bool); raise unless positive."""
-    return _check_size(num_features, "num_features")
+    return read_int(num_features, "num_features")
 
 
 def _check_dtype(dtype: Any) -> None:

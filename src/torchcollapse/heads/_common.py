@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import transforms_active
 from torchcollapse._labels import check_label_range
-from torchcollapse._numbers import as_finite_float, as_real_float, read_int
+from torchcollapse._numbers import as_finite_float, as_real_float
 from torchcollapse._warnings import user_stacklevel
 from torchcollapse.heads.scale import DEFAULT_LOSS_FLOOR, scale_for_loss_floor
 
@@ -24,12 +24,6 @@ _HALF = (torch.float16, torch.bfloat16)
 
 # torch.compiler.is_exporting is missing from older torch releases
 _is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
-def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    """``value`` as a Python int of at least ``minimum``: any integer (Python, numpy, 0-dim integer
-    tensor; ``operator.index``), never a bool (see :func:`~torchcollapse._numbers.read_int`)."""
-    return read_int(value, name, minimum)
 
 
 def resolve_scale(scale: object, num_classes: int, normalize_features: bool) -> float:

@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import read_int, read_number
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
     check_features,
-    check_positive_int,
     check_target,
     normalized_linear,
     note_training_call,
@@ -109,8 +108,8 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.num_classes = check_positive_int(num_classes, "num_classes", 2)
+        self.in_features = read_int(in_features, "in_features")
+        self.num_classes = read_int(num_classes, "num_classes", 2)
         if margin_type not in ("cosface", "arcface"):
             raise ValueError(
                 "Expected argument `margin_type` to be 'cosface' or 'arcface', "

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import read_int, read_number
 from torchcollapse.frames import orthogonal_frame, simplex_etf, spherical_code
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
     check_features,
-    check_positive_int,
     normalized_linear,
     resolve_scale,
 )
@@ -253,8 +252,8 @@ class SimplexETFHead(FixedFrameHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        in_features = check_positive_int(in_features, "in_features")
-        num_classes = check_positive_int(num_classes, "num_classes", 2)
+        in_features = read_int(in_features, "in_features")
+        num_classes = read_int(num_classes, "num_classes", 2)
         check_simplex_features(in_features, num_classes)
         builder = _FrameBuilder(simplex_etf, (num_classes, in_features))
         frame = builder.draw(generator, dtype, device)
@@ -309,8 +308,8 @@ class SphericalCodeHead(FixedFrameHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        in_features = check_positive_int(in_features, "in_features")
-        num_classes = check_positive_int(num_classes, "num_classes", 2)
+        in_features = read_int(in_features, "in_features")
+        num_classes = read_int(num_classes, "num_classes", 2)
         builder = _FrameBuilder(spherical_code, (num_classes, in_features), steps=steps)
         frame = builder.draw(generator, dtype, device)
         super().__init__(
@@ -360,8 +359,8 @@ class OrthogonalFrameHead(FixedFrameHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        in_features = check_positive_int(in_features, "in_features")
-        num_classes = check_positive_int(num_classes, "num_classes", 2)
+        in_features = read_int(in_features, "in_features")
+        num_classes = read_int(num_classes, "num_classes", 2)
         if in_features < num_classes:
             raise ValueError(
                 f"Expected argument `in_features` to be at least `num_classes` = {num_classes} for"

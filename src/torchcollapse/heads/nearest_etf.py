@@ -34,11 +34,10 @@ from torch import Tensor
 
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import DropsProcessGroupWhenPickled, all_reduce_sum
-from torchcollapse._numbers import read_number
+from torchcollapse._numbers import read_int, read_number
 from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import (
     check_features,
-    check_positive_int,
     check_target,
     note_training_call,
 )
@@ -143,8 +142,8 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
         sync_dist: bool = True,
         process_group: Any = None,
     ) -> None:
-        in_features = check_positive_int(in_features, "in_features")
-        num_classes = check_positive_int(num_classes, "num_classes", 2)
+        in_features = read_int(in_features, "in_features")
+        num_classes = read_int(num_classes, "num_classes", 2)
         check_simplex_features(in_features, num_classes)
         # any real scalar (Python, numpy, 0-dim tensor), never a bool
         momentum = read_number(momentum, "momentum", "in (0, 1]", lambda value: 0 < value <= 1)

@@ -38,7 +38,8 @@ from torchcollapse._distributed import (
     is_distributed,
 )
 from torchcollapse._labels import check_label_range, label_range_error
-from torchcollapse._numbers import read_int, read_number
+from torchcollapse._numbers import read_number
+from torchcollapse.stats import _check_num_classes
 
 __all__ = [
     "BatchClassStatistics",
@@ -145,12 +146,6 @@ def check_classifier_shape(weight: Tensor, num_classes: int, in_features: int) -
         )
 
 
-def check_num_classes(num_classes: Any) -> int:
-    """``num_classes`` as a Python int: any integer type (numpy's, 0-dim tensors), not a bool; a
-    ``TypeError`` for a non-integer, a ``ValueError`` below 1."""
-    return read_int(num_classes, "num_classes")
-
-
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -188,7 +183,7 @@ class BatchCollapseTerm(DropsProcessGroupWhenPickled):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        num_classes = check_num_classes(num_classes)
+        num_classes = _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.weight = check_weight(weight)
         self.sync_dist = sync_dist

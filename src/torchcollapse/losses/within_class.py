@@ -45,7 +45,6 @@ from torchcollapse._numbers import read_int, read_number
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_features_target,
-    check_num_classes,
     check_weight,
     compute_dtype,
     count_classes,
@@ -62,6 +61,7 @@ from torchcollapse.losses._fused import (
     onehot_products,
     with_gradients,
 )
+from torchcollapse.stats import _check_num_classes
 
 __all__ = ["WithinClassVariabilityLoss", "within_class_variability"]
 
@@ -174,7 +174,7 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        num_classes = check_num_classes(num_classes)
+        num_classes = _check_num_classes(num_classes)
         if form not in _FORMS:
             raise ValueError(f"Expected argument `form` to be one of {_FORMS}, but got {form!r}.")
         if momentum is not None:
