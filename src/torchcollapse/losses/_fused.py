@@ -583,7 +583,13 @@ def _collapse_terms(
     if host and dtype == torch.float32 and valid and _outside_float32_range(within, msq, w2, rows):
         # squares at the edge of the float32 range (features or classifier rows beyond ~1e+-15):
         # the products and quotients below would underflow or overflow; the same in float64
-        return _in_float64(hf, target, wf, num_classes, config, want_parts, validate_args)
+        # (differentiable casts), returned in float32, the ratio form of NC1 keeping float32's cap
+        w64 = None if wf is None else wf.double()
+        cap = _CAP[torch.float32]
+        total64, parts64 = _collapse_terms(
+            hf.double(), target, w64, num_classes, config, want_parts, validate_args, cap
+        )
+        return total64.float(), None if parts64 is None else parts64.float()
     total: Scalar = 0.0
     values: tuple[Scalar, Scalar, Scalar] = (0.0, 0.0, 0.0)
     coefficients: tuple[Scalar, ...] = (0.0,) * 6
@@ -672,25 +678,6 @@ def _outside_float32_range(within: Scalar, msq: Scalar, w2: Scalar, rows: Tensor
     if not _in_range(msq) or float(within) > _SAFE[1]:
         return True
     return rows is not None and not _in_range(w2)
-
-
-def _in_float64(
-    hf: Tensor,
-    target: Tensor,
-    wf: Tensor | None,
-    num_classes: int,
-    config: tuple[float, str, float | None, str, float, float],
-    want_parts: bool,
-    validate_args: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`_collapse_terms` of float32 inputs computed in float64 (differentiable casts), the
-    results returned in float32; the ratio form of NC1 keeps float32's cap."""
-    w64 = None if wf is None else wf.double()
-    cap = _CAP[torch.float32]
-    total, parts = _collapse_terms(
-        hf.double(), target, w64, num_classes, config, want_parts, validate_args, cap
-    )
-    return total.float(), None if parts is None else parts.float()
 
 
 def _add_scaled(out: Tensor, other: Tensor, factor: Scalar) -> Tensor:
