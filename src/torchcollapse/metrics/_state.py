@@ -319,16 +319,13 @@ class CollapseStatisticsMetric(Metric):
         """Every check of ``update`` on a batch, before anything is written (for ``forward``);
         returns the classifier NC4 counts the batch with (see :meth:`_nc4_classifier`)."""
         _check_features_target(features, target, self.num_classes, validate_args=self.validate_args)
-        if self.statistics.numel():
-            num_features = ClassStatistics.num_features_from_packed_size(
-                self.statistics.numel(), self.num_classes
+        num_features = self._held_num_features()
+        if num_features is not None and features.shape[1] != num_features:
+            raise ValueError(
+                f"Expected argument `features` to have {num_features} features (columns), the"
+                f" feature dimension of this metric's statistics, but got shape"
+                f" {tuple(features.shape)}."
             )
-            if features.shape[1] != num_features:
-                raise ValueError(
-                    f"Expected argument `features` to have {num_features} features (columns), the"
-                    f" feature dimension of this metric's statistics, but got shape"
-                    f" {tuple(features.shape)}."
-                )
         if features.device != self.statistics.device:
             raise ValueError(
                 f"Expected argument `features` to be on {self.statistics.device}, the device of"
@@ -467,11 +464,7 @@ class CollapseStatisticsMetric(Metric):
             if name in state_dict:
                 loaded = self._adopted_statistics(state_dict[name], source, loading=True)
                 if loaded.numel() == 0 and self.num_features is not None:  # saved before data
-                    loaded = torch.zeros(
-                        ClassStatistics.packed_size(self.num_classes, self.num_features),
-                        dtype=torch.float64,
-                        device=self.statistics.device,
-                    )
+                    loaded = self._zero_statistics(self.num_features)
                 state_dict[name] = loaded
             for key in ("nc4_mismatches", "nc4_samples"):
                 if prefix + key in state_dict:
@@ -522,14 +515,7 @@ class CollapseStatisticsMetric(Metric):
             # the first batch fixes the feature dimension: validated before the allocation
             _check_features_target(features, target, self.num_classes, validate_args=validate)
             validate = False
-            num_features = int(features.shape[1])
-            # A normal tensor even under inference mode, so later updates outside it may write it.
-            with torch.inference_mode(False):
-                self.statistics = torch.zeros(
-                    ClassStatistics.packed_size(self.num_classes, num_features),
-                    dtype=torch.float64,
-                    device=self.nc4_samples.device,
-                )
+            self.statistics = self._zero_statistics(int(features.shape[1]))
         stats = ClassStatistics.unpack(self.statistics, self.num_classes)
         stats.update(
             features.detach(),
@@ -580,6 +566,25 @@ class CollapseStatisticsMetric(Metric):
             copied: dict[str, Tensor | list[Any]] = super()._copy_state_dict()
         return copied
 
+    def _held_num_features(self) -> int | None:
+        """The feature dimension of the statistics held; ``None`` before the first batch."""
+        if self.statistics.numel() == 0:
+            return None
+        return ClassStatistics.num_features_from_packed_size(
+            self.statistics.numel(), self.num_classes
+        )
+
+    def _zero_statistics(self, num_features: int) -> Tensor:
+        """Packed statistics of no sample with ``num_features`` features, on the metric's
+        device: a normal tensor even under inference mode, so later updates outside it may write
+        into it."""
+        with torch.inference_mode(False):
+            return torch.zeros(
+                ClassStatistics.packed_size(self.num_classes, num_features),
+                dtype=torch.float64,
+                device=self.nc4_samples.device,
+            )
+
     def _adopted_statistics(
         self, value: Any, source: str, *, loading: bool = False, copy: bool = True
     ) -> Tensor:
@@ -598,14 +603,7 @@ class CollapseStatisticsMetric(Metric):
                 f" statistics, but got {got}."
             )
         size = value.numel()
-        if loading:
-            dim = self.num_features
-        elif self.statistics.numel():
-            dim = ClassStatistics.num_features_from_packed_size(
-                self.statistics.numel(), self.num_classes
-            )
-        else:
-            dim = None
+        dim = self.num_features if loading else self._held_num_features()
         if dim is not None:
             expected = ClassStatistics.packed_size(self.num_classes, dim)
             if size not in (0, expected):
