@@ -32,6 +32,7 @@ from torchmetrics import Metric
 
 from torchcollapse._numbers import read_int
 from torchcollapse._warnings import user_stacklevel
+from torchcollapse._wrappers import is_compiled, wrapper_chain
 from torchcollapse.metrics import CollapseStatisticsMetric, NeuralCollapse
 
 __all__ = ["CollapseTracker", "pool_features"]
@@ -99,38 +100,16 @@ def pool_features(output: Tensor, pool: Pool = "mean") -> Tensor:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel`` / ``DataParallel`` (``.module``) and
     ``torch.compile`` (``._orig_mod``) wrappers, nested in any order, else ``model``."""
-    while True:
-        inner = getattr(model, "module", None)
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and (
-            isinstance(inner, nn.Module)
-        ):
-            model = inner
-            continue
-        compiled = model._modules.get("_orig_mod") if _is_compiled(model) else None
-        if isinstance(compiled, nn.Module):
-            model = compiled
-            continue
-        return model
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is the wrapper ``torch.compile(module)`` returns (by its type's name:
-    reading ``torch._dynamo`` would import it, ~1 s, for every tracker)."""
-    return type(model).__name__ == "OptimizedModule" and "_orig_mod" in model._modules
+    *_, (_, inner) = wrapper_chain(model)
+    return inner
 
 
 def _reset_if_compiled(model: nn.Module) -> None:
     """``torch.compiler.reset()`` when ``model`` is, or wraps, a compiled module: graphs
     compiled before hooks were added do not call them (dynamo does not guard on hooks), so they
     must be compiled again. The reset is process-wide (every compiled function recompiles)."""
-    while not _is_compiled(model):
-        inner = getattr(model, "module", None)
-        if not isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            return
-        if not isinstance(inner, nn.Module):
-            return
-        model = inner
-    torch.compiler.reset()
+    if any(is_compiled(module) for _, module in wrapper_chain(model)):
+        torch.compiler.reset()
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.optim.swa_utils import AveragedModel
 
+from torchcollapse._wrappers import PARALLEL, wrapper_chain
+
 __all__ = ["find_head", "replace_head"]
 
 _LOOKED_FOR = (
@@ -62,39 +64,23 @@ def _trailing_linear(sequential: nn.Sequential) -> str | None:
     return None
 
 
-_MODULE_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)
-
-
-def _wrapped(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """``(attribute, module)`` that a ``DistributedDataParallel``, ``DataParallel``,
-    ``AveragedModel`` (``module``) or ``torch.compile`` (``_orig_mod``) wrapper holds; ``None``
-    for anything else."""
-    if isinstance(model, _MODULE_WRAPPERS) and isinstance(model.module, nn.Module):
-        return "module", model.module
-    inner = model._modules.get("_orig_mod")  # torch.compile's OptimizedModule
-    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-        return "_orig_mod", inner
-    return None
+_MODULE_WRAPPERS = (*PARALLEL, AveragedModel)
 
 
 def _unwrap(model: nn.Module) -> tuple[str, nn.Module]:
-    """The model inside such wrappers (see :func:`_wrapped`), nested in any order, and the
+    """The model inside ``DistributedDataParallel``, ``DataParallel``, ``AveragedModel``
+    (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, nested in any order, and the
     dotted prefix of its names in ``model.named_modules()`` (``""`` for an unwrapped model)."""
-    prefix = ""
-    while (wrapped := _wrapped(model)) is not None:
-        attribute, model = wrapped
-        prefix = f"{prefix}{attribute}."
-    return prefix, model
+    chain = list(wrapper_chain(model, _MODULE_WRAPPERS))
+    return "".join(f"{attribute}." for attribute, _ in chain[1:]), chain[-1][1]
 
 
 def _inside_ddp(model: nn.Module) -> bool:
     """Whether a ``DistributedDataParallel`` is among the wrappers :func:`_unwrap` goes through."""
-    while not isinstance(model, nn.parallel.DistributedDataParallel):
-        wrapped = _wrapped(model)
-        if wrapped is None:
-            return False
-        model = wrapped[1]
-    return True
+    return any(
+        isinstance(module, nn.parallel.DistributedDataParallel)
+        for _, module in wrapper_chain(model, _MODULE_WRAPPERS)
+    )
 
 
 def _qualified_name(model: nn.Module, target: nn.Module) -> str | None:
