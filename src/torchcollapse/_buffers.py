@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["apply_keeping_dtypes"]
+__all__ = ["apply_keeping_dtypes", "restore_constant"]
 
 
 def _narrow(dtype: torch.dtype) -> bool:
@@ -80,6 +80,13 @@ def apply_keeping_dtypes(
             if torch.equal(exact.to(original.dtype), original.detach().cpu()):  # not modified
                 source = exact
         module._buffers[name] = source.to(device=moved.device, dtype=dtype)
+
+
+def restore_constant(buffer: Tensor, values: Sequence[float]) -> None:
+    """Copy the constructor's ``values`` of a constant buffer back into it (``reset_parameters``),
+    rounded once from float64 to the buffer's dtype, on its device, without recording autograd."""
+    with torch.no_grad():
+        buffer.copy_(torch.tensor(values, dtype=torch.float64, device="cpu"))
 
 
 def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:

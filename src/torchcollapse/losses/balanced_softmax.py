@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchcollapse._autograd import no_autocast
-from torchcollapse._buffers import apply_keeping_dtypes
+from torchcollapse._buffers import apply_keeping_dtypes, restore_constant
 from torchcollapse._labels import check_label_range
 from torchcollapse._numbers import as_int, read_number
 from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
@@ -131,9 +131,7 @@ class BalancedSoftmaxLoss(nn.Module):
 
     def reset_parameters(self) -> None:
         """Set the log priors back to those of the constructor's counts (in the buffer's dtype)."""
-        with torch.no_grad():
-            values = torch.tensor(self._log_prior_values, dtype=torch.float64, device="cpu")
-            self.log_prior.copy_(values)
+        restore_constant(self.log_prior, self._log_prior_values)
 
     def _apply(self, fn: Any, recurse: bool = True) -> BalancedSoftmaxLoss:
         # the log priors stay at least float32 (unrounded by .half()/.bfloat16()) and widen to

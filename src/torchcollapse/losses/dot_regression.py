@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from torchcollapse._autograd import no_autocast
-from torchcollapse._buffers import apply_keeping_dtypes
+from torchcollapse._buffers import apply_keeping_dtypes, restore_constant
 from torchcollapse._distributed import (
     DropsProcessGroupWhenPickled,
     all_reduce_sum,
@@ -432,9 +432,7 @@ class DotRegressionLoss(DropsProcessGroupWhenPickled):
         """Set the class counts back to the constructor's (no-op without given counts)."""
         if self.class_counts is None or self._class_count_values is None:
             return
-        with torch.no_grad():
-            values = torch.tensor(self._class_count_values, dtype=torch.float32, device="cpu")
-            self.class_counts.copy_(values)
+        restore_constant(self.class_counts, self._class_count_values)
 
     def _apply(self, fn: Any, recurse: bool = True) -> DotRegressionLoss:
         # the counts keep their float32 dtype and values (data of the constructor, also after
