@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["no_autocast", "transforms_active"]
+__all__ = ["double_backward", "no_autocast", "transforms_active"]
 
 transforms_active: Callable[[], bool] = getattr(
     torch._C, "_are_functorch_transforms_active", lambda: False
@@ -27,3 +27,11 @@ def no_autocast(device_type: str) -> AbstractContextManager[Any]:
     if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
+
+
+def double_backward() -> bool:
+    """Called in a backward pass: whether it records a graph (``create_graph=True``) for a
+    double backward, which closed-form first-order gradients cannot serve. ``torch.func.grad``
+    runs its (first-order) backward with grad mode on too, and compiled code is traced, not
+    run: neither counts."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and not transforms_active()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from torchcollapse._autograd import transforms_active
+from torchcollapse._autograd import double_backward, transforms_active
 from torchcollapse._labels import check_label_range
 from torchcollapse._numbers import as_finite_float, as_real_float
 from torchcollapse._warnings import user_stacklevel
@@ -289,11 +289,10 @@ class _NormalizedLinear(torch.autograd.Function):
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        # in a backward pass grad mode means create_graph=True: the fused backward is not itself
-        # differentiable, and once_differentiable alone raises only when the incoming gradient
-        # requires grad, so a gradient penalty through a backbone would silently miss the head's
-        # second-order terms
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # the fused backward is not itself differentiable, and once_differentiable alone raises
+        # only when the incoming gradient requires grad, so a gradient penalty through a
+        # backbone would silently miss the head's second-order terms
+        if double_backward():
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         return _fused_backward(ctx, grad)
 

@@ -50,7 +50,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from torchcollapse._autograd import no_autocast, transforms_active
+from torchcollapse._autograd import double_backward, no_autocast
 from torchcollapse._distributed import gather_with_grad, is_distributed
 from torchcollapse.losses._batch import compute_dtype, count_classes, label_range_error
 
@@ -405,9 +405,7 @@ def first_order(out: Tensor) -> Tensor:
 
 
 def _refuse_double_backward(grad: Tensor) -> None:
-    # in a backward pass grad mode means create_graph=True; torch.func.grad runs its (first-
-    # order) backward that way too, and is let through
-    if torch.is_grad_enabled() and not transforms_active():
+    if double_backward():
         raise RuntimeError(
             "The collapse regularizers and DotRegressionLoss hand autograd closed-form gradients"
             " and are first-order only: a double backward (create_graph=True) through them is"
