@@ -1127,8 +1127,9 @@ def test_documented_errors() -> None:
         reg(features, torch.tensor([0, 1, 3, 0]))
     with pytest.raises(TypeError, match="`features` to be a tensor"):
         reg(features.tolist(), target)
-    with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
-        WithinClassVariabilityLoss(0)
+    for k in (0, 1):  # one class: every term would be zero whatever the features
+        with pytest.raises(ValueError, match=f"`num_classes` to be at least 2, but got {k}"):
+            WithinClassVariabilityLoss(k)
     with pytest.raises(ValueError, match="`form`"):
         WithinClassVariabilityLoss(3, form="trace")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`momentum`"):
@@ -1942,8 +1943,18 @@ def test_num_classes_may_be_any_integer_but_not_a_bool() -> None:
         for bad in (True, 4.0, "4"):  # not integers: a TypeError, as nn.Linear's sizes
             with pytest.raises(TypeError, match="`num_classes` to be an integer"):
                 build(bad)
-        with pytest.raises(ValueError, match="`num_classes` to be a positive integer"):
+        with pytest.raises(
+            ValueError, match=r"`num_classes` to be (a positive integer|at least 2)"
+        ):
             build(0)
+    # a collapse term or metric compares classes: one class is refused; statistics keep it
+    for name in ("regularizer", "nc1", "nc2", "metric"):
+        with pytest.raises(ValueError, match="`num_classes` to be at least 2"):
+            builders[name](1)
+    for term in (SelfDualityLoss, SimplexGeometryLoss):
+        with pytest.raises(ValueError, match="`num_classes` to be at least 2, but got 1"):
+            term(1)
+    assert ClassStatistics.from_features(features, 0 * target, 1).counts.tolist() == [12.0]
 
 
 def test_running_form_in_features_may_be_any_integer_but_not_a_bool() -> None:

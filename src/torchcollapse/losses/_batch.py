@@ -38,14 +38,14 @@ from torchcollapse._distributed import (
     is_distributed,
 )
 from torchcollapse._labels import check_label_range, label_range_error
-from torchcollapse._numbers import read_number
-from torchcollapse.stats import _check_num_classes
+from torchcollapse._numbers import read_int, read_number
 
 __all__ = [
     "BatchClassStatistics",
     "batch_class_statistics",
     "check_classifier_shape",
     "check_features_target",
+    "check_num_classes",
     "check_reduction",
     "check_weight",
     "compute_dtype",
@@ -157,6 +157,12 @@ def check_reduction(reduction: Any) -> None:
         )
 
 
+def check_num_classes(num_classes: Any) -> int:
+    """``num_classes`` of a collapse term as a Python int (any integer type, not a bool); raise
+    unless it is at least 2: with one class every term would be zero, whatever the features."""
+    return read_int(num_classes, "num_classes", 2)
+
+
 def check_weight(value: Any, name: str = "weight") -> float:
     """``value`` as a float; raise unless it is a finite real number (a bool is not a weight)."""
     return read_number(value, name, "a finite number")
@@ -166,7 +172,7 @@ class BatchCollapseTerm(DropsProcessGroupWhenPickled):
     """Shared construction of a weighted collapse term over the (global) batch.
 
     Args:
-        num_classes: number of classes ``K``.
+        num_classes: number of classes ``K`` (at least 2).
         weight: signed weight of the term.
         sync_dist: compute over the global batch under ``torch.distributed``.
         process_group: process group (default: the world).
@@ -183,7 +189,7 @@ class BatchCollapseTerm(DropsProcessGroupWhenPickled):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        num_classes = _check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         self.num_classes = num_classes
         self.weight = check_weight(weight)
         self.sync_dist = sync_dist

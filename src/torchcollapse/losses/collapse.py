@@ -26,11 +26,11 @@ from torchcollapse._numbers import read_number
 from torchcollapse.losses._batch import (
     check_classifier_shape,
     check_features_target,
+    check_num_classes,
     check_weight,
     resolve_weight,
 )
 from torchcollapse.losses._fused import collapse_terms
-from torchcollapse.stats import _check_num_classes
 
 __all__ = ["CollapseRegularizer", "target_penalty"]
 
@@ -100,7 +100,7 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
     connected to the graph (no warning, no NaN, no unused parameters under DDP).
 
     Args:
-        num_classes: number of classes ``K``.
+        num_classes: number of classes ``K`` (at least 2).
         nc1: signed weight of the NC1 term (positive: collapse; negative: anti-collapse).
         nc2: signed weight of the NC2 term.
         nc3: signed weight of the NC3 term (needs ``classifier`` in ``forward``).
@@ -146,7 +146,7 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        num_classes = _check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         nc1, nc2, nc3 = (
             check_weight(w, name) for w, name in ((nc1, "nc1"), (nc2, "nc2"), (nc3, "nc3"))
         )

@@ -111,7 +111,7 @@ class SimplexGeometryLoss(BatchCollapseTerm):
     come out exactly equal rather than apart by rounding noise.
 
     Args:
-        num_classes: number of classes ``K``.
+        num_classes: number of classes ``K`` (at least 2).
         weight: signed multiplier of the term.
         sync_dist: compute over the global batch when ``torch.distributed`` is initialised.
         process_group: process group for ``sync_dist`` (default: the world).

@@ -45,6 +45,7 @@ from torchcollapse._numbers import read_int, read_number
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_features_target,
+    check_num_classes,
     check_weight,
     compute_dtype,
     count_classes,
@@ -61,7 +62,6 @@ from torchcollapse.losses._fused import (
     onehot_products,
     with_gradients,
 )
-from torchcollapse.stats import _check_num_classes
 
 __all__ = ["WithinClassVariabilityLoss", "within_class_variability"]
 
@@ -124,7 +124,7 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
     Statistics are computed in at least float32, with autocast disabled.
 
     Args:
-        num_classes: number of classes ``K``.
+        num_classes: number of classes ``K`` (at least 2).
         weight: signed multiplier of the term.
         form: ``"bounded"``, ``"ratio"`` or ``"running"``.
         momentum: update factor of the running means (``form="running"`` only); ``None`` for a
@@ -174,7 +174,7 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        num_classes = _check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         if form not in _FORMS:
             raise ValueError(f"Expected argument `form` to be one of {_FORMS}, but got {form!r}.")
         if momentum is not None:
