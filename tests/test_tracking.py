@@ -678,3 +678,127 @@ def test_a_warning_at_the_end_of_a_compiled_block_points_at_the_users_line() -> 
         assert [w.filename for w in repeats] == [__file__]
     finally:
         torch._dynamo.reset()
+
+
+def _fresh_data(n: int = 96) -> tuple[Tensor, Tensor]:
+    """``_data`` drawn from a fresh seed (reported by the caller on failure)."""
+    return _data(n, seed=int(torch.randint(0, 2**31, ())))
+
+
+def _assert_equals_reference(
+    tracker: CollapseTracker, model: nn.Sequential, x: Tensor, y: Tensor
+) -> None:
+    """The tracker's results equal ``neural_collapse`` on ``model``'s outputs pooled by hand."""
+    results = tracker.compute()
+    for name, features in _by_hand(model, x).items():
+        expected = neural_collapse(features, y, num_classes=NUM_CLASSES)
+        for key in ("nc1", "cdnv", "nc2_etf_distance"):
+            # float64 inputs, exact streaming: agreement to float64 rounding of the statistics
+            torch.testing.assert_close(
+                results[name][key].double(), expected[key].double(), rtol=1e-9, atol=1e-12
+            )
+
+
+def test_a_model_saved_or_copied_under_a_live_tracker_carries_inert_hooks() -> None:
+    """``torch.save(model)``, ``pickle`` and ``copy.deepcopy`` of a model hooked by a live tracker
+    (a mid-training checkpoint, an EMA copy) work; the copies' hooks record nothing, even run
+    inside the original's ``targets()``, do not break a compiled graph, and the original keeps
+    recording."""
+    import copy
+    import io
+    import pickle
+
+    import torch._dynamo
+
+    model = _model()
+    x, y = _fresh_data()
+    tracker = CollapseTracker(model, ["0", "2", "4"], NUM_CLASSES)
+    tracker.update(x[:48], y[:48])
+    before = {name: metric.statistics.clone() for name, metric in tracker.metrics.items()}  # type: ignore[union-attr]
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = {
+        "torch.save": torch.load(buffer, weights_only=False),
+        "pickle": pickle.loads(pickle.dumps(model)),
+        "deepcopy": copy.deepcopy(model),
+    }
+    for how, copied in copies.items():
+        assert [len(m._forward_hooks) for m in copied] == [1, 0, 1, 0, 1, 0], how  # inert
+        with torch.no_grad(), tracker.targets(y[48:]):  # the original records; the copy must not
+            out = copied(x[48:])
+        torch.testing.assert_close(out, model(x[48:]), rtol=0, atol=0)
+        for name, metric in tracker.metrics.items():
+            assert metric.update_count == 1, (how, name)
+            torch.testing.assert_close(metric.statistics, before[name], rtol=0, atol=0)  # type: ignore[union-attr]
+    torch._dynamo.reset()
+    try:  # an inert hook is traced as a no-op, without a graph break
+        explanation = torch._dynamo.explain(copies["deepcopy"])(x[:32])
+        assert explanation.graph_count == 1
+        assert explanation.graph_break_count == 0
+    finally:
+        torch._dynamo.reset()
+
+    tracker.reset()
+    tracker.update(x[:40], y[:40])  # the original keeps recording, into its own metrics only
+    tracker.update(x[40:], y[40:])
+    _assert_equals_reference(tracker, model, x, y)
+    tracker.remove()
+    assert not any(m._forward_hooks for m in model)
+
+
+def test_a_copied_tracker_records_its_copied_model_into_its_own_metrics() -> None:
+    """``copy.deepcopy(tracker)`` and ``pickle`` copy the model and the metrics and hook the copied
+    layers into the copy (in place of the copied inert hooks): the copy records its own model's
+    batches, the original its own, and removing one's hooks leaves the other's."""
+    import copy
+    import pickle
+
+    model = _model()
+    x, y = _fresh_data()
+    tracker = CollapseTracker(model, ["0", "2", "4"], NUM_CLASSES)
+    tracker.update(x[:48], y[:48])
+    for how, copied in (
+        ("deepcopy", copy.deepcopy(tracker)),
+        ("pickle", pickle.loads(pickle.dumps(tracker))),
+    ):
+        assert copied.model is not model, how
+        assert copied.num_hooks == 3, how
+        assert [len(m._forward_hooks) for m in copied.model] == [1, 0, 1, 0, 1, 0], how
+        assert all(copied.modules[name] is copied.model[int(name)] for name in copied.layers)
+        with torch.no_grad():  # the copy's model diverges from the original (an EMA, say)
+            for parameter in copied.model.parameters():
+                parameter.mul_(0.5)
+        with torch.no_grad(), tracker.targets(y[48:]):  # the copy's model runs in neither block
+            copied.model(x[48:])
+        copied.update(x[48:], y[48:])
+        assert [m.update_count for m in copied.metrics.values()] == [2, 2, 2], how
+        assert [m.update_count for m in tracker.metrics.values()] == [1, 1, 1], how
+        # what the copy holds: the original's first half, then its own model's second half
+        first, second = _by_hand(model, x[:48]), _by_hand(copied.model, x[48:])
+        results = copied.compute()
+        for name in copied.layers:
+            features = torch.cat([first[name], second[name]])
+            expected = neural_collapse(features, y, num_classes=NUM_CLASSES)
+            for key in ("nc1", "cdnv", "nc2_etf_distance"):
+                torch.testing.assert_close(
+                    results[name][key].double(), expected[key].double(), rtol=1e-9, atol=1e-12
+                )
+        copied.remove()
+        assert not any(m._forward_hooks for m in copied.model), how
+        assert tracker.num_hooks == 3, how
+
+    with pytest.raises(TypeError, match=r"copy\.deepcopy"):
+        copy.copy(tracker)  # would share the model and the metrics
+    with torch.no_grad(), tracker.targets(y[48:]):  # a copy made inside a block is outside it
+        inside = copy.deepcopy(tracker)
+    assert inside.num_hooks == 3
+    inside.model(x[48:])
+    assert [m.update_count for m in inside.metrics.values()] == [1, 1, 1]
+    tracker.update(x[48:], y[48:])  # the original, untouched by its copies
+    _assert_equals_reference(tracker, model, x, y)
+    tracker.remove()
+    removed = copy.deepcopy(tracker)  # a copy of a removed tracker has no hooks either
+    assert removed.num_hooks == 0
+    assert not any(m._forward_hooks for m in removed.model)

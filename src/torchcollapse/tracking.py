@@ -209,6 +209,17 @@ class CollapseTracker:
     run, call ``torch.compiler.reset()`` after making the tracker. After :meth:`remove`, graphs
     traced with the hooks keep running their (now idle) queueing until they recompile.
 
+    Saving and copying: a model hooked by a live tracker can be saved whole
+    (``torch.save(model)``, ``pickle``) or copied (``copy.deepcopy(model)``, as EMA and teacher
+    models are made). The loaded or copied model carries the hooks as inert no-ops: they record
+    nothing, into this tracker or any other, and stay on it (:meth:`remove` only removes the
+    original's). To save a model without them, save its ``state_dict()`` or call :meth:`remove`
+    first. ``copy.deepcopy(tracker)`` (or pickling it) copies the model and the metrics, with
+    what they recorded, and hooks the copied model's layers into the copy in place of the inert
+    hooks: the copy records its own model into its own metrics, the original is untouched (a
+    copy of a tracker whose hooks were removed has none either; a copy made inside a
+    ``targets()`` block is outside it). ``copy.copy(tracker)`` is refused.
+
     Args:
         model: the network to watch.
         layers: what to hook: layer names as in ``model.named_modules()`` (``"layer3"``,
@@ -294,11 +305,45 @@ class CollapseTracker:
         self._recording = False  # inside targets(): read by the compiled hooks
         self._pending: list[tuple[str, Tensor]] = []
         self._handles: list[RemovableHandle] = [
-            module.register_forward_hook(_hook(weakref.ref(self), name))
+            module.register_forward_hook(_TrackerHook(weakref.ref(self), name))
             for name, module in self.modules.items()
         ]
         # a tracker dropped without remove() takes its hooks with it
         weakref.finalize(self, _remove_handles, self._handles)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` copy: the model, the metrics (with what the
+        compiled hooks queued so far, as :meth:`compute` takes it) and the settings; the copy is
+        outside any ``targets()`` block. The hook handles are replaced by their ids, which let
+        the copy find the (inert) copies of the hooks on the copied model."""
+        self._flush()
+        state = self.__dict__.copy()
+        state["_handles"] = [handle.id for handle in self._handles]
+        state.update(_target=None, _recorded=set(), _recording=False, _pending=[])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Hook the copied model into the copy: the copied layers' inert hooks are swapped for
+        live ones that record into the copy's metrics (none if the original's were removed)."""
+        hook_ids: list[int] = state.pop("_handles")
+        self.__dict__.update(state)
+        self._handles = []
+        if hook_ids:  # none when the original's hooks were removed: neither has any then
+            for (name, module), hook_id in zip(self.modules.items(), hook_ids, strict=True):
+                copied = module._forward_hooks.get(hook_id)
+                if isinstance(copied, _TrackerHook) and copied.tracker is None:
+                    del module._forward_hooks[hook_id]  # the inert copy of the original's hook
+                hook = _TrackerHook(weakref.ref(self), name)
+                self._handles.append(module.register_forward_hook(hook))
+            _reset_if_compiled(self.model)
+        weakref.finalize(self, _remove_handles, self._handles)
+
+    def __copy__(self) -> CollapseTracker:
+        raise TypeError(
+            "Expected a CollapseTracker to be copied with `copy.deepcopy` (which copies the model"
+            " and the metrics), but got `copy.copy`: a shallow copy would share them with the"
+            " original."
+        )
 
     @property
     def layers(self) -> list[str]:
@@ -473,17 +518,31 @@ class CollapseTracker:
         )
 
 
-def _hook(
-    tracker: weakref.ref[CollapseTracker], name: str
-) -> Callable[[nn.Module, Any, Any], None]:
-    """A forward hook that records ``name``'s output into ``tracker`` while it is alive."""
+class _TrackerHook:
+    """The forward hook of layer ``name``: records its output into ``tracker`` while it is alive.
 
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        alive = tracker()
+    A module-level class (not a closure) so that a model carrying it pickles. A copy of the hook,
+    made by ``pickle`` (``torch.save(model)``) or ``copy.deepcopy(model)``, is inert: it holds no
+    tracker and records nothing, so a copied model never feeds the tracker of the original.
+    """
+
+    def __init__(self, tracker: weakref.ref[CollapseTracker] | None, name: str) -> None:
+        self.tracker = tracker
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.tracker is None:
+            return
+        alive = self.tracker()
         if alive is not None:
-            alive._record(name, output)
+            alive._record(self.name, output)
 
-    return hook
+    def __reduce__(self) -> tuple[type[_TrackerHook], tuple[None, str]]:
+        return (_TrackerHook, (None, self.name))  # copies are inert (pickle and deepcopy)
+
+    def __repr__(self) -> str:
+        state = "inert" if self.tracker is None else "live"
+        return f"{type(self).__name__}(layer={self.name!r}, {state})"
 
 
 def _remove_handles(handles: list[RemovableHandle]) -> None:
