@@ -138,6 +138,9 @@ def test_layer_selection_by_type_predicate_and_errors() -> None:
         CollapseTracker(
             model, ["0"], NUM_CLASSES, metric_factory=lambda n: NeuralCollapse(4), metric_kwargs={}
         )
+    with pytest.raises(TypeError, match="`metric_factory` to return a torchmetrics Metric"):
+        CollapseTracker(model, ["0"], NUM_CLASSES, metric_factory=lambda n: None)  # type: ignore[arg-type,return-value]
+    assert not model[0]._forward_hooks  # refused before any hook was registered
     with (
         CollapseTracker(model, ["0"], NUM_CLASSES) as tracker,
         pytest.raises(ValueError, match="1-D"),

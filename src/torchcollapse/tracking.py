@@ -299,6 +299,12 @@ class CollapseTracker:
         factory = metric_factory or (lambda name: NeuralCollapse(num_classes, **kwargs))
         self.modules: dict[str, nn.Module] = _select_layers(model, layers)
         self.metrics: dict[str, Metric] = {name: factory(name) for name in self.modules}
+        for name, metric in self.metrics.items():
+            if not isinstance(metric, Metric):
+                raise TypeError(
+                    "Expected argument `metric_factory` to return a torchmetrics Metric, but got"
+                    f" {type(metric).__name__} for layer {name!r}."
+                )
         self._target: Tensor | None = None
         self._recorded: set[str] = set()  # layers that recorded in the current targets() block
         # under torch.compile the hooks queue (layer, pooled features) here; see _record
