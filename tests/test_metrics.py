@@ -8,7 +8,10 @@ are exactly 0, such as an NC4 of 0).
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import pickle
 import warnings
 from typing import Any
 
@@ -545,6 +548,68 @@ def test_classifier_is_read_live_and_not_a_submodule() -> None:
     assert NeuralCollapse(3, classifier=classifier, compute_with_cache=True).compute_with_cache
     assert list(metric.parameters()) == []
     assert not any("weight" in k for k in metric.state_dict())
+
+
+class _ModelWithMetric(nn.Module):
+    """A model holding its head and a metric that reads it, registered in either order."""
+
+    def __init__(self, head: nn.Linear, *, metric_first: bool) -> None:
+        super().__init__()
+        metric = NeuralCollapse(head.out_features, classifier=head)
+        if metric_first:  # the deep copy reaches the metric before the head
+            self.metric = metric
+            self.head = head
+        else:
+            self.head = head
+            self.metric = metric
+
+
+def _nc3_reference(features: Tensor, target: Tensor, head: nn.Linear) -> float:
+    k = head.out_features
+    weight, bias = head.weight.detach(), head.bias.detach()
+    return reference_neural_collapse(features, target, k, weight=weight, bias=bias)["nc3"]
+
+
+@pytest.mark.parametrize("metric_first", [False, True])
+def test_a_deep_copy_of_a_model_measures_the_copys_head(metric_first: bool) -> None:
+    # copy.deepcopy(model) (an EMA or teacher copy) must bind the copied metric to the copied
+    # head, whichever of the two the copy reaches first; a copy of the metric alone (clone)
+    # reads the model's live head. NC3 against the float64 two-pass reference on that head.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, head = _case(200, 6, 4, seed=seed)
+    model = _ModelWithMetric(head, metric_first=metric_first)
+    copied = copy.deepcopy(model)
+    alone = model.metric.clone()
+    assert copied.metric.classifier is copied.head, f"seed {seed}"
+    assert alone.classifier is model.head, f"seed {seed}"
+    with torch.no_grad():  # the copy's head diverges (an EMA step), the original is unchanged
+        copied.head.weight.add_(torch.randn_like(copied.head.weight))
+        copied.head.bias.add_(torch.randn_like(copied.head.bias))
+    for metric in (model.metric, copied.metric, alone):
+        metric.update(features, target)
+    for metric, measured in ((copied.metric, copied.head), (model.metric, head), (alone, head)):
+        expected = _nc3_reference(features, target, measured)
+        actual = float(metric.compute()["nc3"])
+        assert actual == pytest.approx(expected, rel=RTOL, abs=ATOL), f"seed {seed}"
+    assert _nc3_reference(features, target, copied.head) != pytest.approx(
+        _nc3_reference(features, target, head), rel=1e-3
+    ), f"seed {seed}"  # the heads differ enough for the test to tell them apart
+
+
+def test_a_pickled_deep_copy_keeps_its_binding() -> None:
+    # a copy pickled (torch.save) before its first use still reads its own head, and a metric
+    # copied alone, then pickled alone, carries a copy of the head as any pickle does
+    head = nn.Linear(5, 3)
+    model = _ModelWithMetric(head, metric_first=True)
+    buffer = io.BytesIO()
+    torch.save(copy.deepcopy(model), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.metric.classifier is loaded.head
+    alone = pickle.loads(pickle.dumps(copy.deepcopy(model.metric)))
+    assert isinstance(alone.classifier, nn.Linear)
+    assert torch.equal(alone.classifier.weight, head.weight)
+    assert copy.deepcopy(copy.deepcopy(model.metric)).classifier is head
 
 
 def test_plot(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,18 +79,45 @@ def _gather_statistics(tensor: Tensor, group: Any = None) -> list[Tensor]:
 
 
 class _SharedClassifier:
-    """Holds the classifier without registering it as a submodule; copies of a metric share it.
+    """Holds the classifier without registering it as a submodule.
 
-    The metric reads the live classifier (the model's own layer) at compute time, so deep copies
-    of the metric (``clone``, ``MetricCollection``) must not copy the layer, and ``metric.to(...)``
-    must not move it.
+    The metric reads the live classifier (the model's own layer) at compute time, so a deep copy
+    of the metric alone (``clone``, ``MetricCollection``) must not copy the layer: the copy reads
+    the same one. A deep copy of an object that holds both the metric and its classifier (a
+    model, as ``copy.deepcopy(model)`` for an EMA or teacher copy) binds the copied metric to the
+    copied classifier, as pickling does. ``metric.to(...)`` does not move the classifier.
+
+    Which of the two a deep copy is can be told only once the whole copy is made: the model may
+    hold the metric before its classifier, which is then copied after the metric. The copy
+    therefore keeps the copy's ``memo`` and looks the classifier up in it at its first use
+    (:attr:`module`, pickling or another copy): the classifier's copy when the same deep copy
+    made one, else the classifier itself.
     """
 
-    def __init__(self, module: nn.Module | Tensor) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module | Tensor, memo: dict[int, Any] | None = None) -> None:
+        self._module = module
+        self._memo = memo  # the deep copy this one came from, until the first use
+
+    @property
+    def module(self) -> nn.Module | Tensor:
+        """The classifier (bound, at the first use after a deep copy, as the class says)."""
+        if self._memo is not None:
+            self._module = self._memo.get(id(self._module), self._module)
+            self._memo = None
+        return self._module
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedClassifier:
-        return self
+        module = self.module
+        copied = memo.get(id(module))
+        if copied is not None:  # the classifier was copied already in this deep copy
+            return _SharedClassifier(copied)
+        return _SharedClassifier(module, memo)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"module": self.module}  # the memo of a deep copy is never pickled
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._module, self._memo = state["module"], None
 
 
 _DEFAULT_FEATURE_EPS = 1e-12

@@ -122,6 +122,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
             ``argmax(W h / max(||h||, eps) + b)``, and NC4 counts those decisions. It is read,
             not copied: at ``compute`` for the classifier quantities, at ``update`` for NC4. It
             is not a submodule of the metric (not moved by ``.to``, not in its ``state_dict``).
+            A copy of the metric alone (``clone()``, ``copy.deepcopy(metric)``) reads the same
+            classifier; a deep copy or pickle of a model that holds both the metric and its
+            classifier (an EMA or teacher copy) reads the copy's classifier.
             Since it may change between two ``compute`` calls without an ``update``, a metric
             with a classifier does not cache its result (torchmetrics' ``compute_with_cache``
             defaults to ``False`` then; pass ``compute_with_cache=True`` to cache).
