@@ -24,7 +24,7 @@ from torchmetrics import MetricCollection
 from tests._helpers.cases import collapse_case
 from tests._helpers.ddp import run_distributed
 from tests._helpers.reference import reference_class_means, reference_neural_collapse
-from tests._helpers.testers import check_metric
+from tests._helpers.testers import check_deferred_init, check_metric
 from torchcollapse.functional import neural_collapse
 from torchcollapse.heads import (
     CosineHead,
@@ -610,6 +610,58 @@ def test_a_pickled_deep_copy_keeps_its_binding() -> None:
     assert isinstance(alone.classifier, nn.Linear)
     assert torch.equal(alone.classifier.weight, head.weight)
     assert copy.deepcopy(copy.deepcopy(model.metric)).classifier is head
+
+
+def _dirty_allocator() -> None:
+    # freed memory full of non-zero values, so that uninitialised states would show
+    junk = [torch.full((4096,), 1e300, dtype=torch.float64) for _ in range(16)]
+    del junk
+
+
+def _persistent_metric(head: nn.Linear | None = None) -> Any:
+    metric = NeuralCollapse(4, num_features=6, classifier=head)
+    metric.persistent(True)
+    return metric
+
+
+def test_deferred_init_of_a_model_holding_a_metric_gives_a_reset_metric() -> None:
+    # built under torch.device("meta"), then to_empty (FSDP, Lightning's empty_init): the
+    # states and their defaults are zeros (not uninitialised memory), so the metric accumulates
+    # from nothing, with reset() or without; reference means set on meta (no values) are cleared
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(120, 6, 4, seed=seed)
+    batches = [(features[:70], target[:70]), (features[70:], target[70:])]
+    _dirty_allocator()
+    check_deferred_init(_persistent_metric, batches)  # states and batch values, bit for bit
+    for built_on_meta in (True, False):
+        with torch.device("meta" if built_on_meta else "cpu"):
+            model = nn.Module()
+            model.head = nn.Linear(6, 4)
+            model.metric = _persistent_metric(model.head)
+        if not built_on_meta:  # updated, with reference means, then moved to meta: no values
+            model.metric.update(features, target)
+            model.metric.set_class_means(torch.randn(4, 6, dtype=torch.float64))
+            model.to("meta")
+        _dirty_allocator()
+        model.to_empty(device="cpu")
+        metric = model.metric
+        assert not metric.has_class_means, f"seed {seed}"
+        for _ in range(2):  # as moved, then after reset() (a copy of the defaults)
+            for name, default in metric._defaults.items():
+                for tensor in (getattr(metric, name), default):
+                    assert (tensor.device.type, tensor.dtype) == ("cpu", torch.float64)
+                    assert torch.equal(tensor, torch.zeros_like(tensor)), f"seed {seed}: {name}"
+            metric.reset()
+        with torch.no_grad():
+            model.head.weight.copy_(torch.randn(4, 6))
+            model.head.bias.copy_(torch.randn(4))
+        metric.update(features, target)
+        out = metric.compute()
+        expected = _reference(4, model.head)(features, target)
+        assert "nc4" not in out, f"seed {seed}"
+        for key, value in expected.items():
+            actual = float(out[key])
+            assert actual == pytest.approx(value, rel=RTOL, abs=ATOL), f"seed {seed}: {key}"
 
 
 def test_plot(monkeypatch: pytest.MonkeyPatch) -> None:

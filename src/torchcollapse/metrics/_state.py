@@ -268,13 +268,25 @@ class CollapseStatisticsMetric(Metric):
         if class_means is not None:
             self.set_class_means(class_means)
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _apply(self, fn: Any, *args: Any, recurse: bool = True, **kwargs: Any) -> Any:
         """Move the statistics, never cast them: they accumulate in float64 whatever the
         dtype of the model holding the metric (``model.float()``, ``.to(torch.bfloat16)``);
         torchmetrics' ``set_dtype`` has no effect on them either. Moved states are normal
-        tensors even under ``torch.inference_mode()``."""
+        tensors even under ``torch.inference_mode()``.
+
+        Out of the meta device (deferred initialisation: a model built under
+        ``torch.device("meta")``, then ``to_empty``), the states and their defaults are zeros,
+        never uninitialised memory: the metric comes out reset. Reference class means set on the
+        meta device hold no values and are cleared (set them again for NC4). ``recurse``
+        (``Module.to_empty`` passes it; torchmetrics' ``_apply`` takes no such argument) has no
+        effect: the metric has no submodules (its classifier is not one)."""
 
         def device_only(tensor: Tensor) -> Tensor:
+            if tensor.is_meta:
+                probe = fn(tensor.new_empty(0))
+                if not probe.is_meta:  # nothing to keep: zeros, in float64 for floating states
+                    dtype = tensor.dtype if tensor.is_floating_point() else probe.dtype
+                    return torch.zeros(tensor.shape, dtype=dtype, device=probe.device)
             if not tensor.is_floating_point():
                 moved: Tensor = fn(tensor)
                 return moved
@@ -285,10 +297,14 @@ class CollapseStatisticsMetric(Metric):
             moved = fn(tensor)
             return moved
 
+        meta_reference = self._nc4_means is not None and self._nc4_means.is_meta
         # moved states are normal tensors even under inference mode (a first move in an
         # evaluation run there), so that updates outside it may write into them
         with torch.inference_mode(False):
-            return super()._apply(device_only, *args, **kwargs)
+            this = super()._apply(device_only, *args, **kwargs)
+        if meta_reference and self._nc4_means is not None and not self._nc4_means.is_meta:
+            self.set_class_means(None)
+        return this
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Accumulate a batch and return its own value (torchmetrics' ``forward``).
