@@ -1199,6 +1199,55 @@ def test_states_of_another_size_are_refused_at_load_and_merge() -> None:
     np.testing.assert_allclose(float(sized.compute()), float(four.compute()), rtol=1e-12)
 
 
+@pytest.mark.parametrize("num_features", [None, 6])
+def test_a_metric_built_on_meta_and_loaded_with_assign_holds_the_loaded_states(
+    num_features: int | None,
+) -> None:
+    # torch's way to load a large checkpoint: build under torch.device("meta"), then
+    # load_state_dict(sd, assign=True). The states take the loaded tensors' device (as
+    # parameters do), in float64, and so do the defaults: compute, reset and update all work.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, head = _case(150, 6, 4, seed=seed)
+    model = nn.Module()
+    model.head = head
+    model.metric = NeuralCollapse(4, classifier=head)
+    model.metric.persistent(True)
+    model.metric.update(features[:90].float(), target[:90])  # float32 features, float64 states
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    with torch.device("meta"):
+        fresh = nn.Module()
+        fresh.head = nn.Linear(6, 4)
+        fresh.metric = NeuralCollapse(4, classifier=fresh.head, num_features=num_features)
+    fresh.metric.persistent(True)
+    refused = {**saved, "metric.statistics": saved["metric.statistics"][:-1]}
+    with pytest.raises(ValueError, match="`statistics` in the loaded state_dict"):
+        fresh.load_state_dict(refused, assign=True)
+    assert fresh.metric.statistics.is_meta  # a refused state_dict moves nothing
+    fresh.load_state_dict(saved, assign=True)
+    metric = fresh.metric
+    for name, default in metric._defaults.items():
+        for tensor in (getattr(metric, name), default):
+            assert (tensor.device.type, tensor.dtype) == ("cpu", torch.float64), name
+    reference = _reference(4, fresh.head)
+    seen = reference(features[:90], target[:90])
+    with pytest.warns(UserWarning, match="called before the ``update``"):  # torchmetrics' own
+        out = metric.compute()
+    for key, value in seen.items():
+        assert float(out[key]) == pytest.approx(value, rel=RTOL, abs=ATOL), f"seed {seed}: {key}"
+    metric.update(features[90:], target[90:])  # goes on where the saved metric stopped
+    out = metric.compute()
+    for key, value in reference(features, target).items():
+        assert float(out[key]) == pytest.approx(value, rel=RTOL, abs=ATOL), f"seed {seed}: {key}"
+    metric.reset()
+    metric.update(features[90:], target[90:])
+    out = metric.compute()
+    for key, value in reference(features[90:], target[90:]).items():
+        assert float(out[key]) == pytest.approx(value, rel=RTOL, abs=ATOL), f"seed {seed}: {key}"
+
+
 _K, _D = 4, 5
 _LIN = torch.nn.Linear(_D, _K).double()
 _MEANS = torch.randn(_K, _D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

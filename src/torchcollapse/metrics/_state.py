@@ -500,20 +500,36 @@ class CollapseStatisticsMetric(Metric):
         are cast to float64 (the dtype they accumulate in) and moved to the metric's device, and
         statistics of another number of classes or features raise a ``ValueError``. NC4 counts
         read from the ``state_dict`` are restored counts, kept by the next
-        :meth:`set_class_means`."""
+        :meth:`set_class_means`.
+
+        With ``load_state_dict(..., assign=True)`` the states keep the device of the loaded
+        tensors (still as float64 copies), as a module's parameters do, and the rest of the
+        metric (the defaults ``reset`` restores) moves there too: a metric built under
+        ``torch.device("meta")`` and loaded so holds the loaded numbers, on their device."""
         source = "in the loaded state_dict"
         name = prefix + "statistics"
+        keys = [prefix + key for key in ("statistics", "nc4_mismatches", "nc4_samples")]
+        device = None
+        if local_metadata.get("assign_to_params_buffers", False):
+            loaded_tensors = [state_dict[key] for key in keys if key in state_dict]
+            device = next((t.device for t in loaded_tensors if isinstance(t, Tensor)), None)
         with torch.inference_mode(False):  # normal tensors, as in `reset`
+            # validated (and adopted) before the metric moves: a refused state_dict changes nothing
+            adopted: dict[str, Tensor] = {}
             if name in state_dict:
-                loaded = self._adopted_statistics(state_dict[name], source, loading=True)
-                if loaded.numel() == 0 and self.num_features is not None:  # saved before data
-                    loaded = self._zero_statistics(self.num_features)
-                state_dict[name] = loaded
+                adopted[name] = self._adopted_statistics(
+                    state_dict[name], source, loading=True, device=device
+                )
             for key in ("nc4_mismatches", "nc4_samples"):
                 if prefix + key in state_dict:
-                    state_dict[prefix + key] = self._adopted_count(
-                        state_dict[prefix + key], key, source
+                    adopted[prefix + key] = self._adopted_count(
+                        state_dict[prefix + key], key, source, device=device
                     )
+            if device is not None and device != self.nc4_samples.device:
+                self._move_to(device)
+            if name in adopted and adopted[name].numel() == 0 and self.num_features is not None:
+                adopted[name] = self._zero_statistics(self.num_features)  # saved before data
+            state_dict.update(adopted)
         if prefix + "nc4_samples" in state_dict:
             self._nc4_counted_here = False
         super()._load_from_state_dict(
@@ -629,12 +645,19 @@ class CollapseStatisticsMetric(Metric):
             )
 
     def _adopted_statistics(
-        self, value: Any, source: str, *, loading: bool = False, copy: bool = True
+        self,
+        value: Any,
+        source: str,
+        *,
+        loading: bool = False,
+        copy: bool = True,
+        device: torch.device | None = None,
     ) -> Tensor:
         """``value``, packed statistics from elsewhere (a ``state_dict``, ``merge_state``), in
-        float64 on this metric's device (``copy``: always a copy); a ``ValueError`` unless it
-        holds statistics of this metric's classes (and features: ``num_features``, or with
-        ``loading=False`` those of the statistics held). Empty statistics (no data) pass."""
+        float64 on ``device`` (default: this metric's; ``copy``: always a copy); a
+        ``ValueError`` unless it holds statistics of this metric's classes (and features:
+        ``num_features``, or with ``loading=False`` those of the statistics held). Empty
+        statistics (no data) pass."""
         if not isinstance(value, Tensor) or value.ndim != 1 or value.is_complex():
             got = (
                 f"shape {tuple(value.shape)}, dtype {value.dtype}"
@@ -664,24 +687,39 @@ class CollapseStatisticsMetric(Metric):
                     " classes like this metric (2K + 2Kd + d^2 values for some number of features"
                     f" d), but got {size} values (another number of classes)."
                 ) from None
-        return value.detach().to(self.statistics.device, torch.float64, copy=copy)
+        device = self.statistics.device if device is None else device
+        return value.detach().to(device, torch.float64, copy=copy)
 
-    def _adopted_count(self, value: Any, name: str, source: str) -> Tensor:
+    def _adopted_count(
+        self, value: Any, name: str, source: str, *, device: torch.device | None = None
+    ) -> Tensor:
         """An NC4 count from elsewhere (a tensor of one element or a number) as a 0-d float64
-        tensor on this metric's device, never ``value`` itself."""
+        tensor on ``device`` (default: this metric's), never ``value`` itself."""
+        device = self.nc4_samples.device if device is None else device
         if isinstance(value, Tensor):
             if value.numel() != 1 or value.is_complex():
                 raise ValueError(
                     f"Expected `{name}` {source} to be a real tensor of one element (a count), but"
                     f" got shape {tuple(value.shape)}, dtype {value.dtype}."
                 )
-            return value.detach().to(self.nc4_samples.device, torch.float64, copy=True).reshape(())
+            return value.detach().to(device, torch.float64, copy=True).reshape(())
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(
                 f"Expected `{name}` {source} to be a count (a tensor of one element or a number),"
                 f" but got {value!r}."
             )
-        return torch.tensor(float(value), dtype=torch.float64, device=self.nc4_samples.device)
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+    def _move_to(self, device: torch.device) -> None:
+        """Move the whole metric to ``device``; out of the meta device (no values) as
+        ``to_empty`` moves it, which gives zeros (see :meth:`_apply`)."""
+
+        def move(tensor: Tensor) -> Tensor:
+            if tensor.is_meta:
+                return torch.empty_like(tensor, device=device)
+            return tensor.to(device)
+
+        self._apply(move)
 
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         """Merge another state into this one (``forward``, ``merge_state``), exactly.
