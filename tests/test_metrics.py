@@ -1248,6 +1248,36 @@ def test_a_metric_built_on_meta_and_loaded_with_assign_holds_the_loaded_states(
         assert float(out[key]) == pytest.approx(value, rel=RTOL, abs=ATOL), f"seed {seed}: {key}"
 
 
+def test_a_metric_built_with_num_features_restores_from_a_distributed_checkpoint(
+    tmp_path: Any,
+) -> None:
+    # torch.distributed.checkpoint loads in place into the fresh state_dict at the saved sizes:
+    # with num_features the restore is exact; without it the fresh statistics hold 0 values and
+    # DCP refuses the checkpoint (documented at `persistent`)
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(80, 6, 4, seed=seed)
+    metric = NeuralCollapse(4)
+    metric.update(features, target)
+    metric.persistent(True)
+    dcp.save(metric.state_dict(), checkpoint_id=str(tmp_path))
+    unsized = NeuralCollapse(4)
+    unsized.persistent(True)
+    with pytest.raises(dcp.api.CheckpointException, match="Size mismatch"):
+        dcp.load(unsized.state_dict(), checkpoint_id=str(tmp_path))
+    sized = NeuralCollapse(4, num_features=6)
+    sized.persistent(True)
+    state = sized.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    sized.load_state_dict(state)
+    assert torch.equal(sized.statistics, metric.statistics), f"seed {seed}"
+    sized.update(features, target)
+    out = sized.compute()
+    expected = _reference(4)(torch.cat([features, features]), torch.cat([target, target]))
+    for key, value in expected.items():
+        assert float(out[key]) == pytest.approx(value, rel=RTOL, abs=ATOL), f"seed {seed}: {key}"
+
+
 _K, _D = 4, 5
 _LIN = torch.nn.Linear(_D, _K).double()
 _MEANS = torch.randn(_K, _D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

@@ -306,6 +306,24 @@ class CollapseStatisticsMetric(Metric):
             self.set_class_means(None)
         return this
 
+    def persistent(self, mode: bool = False) -> None:
+        """Whether the states are saved in the ``state_dict`` (torchmetrics' ``persistent``).
+
+        The ``statistics`` state holds ``2K + 2Kd + d^2`` values, and ``d`` is known only from
+        ``num_features``, a classifier or the first batch: a metric built without either
+        saves and loads a ``state_dict`` of any ``d`` (``load_state_dict`` takes the saved
+        size), but its fresh ``statistics`` hold 0 values. Loaders that fill the fresh
+        ``state_dict`` in place and require the saved sizes, as
+        ``torch.distributed.checkpoint`` (DCP; FSDP and Lightning's sharded checkpoints) does,
+        then refuse the checkpoint ("Size mismatch"): to restore with them, build the metric
+        with ``num_features`` (or a classifier).
+
+        Args:
+            mode: ``True`` to save the states in the ``state_dict``, ``False`` (the default of
+                a metric) to leave them out.
+        """
+        super().persistent(mode)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Accumulate a batch and return its own value (torchmetrics' ``forward``).
 

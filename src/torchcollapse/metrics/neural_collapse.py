@@ -130,7 +130,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
             defaults to ``False`` then; pass ``compute_with_cache=True`` to cache).
         class_means: optional reference class means for NC4 (see :meth:`set_class_means`).
         num_features: feature dimension ``d``; inferred from the classifier or the first batch when
-            omitted. Give it (or a classifier) under DDP if a process may see no data at all.
+            omitted. Give it (or a classifier) under DDP if a process may see no data at all,
+            and to restore a ``persistent(True)`` state with ``torch.distributed.checkpoint``
+            (see :meth:`persistent`).
         global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
         validate_args: check labels (integers in range) and features (finite) in ``update``;
             these checks read values back from the device.
