@@ -1248,6 +1248,7 @@ def test_a_metric_built_on_meta_and_loaded_with_assign_holds_the_loaded_states(
         assert float(out[key]) == pytest.approx(value, rel=RTOL, abs=ATOL), f"seed {seed}: {key}"
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_a_metric_built_with_num_features_restores_from_a_distributed_checkpoint(
     tmp_path: Any,
 ) -> None:
