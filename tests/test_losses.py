@@ -1144,7 +1144,13 @@ def test_documented_errors() -> None:
         SimplexGeometryLoss(3)(classifier=torch.randn(4, 3))
     with pytest.raises(TypeError, match="module with a `weight`"):
         SelfDualityLoss(3)(features, target, nn.ReLU())
-    with pytest.raises(ValueError, match=r"weight of shape \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"`classifier` to have a weight of shape \(3, 3\)"):
+        SelfDualityLoss(3)(features, target, torch.randn(4, 3))
+    # the right number of classes: the features' width is what differs, and is blamed
+    message = (
+        r"`features` to have 4 columns, the width of `classifier` \(shape \(3, 4\)\), but got 3"
+    )
+    with pytest.raises(ValueError, match=message):
         SelfDualityLoss(3)(features, target, torch.randn(3, 4))
     with pytest.raises(ValueError, match="`classifier` when `nc3` is non-zero"):
         CollapseRegularizer(3, nc3=1.0)(features, target)
@@ -1342,7 +1348,7 @@ def test_closed_form_gradients_equal_autograd_of_the_composable_functions(
             nc3=float(config.get("nc3", 0.0)),  # type: ignore[arg-type]
             nc1_form=config.get("form", "bounded"),  # type: ignore[arg-type]
             target_nc1=config.get("target_nc1"),  # type: ignore[arg-type]
-            target_mode=config.get("target_mode", "squared"),  # type: ignore[arg-type]
+            target_mode=config.get("target_mode"),  # type: ignore[arg-type]
         )
         value = reg(h1, target, w1)
         grads = torch.autograd.grad(value, [h1, w1], allow_unused=True)
@@ -2126,3 +2132,209 @@ def test_modules_with_a_process_group_can_be_copied_and_pickled() -> None:
             assert copied.process_group is None, name
             assert torch.equal(call(copied), expected), name
         assert module.process_group is group, name  # the original keeps its group
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks of the composable functions and of the regularizers' constructors
+
+
+def fresh_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+
+
+def test_batch_class_statistics_checks_its_arguments() -> None:
+    """``num_classes`` of a wrong type gave torch's ``zeros()`` error, one too small a bare
+    IndexError, integer features were accepted; now named errors, as the regularizers give."""
+    g = fresh_generator()
+    features, target = torch.randn(9, 4, generator=g), torch.arange(9) % 3
+    expected = batch_class_statistics(features.double(), target, 3)
+    h, y = features.double().numpy(), target.numpy()
+    within, between, _, _ = ref_traces(h, y, 3)
+    assert expected.trace_within.item() == pytest.approx(within, rel=RTOL64)
+    assert expected.trace_between.item() == pytest.approx(between, rel=RTOL64)
+    for k in (np.int64(3), torch.tensor(3)):  # any integer
+        same = batch_class_statistics(features.double(), target, k)  # type: ignore[arg-type]
+        assert torch.equal(same.trace_within, expected.trace_within)
+    for bad in (None, 3.0, True, "3"):
+        with pytest.raises(TypeError, match="`num_classes` to be an integer"):
+            batch_class_statistics(features, target, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`num_classes` to be a positive integer, but got 0"):
+        batch_class_statistics(features, target, 0)
+    with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 1\]"):
+        batch_class_statistics(features, target, 2)
+    with pytest.raises(TypeError, match="`features` to be a floating-point tensor"):
+        batch_class_statistics(features.long(), target, 3)
+    with pytest.raises(TypeError, match="`target` to be an integer tensor"):
+        batch_class_statistics(features, target.float(), 3)
+    with pytest.raises(ValueError, match="`features` to be a 2-D tensor"):
+        batch_class_statistics(features[0], target, 3)
+    with pytest.raises(
+        ValueError, match=r"at least one feature \(column\), but got shape \(9, 0\)"
+    ):
+        batch_class_statistics(features[:, :0], target, 3)
+    with pytest.raises(ValueError, match="same number of samples"):
+        batch_class_statistics(features, target[:5], 3)
+
+
+def test_self_duality_distance_reads_modules_and_checks_the_weight() -> None:
+    """The ``nn.Linear`` the module takes gave an AttributeError, a weight of the wrong shape a
+    broadcasting error or an IndexError, an integer one was accepted."""
+    g = fresh_generator()
+    features = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    target = torch.arange(12) % 3
+    stats = batch_class_statistics(features, target, 3)
+    head = nn.Linear(4, 3, bias=False).double()
+    _, _, _, centred = ref_traces(features.numpy(), target.numpy(), 3)
+    expected = ref_self_duality(head.weight.detach().numpy(), centred)
+    assert self_duality_distance(head, stats).item() == pytest.approx(expected, rel=RTOL64)
+    assert self_duality_distance(head.weight, stats).item() == pytest.approx(expected, rel=RTOL64)
+    for shape in ((4, 4), (3, 5), (3, 3)):
+        message = "`weight` to have shape (3, 4) (the classes and feature width of `stats`), "
+        with pytest.raises(ValueError, match=re.escape(message + f"but got {shape}.")):
+            self_duality_distance(torch.randn(shape, dtype=torch.float64), stats)
+    with pytest.raises(ValueError, match="`weight` to have a 2-D floating-point weight"):
+        self_duality_distance(torch.randn(4, dtype=torch.float64), stats)
+    with pytest.raises(TypeError, match=r"`weight` to have a 2-D .* dtype torch.int64"):
+        self_duality_distance(head.weight.long(), stats)
+    with pytest.raises(TypeError, match=r"`weight` to be a .* tensor or a module"):
+        self_duality_distance(head.weight.tolist(), stats)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`stats` to be the BatchClassStatistics"):
+        self_duality_distance(head, features)  # type: ignore[arg-type]
+
+
+def test_simplex_gram_distance_checks_vectors_and_mask() -> None:
+    g = fresh_generator()
+    vectors = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    present = torch.tensor([True, False, True, True, False])
+    expected = ref_gram_distance(vectors.numpy()[present.numpy()])
+    assert simplex_gram_distance(vectors, present).item() == pytest.approx(expected, rel=RTOL64)
+    with pytest.raises(ValueError, match=r"`vectors` to be a 2-D tensor .* shape \(5,\)"):
+        simplex_gram_distance(vectors[:, 0])
+    for bad in (vectors.long(), vectors.tolist()):
+        with pytest.raises(TypeError, match="`vectors` to be a floating-point tensor"):
+            simplex_gram_distance(bad)  # type: ignore[arg-type]
+    for mask in (present.tolist(), present.long(), present.double()):
+        with pytest.raises(TypeError, match="`present` to be a boolean tensor or None"):
+            simplex_gram_distance(vectors, mask)  # type: ignore[arg-type]
+    for mask in (present[:3], present[None]):
+        with pytest.raises(ValueError, match=r"`present` to have shape \(5,\)"):
+            simplex_gram_distance(vectors, mask)
+
+
+def test_target_penalty_checks_value_and_target() -> None:
+    value = torch.rand(4, dtype=torch.float64, generator=fresh_generator())
+    level = 0.3
+    for mode, expected in (
+        ("squared", (value - level) ** 2),
+        ("at_most", (value - level).clamp_min(0)),
+        ("at_least", (level - value).clamp_min(0)),
+    ):
+        for target in (level, np.float64(level), torch.tensor(level)):  # any real scalar
+            torch.testing.assert_close(target_penalty(value, target, mode), expected)  # type: ignore[arg-type]
+    for bad_value in (0.5, [0.5], value.long()):
+        with pytest.raises(TypeError, match="`value` to be a floating-point tensor"):
+            target_penalty(bad_value, 0.1)  # type: ignore[arg-type]
+    for bad in (math.nan, math.inf, -math.inf):  # a NaN target gave a NaN penalty silently
+        with pytest.raises(ValueError, match="`target` to be a finite number"):
+            target_penalty(value, bad)
+    for bad in ("0.1", None, True):  # not numbers (the exception type follows read_number)
+        with pytest.raises((TypeError, ValueError), match="`target` to be a finite number"):
+            target_penalty(value, bad)  # type: ignore[arg-type]
+
+
+def test_class_weights_from_counts_check_counts_and_power() -> None:
+    """Negative counts were taken for absent classes, NaN counts or power gave NaN weights, 2-D
+    counts gave 2-D weights, a list an AttributeError."""
+    counts = torch.tensor([5, 2, 0, 9])
+    mean_count = 16 / 3
+    expected = torch.tensor(
+        [(mean_count / 5) ** 0.3, (mean_count / 2) ** 0.3, 1.0, (mean_count / 9) ** 0.3]
+    )
+    for given in (counts, counts.double(), counts.float()):  # integer counts as floats
+        torch.testing.assert_close(
+            class_weights_from_counts(given, 0.3),
+            expected.to(torch.promote_types(given.dtype, torch.float32)),
+            rtol=1e-6,
+            atol=0,
+        )
+    for bad in (counts.tolist(), counts.bool(), counts.to(torch.complex64)):
+        with pytest.raises(TypeError, match=r"`counts` to be a real .* tensor"):
+            class_weights_from_counts(bad)  # type: ignore[arg-type]
+    for bad in (counts[None].float(), torch.tensor(3.0)):
+        with pytest.raises(ValueError, match="`counts` to be a 1-D tensor"):
+            class_weights_from_counts(bad)
+    for value in (-1.0, math.nan, math.inf):
+        bad = counts.double()
+        bad[1] = value
+        with pytest.raises(
+            ValueError, match=f"non-negative, finite counts, but got {value} for class 1"
+        ):
+            class_weights_from_counts(bad)
+    with pytest.raises(ValueError, match="non-negative, finite counts, but got -2 for class 0"):
+        class_weights_from_counts(torch.tensor([-2, 3]))
+    for power in (math.nan, math.inf, True):
+        with pytest.raises(ValueError, match="`power` to be a finite number"):
+            class_weights_from_counts(counts, power)
+    with pytest.raises((TypeError, ValueError), match="`power` to be a finite number"):
+        class_weights_from_counts(counts, "0.5")  # type: ignore[arg-type]
+    # without the value check the counts are not read (no host synchronisation)
+    weights = class_weights_from_counts(counts.float(), 0.3, validate_args=False)
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)
+
+
+def test_target_mode_needs_target_nc1() -> None:
+    """``target_mode`` without ``target_nc1`` was accepted and ignored (plain NC1)."""
+    g = fresh_generator()
+    features, target = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.arange(12) % 3
+    for mode in ("squared", "at_most", "at_least"):
+        with pytest.raises(ValueError, match=f"`target_nc1` with `target_mode='{mode}'`"):
+            CollapseRegularizer(3, target_mode=mode)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`target_mode` to be one of"):
+        CollapseRegularizer(3, target_mode="hinge")  # type: ignore[arg-type]
+    # the default (None) is the squared penalty
+    default = CollapseRegularizer(3, target_nc1=0.2)
+    assert default.target_mode == "squared"
+    assert "target_mode='squared'" in repr(default)
+    nc1 = ref_nc1(features.numpy(), target.numpy(), 3, "bounded")
+    assert default(features, target).item() == pytest.approx((nc1 - 0.2) ** 2, rel=RTOL64)
+
+
+def test_regularizers_refuse_features_without_columns_and_name_what_is_missing() -> None:
+    """Features with 0 columns gave 2.0 (NC2) or 0.0 (NC1); the statistics and metrics refuse
+    them. A forgotten target was reported as "got neither", and features of the wrong width
+    were blamed on the classifier."""
+    g = fresh_generator()
+    features, target = torch.randn(9, 4, generator=g), torch.arange(9) % 3
+    weight = torch.randn(3, 4, generator=g)
+    empty = features[:, :0]
+    calls: dict[str, Callable[[], Tensor]] = {
+        "nc1": lambda: WithinClassVariabilityLoss(3)(empty, target),
+        "ratio": lambda: WithinClassVariabilityLoss(3, form="ratio")(empty, target),
+        "nc2": lambda: SimplexGeometryLoss(3)(empty, target),
+        "nc3": lambda: SelfDualityLoss(3)(empty, target, weight),
+        "collapse": lambda: CollapseRegularizer(3, nc3=1.0)(empty, target, weight),
+        "dot": lambda: DotRegressionLoss()(empty, target, weight[:, :0]),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            ValueError, match=r"at least one feature \(column\), but got shape \(9, 0\)"
+        ):
+            call()
+    reg = SimplexGeometryLoss(3)
+    with pytest.raises(ValueError, match=r"`target` with `features` .*, but got None"):
+        reg(features)
+    with pytest.raises(ValueError, match=r"`features` with `target` .*, but got None"):
+        reg(target=target)
+    with pytest.raises(ValueError, match="`features` and `target`, or `classifier`, but got none"):
+        reg()
+    for term in (SelfDualityLoss(3), CollapseRegularizer(3, nc3=1.0)):
+        message = (
+            r"`features` to have 4 columns, the width of `classifier` \(shape \(3, 4\)\), but got 3"
+        )
+        with pytest.raises(ValueError, match=message):
+            term(features[:, :3], target, weight)
+        # an integer classifier is a wrong type, not a wrong value
+        with pytest.raises(TypeError, match=r"`classifier` to have a 2-D floating-point weight"):
+            term(features, target, weight.long())
+    with pytest.raises(TypeError, match=r"`frame` to have a 2-D floating-point weight"):
+        DotRegressionLoss()(features, target, weight.long())

@@ -44,9 +44,12 @@ __all__ = [
     "BatchClassStatistics",
     "batch_class_statistics",
     "check_classifier_shape",
+    "check_device",
     "check_features_target",
+    "check_float_dtype",
     "check_num_classes",
     "check_reduction",
+    "check_stats",
     "check_weight",
     "compute_dtype",
     "count_classes",
@@ -79,7 +82,8 @@ def check_features_target(
     ``defer_cpu_range`` the CPU check is left to the caller, which indexes by the labels anyway
     and raises :func:`label_range_error` when that indexing fails (one operation fewer).
     ``name`` is the features' argument name in error messages (``"logits"`` for the losses on
-    logits).
+    logits). Features without a column are refused, as by
+    :class:`~torchcollapse.stats.ClassStatistics`: every statistic of them is zero.
     """
     if not isinstance(features, Tensor):
         raise TypeError(
@@ -97,6 +101,12 @@ def check_features_target(
         raise TypeError(
             f"Expected argument `{name}` to be a floating-point tensor, but got dtype "
             f"{features.dtype}."
+        )
+    if features.shape[1] == 0:
+        column = "feature (column)" if name == "features" else "column"
+        raise ValueError(
+            f"Expected argument `{name}` to have at least one {column}, but got shape "
+            f"{tuple(features.shape)}."
         )
     if target.ndim != 1:
         raise ValueError(
@@ -130,7 +140,8 @@ def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> 
             f"with a `weight` tensor, but got {type(classifier).__name__}."
         )
     if weight.ndim != 2 or not weight.is_floating_point():
-        raise ValueError(
+        error = ValueError if weight.ndim != 2 else TypeError  # a wrong shape, else a wrong dtype
+        raise error(
             f"Expected argument `{name}` to have a 2-D floating-point weight (num_classes, "
             f"in_features), but got shape {tuple(weight.shape)} and dtype {weight.dtype}."
         )
@@ -138,12 +149,53 @@ def resolve_weight(classifier: Tensor | nn.Module, name: str = "classifier") -> 
 
 
 def check_classifier_shape(weight: Tensor, num_classes: int, in_features: int) -> None:
-    """Raise unless ``weight`` has shape ``(num_classes, in_features)``."""
-    if tuple(weight.shape) != (num_classes, in_features):
+    """Raise unless ``weight`` has shape ``(num_classes, in_features)``; ``in_features`` is the
+    width of the features, which the message blames when the number of rows is right."""
+    if weight.shape[0] != num_classes:
         raise ValueError(
             f"Expected argument `classifier` to have a weight of shape ({num_classes}, "
             f"{in_features}) (`num_classes`, feature dimension), but got {tuple(weight.shape)}."
         )
+    if weight.shape[1] != in_features:
+        raise ValueError(
+            f"Expected argument `features` to have {weight.shape[1]} columns, the width of "
+            f"`classifier` (shape {tuple(weight.shape)}), but got {in_features}."
+        )
+
+
+def check_stats(stats: Any) -> None:
+    """Raise unless ``stats`` is a :class:`BatchClassStatistics`."""
+    if not isinstance(stats, BatchClassStatistics):
+        raise TypeError(
+            "Expected argument `stats` to be the BatchClassStatistics of "
+            f"`batch_class_statistics`, but got {type(stats).__name__}."
+        )
+
+
+def check_float_dtype(dtype: Any, name: str = "dtype") -> None:
+    """Raise unless ``dtype`` is ``None`` or a real floating ``torch.dtype`` (not an integer,
+    bool or complex dtype, not a string), as the frames and heads require."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"Expected argument `{name}` to be a floating dtype, but got {dtype!r}.")
+
+
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` stays ``None``); raise, naming the argument,
+    unless ``torch.device`` reads it."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(
+            f"Expected argument `{name}` to be a torch.device, a string or an index, but got "
+            f"{type(device).__name__}."
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"Expected argument `{name}` to be a device such as 'cpu' or 'cuda:0', but got "
+            f"{device!r}."
+        ) from None
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -330,24 +382,39 @@ def batch_class_statistics(
     *,
     sync_dist: bool = True,
     group: Any = None,
+    validate_args: bool = True,
 ) -> BatchClassStatistics:
     """Differentiable class statistics of the global batch.
 
+    Arguments are checked as by the regularizers: shapes and dtypes always, the label range with
+    ``validate_args``. In float32 the traces are sums of squares, exact only while those stay in
+    float32's normal range: for features beyond a scale of ~1e+-15 pass them in float64 (the
+    fused regularizers do that themselves on CPU).
+
     Args:
-        features: ``(N_local, d)`` features (any floating dtype; computed in >= float32).
-        target: ``(N_local,)`` integer labels in ``[0, num_classes)`` (not validated here).
-        num_classes: total number of classes ``K_total``.
+        features: ``(N_local, d)`` features (any floating dtype; computed in >= float32), at
+            least one column.
+        target: ``(N_local,)`` integer labels in ``[0, num_classes)``.
+        num_classes: total number of classes ``K_total``, a positive integer (Python's, numpy's
+            or a 0-dim integer tensor; not a bool).
         sync_dist: gather features and labels from all ranks when ``torch.distributed`` is
             initialised, so the statistics are those of the concatenated batch.
         group: process group to gather over (default: the world).
+        validate_args: check the label range of this process's batch (a ValueError on CPU; a
+            device-side assertion, without host synchronisation, on accelerators; skipped under
+            torch.compile).
 
     Returns:
         A :class:`BatchClassStatistics`.
 
-    In float32 the traces are sums of squares, exact only while those stay in float32's normal
-    range: for features beyond a scale of ~1e+-15 pass them in float64 (the fused
-    regularizers do that themselves on CPU).
+    Raises:
+        TypeError: ``features`` or ``target`` is not a tensor, or of the wrong dtype;
+            ``num_classes`` is not an integer.
+        ValueError: a shape is wrong, ``num_classes`` is below 1 or, with ``validate_args``, a
+            label on CPU is outside ``[0, num_classes)``.
     """
+    num_classes = read_int(num_classes, "num_classes")
+    check_features_target(features, target, num_classes, validate_args)
     if sync_dist and is_distributed(group):
         features = gather_with_grad(features, group)
         target = gather_with_grad(target, group)

@@ -50,6 +50,10 @@ def target_penalty(
             target (at least this much collapse); ``"at_least"``: ``relu(target - value)``, a hinge
             that acts only below it (at most this much collapse).
 
+    Raises:
+        TypeError: ``value`` is not a floating-point tensor.
+        ValueError: ``target`` is not a finite real number, or ``mode`` is unknown.
+
     Example:
         >>> import torch
         >>> value = torch.tensor([0.1, 0.5])
@@ -60,12 +64,18 @@ def target_penalty(
         >>> target_penalty(value, 0.3, "at_least")    # only 0.1 falls short of it
         tensor([0.2000, 0.0000])
     """
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        received = f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(
+            f"Expected argument `value` to be a floating-point tensor, but got {received}."
+        )
+    level = read_number(target, "target", "a finite number")
     if mode == "squared":
-        return (value - target).pow(2)
+        return (value - level).pow(2)
     if mode == "at_most":
-        return torch.relu(value - target)
+        return torch.relu(value - level)
     if mode == "at_least":
-        return torch.relu(target - value)
+        return torch.relu(level - value)
     raise ValueError(f"Expected argument `mode` to be one of {_TARGET_MODES}, but got {mode!r}.")
 
 
@@ -106,7 +116,9 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
         nc3: signed weight of the NC3 term (needs ``classifier`` in ``forward``).
         target_nc1: level of NC1 to aim at instead of zero (``nc1`` must then be positive); in the
             scale of ``nc1_form`` (``[0, 1]`` for the bounded form).
-        target_mode: ``"squared"``, ``"at_most"`` or ``"at_least"``; see above.
+        target_mode: ``"squared"``, ``"at_most"`` or ``"at_least"``; see above. Only with
+            ``target_nc1`` (a ``ValueError`` without it); ``None`` (default) means
+            ``"squared"``.
         nc1_form: ``"bounded"`` or ``"ratio"``.
         sync_dist: compute over the global batch when ``torch.distributed`` is initialised.
         process_group: process group for ``sync_dist`` (default: the world; copies and
@@ -139,7 +151,7 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
         nc2: float = 0.0,
         nc3: float = 0.0,
         target_nc1: float | None = None,
-        target_mode: Literal["squared", "at_most", "at_least"] = "squared",
+        target_mode: Literal["squared", "at_most", "at_least"] | None = None,
         nc1_form: Literal["bounded", "ratio"] = "bounded",
         sync_dist: bool = True,
         process_group: Any = None,
@@ -154,10 +166,16 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
             raise ValueError(
                 f"Expected argument `nc1_form` to be 'bounded' or 'ratio', but got {nc1_form!r}."
             )
-        if target_mode not in _TARGET_MODES:
+        if target_mode is not None and target_mode not in _TARGET_MODES:
             raise ValueError(
                 f"Expected argument `target_mode` to be one of {_TARGET_MODES}, but got "
                 f"{target_mode!r}."
+            )
+        if target_mode is not None and target_nc1 is None:
+            # the mode would be ignored: plain NC1 is pushed to zero
+            raise ValueError(
+                f"Expected argument `target_nc1` with `target_mode={target_mode!r}` (the mode "
+                "shapes the penalty around that level), but got None."
             )
         if target_nc1 is not None:
             high = 1.0 if nc1_form == "bounded" else math.inf
@@ -183,7 +201,7 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
         self.nc2 = float(nc2)
         self.nc3 = float(nc3)
         self.target_nc1 = None if target_nc1 is None else float(target_nc1)
-        self.target_mode = target_mode
+        self.target_mode: Literal["squared", "at_most", "at_least"] = target_mode or "squared"
         self.nc1_form = nc1_form
         self.sync_dist = sync_dist
         self.process_group = process_group

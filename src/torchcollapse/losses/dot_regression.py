@@ -79,16 +79,61 @@ from torchcollapse.losses._fused import (
 __all__ = ["DotRegressionLoss", "class_weights_from_counts", "dot_regression_loss"]
 
 
-def class_weights_from_counts(counts: Tensor, power: float = 0.5) -> Tensor:
+def class_weights_from_counts(
+    counts: Tensor, power: float = 0.5, *, validate_args: bool = True
+) -> Tensor:
     """Per-class weights ``(n_mean / n_c)^power`` from class counts.
 
     ``n_mean`` is the mean count over the classes with a non-zero count; classes with a zero count
     get weight 1 (no sample of theirs is weighted).
 
+    Args:
+        counts: ``(K,)`` class counts, a real (integer or floating, not bool) tensor of
+            non-negative, finite values.
+        power: the exponent ``p``, a finite real number.
+        validate_args: check that the counts are non-negative and finite; this reads them on the
+            host (one synchronisation when they live on an accelerator). Their type and shape,
+            and ``power``, are always checked.
+
+    Returns:
+        The ``(K,)`` weights in at least float32.
+
+    Raises:
+        TypeError: ``counts`` is not a real tensor.
+        ValueError: ``counts`` is not 1-D or, with ``validate_args``, holds a negative, NaN or
+            infinite count; ``power`` is not a finite number.
+
     Example:
         >>> class_weights_from_counts(torch.tensor([100.0, 25.0, 0.0]))   # n_mean = 62.5
         tensor([0.7906, 1.5811, 1.0000])
     """
+    if not isinstance(counts, Tensor) or counts.dtype == torch.bool or counts.is_complex():
+        received = f"dtype {counts.dtype}" if isinstance(counts, Tensor) else type(counts).__name__
+        raise TypeError(
+            f"Expected argument `counts` to be a real (integer or floating) tensor, but got "
+            f"{received}."
+        )
+    if counts.ndim != 1:
+        raise ValueError(
+            f"Expected argument `counts` to be a 1-D tensor (one count per class), but got shape "
+            f"{tuple(counts.shape)}."
+        )
+    exponent = read_number(power, "power", "a finite number")
+    if validate_args:
+        bad = counts < 0
+        if counts.is_floating_point():
+            bad |= ~counts.isfinite()
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                "Expected argument `counts` to hold non-negative, finite counts, but got "
+                f"{counts[index].item()} for class {index}."
+            )
+    return _class_weights(counts, exponent)
+
+
+def _class_weights(counts: Tensor, power: float) -> Tensor:
+    """:func:`class_weights_from_counts` without checks, for the losses' steps."""
     counts = counts.to(compute_dtype(counts.dtype) if counts.is_floating_point() else torch.float32)
     present = counts > 0
     mean_count = counts.sum() / present.sum().clamp_min(1)
@@ -287,7 +332,7 @@ def _dot_regression_terms(
             class_weight = counts.pow(-batch_power)  # absent classes (inf) are never gathered
             factor *= (n / max(present, 1)) ** batch_power
         else:
-            class_weight = class_weights_from_counts(counts, batch_power)
+            class_weight = _class_weights(counts, batch_power)
     if class_weight is not None:
         coefficient.mul_(class_weight.index_select(0, target))
     if factor != 1.0:
@@ -482,7 +527,7 @@ class DotRegressionLoss(DropsProcessGroupWhenPickled):
         if counts is not None:
             dtype = compute_dtype(torch.promote_types(features.dtype, weight.dtype))
             counts = counts if counts.dtype == dtype else counts.to(dtype)
-            class_weight = class_weights_from_counts(counts, self.reweight_power)
+            class_weight = _class_weights(counts, self.reweight_power)
         if self.reduction == "none" or not sync:
             loss = _dot_regression(
                 features,

@@ -23,6 +23,7 @@ from torchcollapse.losses._batch import (
     BatchCollapseTerm,
     check_classifier_shape,
     check_features_target,
+    check_stats,
     resolve_weight,
     where_valid,
 )
@@ -31,12 +32,13 @@ from torchcollapse.losses._fused import collapse_terms
 __all__ = ["SelfDualityLoss", "self_duality_distance"]
 
 
-def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor:
+def self_duality_distance(weight: Tensor | nn.Module, stats: BatchClassStatistics) -> Tensor:
     """Squared distance between the normalized classifier and the normalized centred means.
 
     Args:
-        weight: ``(K_total, d)`` classifier weight; rows of classes absent from the batch are
-            ignored.
+        weight: ``(K_total, d)`` classifier weight, or a module read as
+            :class:`SelfDualityLoss` reads its ``classifier`` (e.g. ``nn.Linear`` or a head);
+            rows of classes absent from the batch are ignored.
         stats: batch statistics from :func:`~torchcollapse.losses.batch_class_statistics`.
 
     Returns:
@@ -46,8 +48,21 @@ def self_duality_distance(weight: Tensor, stats: BatchClassStatistics) -> Tensor
         come out exactly equal: the statistics are taken about one of the samples).
     Float32 statistics of features beyond a scale of ~1e+-15 are out of range (see
     :func:`~torchcollapse.losses.batch_class_statistics`): take them in float64.
+
+    Raises:
+        TypeError: ``weight`` is neither a floating-point tensor nor a module with one, or
+            ``stats`` is not a :class:`~torchcollapse.losses.BatchClassStatistics`.
+        ValueError: ``weight`` is not of shape ``(K_total, d)``, the statistics' classes and
+            feature width.
     """
+    check_stats(stats)
+    weight = resolve_weight(weight, "weight")
     means = stats.centered_means
+    if weight.shape != means.shape:
+        raise ValueError(
+            f"Expected argument `weight` to have shape {tuple(means.shape)} (the classes and "
+            f"feature width of `stats`), but got {tuple(weight.shape)}."
+        )
     with no_autocast(means.device.type):
         dtype = torch.promote_types(weight.dtype, means.dtype)
         w = weight if weight.dtype == dtype else weight.to(dtype)

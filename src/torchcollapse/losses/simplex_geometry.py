@@ -30,6 +30,7 @@ from torchcollapse.losses._batch import (
     BatchClassStatistics,
     BatchCollapseTerm,
     check_features_target,
+    check_stats,
     resolve_weight,
     where_valid,
 )
@@ -50,7 +51,36 @@ def simplex_gram_distance(vectors: Tensor, present: Tensor | None = None) -> Ten
         A scalar in ``[0, 4]`` (up to rounding), computed in at least float32 with autocast
         disabled; zero, connected to the graph, when fewer than two rows take part. All-zero rows
         give 2 (a zero Gram is as far from the ETF as an orthogonal one).
+
+    Raises:
+        TypeError: ``vectors`` is not a floating-point tensor, or ``present`` not a boolean one.
+        ValueError: ``vectors`` is not 2-D, or ``present`` not of shape ``(K_total,)``.
     """
+    if not isinstance(vectors, Tensor) or not vectors.is_floating_point():
+        received = (
+            f"dtype {vectors.dtype}" if isinstance(vectors, Tensor) else type(vectors).__name__
+        )
+        raise TypeError(
+            f"Expected argument `vectors` to be a floating-point tensor, but got {received}."
+        )
+    if vectors.ndim != 2:
+        raise ValueError(
+            f"Expected argument `vectors` to be a 2-D tensor (K_total, d), but got shape "
+            f"{tuple(vectors.shape)}."
+        )
+    if present is not None:
+        if not isinstance(present, Tensor) or present.dtype != torch.bool:
+            received = (
+                f"dtype {present.dtype}" if isinstance(present, Tensor) else type(present).__name__
+            )
+            raise TypeError(
+                f"Expected argument `present` to be a boolean tensor or None, but got {received}."
+            )
+        if tuple(present.shape) != (vectors.shape[0],):
+            raise ValueError(
+                f"Expected argument `present` to have shape ({vectors.shape[0]},) (one entry per "
+                f"row of `vectors`), but got {tuple(present.shape)}."
+            )
     return gram_distance(vectors, present)
 
 
@@ -60,8 +90,10 @@ def simplex_geometry_of_means(stats: BatchClassStatistics) -> Tensor:
     Class means that coincide (every sample alike; the statistics are taken about one of the
     samples, so such means come out exactly equal) give all-zero rows: 2, with a zero gradient.
     Float32 statistics of features beyond a scale of ~1e+-15 are out of range (see
-    :func:`~torchcollapse.losses.batch_class_statistics`): take them in float64.
+    :func:`~torchcollapse.losses.batch_class_statistics`): take them in float64. A ``stats``
+    that is not a :class:`~torchcollapse.losses.BatchClassStatistics` raises a ``TypeError``.
     """
+    check_stats(stats)
     means = stats.centered_means
     with no_autocast(means.device.type):
         value = _gram_distance(means, stats.num_present, None)
@@ -145,9 +177,15 @@ class SimplexGeometryLoss(BatchCollapseTerm):
                     f"(`num_classes`), but got shape {tuple(weight.shape)}."
                 )
             return gram_distance(weight, scale=self.weight)
-        if features is None or target is None:
+        if features is None and target is None:
             raise ValueError(
-                "Expected arguments `features` and `target`, or `classifier`, but got neither."
+                "Expected arguments `features` and `target`, or `classifier`, but got none of them."
+            )
+        if features is None or target is None:
+            given, missing = ("features", "target") if target is None else ("target", "features")
+            raise ValueError(
+                f"Expected argument `{missing}` with `{given}` (or a `classifier` alone), but got "
+                "None."
             )
         check_features_target(
             features, target, self.num_classes, self.validate_args, defer_cpu_range=True
