@@ -2142,6 +2142,29 @@ def fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
 
 
+def test_within_class_variability_function_refuses_unknown_forms() -> None:
+    """Any ``form`` other than "bounded" and "ratio" was taken for "ratio" without a word;
+    "running" (a form of the module only) gave the unbounded ratio instead of a centre loss."""
+    g = fresh_generator()
+    features, target = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.arange(12) % 3
+    stats = batch_class_statistics(features, target, 3)
+    h, y = features.numpy(), target.numpy()
+    for form in ("bounded", "ratio"):  # against the loops
+        value = within_class_variability(stats, form).item()  # type: ignore[arg-type]
+        assert value == pytest.approx(ref_nc1(h, y, 3, form), rel=RTOL64)
+    with pytest.raises(ValueError, match=r"'running' is a form of the module .* but got 'running'"):
+        within_class_variability(stats, "running")  # type: ignore[arg-type]
+    for form in ("Bounded", None, "trace", 1):
+        with pytest.raises(
+            ValueError, match=rf"`form` to be 'bounded' or 'ratio', but got {form!r}\."
+        ):
+            within_class_variability(stats, form)  # type: ignore[arg-type]
+    for term in (within_class_variability, simplex_geometry_of_means):
+        for bad in (features, stats._asdict()):
+            with pytest.raises(TypeError, match="`stats` to be the BatchClassStatistics"):
+                term(bad)  # type: ignore[arg-type]
+
+
 def test_batch_class_statistics_checks_its_arguments() -> None:
     """``num_classes`` of a wrong type gave torch's ``zeros()`` error, one too small a bare
     IndexError, integer features were accepted; now named errors, as the regularizers give."""
@@ -2280,6 +2303,83 @@ def test_class_weights_from_counts_check_counts_and_power() -> None:
     # without the value check the counts are not read (no host synchronisation)
     weights = class_weights_from_counts(counts.float(), 0.3, validate_args=False)
     torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.float64])
+def test_running_form_skips_non_finite_batches(
+    module_dtype: torch.dtype, compute_path: str
+) -> None:
+    """One batch with a NaN or infinite feature (a float16 step GradScaler would skip) left the
+    running means NaN for good, and every later loss NaN. Such a batch now leaves the buffers as
+    they were: NaN batch then clean batch gives what the clean batch alone gives."""
+    g = fresh_generator()
+    k, d = 4, 3
+    first = torch.randn(16, d, generator=g, dtype=torch.float64), torch.arange(16) % k
+    clean = torch.randn(12, d, generator=g, dtype=torch.float64), torch.arange(12) % k
+
+    def running(momentum: float | None) -> WithinClassVariabilityLoss:
+        reg = WithinClassVariabilityLoss(k, form="running", in_features=d, momentum=momentum)
+        return reg.to(module_dtype)  # float64 features: running means float32 or float64
+
+    for momentum in (0.3, None):
+        expected = running(momentum)
+        expected(*first)
+        expected_loss = expected(*clean)
+        for value in (math.nan, math.inf, -math.inf):
+            reg = running(momentum)
+            reg(*first)
+            bad = clean[0].clone()
+            bad[int(torch.randint(0, 12, (), generator=g)), 1] = value
+            loss = reg(bad, clean[1])
+            assert not math.isfinite(loss.item())  # the batch's own loss shows the problem
+            assert reg.class_batches.tolist() == [1] * k  # the bad batch is not counted
+            again = reg(*clean)
+            where = f"{value}, momentum {momentum}, {compute_path}"
+            assert torch.equal(reg.running_mean, expected.running_mean), where
+            assert torch.equal(reg.class_batches, expected.class_batches), where
+            assert torch.equal(again, expected_loss), where
+    # a class's first batch: a non-finite one does not count it as seen
+    reg = running(0.3)
+    reg(torch.full((2, d), math.nan, dtype=torch.float64), torch.tensor([0, 1]))
+    assert reg.class_batches.tolist() == [0] * k
+    assert torch.equal(reg.running_mean, torch.zeros(k, d, dtype=module_dtype))
+
+
+@pytest.mark.parametrize("form", ["bounded", "ratio", "running"])
+def test_regularizer_constructor_arguments_are_checked_whatever_the_form(form: str) -> None:
+    """``in_features``, ``dtype`` and ``device`` were checked only by the running form (and the
+    dtype not even there: int64 running means truncated every update)."""
+    g = fresh_generator()
+    features, target = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.arange(12) % 3
+    when = " when `form='running'`" if form == "running" else ""
+    for bad in ("x", 4.0, True):
+        with pytest.raises(TypeError, match=f"`in_features` to be an integer{re.escape(when)}"):
+            WithinClassVariabilityLoss(3, form=form, in_features=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`in_features` to be a positive integer"):
+        WithinClassVariabilityLoss(3, form=form, in_features=0)  # type: ignore[arg-type]
+    for dtype in (torch.int64, torch.bool, torch.complex64, "float32", torch.float32.itemsize):
+        with pytest.raises(TypeError, match=r"`dtype` to be a floating dtype, but got"):
+            WithinClassVariabilityLoss(3, form=form, in_features=4, dtype=dtype)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`device` to be a device such as .* but got 'foo'"):
+        WithinClassVariabilityLoss(3, form=form, in_features=4, device="foo")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`device` to be a torch.device, a string or an index"):
+        WithinClassVariabilityLoss(3, form=form, in_features=4, device=1.5)  # type: ignore[arg-type]
+    # valid arguments: the same values as without them, the width checked by every form
+    reg = WithinClassVariabilityLoss(
+        3,
+        form=form,
+        in_features=np.int64(4),
+        device="cpu",
+        dtype=torch.float64,  # type: ignore[arg-type]
+    )
+    assert type(reg.in_features) is int
+    if form != "running":
+        h, y = features.numpy(), target.numpy()
+        assert reg(features, target).item() == pytest.approx(ref_nc1(h, y, 3, form), rel=RTOL64)
+    with pytest.raises(
+        ValueError, match=r"`features` to have 4 columns \(`in_features`\), but got 5"
+    ):
+        reg(torch.randn(12, 5, dtype=torch.float64), target)
 
 
 def test_target_mode_needs_target_nc1() -> None:

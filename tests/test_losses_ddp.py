@@ -164,9 +164,25 @@ def _empty_batches(rank: int) -> dict[str, object]:
     return results
 
 
+def _running_with_a_non_finite_batch(rank: int | None, steps: tuple[int, ...]) -> Tensor:
+    """Running means of ``form="running"`` after ``steps`` of ``_data``'s features; at step 1
+    rank 0's share (or, in one process, the batch) holds a NaN."""
+    reg = WithinClassVariabilityLoss(K, form="running", in_features=D_IN, momentum=0.4).double()
+    for step in steps:
+        features, target = _data(step)
+        if step == 1:
+            features[0, 0] = float("nan")  # on rank 0's share
+        if rank is not None:
+            rows = slice(0, SPLITS[step % 2]) if rank == 0 else slice(SPLITS[step % 2], N)
+            features, target = features[rows], target[rows]
+        reg(features, target)
+    return reg.running_mean
+
+
 def _worker(rank: int, world_size: int) -> dict[str, dict[str, object]]:
     results = {name: _run_case(name, rank) for name in CASES}
     results["empty batches"] = _empty_batches(rank)
+    results["non-finite"] = {"running": _running_with_a_non_finite_batch(rank, (0, 1, 2))}
     return results
 
 
@@ -196,6 +212,12 @@ def test_losses_under_ddp_equal_one_process_on_the_concatenated_batch() -> None:
             assert all(torch.equal(g, torch.zeros_like(g)) for g in expected["grads"].values())
         else:  # the comparison is not vacuous
             assert any(g.abs().max() > 1e-6 for g in expected["grads"].values()), name
+    # a NaN on one rank skips the update of the running means on every rank: as if the batch
+    # had not been seen (buffers identical across ranks, so they cannot drift apart)
+    skipped = _running_with_a_non_finite_batch(None, (0, 2))
+    for rank, per_rank in enumerate(results):
+        running = per_rank["non-finite"]["running"]
+        torch.testing.assert_close(running, skipped, rtol=TOL, atol=TOL, msg=f"rank {rank}")
     features, target = _data(0)
     features = features[:, :D]
     for rank, per_rank in enumerate(results):

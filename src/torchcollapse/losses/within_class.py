@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Literal
 
@@ -44,8 +45,11 @@ from torchcollapse._distributed import (
 from torchcollapse._numbers import read_int, read_number
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
+    check_device,
     check_features_target,
+    check_float_dtype,
     check_num_classes,
+    check_stats,
     check_weight,
     compute_dtype,
     count_classes,
@@ -85,7 +89,23 @@ def within_class_variability(
         is capped at ``1 / eps`` of the dtype (8.4e6 in float32, 4.5e15 in float64), where its
         gradient is zero: identical class means with some within-class spread give that cap,
         finite also when squared as a target penalty.
+
+    Raises:
+        TypeError: ``stats`` is not a :class:`~torchcollapse.losses.BatchClassStatistics`.
+        ValueError: ``form`` is neither ``"bounded"`` nor ``"ratio"`` (``"running"`` is a form
+            of :class:`WithinClassVariabilityLoss` only: it needs the module's running means).
     """
+    check_stats(stats)
+    if form not in ("bounded", "ratio"):
+        running = ""
+        if str(form) == "running":
+            running = (
+                " ('running' is a form of the module `WithinClassVariabilityLoss` only: it needs "
+                "running class means)"
+            )
+        raise ValueError(
+            f"Expected argument `form` to be 'bounded' or 'ratio'{running}, but got {form!r}."
+        )
     within, between = stats.trace_within, stats.trace_between
     one = torch.ones_like(between)
     if form == "bounded":
@@ -120,7 +140,11 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
     gradient), so DDP sees every parameter used. Running form: in training, the running means of
     the classes in the global batch are updated first (momentum, or a cumulative average with
     ``momentum=None``; a class seen for the first time takes its batch mean), then distances are
-    taken to them; samples of classes never seen yet are excluded (zero if none is left).
+    taken to them; samples of classes never seen yet are excluded (zero if none is left). A
+    training batch whose class means are not all finite (NaN or infinite features, or an
+    overflow, as in a float16 step that ``GradScaler`` skips) leaves the running means and
+    counts unchanged, without host synchronisation on accelerators; its own loss is then NaN
+    or infinite, and the next finite batch updates the means as if it had not been seen.
     Statistics are computed in at least float32, with autocast disabled.
 
     Args:
@@ -135,11 +159,14 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
             pickles of the module hold ``None``: process groups cannot be pickled).
         validate_args: check the label range (a ValueError on CPU; a device-side assertion,
             without host synchronisation, on accelerators; skipped under torch.compile).
-        in_features: feature dimension ``d``; required for ``form="running"`` (buffer shape),
-            a positive integer (Python's, numpy's or a 0-dim integer tensor; not a bool).
-        device: device of the running buffers.
-        dtype: dtype of the running means (default float32; kept under casts of the module to
-            float16 or bfloat16, where their updates would round away; widened by ``.double()``).
+        in_features: feature dimension ``d``, a positive integer (Python's, numpy's or a 0-dim
+            integer tensor; not a bool); required for ``form="running"`` (buffer shape),
+            optional for the batch forms, where ``forward`` then checks the features' width.
+        device: device of the running buffers (checked whatever the form).
+        dtype: floating dtype of the running means (default float32; kept under casts of the
+            module to float16 or bfloat16, where their updates would round away; widened by
+            ``.double()``; checked whatever the form: integer and complex dtypes raise a
+            TypeError).
 
     Example:
         >>> import torch
@@ -188,15 +215,18 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
         self.sync_dist = sync_dist
         self.process_group = process_group
         self.validate_args = validate_args
-        self.in_features = in_features
-        if form == "running":
-            if in_features is None:
-                raise ValueError(
-                    "Expected argument `in_features` (the feature dimension) when "
-                    "`form='running'`, but got None."
-                )
-            size = read_int(in_features, "in_features", when=" when `form='running'`")
-            self.in_features = size
+        # checked whatever the form, so that a mistake does not wait for a switch of form
+        check_float_dtype(dtype)
+        device = check_device(device)
+        if form == "running" and in_features is None:
+            raise ValueError(
+                "Expected argument `in_features` (the feature dimension) when "
+                "`form='running'`, but got None."
+            )
+        when = " when `form='running'`" if form == "running" else ""
+        size = None if in_features is None else read_int(in_features, "in_features", when=when)
+        self.in_features = size
+        if size is not None and form == "running":
             factory: dict[str, Any] = {"device": device, "dtype": dtype or torch.float32}
             self.register_buffer("running_mean", torch.zeros(num_classes, size, **factory))
             self.register_buffer(
@@ -232,6 +262,11 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
         check_features_target(
             features, target, self.num_classes, self.validate_args, defer_cpu_range=True
         )
+        if self.in_features is not None and features.shape[1] != self.in_features:
+            raise ValueError(
+                f"Expected argument `features` to have {self.in_features} columns "
+                f"(`in_features`), but got {features.shape[1]}."
+            )
         if self.form == "running":
             return self._running(features, target)
         total, _ = collapse_terms(
@@ -247,11 +282,6 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
         return total
 
     def _running(self, features: Tensor, target: Tensor) -> Tensor:
-        if features.shape[1] != self.running_mean.shape[1]:
-            raise ValueError(
-                f"Expected argument `features` to have {self.running_mean.shape[1]} columns "
-                f"(`in_features`), but got {features.shape[1]}."
-            )
         sync = self.sync_dist and is_distributed(self.process_group)
         dtype = features.dtype if features.dtype in WIDE_DTYPES else compute_dtype(features.dtype)
         hf = features if features.dtype == dtype else features.to(dtype)
@@ -336,11 +366,23 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
                 counts = count_classes(target, num_classes, h.dtype)
             batch_mean = sums.div_(counts.clamp_min(1.0).unsqueeze(1))
             count_list = None
+        # a batch with NaN or infinite class means (NaN or infinite features, or an overflow,
+        # as in a float16 step that GradScaler skips) leaves the buffers as they were: the means
+        # are global under sync_dist, so every rank skips the same batch
+        # (one aminmax: both ends are finite exactly when every mean is, NaN propagating)
+        low, high = torch.aminmax(batch_mean)
+        host = host_scalars(batch_mean)
+        if host and not (math.isfinite(low.item()) and math.isfinite(high.item())):
+            return
         factor, present = self._factors(counts, count_list)
-        if self.running_mean.dtype == h.dtype:
-            self.running_mean.lerp_(batch_mean, factor)
-        else:
-            running = self.running_mean.to(h.dtype).lerp_(batch_mean, factor)
+        same = self.running_mean.dtype == h.dtype
+        running = self.running_mean if same else self.running_mean.to(h.dtype)
+        if not host:  # no host read: a non-finite batch moves the means towards themselves
+            finite = (low > -math.inf) & (high < math.inf)  # False for NaN
+            batch_mean = torch.where(finite, batch_mean, running)
+            present = present & finite
+        running.lerp_(batch_mean, factor)  # in place on the buffer when the dtypes agree
+        if not same:
             self.running_mean.copy_(running)
         self.class_batches.add_(present)
 
