@@ -28,7 +28,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Literal
 
@@ -369,16 +368,16 @@ class WithinClassVariabilityLoss(DropsProcessGroupWhenPickled):
         # a batch with NaN or infinite class means (NaN or infinite features, or an overflow,
         # as in a float16 step that GradScaler skips) leaves the buffers as they were: the means
         # are global under sync_dist, so every rank skips the same batch
-        # (one aminmax: both ends are finite exactly when every mean is, NaN propagating)
-        low, high = torch.aminmax(batch_mean)
+        # (0 * mean is 0 for a finite mean and NaN for any other, and a sum keeps the NaN)
+        zero = batch_mean.mul(0.0).sum()
         host = host_scalars(batch_mean)
-        if host and not (math.isfinite(low.item()) and math.isfinite(high.item())):
+        if host and zero.item() != 0.0:
             return
         factor, present = self._factors(counts, count_list)
         same = self.running_mean.dtype == h.dtype
         running = self.running_mean if same else self.running_mean.to(h.dtype)
         if not host:  # no host read: a non-finite batch moves the means towards themselves
-            finite = (low > -math.inf) & (high < math.inf)  # False for NaN
+            finite = zero == 0.0
             batch_mean = torch.where(finite, batch_mean, running)
             present = present & finite
         running.lerp_(batch_mean, factor)  # in place on the buffer when the dtypes agree
