@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests._helpers.devices import foreign_default_device
-from tests._helpers.testers import check_module
+from tests._helpers.testers import check_module, check_symbolic_trace
 from torchcollapse.frames import hierarchy_frame, orthogonal_frame, simplex_etf, spherical_code
 from torchcollapse.heads import (
     DEFAULT_LOSS_FLOOR,
@@ -943,3 +943,157 @@ def test_etf_init_reads_the_gain_as_a_finite_number() -> None:
         with pytest.raises(ValueError, match="`gain` to be a finite number"):
             etf_init_(linear, gain=bad)  # type: ignore[arg-type]
         assert torch.equal(linear.weight, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.fx symbolic tracing (create_feature_extractor, FX graph-mode quantization)
+# ------------------------------------------------------------------------------------------------
+
+
+def _fx_case(kind: str) -> tuple[Callable[[], nn.Module], int, int]:
+    """A head factory for the symbolic-trace tests, with its ``in_features`` and classes."""
+    from torchcollapse.heads import NearestETFHead
+
+    cases: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
+        "cosine": (lambda: CosineHead(12, 5, learnable_scale=True), 12, 5),
+        "cosface": (lambda: CosineHead(12, 5, scale=8.0, margin=0.3), 12, 5),
+        "arcface": (lambda: CosineHead(12, 5, margin=0.4, margin_type="arcface"), 12, 5),
+        "arcface_easy": (
+            lambda: CosineHead(12, 5, margin=0.4, margin_type="arcface", easy_margin=True),
+            12,
+            5,
+        ),
+        "nearest": (lambda: NearestETFHead(12, 5, momentum=0.5, bias=True), 12, 5),
+    }
+    for name, factory in HEAD_FACTORIES.items():
+        head = factory()
+        cases[name] = (factory, head.in_features, head.num_classes)
+    return cases[kind]
+
+
+FX_KINDS = [*HEAD_FACTORIES, "cosine", "cosface", "arcface", "arcface_easy", "nearest"]
+
+
+@pytest.mark.parametrize("kind", FX_KINDS)
+def test_heads_trace_symbolically_and_match_the_module(kind: str) -> None:
+    # torch.fx.symbolic_trace called forward with proxies, which the input checks refused
+    # ("Expected argument `features` to be a Tensor, but got Proxy"). The graph must compute
+    # what the head computes, bit for bit (it calls the same functions on the same tensors):
+    # outputs, gradients and the frame of NearestETFHead over labelled and unlabelled calls.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    factory, d, k = _fx_case(kind)
+    x = features(9, d, seed=seed)
+    y = torch.randint(0, k, (9,), generator=torch.Generator().manual_seed(seed + 1))
+    takes_target = kind in ("cosine", "cosface", "arcface", "arcface_easy", "nearest")
+    # traced at the root, the graph takes `target` as an input that may be left out
+    calls = [(x,), (x, y), (x * 2.0, y), (x,)] if takes_target else [(x,), (x * 2.0,)]
+    try:
+        check_symbolic_trace(factory, calls)
+    except AssertionError as error:
+        raise AssertionError(f"{kind}, seed {seed}: {error}") from error
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_traced_heads_keep_the_precision_handling_of_other_dtypes(dtype: torch.dtype) -> None:
+    # the normalized product branches on the dtype (float32 factors for 16-bit features) when the
+    # graph runs: the traced graph equals the head in every dtype
+    from torchcollapse.heads import NearestETFHead
+
+    seed = int(torch.randint(0, 2**31, ()))
+    x = features(6, 16, seed=seed).to(dtype)
+    y = torch.arange(6) % 5
+    heads: list[tuple[Callable[[], nn.Module], list[tuple[torch.Tensor, ...]]]] = [
+        (lambda: SimplexETFHead(16, 5, learnable_scale=True, bias=True).to(dtype), [(x,)]),
+        (lambda: CosineHead(16, 5, margin=0.2, margin_type="arcface").to(dtype), [(x, y)]),
+        (lambda: NearestETFHead(16, 5).to(dtype), [(x, y), (x,)]),
+    ]
+    for factory, calls in heads:
+        try:
+            check_symbolic_trace(factory, calls)
+        except AssertionError as error:
+            raise AssertionError(f"{dtype}, seed {seed}: {error}") from error
+
+
+class _LabelledNet(nn.Module):
+    """A backbone and a head that takes the labels in training, as a training model would."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        from torchcollapse.norms import FeatureCenter
+
+        self.body = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), FeatureCenter(12))
+        self.head = head
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.body(x), target)
+        return out
+
+
+def test_a_model_with_a_head_traces_whole_and_matches_the_model() -> None:
+    from torchcollapse.heads import NearestETFHead
+    from torchcollapse.norms import FeatureCenter, FeatureNorm
+
+    seed = int(torch.randint(0, 2**31, ()))
+    x = features(8, 10, seed=seed)
+    y = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(seed))
+    models: dict[str, Callable[[], nn.Module]] = {
+        "sequential": lambda: nn.Sequential(
+            nn.Linear(10, 12),
+            nn.ReLU(),
+            FeatureCenter(12, momentum=None),
+            FeatureNorm(3.0, learnable=True),
+            SimplexETFHead(12, 5, learnable_scale=True, bias=True),
+        ),
+        "nearest": lambda: _LabelledNet(NearestETFHead(12, 5, momentum=0.3)),
+        "cosface": lambda: _LabelledNet(CosineHead(12, 5, scale=10.0, margin=0.25)),
+    }
+    for name, factory in models.items():
+        calls = [(x,), (x * 0.5,)] if name == "sequential" else [(x, y), (x,), (x * 0.5, y)]
+        try:
+            # (a graph of _LabelledNet, whose forward has string annotations, cannot be pickled)
+            check_symbolic_trace(factory, calls, pickled=name == "sequential")
+        except AssertionError as error:
+            raise AssertionError(f"{name}, seed {seed}: {error}") from error
+    # the labels' update is one node of the graph, which dead-code elimination keeps
+    traced = torch.fx.symbolic_trace(models["nearest"]().train())
+    targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert sum(getattr(t, "__name__", "") == "_frame_step" for t in targets) == 1
+
+
+def test_tracing_a_training_update_refuses_a_process_group() -> None:
+    # a graph cannot hold a process group: tracing the update with one is refused by name; in
+    # evaluation mode (no update), or without sync_dist, the group does not enter the graph
+    from torchcollapse.heads import NearestETFHead
+
+    group = object()  # stands for a torch.distributed process group (never used here)
+    head = NearestETFHead(8, 3, process_group=group)
+    with pytest.raises(RuntimeError, match=r"`process_group` of NearestETFHead to be None"):
+        torch.fx.symbolic_trace(head.train())
+    x = features(4, 8)
+    torch.testing.assert_close(torch.fx.symbolic_trace(head.eval())(x), head(x), rtol=0, atol=0)
+    unsynced = NearestETFHead(8, 3, process_group=group, sync_dist=False).train()
+    traced = torch.fx.symbolic_trace(unsynced)
+    reference = NearestETFHead(8, 3, sync_dist=False).train()
+    y = torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(traced(x, y), reference(x, y), rtol=0, atol=0)
+    torch.testing.assert_close(unsynced.frame, reference.frame, rtol=0, atol=0)
+
+
+def test_create_feature_extractor_after_replace_head() -> None:
+    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
+    from torchcollapse.heads import replace_head
+    from torchcollapse.norms import FeatureNorm
+
+    seed = int(torch.randint(0, 2**31, ()))
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), FeatureNorm(2.0), nn.Linear(12, 5))
+    replace_head(model, SimplexETFHead)
+    assert isinstance(model[3], SimplexETFHead)
+    x = features(7, 10, seed=seed)
+    for training in (False, True):
+        model.train(training)
+        extractor = feature_extraction.create_feature_extractor(
+            model, {"1": "penultimate", "3": "logits"}
+        ).train(training)
+        got = extractor(x)
+        torch.testing.assert_close(got["penultimate"], model[1](model[0](x)), rtol=0, atol=0)
+        torch.testing.assert_close(got["logits"], model(x), rtol=0, atol=0)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tests._helpers.ddp import run_distributed
-from tests._helpers.testers import check_deferred_init, check_module
+from tests._helpers.testers import check_deferred_init, check_module, check_symbolic_trace
 from torchcollapse.norms import FeatureCenter, FeatureNorm
 
 
@@ -335,3 +335,51 @@ def test_feature_norm_repr_shows_the_current_scale() -> None:
         assert f"scale={float(f'{scale:.6g}')!r}," in repr(module), repr(module)
     with torch.device("meta"):
         assert "scale=5.0," in repr(FeatureNorm(scale=5.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.fx symbolic tracing (create_feature_extractor, FX graph-mode quantization)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind", ["norm", "norm_learnable", "norm_dim0", "center", "center_cumulative"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_norms_trace_symbolically_and_match_the_module(kind: str, dtype: torch.dtype) -> None:
+    # torch.fx.symbolic_trace called forward with proxies, which the input checks refused. The
+    # graph must compute what the layer computes, bit for bit (the dtype-dependent steps run when
+    # the graph runs): outputs, gradients, and the running mean over training calls.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    factories = {
+        "norm": lambda: FeatureNorm(2.5),
+        "norm_learnable": lambda: FeatureNorm(4.0, learnable=True),
+        "norm_dim0": lambda: FeatureNorm(3.0, dim=0),
+        "center": lambda: FeatureCenter(6, momentum=0.3),
+        "center_cumulative": lambda: FeatureCenter(6, momentum=None),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 6, generator=generator).to(dtype)
+    # a batch of another shape (3-D: leading dimensions) and a zero row (the norm's eps clamp)
+    z = torch.randn(2, 3, 6, generator=generator).to(dtype)
+    z[0, 0] = 0.0
+    try:
+        check_symbolic_trace(lambda: factories[kind]().to(dtype), [(x,), (z,), (x + 1.0,)])
+    except AssertionError as error:
+        raise AssertionError(f"{kind}, {dtype}, seed {seed}: {error}") from error
+
+
+def test_tracing_the_center_update_refuses_a_process_group() -> None:
+    # a graph cannot hold a process group: tracing the training update with one is refused by
+    # name; in evaluation mode, or without sync_dist, the group does not enter the graph
+    group = object()  # stands for a torch.distributed process group (never used here)
+    center = FeatureCenter(4, process_group=group)
+    with pytest.raises(RuntimeError, match=r"`process_group` of FeatureCenter to be None"):
+        torch.fx.symbolic_trace(center.train())
+    x = torch.randn(3, 4)
+    assert torch.equal(torch.fx.symbolic_trace(center.eval())(x), center(x))
+    unsynced = FeatureCenter(4, sync_dist=False, process_group=group).train()
+    traced = torch.fx.symbolic_trace(unsynced)
+    reference = FeatureCenter(4, sync_dist=False).train()
+    assert torch.equal(traced(x), reference(x))
+    assert torch.equal(unsynced.running_mean, reference.running_mean)

@@ -36,6 +36,7 @@ from torchcollapse._distributed import (
     all_reduce_sum,
     is_distributed,
 )
+from torchcollapse._fx import check_traceable_group, is_proxy
 from torchcollapse._numbers import read_int, read_number
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
@@ -126,17 +127,8 @@ class FeatureNorm(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """Normalize ``features`` along ``dim`` to norm ``scale``; same shape and dtype."""
-        if not isinstance(features, Tensor) or not features.is_floating_point():
-            raise TypeError(
-                "Expected argument `features` to be a floating-point tensor, but got "
-                f"{getattr(features, 'dtype', type(features).__name__)}."
-            )
-        dtype = torch.promote_types(features.dtype, torch.float32)
-        with no_autocast(features.device.type):
-            h = features.to(dtype)
-            norm = torch.linalg.vector_norm(h, dim=self.dim, keepdim=True).clamp_min(self.eps)
-            out: Tensor = h / norm * self.log_scale.to(dtype).exp()
-        return out.to(features.dtype)
+        _check_floating(features)
+        return _normalize(features, self.log_scale, self.dim, self.eps)
 
 
 class FeatureCenter(DropsProcessGroupWhenPickled):
@@ -235,38 +227,85 @@ class FeatureCenter(DropsProcessGroupWhenPickled):
 
     def forward(self, features: Tensor) -> Tensor:
         """``features`` (``(..., d)``) minus the running mean; same shape and dtype."""
-        if not isinstance(features, Tensor) or not features.is_floating_point():
-            raise TypeError(
-                "Expected argument `features` to be a floating-point tensor, but got "
-                f"{getattr(features, 'dtype', type(features).__name__)}."
-            )
-        if features.ndim < 1 or features.shape[-1] != self.num_features:
+        _check_floating(features)
+        if is_proxy(features):
+            if self.training and self.sync_dist:
+                check_traceable_group(self, self.process_group)
+        elif features.ndim < 1 or features.shape[-1] != self.num_features:
             raise ValueError(
                 f"Expected argument `features` to have last dimension {self.num_features}, but "
                 f"got shape {tuple(features.shape)}."
             )
+        mean = self.running_mean
         if self.training:
-            self._update(features.detach())
-        return features - self.running_mean.to(features.dtype)
+            # the updated running mean (the buffer itself): what the output depends on, also
+            # in a torch.fx graph, where the update is one call
+            mean = _update_running_mean(
+                features.detach(),
+                self.running_mean,
+                self.num_batches_tracked,
+                self.momentum,
+                self.sync_dist,
+                self.process_group if self.sync_dist else None,
+            )
+        return features - mean.to(features.dtype)
 
-    @torch.no_grad()
-    def _update(self, features: Tensor) -> None:
+
+def _check_floating(features: object) -> None:
+    """Raise unless ``features`` is a floating-point tensor (or a ``torch.fx`` proxy: symbolic
+    tracing, no dtype to check)."""
+    if isinstance(features, Tensor):
+        if features.is_floating_point():
+            return
+    elif is_proxy(features):
+        return
+    raise TypeError(
+        "Expected argument `features` to be a floating-point tensor, but got "
+        f"{getattr(features, 'dtype', type(features).__name__)}."
+    )
+
+
+@torch.fx.wrap  # one call in a torch.fx graph: it reads dtypes and devices when it runs
+def _normalize(features: Tensor, log_scale: Tensor, dim: int, eps: float) -> Tensor:
+    """``exp(log_scale) * features / max(||features||, eps)`` along ``dim``, computed in at least
+    float32 without autocast, in the dtype of ``features``."""
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with no_autocast(features.device.type):
+        h = features.to(dtype)
+        norm = torch.linalg.vector_norm(h, dim=dim, keepdim=True).clamp_min(eps)
+        out: Tensor = h / norm * log_scale.to(dtype).exp()
+    return out.to(features.dtype)
+
+
+@torch.fx.wrap  # one call in a torch.fx graph: it reads dtypes and counts when it runs
+def _update_running_mean(
+    features: Tensor,
+    running_mean: Tensor,
+    num_batches_tracked: Tensor,
+    momentum: float | None,
+    sync_dist: bool,
+    process_group: Any,
+) -> Tensor:
+    """Fold the mean of ``features`` (``(..., d)``, over all processes with ``sync_dist``) into
+    the buffers ``running_mean`` and ``num_batches_tracked`` in place; returns ``running_mean``."""
+    with torch.no_grad():
         dtype = torch.promote_types(
-            torch.promote_types(features.dtype, self.running_mean.dtype), torch.float32
+            torch.promote_types(features.dtype, running_mean.dtype), torch.float32
         )
         with no_autocast(features.device.type):
-            flat = features.reshape(-1, self.num_features).to(dtype)
+            flat = features.reshape(-1, running_mean.shape[0]).to(dtype)
             packed = torch.cat([flat.sum(0), flat.new_full((1,), float(flat.shape[0]))])
-            if self.sync_dist and is_distributed(self.process_group):
-                all_reduce_sum(packed, self.process_group)
+            if sync_dist and is_distributed(process_group):
+                all_reduce_sum(packed, process_group)
             count = packed[-1]
             batch_mean = packed[:-1] / count.clamp_min(1.0)
-            tracked = self.num_batches_tracked.to(dtype)
-            if self.momentum is None:
+            tracked = num_batches_tracked.to(dtype)
+            if momentum is None:
                 factor = 1.0 / (tracked + 1.0)
             else:
-                factor = torch.where(tracked > 0, torch.full_like(tracked, self.momentum), 1.0)
+                factor = torch.where(tracked > 0, torch.full_like(tracked, momentum), 1.0)
             factor = torch.where(count > 0, factor, torch.zeros_like(factor))
-            running = self.running_mean.to(dtype)
-            self.running_mean.copy_(running + factor * (batch_mean - running))
-            self.num_batches_tracked.add_((count > 0).long())
+            running = running_mean.to(dtype)
+            running_mean.copy_(running + factor * (batch_mean - running))
+            num_batches_tracked.add_((count > 0).long())
+    return running_mean

@@ -8,6 +8,8 @@ In the spirit of torchmetrics' ``tests/unittests/_helpers/testers.py``, smaller:
 - :func:`check_module` runs an :class:`torch.nn.Module` through ``state_dict`` round-trips into a
   fresh, differently seeded instance, ``.to(dtype)``, deepcopy/pickle, float64 ``gradcheck`` (inputs
   and parameters) and ``torch.compile``.
+- :func:`check_symbolic_trace` compares the ``torch.fx.symbolic_trace`` graph of a module with the
+  module, bit for bit, over several calls in training and evaluation mode.
 
 Every failed check raises :class:`AssertionError` whose message names the check (and, for metrics,
 the dtype and the output key), so that ``pytest.raises(AssertionError, match=...)`` can tell which
@@ -43,6 +45,7 @@ __all__ = [
     "check_deferred_init",
     "check_metric",
     "check_module",
+    "check_symbolic_trace",
 ]
 
 _SPLIT_SEED = 20240601
@@ -958,3 +961,85 @@ def check_deferred_init(
                     deferred(*batch, **kwargs), direct(*batch, **kwargs), where, exact=True
                 )
             compare(where)
+
+
+# --------------------------------------------------------------------------------------------------
+# check_symbolic_trace
+# --------------------------------------------------------------------------------------------------
+
+
+def check_symbolic_trace(
+    module_factory: Callable[[], nn.Module],
+    calls: Sequence[Sequence[Tensor]],
+    *,
+    modes: Sequence[bool] = (False, True),
+    pickled: bool = False,
+) -> None:
+    """Check that ``torch.fx.symbolic_trace`` of a module computes what the module computes.
+
+    For each mode of ``modes`` (``True``: training), a module from ``module_factory()`` is
+    copied twice: one copy runs eagerly, the other is traced (``torch.fx.symbolic_trace``, then
+    dead-code elimination and ``recompile``, as torchvision's ``create_feature_extractor`` and FX
+    graph-mode quantization run it). Both run ``calls`` in order (each a tuple of positional
+    inputs; the traced graph takes the root's ``forward`` arguments, so a call may leave out a
+    trailing optional argument), each with a backward pass of a fixed random weighting of the
+    floating outputs. After each call the outputs, the gradients of the floating inputs and of
+    every parameter, and every buffer (running statistics a training call updates) must be
+    *bit-identical*: the graph calls the same functions on the same tensors. With ``pickled``,
+    a pickled graph must also give the same outputs in evaluation mode (torch 2.13 cannot pickle
+    a graph whose root ``forward`` has string annotations, ``from __future__ import
+    annotations``: pytorch/pytorch#167117).
+
+    Raises:
+        AssertionError: naming the check (``symbolic_trace``), the mode and the call.
+    """
+    for training in modes:
+        mode = "train" if training else "eval"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(2468)
+            module = module_factory().train(training)
+        eager = copy.deepcopy(module)
+        source = copy.deepcopy(module)  # the graph shares its parameters and buffers
+        try:
+            traced = torch.fx.symbolic_trace(source)
+        except Exception as error:
+            raise AssertionError(f"check_module symbolic_trace[{mode}]: {error}") from error
+        traced.graph.eliminate_dead_code()
+        traced.recompile()
+        traced.train(training)
+        for step, call in enumerate(calls):
+            where = f"symbolic_trace[{mode}] call {step}"
+            results = []
+            for model, owner in ((eager, eager), (traced, source)):
+                owner.zero_grad(set_to_none=True)
+                args = [x.clone().requires_grad_() if x.is_floating_point() else x for x in call]
+                out = model(*args)
+                floating = [t for t in _leaves(out) if t.is_floating_point() and t.requires_grad]
+                if floating:
+                    weights = torch.Generator().manual_seed(13 + step)
+                    loss = sum(
+                        (t * torch.randn(t.shape, generator=weights, dtype=t.dtype)).sum()
+                        for t in floating
+                    )
+                    assert isinstance(loss, Tensor)
+                    loss.backward()  # type: ignore[no-untyped-call]
+                grads = [
+                    torch.zeros(()) if t.grad is None else t.grad
+                    for t in [*[a for a in args if a.requires_grad], *owner.parameters()]
+                ]
+                buffers = [b.detach().clone() for _, b in sorted(owner.named_buffers())]
+                results.append(([t.detach() for t in _leaves(out)], grads, buffers))
+            (out_e, grads_e, buffers_e), (out_t, grads_t, buffers_t) = results
+            _assert_outputs(out_t, out_e, f"{where} output vs the module", exact=True)
+            if grads_e:
+                _assert_outputs(grads_t, grads_e, f"{where} gradients vs the module", exact=True)
+            if buffers_e:
+                _assert_outputs(buffers_t, buffers_e, f"{where} buffers vs the module", exact=True)
+        if pickled and not training:
+            with torch.no_grad():
+                _assert_outputs(
+                    pickle.loads(pickle.dumps(traced))(*calls[0]),
+                    eager(*calls[0]),
+                    f"symbolic_trace[{mode}] pickled graph vs the module",
+                    exact=True,
+                )

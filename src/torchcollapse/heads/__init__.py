@@ -16,6 +16,17 @@ Every head follows timm's head contract: ``(in_features, num_classes, *, ..., de
 dtype=None)``, ``forward(features) -> logits``, a ``K x d`` ``weight`` (and ``effective_weight``,
 the classifier actually applied) for the collapse metrics, ``extra_repr``, ``state_dict``
 round-trips and ``torch.compile``.
+
+Export and tracing: the heads, as the layers of :mod:`torchcollapse.norms`, go through
+``torch.compile(fullgraph=True)``, ``torch.export``, ``torch.jit.trace`` and
+``torch.fx.symbolic_trace`` (which torchvision's ``create_feature_extractor`` and FX graph-mode
+quantization use). The FX graph keeps each step that depends on dtypes or values (the normalized
+product, a margin, the frame update of :class:`NearestETFHead`) as one call, and computes what
+the module computes, bit for bit, in training mode too. A head traced as the root takes
+``target`` as an input that may be left out when the graph is called. The graph holds a fixed
+scale as a constant (as an exported program does), and a training-mode update that synchronises
+over a ``process_group`` cannot be traced (trace in eval mode, or make the head a leaf module).
+``torch.jit.script`` is not supported: use ``torch.jit.trace`` or ``torch.export``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import double_backward, transforms_active
+from torchcollapse._fx import is_proxy
 from torchcollapse._labels import check_label_range
 from torchcollapse._numbers import as_finite_float, as_real_float
 from torchcollapse._warnings import user_stacklevel
@@ -64,8 +65,12 @@ def note_training_call(head: nn.Module, target: Tensor | None, message: str) -> 
     )
 
 
-def check_features(features: Tensor, in_features: int) -> None:
+def check_features(features: object, in_features: int) -> None:
+    """Raise when ``features`` is no floating tensor with last dimension ``in_features``; a
+    ``torch.fx`` proxy (symbolic tracing: no values to check) passes."""
     if not isinstance(features, Tensor):
+        if is_proxy(features):
+            return
         raise TypeError(
             f"Expected argument `features` to be a Tensor, but got {type(features).__name__}."
         )
@@ -80,8 +85,14 @@ def check_features(features: Tensor, in_features: int) -> None:
         )
 
 
-def check_target(target: Tensor, features: Tensor, num_classes: int) -> None:
+def check_target(target: object, features: Tensor, num_classes: int) -> None:
+    """Raise when ``target`` is no ``(N,)`` integer tensor of labels in ``[0, num_classes)`` for
+    ``(N, d)`` features; ``torch.fx`` proxies (symbolic tracing) pass."""
+    if is_proxy(features):
+        return
     if not isinstance(target, Tensor):
+        if is_proxy(target):
+            return
         raise TypeError(
             f"Expected argument `target` to be a Tensor, but got {type(target).__name__}."
         )

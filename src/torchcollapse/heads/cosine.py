@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcollapse._fx import is_proxy
 from torchcollapse._numbers import read_int, read_number
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
@@ -154,19 +155,6 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         """
         return F.normalize(self.weight, dim=1, eps=self.eps) * self.scale
 
-    def _target_cosine(self, cosine: Tensor) -> Tensor:
-        """The target class's cosine after the margin."""
-        if self.margin_type == "cosface":
-            return cosine - self.margin
-        m = self.margin
-        cosine = cosine.clamp(-1.0, 1.0)
-        # sin(theta) >= sqrt(eps): a finite gradient at cos(theta) = +-1
-        sine = (1.0 - cosine * cosine).clamp_min(torch.finfo(cosine.dtype).eps).sqrt()
-        shifted = cosine * math.cos(m) - sine * math.sin(m)  # cos(theta + m)
-        if self.easy_margin:
-            return torch.where(cosine > 0, shifted, cosine)
-        return torch.where(cosine > math.cos(math.pi - m), shifted, cosine - m * math.sin(m))
-
     def forward(self, features: Tensor, target: Tensor | None = None) -> Tensor:
         """Logits ``(*, num_classes)``; with ``target`` (``(N,)``), the margin is applied.
 
@@ -178,7 +166,12 @@ class CosineHead(ScaledHeadMixin, nn.Module):
             ``scale * cos(theta)``, with the target entries replaced by the margin's logit.
         """
         check_features(features, self.in_features)
-        if self.margin != 0.0 and self.training and not torch.compiler.is_compiling():
+        if (
+            self.margin != 0.0
+            and self.training
+            and not torch.compiler.is_compiling()
+            and not is_proxy(features)
+        ):
             note_training_call(
                 self,
                 target,
@@ -187,16 +180,18 @@ class CosineHead(ScaledHeadMixin, nn.Module):
                 " `head(features, target)`; called as `model(x)` (as after `replace_head`) it"
                 " gives plain scaled cosines, without the margin.",
             )
-        weight = F.normalize(self.weight, dim=1, eps=self.eps)
-        if target is None or self.margin == 0.0:
-            if target is not None:
-                check_target(target, features, self.num_classes)
-            return normalized_linear(features, weight, self.scale, self.eps)
-        check_target(target, features, self.num_classes)
-        cosine = normalized_linear(features, weight, 1.0, self.eps)
-        index = target.long()[:, None]
-        with_margin = cosine.scatter(1, index, self._target_cosine(cosine.gather(1, index)))
-        return with_margin * self.scale
+        if target is not None:
+            check_target(target, features, self.num_classes)
+        return _cosine_logits(
+            features,
+            self.weight,
+            self.scale,
+            self.eps,
+            target,
+            self.margin,
+            self.margin_type,
+            self.easy_margin,
+        )
 
     def extra_repr(self) -> str:
         text = (
@@ -208,3 +203,41 @@ class CosineHead(ScaledHeadMixin, nn.Module):
             if self.margin_type == "arcface" and self.easy_margin:
                 text += ", easy_margin=True"
         return text
+
+
+@torch.fx.wrap  # one call in a torch.fx graph: it branches on `target` when it runs
+def _cosine_logits(
+    features: Tensor,
+    weight: Tensor,
+    scale: float | Tensor,
+    eps: float,
+    target: Tensor | None,
+    margin: float,
+    margin_type: MarginType,
+    easy_margin: bool,
+) -> Tensor:
+    """The logits of :class:`CosineHead`: ``scale * cos(theta)``, the target entries with the
+    margin when ``target`` is given."""
+    unit_weight = F.normalize(weight, dim=1, eps=eps)
+    if target is None or margin == 0.0:
+        return normalized_linear(features, unit_weight, scale, eps)
+    cosine = normalized_linear(features, unit_weight, 1.0, eps)
+    index = target.long()[:, None]
+    shifted = _target_cosine(cosine.gather(1, index), margin, margin_type, easy_margin)
+    return cosine.scatter(1, index, shifted) * scale
+
+
+def _target_cosine(
+    cosine: Tensor, margin: float, margin_type: MarginType, easy_margin: bool
+) -> Tensor:
+    """The target class's cosine after the margin."""
+    if margin_type == "cosface":
+        return cosine - margin
+    m = margin
+    cosine = cosine.clamp(-1.0, 1.0)
+    # sin(theta) >= sqrt(eps): a finite gradient at cos(theta) = +-1
+    sine = (1.0 - cosine * cosine).clamp_min(torch.finfo(cosine.dtype).eps).sqrt()
+    shifted = cosine * math.cos(m) - sine * math.sin(m)  # cos(theta + m)
+    if easy_margin:
+        return torch.where(cosine > 0, shifted, cosine)
+    return torch.where(cosine > math.cos(math.pi - m), shifted, cosine - m * math.sin(m))

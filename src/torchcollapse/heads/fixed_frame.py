@@ -41,6 +41,9 @@ from torchcollapse.heads._common import (
 
 __all__ = ["FixedFrameHead", "OrthogonalFrameHead", "SimplexETFHead", "SphericalCodeHead"]
 
+# torch.fx records the normalized product as one call (it branches on dtypes when it runs)
+torch.fx.wrap("normalized_linear")
+
 
 class FixedFrameHead(ScaledHeadMixin, nn.Module):
     """Logits from a fixed frame: ``scale * frame @ normalize(features) + bias``.

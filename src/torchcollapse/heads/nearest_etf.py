@@ -34,6 +34,7 @@ from torch import Tensor
 
 from torchcollapse._buffers import apply_keeping_dtypes
 from torchcollapse._distributed import DropsProcessGroupWhenPickled, all_reduce_sum
+from torchcollapse._fx import check_traceable_group, is_proxy
 from torchcollapse._numbers import read_int, read_number
 from torchcollapse.frames import _nearest_simplex_etf, simplex_etf
 from torchcollapse.heads._common import (
@@ -215,41 +216,20 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
         """
         check_features(features, self.in_features)
         check_target(target, features, self.num_classes)
-        work = torch.promote_types(features.dtype, torch.float32)
-        unit = features.detach().to(work)
-        unit = unit / torch.linalg.vector_norm(unit, dim=1, keepdim=True).clamp_min(self.eps)
-        with_counts = torch.cat([unit, unit.new_ones(unit.shape[0], 1)], dim=1)
-        stats = unit.new_zeros(self.num_classes, self.in_features + 1)
-        stats.index_add_(0, target.long(), with_counts)
-        if self.sync_dist:
-            all_reduce_sum(stats, self.process_group)
-        # a non-finite feature makes its class's row NaN (its unit vector is NaN); checked after
-        # the reduction, so that every process decides alike
-        finite = torch.isfinite(stats).all()
-        compiling = torch.compiler.is_compiling()
-        if not compiling and not bool(finite):
-            raise ValueError(
-                "Expected argument `features` to be finite, but the batch holds NaN or infinite "
-                "values (on this or another process); the running means and the frame are left "
-                "as they were."
-            )
-        sums, counts = stats[:, :-1], stats[:, -1]
-        present = counts > 0
-        # momentum for classes seen before, 1 for new ones, built in the working dtype
-        rate = self.class_seen.to(work).mul_(self.momentum - 1.0).add_(1.0).mul_(present)
-        running = self.running_means.to(work)
-        running = running + rate[:, None] * (sums / counts.clamp_min(1.0)[:, None] - running)
-        if compiling:  # skip a non-finite batch without a data-dependent branch
-            running = torch.where(finite, running, self.running_means.to(work))
-            present = present & finite
-        frame = _nearest_simplex_etf(running, self.frame, self.proximal, self.eps)
-        frame = frame.to(self.frame.dtype)
-        if compiling:
-            frame = torch.where(finite, frame, self.frame)
-        self.running_means.copy_(running)
-        self.class_seen.logical_or_(present)
-        self.frame.copy_(frame)
-        return frame
+        if is_proxy(features) and self.sync_dist:
+            check_traceable_group(self, self.process_group)
+        return _frame_step(
+            features,
+            target,
+            self.frame,
+            self.running_means,
+            self.class_seen,
+            self.momentum,
+            self.proximal,
+            self.eps,
+            self.sync_dist,
+            self.process_group if self.sync_dist else None,
+        )
 
     @property
     def weight(self) -> Tensor:
@@ -272,7 +252,8 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
             target: optional ``(N,)`` class indices of the batch.
         """
         check_features(features, self.in_features)
-        if self.training and not torch.compiler.is_compiling():
+        traced = is_proxy(features)
+        if self.training and not torch.compiler.is_compiling() and not traced:
             note_training_call(
                 self,
                 target,
@@ -281,6 +262,25 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
                 " `head(features, target)`; called as `model(x)` (as after `replace_head`) it"
                 " stays the initial, fixed simplex ETF.",
             )
+        if traced:
+            # torch.fx: one call in the graph, which takes the branch below when it runs (a graph
+            # traced with a `target` input may be called without it)
+            step_target = target if self.training else None
+            if step_target is not None and self.sync_dist:
+                check_traceable_group(self, self.process_group)
+            frame = _frame_step(
+                features,
+                step_target,
+                self.frame,
+                self.running_means,
+                self.class_seen,
+                self.momentum,
+                self.proximal,
+                self.eps,
+                self.sync_dist,
+                self.process_group if step_target is not None and self.sync_dist else None,
+            )
+            return self._logits(features, frame)
         if target is not None and self.training:
             # A fresh tensor, not the buffer, enters the graph: updating the buffer in a later
             # step cannot invalidate this step's backward pass.
@@ -291,3 +291,60 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, proximal={self.proximal}"
+
+
+@torch.fx.wrap  # one call in a torch.fx graph: it checks values and branches when it runs
+def _frame_step(
+    features: Tensor,
+    target: Tensor | None,
+    frame: Tensor,
+    running_means: Tensor,
+    class_seen: Tensor,
+    momentum: float,
+    proximal: float,
+    eps: float,
+    sync_dist: bool,
+    process_group: Any,
+) -> Tensor:
+    """The frame the logits of :class:`NearestETFHead` use. With ``target``: the step of
+    :meth:`NearestETFHead.update`, which updates the buffers ``frame``, ``running_means`` and
+    ``class_seen`` in place and returns the new frame (a fresh tensor). Without (only a graph
+    traced by ``torch.fx`` gets here): the frame, copied while autograd records, as
+    ``NearestETFHead._frame_for_graph``."""
+    if target is None:
+        return frame.clone() if torch.is_grad_enabled() else frame
+    with torch.no_grad():
+        work = torch.promote_types(features.dtype, torch.float32)
+        unit = features.detach().to(work)
+        unit = unit / torch.linalg.vector_norm(unit, dim=1, keepdim=True).clamp_min(eps)
+        with_counts = torch.cat([unit, unit.new_ones(unit.shape[0], 1)], dim=1)
+        stats = unit.new_zeros(frame.shape[0], frame.shape[1] + 1)
+        stats.index_add_(0, target.long(), with_counts)
+        if sync_dist:
+            all_reduce_sum(stats, process_group)
+        # a non-finite feature makes its class's row NaN (its unit vector is NaN); checked after
+        # the reduction, so that every process decides alike
+        finite = torch.isfinite(stats).all()
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not bool(finite):
+            raise ValueError(
+                "Expected argument `features` to be finite, but the batch holds NaN or infinite "
+                "values (on this or another process); the running means and the frame are left "
+                "as they were."
+            )
+        sums, counts = stats[:, :-1], stats[:, -1]
+        present = counts > 0
+        # momentum for classes seen before, 1 for new ones, built in the working dtype
+        rate = class_seen.to(work).mul_(momentum - 1.0).add_(1.0).mul_(present)
+        running = running_means.to(work)
+        running = running + rate[:, None] * (sums / counts.clamp_min(1.0)[:, None] - running)
+        if compiling:  # skip a non-finite batch without a data-dependent branch
+            running = torch.where(finite, running, running_means.to(work))
+            present = present & finite
+        new_frame = _nearest_simplex_etf(running, frame, proximal, eps).to(frame.dtype)
+        if compiling:
+            new_frame = torch.where(finite, new_frame, frame)
+        running_means.copy_(running)
+        class_seen.logical_or_(present)
+        frame.copy_(new_frame)
+        return new_frame
