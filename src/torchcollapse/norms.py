@@ -10,6 +10,11 @@
 For centring *and* scaling with batch statistics, use ``torch.nn.BatchNorm1d(num_features,
 affine=False)`` (``torch.nn.SyncBatchNorm`` across processes): it is not re-implemented here.
 
+Both layers trace with ``torch.fx.symbolic_trace`` (torchvision's ``create_feature_extractor``,
+FX graph-mode quantization), ``torch.export``, ``torch.jit.trace`` and ``torch.compile``; the FX
+graph computes what the layer computes, bit for bit, and updates the running mean in training
+mode. ``torch.jit.script`` is not supported.
+
 References:
     Y. Yang, S. Chen, X. Li, L. Xie, Z. Lin, D. Tao, "Inducing neural collapse in imbalanced
     learning: do we really need a learnable classifier at the end of deep neural network?",
@@ -156,7 +161,9 @@ class FeatureCenter(DropsProcessGroupWhenPickled):
         sync_dist: average the batch mean over processes when ``torch.distributed`` is
             initialised.
         process_group: process group for ``sync_dist`` (default: the world; copies and
-            pickles of the module hold ``None``: process groups cannot be pickled).
+            pickles of the module hold ``None``: process groups cannot be pickled). An FX graph
+            cannot hold one: ``torch.fx.symbolic_trace`` of the layer in training mode with a
+            group (and ``sync_dist``) raises a ``RuntimeError``; in eval mode it traces.
         device: device of the buffers.
         dtype: dtype of ``running_mean`` (default float32; kept under casts to float16 or
             bfloat16, widened by ``.double()``).

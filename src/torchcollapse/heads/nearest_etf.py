@@ -109,7 +109,9 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
             (``False``: each process updates from its own batch, e.g. when only one calls it).
         process_group: process group for ``sync_dist`` (default: the world), e.g. the
             data-parallel group of the processes that hold this head. Not copied by
-            ``copy.deepcopy`` or pickling (the copy gets ``None``).
+            ``copy.deepcopy`` or pickling (the copy gets ``None``). An FX graph cannot hold
+            one: ``torch.fx.symbolic_trace`` of the training-mode update with a group (and
+            ``sync_dist``) raises a ``RuntimeError``; in eval mode it traces.
 
     Example:
         >>> head = NearestETFHead(8, 3, momentum=1.0)
