@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -154,12 +155,56 @@ def test_learnable_scale_and_weight_get_gradients() -> None:
     assert torch.isfinite(head.weight.grad).all()
 
 
-def test_arcface_gradient_is_finite_at_cos_one() -> None:
-    head = CosineHead(3, 2, scale=10.0, margin=0.5, margin_type="arcface")
-    h = head.weight.detach()[:1].clone().requires_grad_()  # exactly the class vector
-    head(h, torch.tensor([0])).sum().backward()
+@pytest.mark.parametrize("easy_margin", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_arcface_gradient_is_finite_at_cos_one(easy_margin: bool, dtype: torch.dtype) -> None:
+    """At cos(theta_y) = +1 and -1 exactly, where d sin(theta)/d cos(theta) is infinite, the
+    gradients are finite (the sine is clamped at sqrt(eps)) and equal the closed form. Exact
+    inputs: class vectors e_0, e_1, e_2 and features 2 e_0 (label 0: cos +1) and -e_1 (label 1:
+    cos -1). Closed form: the target cosine's gradient (w_y - cos h^) / ||h|| vanishes at
+    cos = +-1, so only the other classes (cos 0) contribute, d/dh_i = s / ||h_i|| sum g_ic e_c
+    and d/dw_c = s sum_i g_ic h^_i over the samples whose label is not c; the logits are s cos
+    elsewhere and s cos(m), s (-1 - m sin m) (easy margin: s cos(m), -s) at the targets, up to
+    the clamp's s sqrt(eps) sin(m) at cos = +1."""
+    scale, m = 10.0, 0.5
+    head = CosineHead(
+        4, 3, scale=scale, margin=m, margin_type="arcface", easy_margin=easy_margin, dtype=dtype
+    )
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 4))
+    h = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]], dtype=dtype)
+    h.requires_grad_()
+    target = torch.tensor([0, 1])
+    seed = int(torch.randint(0, 2**31, ()))  # fresh upstream gradient, reported on failure
+    g = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    logits = head(h, target)
+    (logits * g.to(dtype)).sum().backward()
     assert h.grad is not None
-    assert torch.isfinite(h.grad).all()
+    assert head.weight.grad is not None
+    assert torch.isfinite(h.grad).all(), f"seed {seed}"
+    assert torch.isfinite(head.weight.grad).all(), f"seed {seed}"
+    eps = torch.finfo(dtype).eps
+    at_minus_one = -1.0 if easy_margin else -1.0 - m * math.sin(m)
+    expected = scale * torch.tensor([[math.cos(m), 0.0, 0.0], [0.0, at_minus_one, 0.0]], dtype=F64)
+    # the clamp shifts the cos = +1 logit by s sqrt(eps) sin(m); the rest: a few roundings of s
+    torch.testing.assert_close(
+        logits.double(),
+        expected,
+        rtol=0,
+        atol=scale * math.sqrt(eps) * math.sin(m) + 8 * scale * eps,
+    )
+    unit_h = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]], dtype=F64)
+    norms = torch.tensor([[2.0], [1.0]], dtype=F64)
+    others = torch.ones(2, 3, dtype=F64)
+    others[0, 0] = others[1, 1] = 0.0  # the targets contribute nothing
+    grad_h = scale * (g * others) @ torch.eye(3, 4, dtype=F64) / norms
+    grad_w = scale * (g * others).T @ unit_h
+    # a few roundings of products of s and g in the dtype
+    tol = 8 * eps * scale * float(g.abs().max())
+    torch.testing.assert_close(h.grad.double(), grad_h, rtol=0, atol=tol, msg=f"seed {seed}")
+    torch.testing.assert_close(
+        head.weight.grad.double(), grad_w, rtol=0, atol=tol, msg=f"seed {seed}"
+    )
 
 
 def test_repr() -> None:
@@ -186,6 +231,26 @@ def test_cosine_head_errors() -> None:
         head(torch.randn(3, 5), torch.tensor([0, -1, 2]))
     with pytest.raises(ValueError, match="last dimension 5"):
         head(torch.randn(3, 6))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.complex128, "float32"]
+)
+def test_cosine_head_refuses_a_non_floating_dtype(dtype: object) -> None:
+    # an integer dtype failed inside nn.Parameter without naming `dtype`, a complex one only at
+    # the first forward: both raise at construction, naming it, as the fixed-frame heads do
+    message = f"Expected argument `dtype` to be a floating dtype, but got {dtype!r}."
+    for learnable_scale in (False, True):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            CosineHead(8, 3, learnable_scale=learnable_scale, dtype=dtype)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, F64])
+def test_cosine_head_takes_any_floating_dtype(dtype: torch.dtype) -> None:
+    head = CosineHead(8, 3, scale=5.0, learnable_scale=True, dtype=dtype)
+    assert head.weight.dtype == dtype
+    assert head.log_scale is not None
+    assert head.log_scale.dtype == dtype
 
 
 @pytest.mark.parametrize("margin_type", ["cosface", "arcface"])

@@ -43,6 +43,7 @@ from torchcollapse.heads._common import (
     note_training_call,
     resolve_scale,
 )
+from torchcollapse.losses._batch import check_float_dtype
 
 __all__ = ["CosineHead"]
 
@@ -76,7 +77,8 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         easy_margin: ArcFace only: apply the margin only where ``cos(theta_y) > 0``.
         eps: norms below ``eps`` are treated as ``eps``.
         device: device of the parameters.
-        dtype: dtype of the parameters.
+        dtype: floating dtype of the parameters (integer and complex dtypes raise a
+            ``TypeError``).
 
     Attributes:
         weight: the learnable ``(num_classes, in_features)`` class vectors (only their directions
@@ -123,6 +125,7 @@ class CosineHead(ScaledHeadMixin, nn.Module):
             margin, "margin", f"a number in {interval} for {margin_type}", lambda m: 0 <= m < upper
         )
         eps_value = read_number(eps, "eps", "> 0", lambda value: value > 0)
+        check_float_dtype(dtype)
         self.margin = float(margin)
         self.margin_type: MarginType = margin_type
         self.easy_margin = bool(easy_margin)
