@@ -8,6 +8,7 @@ resolution (float16: 2**-11, bfloat16: 2**-8, so rtol 2e-3 / 1e-2).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -140,9 +141,75 @@ def test_feature_center_gradient_passes_through_and_leading_dims() -> None:
     upstream = torch.randn(2, 3, 4, dtype=torch.float64)
     (out * upstream).sum().backward()
     torch.testing.assert_close(features.grad, upstream)  # the mean is a constant
-    center(torch.empty(0, 4, dtype=torch.float64))  # an empty batch changes nothing
-    assert center.num_batches_tracked.item() == 1
-    assert torch.isfinite(center.running_mean).all()
+    before = center.running_mean.clone()
+    for momentum in (0.1, None):  # an empty batch changes nothing, bit for bit
+        center.momentum = momentum
+        empty = torch.empty(0, 4, dtype=torch.float64)
+        assert center(empty).shape == (0, 4)
+        assert center.num_batches_tracked.item() == 1
+        torch.testing.assert_close(center.running_mean, before, rtol=0, atol=0)
+
+
+def _loop_running_mean(batches: list[Tensor], momentum: float | None) -> Tensor:
+    """The documented recursion, per coordinate with Python floats (float64); non-finite
+    batch means are skipped."""
+    running = [0.0] * batches[0].shape[-1]
+    seen = 0
+    for batch in batches:
+        rows = batch.double().reshape(-1, len(running)).tolist()
+        means = [sum(row[j] for row in rows) / len(rows) for j in range(len(running))]
+        if not all(math.isfinite(m) for m in means):
+            continue
+        factor = 1.0 if seen == 0 else (1.0 / (seen + 1) if momentum is None else momentum)
+        running = [r + factor * (m - r) for r, m in zip(running, means)]
+        seen += 1
+    return torch.tensor(running, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "inf-inf"])
+@pytest.mark.parametrize("where", [0, 2])  # the first batch, or after two batches
+def test_feature_center_skips_a_non_finite_batch(
+    momentum: float | None, dtype: torch.dtype, bad: float | str, where: int
+) -> None:
+    """Documented: a training batch whose mean is not finite leaves ``running_mean`` and
+    ``num_batches_tracked`` as they were, bit for bit, so that the layer with the bad batch ends
+    with the buffers and outputs of the layer that never saw it; the bad batch's own output is
+    the batch minus the running mean as it was (the batch itself when it comes first).
+    Reference: the same module without the bad batch (bit for bit) and the float64 recursion
+    (float32 buffer: rtol 1e-6)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(5 + i, 4, generator=g) * 2 + 3).to(dtype) for i in range(4)]
+    poisoned = (torch.randn(6, 4, generator=g) + 3).to(dtype)
+    if bad == "inf-inf":  # every entry finite but one column's mean NaN
+        poisoned[0, 1], poisoned[3, 1] = math.inf, -math.inf
+    else:
+        poisoned[2, 1] = bad
+    clean = FeatureCenter(4, momentum=momentum)
+    seen = FeatureCenter(4, momentum=momentum)
+    for step, batch in enumerate(batches):
+        if step == where:
+            stored = seen.running_mean.clone()
+            out = seen(poisoned)
+            expected = poisoned - stored.to(dtype)  # the mean as it was
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(seen.running_mean, stored, rtol=0, atol=0)
+        assert torch.equal(seen(batch), clean(batch)), f"seed {seed}, step {step}"
+        assert torch.equal(seen.running_mean, clean.running_mean), f"seed {seed}, step {step}"
+        assert torch.equal(seen.num_batches_tracked, clean.num_batches_tracked)
+    assert seen.num_batches_tracked.item() == len(batches)
+    torch.testing.assert_close(
+        seen.running_mean.double(),
+        _loop_running_mean(batches, momentum),
+        rtol=1e-6,
+        atol=1e-6,
+        msg=f"seed {seed}",
+    )
+    seen.eval()
+    probe = torch.randn(3, 4, generator=g).to(dtype)
+    assert torch.equal(seen(probe), clean.eval()(probe))
 
 
 def test_feature_center_half_inputs_accumulate_in_float32() -> None:
@@ -208,6 +275,73 @@ def test_documented_errors() -> None:
         FeatureCenter(3)(torch.randn(2, 4))
     with pytest.raises(TypeError, match="floating-point tensor"):
         FeatureCenter(3)(torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.complex128, "float32"]
+)
+def test_norms_refuse_a_non_floating_dtype(dtype: object) -> None:
+    """An integer ``dtype`` truncated ``log(scale)`` (radius exp(2) = 7.39 for 10) and the
+    running mean; a complex one is not a real feature space: both raise, naming ``dtype``, as
+    the frames and heads do."""
+    message = f"Expected argument `dtype` to be a floating dtype, but got {dtype!r}."
+    for build in (
+        lambda: FeatureNorm(10.0, dtype=dtype),  # type: ignore[arg-type]
+        lambda: FeatureNorm(10.0, learnable=True, dtype=dtype),  # type: ignore[arg-type]
+        lambda: FeatureCenter(4, dtype=dtype),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            build()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_norms_take_any_floating_dtype(dtype: torch.dtype) -> None:
+    # reference: rows of norm 10 and the float64 batch mean, to the buffer dtype's resolution
+    # (the running mean: the float64 mean rounded once to the dtype)
+    features = torch.randn(6, 4, dtype=torch.float64) + 2.0
+    for learnable in (False, True):
+        norm = FeatureNorm(10.0, learnable=learnable, dtype=dtype)
+        assert norm.log_scale.dtype == dtype
+        # log(10) in [2, 4) rounds by at most eps of the dtype, so exp of it by a relative eps
+        rtol = 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(
+            norm(features).norm(dim=1),
+            torch.full((6,), 10.0, dtype=torch.float64),
+            rtol=rtol,
+            atol=0.0,
+        )
+    center = FeatureCenter(4, dtype=dtype)
+    assert center.running_mean.dtype == dtype
+    center(features)
+    torch.testing.assert_close(
+        center.running_mean.double(), features.mean(0), rtol=torch.finfo(dtype).eps, atol=0.0
+    )
+
+
+def test_feature_norm_dim_is_an_integer() -> None:
+    """``dim`` is read as an integer (numpy's and 0-dim tensors too, negative allowed); anything
+    else raises at construction (``None`` normalised the whole batch, a string failed in
+    forward), and a dimension the features lack raises in ``forward``, naming ``dim``.
+    Reference: the row norms, and the module built with the Python int."""
+    features = torch.randn(3, 5, dtype=torch.float64)
+    for dim, axis in ((1, 1), (-1, 1), (0, 0), (-2, 0)):
+        for given in (dim, np.int64(dim), np.int32(dim), torch.tensor(dim)):
+            norm = FeatureNorm(2.0, dim=given, dtype=torch.float64)  # type: ignore[arg-type]
+            assert type(norm.dim) is int
+            assert norm.dim == dim
+            assert f"dim={dim}" in repr(norm)
+            out = norm(features)
+            expected = 2.0 * features / features.norm(dim=axis, keepdim=True)
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=0.0)
+    for bad in (None, "1", 1.0, True, np.bool_(True), torch.tensor(True), torch.tensor([0, 1])):
+        with pytest.raises(TypeError, match="Expected argument `dim` to be an integer, but got"):
+            FeatureNorm(dim=bad)  # type: ignore[arg-type]
+    for dim in (2, -3):
+        with pytest.raises(
+            IndexError, match=rf"`dim` to be a dimension .* in \[-2, 2\), but got {dim}"
+        ):
+            FeatureNorm(dim=dim)(features)
+    assert FeatureNorm(dim=2)(torch.randn(2, 3, 4)).shape == (2, 3, 4)
 
 
 @pytest.mark.parametrize("momentum", [0.5, None])
@@ -287,6 +421,42 @@ def test_feature_center_averages_across_processes() -> None:
             results[0]["output"][: sizes[0]] if step == 0 else results[0]["output"][SPLITS[0][0] :]
         )
         torch.testing.assert_close(rank0, outputs[step][: sizes[0]], rtol=1e-12, atol=1e-12)
+
+
+def _poisoned_center_worker(rank: int, world_size: int) -> dict[str, Tensor]:
+    # rank 0 sees an infinite feature after the first step, rank 1 only finite ones: the global
+    # mean is infinite, so both ranks skip that batch, and end as ranks that never saw it
+    seen = FeatureCenter(3, momentum=0.3).double()
+    clean = FeatureCenter(3, momentum=0.3).double()
+    for step, batch in enumerate(_batches()):
+        rows = slice(0, SPLITS[step][0]) if rank == 0 else slice(SPLITS[step][0], None)
+        local = batch[rows]
+        seen(local)
+        clean(local)
+        if step == 0:
+            poisoned = local + 1.0
+            if rank == 0:
+                poisoned[0, 2] = math.inf
+            seen(poisoned)
+    return {
+        "running_mean": seen.running_mean.clone(),
+        "count": seen.num_batches_tracked.clone(),
+        "clean": clean.running_mean.clone(),
+    }
+
+
+@pytest.mark.ddp
+def test_feature_center_skips_a_batch_non_finite_on_one_process() -> None:
+    results = run_distributed(_poisoned_center_worker, 2)
+    reference = FeatureCenter(3, momentum=0.3).double()
+    for batch in _batches():
+        reference(batch)
+    for result in results:
+        assert torch.equal(result["running_mean"], result["clean"])
+        assert result["count"].item() == len(SPLITS)
+        torch.testing.assert_close(
+            result["running_mean"], reference.running_mean, rtol=1e-12, atol=1e-12
+        )
 
 
 def test_fixed_scale_and_class_counts_survive_half_precision_conversion() -> None:

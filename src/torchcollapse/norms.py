@@ -43,6 +43,7 @@ from torchcollapse._distributed import (
 )
 from torchcollapse._fx import check_traceable_group, is_proxy
 from torchcollapse._numbers import read_int, read_number
+from torchcollapse.losses._batch import check_float_dtype
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
 
@@ -63,10 +64,13 @@ class FeatureNorm(nn.Module):
     Args:
         scale: the radius of the output sphere (initial value when learnable), positive.
         learnable: learn the scale (in log space).
-        dim: the feature dimension.
+        dim: the feature dimension, an integer (negative counts from the end; Python's, numpy's
+            or a 0-dim integer tensor; not a bool). ``forward`` raises an ``IndexError`` when
+            the features have no such dimension.
         eps: lower bound of the norm.
         device: device of ``log_scale``.
-        dtype: dtype of ``log_scale`` (default float32).
+        dtype: floating dtype of ``log_scale`` (default float32; integer and complex dtypes
+            raise a ``TypeError``).
 
     Example:
         >>> import torch
@@ -95,6 +99,8 @@ class FeatureNorm(nn.Module):
         super().__init__()
         scale = read_number(scale, "scale", "positive and finite", lambda value: value > 0)
         eps = read_number(eps, "eps", "positive and finite", lambda value: value > 0)
+        dim = read_int(dim, "dim", minimum=-(2**63))  # any integer: no feature rank known yet
+        check_float_dtype(dtype)
         self.learnable = learnable
         self.dim = dim
         self.eps = eps
@@ -133,6 +139,8 @@ class FeatureNorm(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         """Normalize ``features`` along ``dim`` to norm ``scale``; same shape and dtype."""
         _check_floating(features)
+        if not is_proxy(features):
+            _check_dim(features, self.dim)
         return _normalize(features, self.log_scale, self.dim, self.eps)
 
 
@@ -144,7 +152,14 @@ class FeatureCenter(DropsProcessGroupWhenPickled):
     ``running_mean <- (1 - momentum) running_mean + momentum * batch_mean`` (a cumulative average
     with ``momentum=None``), and the *updated* running mean is subtracted. The first batch sets it
     directly (unlike ``BatchNorm``, which starts from zero). In evaluation the stored mean is
-    subtracted. The mean is a detached constant: the gradient passes through unchanged. Buffers
+    subtracted. A training batch whose mean is not finite (NaN or infinite features, or an
+    overflow, as in a float16 step that ``torch.amp.GradScaler`` skips; under ``sync_dist`` the
+    mean over all processes, so every rank skips it) leaves ``running_mean`` and
+    ``num_batches_tracked`` unchanged, without host synchronisation: its own output is the
+    batch minus the running mean as it was (NaN or infinite where the batch is; the batch
+    itself if it is the first), and the next finite batch updates the mean as if it had not
+    been seen. An empty batch changes nothing either. The mean is a detached constant: the
+    gradient passes through unchanged. Buffers
     (``running_mean``, ``num_batches_tracked``) are identical on every rank, saved in the
     ``state_dict`` and moved by ``.to()``; statistics accumulate in at least float32, and the
     running mean stays in at least float32 when the module is cast to float16 or bfloat16
@@ -165,8 +180,9 @@ class FeatureCenter(DropsProcessGroupWhenPickled):
             cannot hold one: ``torch.fx.symbolic_trace`` of the layer in training mode with a
             group (and ``sync_dist``) raises a ``RuntimeError``; in eval mode it traces.
         device: device of the buffers.
-        dtype: dtype of ``running_mean`` (default float32; kept under casts to float16 or
-            bfloat16, widened by ``.double()``).
+        dtype: floating dtype of ``running_mean`` (default float32; kept under casts to float16
+            or bfloat16, widened by ``.double()``; integer and complex dtypes raise a
+            ``TypeError``).
 
     Example:
         >>> import torch
@@ -198,6 +214,7 @@ class FeatureCenter(DropsProcessGroupWhenPickled):
     ) -> None:
         super().__init__()
         num_features = read_int(num_features, "num_features")
+        check_float_dtype(dtype)
         if momentum is not None:
             momentum = read_number(
                 momentum, "momentum", "in (0, 1] or None", lambda value: 0.0 < value <= 1.0
@@ -258,6 +275,17 @@ class FeatureCenter(DropsProcessGroupWhenPickled):
         return features - mean.to(features.dtype)
 
 
+def _check_dim(features: Tensor, dim: int) -> None:
+    """Raise unless ``dim`` is a dimension of ``features`` (a 0-dim tensor has dimensions -1 and
+    0, as for torch's reductions)."""
+    ndim = max(features.ndim, 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(
+            f"Expected argument `dim` to be a dimension of `features`, in [{-ndim}, {ndim}), but "
+            f"got {dim} for features of shape {tuple(features.shape)}."
+        )
+
+
 def _check_floating(features: object) -> None:
     """Raise unless ``features`` is a floating-point tensor (or a ``torch.fx`` proxy: symbolic
     tracing, no dtype to check)."""
@@ -294,7 +322,9 @@ def _update_running_mean(
     process_group: Any,
 ) -> Tensor:
     """Fold the mean of ``features`` (``(..., d)``, over all processes with ``sync_dist``) into
-    the buffers ``running_mean`` and ``num_batches_tracked`` in place; returns ``running_mean``."""
+    the buffers ``running_mean`` and ``num_batches_tracked`` in place, unless that mean is not
+    finite or the batch is empty (the buffers are then left as they were, bit for bit); returns
+    ``running_mean``."""
     with torch.no_grad():
         dtype = torch.promote_types(
             torch.promote_types(features.dtype, running_mean.dtype), torch.float32
@@ -306,13 +336,21 @@ def _update_running_mean(
                 all_reduce_sum(packed, process_group)
             count = packed[-1]
             batch_mean = packed[:-1] / count.clamp_min(1.0)
+            running = running_mean.to(dtype)
+            # a batch whose mean is not finite (NaN or infinite features, or an overflow, as in
+            # a float16 step that GradScaler skips) leaves the buffers as they were, decided on
+            # the global mean (after the all-reduce), so every rank skips the same batch, and
+            # without a host read (0 * mean is 0 for a finite mean and NaN for any other, and a
+            # sum keeps the NaN); an empty batch (count 0) has a zero mean and counts for nothing
+            finite = batch_mean.mul(0.0).sum() == 0.0
+            update = finite & (count > 0)
+            batch_mean = torch.where(finite, batch_mean, running)
             tracked = num_batches_tracked.to(dtype)
             if momentum is None:
                 factor = 1.0 / (tracked + 1.0)
             else:
                 factor = torch.where(tracked > 0, torch.full_like(tracked, momentum), 1.0)
-            factor = torch.where(count > 0, factor, torch.zeros_like(factor))
-            running = running_mean.to(dtype)
+            factor = torch.where(update, factor, torch.zeros_like(factor))
             running_mean.copy_(running + factor * (batch_mean - running))
-            num_batches_tracked.add_((count > 0).long())
+            num_batches_tracked.add_(update.long())
     return running_mean
