@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from tests._helpers.ddp import run_distributed
-from tests._helpers.reference import reference_statistics
+from tests._helpers.reference import reference_statistics, to_numpy
 from torchcollapse.stats import ClassStatistics
 
 
@@ -120,14 +122,135 @@ def test_pack_unpack_round_trip_and_views_write_through() -> None:
         ClassStatistics.unpack(packed[:-1], 3)
 
 
+_FIELDS = ("counts", "shift", "sums", "sum_squares", "scatter")  # the constructor's order
+
+
+def _reference_fields(
+    features: torch.Tensor, target: torch.Tensor, num_classes: int
+) -> dict[str, np.ndarray]:
+    """The stored fields by plain loops: a class's shift is its first sample (in stream order)."""
+    h, y = to_numpy(features), to_numpy(target).astype(np.int64)
+    d = h.shape[1]
+    out = {
+        "counts": np.zeros(num_classes),
+        "shift": np.zeros((num_classes, d)),
+        "sums": np.zeros((num_classes, d)),
+        "sum_squares": np.zeros(num_classes),
+        "scatter": np.zeros((d, d)),
+    }
+    for c in range(num_classes):
+        rows = h[y == c]
+        if len(rows):
+            dev = rows - rows[0]
+            out["counts"][c] = len(rows)
+            out["shift"][c] = rows[0]
+            out["sums"][c] = dev.sum(axis=0)
+            out["sum_squares"][c] = float(np.sum(dev * dev))
+            out["scatter"] += dev.T @ dev
+    return out
+
+
+def _ragged_sizes(n: int, parts: int, generator: torch.Generator) -> list[int]:
+    """``parts`` random batch sizes summing to ``n``, the first one a single sample."""
+    cuts = (torch.randperm(n - 2, generator=generator)[: parts - 2] + 2).sort().values.tolist()
+    bounds = [0, 1, *cuts, n]
+    return [b - a for a, b in itertools.pairwise(bounds)]
+
+
+def test_differentiable_statistics_equal_the_plain_ones_and_the_reference() -> None:
+    # Features that require grad take a separate, out-of-place branch of `update` (so that
+    # autograd records it): every field it stores, and every statistic derived from them, must
+    # equal those of the plain (no-grad) branch and of the float64 two-pass reference.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    message = f"seed {seed}"
+    generator = torch.Generator().manual_seed(seed + 1)  # batch sizes
+    features, target = _data(n=400, d=9, k=6, offset=20.0, seed=seed, empty=2)
+    sizes = _ragged_sizes(400, 6, generator)
+    leaf = features.clone().requires_grad_()
+    plain, recorded = ClassStatistics.zeros(6, 9), ClassStatistics.zeros(6, 9)
+    for f, x, t in zip(features.split(sizes), leaf.split(sizes), target.split(sizes)):
+        plain.update(f, t)
+        recorded.update(x, t)
+    whole = ClassStatistics.from_features(leaf, target, 6)  # one recorded batch
+    reference = _reference_fields(features, target, 6)
+    derived = ("class_means", "within_class_scatter", "within_class_sum_squares")
+    # float64 sums of a few hundred centred values in another order (the plain branch leaves out
+    # the zero rows of new classes and multiplies panel by panel): ~1e-14 of the largest entry.
+    for stats in (recorded, whole):
+        assert not stats.counts.requires_grad, message
+        for name in ("sums", "sum_squares", "scatter"):
+            assert getattr(stats, name).requires_grad, f"{name}, {message}"
+        for name in _FIELDS:
+            ours, theirs = getattr(stats, name).detach(), getattr(plain, name)
+            atol = 1e-12 * float(theirs.abs().max())
+            torch.testing.assert_close(
+                ours, theirs, rtol=1e-12, atol=atol, msg=f"{name}, {message}"
+            )
+            np.testing.assert_allclose(
+                ours.numpy(), reference[name], rtol=1e-12, atol=atol, err_msg=f"{name}, {message}"
+            )
+        for name in derived:
+            ours, theirs = getattr(stats, name)().detach(), getattr(plain, name)()
+            atol = 1e-12 * float(theirs.nan_to_num().abs().max())
+            torch.testing.assert_close(
+                ours, theirs, rtol=1e-12, atol=atol, equal_nan=True, msg=f"{name}, {message}"
+            )
+        detached = ClassStatistics(*(getattr(stats, name).detach() for name in _FIELDS))
+        _assert_matches_reference(detached, features, target, rtol=1e-11)
+
+
 def test_statistics_are_differentiable_in_the_features() -> None:
-    features, target = _data(n=20, d=3, k=2)
-    features.requires_grad_(True)
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    generator = torch.Generator().manual_seed(seed + 1)  # batch sizes, weights
+    features, target = _data(n=24, d=3, k=4, offset=5.0, seed=seed, empty=1)
+    sizes = _ragged_sizes(24, 3, generator)
 
-    def trace_within(x: torch.Tensor) -> torch.Tensor:
-        return ClassStatistics.from_features(x, target, 2).within_class_scatter().trace()
+    def weights(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
 
-    assert torch.autograd.gradcheck(trace_within, (features,))
+    w_scatter, w_within, w_sums, w_means = (
+        weights(3, 3),
+        weights(3, 3),
+        weights(4, 3),
+        weights(4, 3),
+    )
+    w_squares, w_within_squares = weights(4), weights(4)
+
+    def read_all(stats: ClassStatistics, raw: bool) -> torch.Tensor:
+        present = stats.present
+        value = (
+            (w_within * stats.within_class_scatter()).sum()
+            + (w_within_squares * stats.within_class_sum_squares()).sum()
+            + (w_means[present] * stats.class_means()[present]).sum()
+        )
+        if raw:
+            value = (
+                value
+                + (w_scatter * stats.scatter).sum()
+                + (w_squares * stats.sum_squares).sum()
+                + (w_sums * stats.sums).sum()
+            )
+        return value
+
+    def from_scratch(x: torch.Tensor) -> torch.Tensor:
+        # Each class's shift is its first sample in `x`, a constant for autograd: the stored
+        # fields' gradients hold the shift fixed, so only the shift-free statistics are read.
+        stats = ClassStatistics.zeros(4, 3)
+        for xb, tb in zip(x.split(sizes), target.split(sizes)):
+            stats.update(xb, tb)
+        return read_all(stats, raw=False)
+
+    def after_a_constant_batch(x: torch.Tensor) -> torch.Tensor:
+        # Shifts set by an earlier batch that does not depend on `x`: every field is a function
+        # of `x` alone, and every one is read.
+        stats = ClassStatistics.from_features(features, target, 4)
+        for xb, tb in zip(x.split(sizes), target.split(sizes)):
+            stats.update(xb, tb)
+        return read_all(stats, raw=True)
+
+    leaf = (features + 0.1 * weights(24, 3)).requires_grad_()
+    assert torch.autograd.gradcheck(from_scratch, (leaf,)), f"seed {seed}"
+    assert torch.autograd.gradcheck(after_a_constant_batch, (leaf,)), f"seed {seed}"
 
 
 def test_reduce_across_two_processes_equals_one_process() -> None:
