@@ -704,16 +704,61 @@ def _fitted(**kwargs: Any) -> NeuralCollapse:
     return metric
 
 
+_NAN_ROW = torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, float("nan"), 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+
+
+# Each message names the argument, what was expected and what was received, as a whole.
 @pytest.mark.parametrize(
     ("features", "target", "error", "match"),
     [
-        (torch.randn(4, 2, 2), torch.zeros(4, dtype=torch.long), ValueError, "2-D tensor"),
-        (torch.randn(4, 4), torch.tensor([0.0, 1.0, 1.0, 2.0]), TypeError, "integer tensor"),
-        (torch.randn(4, 4), torch.tensor([0, 1, 3, 1]), ValueError, r"class indices in \[0, 2\]"),
-        (torch.randn(4, 4), torch.tensor([0, 1, 1]), ValueError, "same number of samples"),
-        (torch.full((2, 4), float("nan")), torch.tensor([0, 1]), ValueError, "finite"),
-        (torch.full((2, 4), float("inf")), torch.tensor([0, 1]), ValueError, "finite"),
-        (torch.randn(2, 5), torch.tensor([0, 1]), ValueError, "4 features"),
+        (
+            torch.randn(4, 2, 2),
+            torch.zeros(4, dtype=torch.long),
+            ValueError,
+            r"^Expected argument `features` to be a 2-D tensor of shape \(num_samples,"
+            r" num_features\), but got shape \(4, 2, 2\)\.$",
+        ),
+        (
+            torch.randn(4, 4),
+            torch.tensor([0.0, 1.0, 1.0, 2.0]),
+            TypeError,
+            r"^Expected argument `target` to be an integer tensor of class indices, but got dtype"
+            r" torch\.float32\.$",
+        ),
+        (
+            torch.randn(4, 4),
+            torch.tensor([0, 1, 3, 1]),
+            ValueError,
+            r"^Expected argument `target` to hold class indices in \[0, 2\] \(num_classes=3\),"
+            r" but got values in \[0, 3\]\.$",
+        ),
+        (
+            torch.randn(4, 4),
+            torch.tensor([0, 1, 1]),
+            ValueError,
+            r"^Expected arguments `features` and `target` to have the same number of samples, but"
+            r" got 4 and 3\.$",
+        ),
+        (
+            _NAN_ROW,
+            torch.tensor([0, 1, 2]),
+            ValueError,
+            r"^Expected argument `features` to be finite, but got NaN or Inf in 1 of 3 rows\."
+            r" Pass `validate_args=False` to skip this check\.$",
+        ),
+        (
+            torch.full((2, 4), float("inf")),
+            torch.tensor([0, 1]),
+            ValueError,
+            r"^Expected argument `features` to be finite, but got NaN or Inf in 2 of 2 rows\.",
+        ),
+        (
+            torch.randn(2, 5),
+            torch.tensor([0, 1]),
+            ValueError,
+            r"^Expected argument `features` to have 4 features \(columns\), but got shape"
+            r" \(2, 5\)\.$",
+        ),
     ],
 )
 def test_update_errors(
@@ -1337,11 +1382,29 @@ def test_a_refused_forward_keeps_the_accumulated_state(num_features: int | None)
     nan = features[80:96].clone()
     nan[3, 2] = float("nan")
     refused: list[tuple[tuple[Any, ...], type, str]] = [
-        ((features[:32, :4], target[:32]), ValueError, r"8 features .* got shape \(32, 4\)"),
-        ((features[:8], target[:8] + 4), ValueError, r"class indices in \[0, 3\]"),
-        ((nan, target[80:96]), ValueError, "finite"),
+        (
+            (features[:32, :4], target[:32]),
+            ValueError,
+            r"argument `features` to have 8 features \(columns\), the feature dimension of this"
+            r" metric's statistics, but got shape \(32, 4\)",
+        ),
+        (
+            (features[:8], target[:8] + 4),
+            ValueError,
+            r"argument `target` to hold class indices in \[0, 3\] \(num_classes=4\), but got"
+            rf" values in \[{int(target[:8].min()) + 4}, {int(target[:8].max()) + 4}\]",
+        ),
+        (
+            (nan, target[80:96]),
+            ValueError,
+            r"argument `features` to be finite, but got NaN or Inf in 1 of 16 rows",
+        ),
         ((features[:8],), TypeError, "NeuralCollapseNC1.forward: missing .*'target'"),
-        ((features[:8].long(), target[:8]), TypeError, "floating point"),
+        (
+            (features[:8].long(), target[:8]),
+            TypeError,
+            r"argument `features` to be a floating point tensor, but got dtype torch\.int64",
+        ),
     ]
     for args, error, match in refused:
         with pytest.raises(error, match=match):
@@ -1379,7 +1442,9 @@ def test_subclasses_overriding_update_keep_their_own_inputs_in_forward() -> None
     np.testing.assert_allclose(float(metric.compute()), expected, rtol=RTOL, err_msg=f"{seed}")
     bad = maps[:8].clone()
     bad[1, 0, 0, 0] = float("nan")  # reaches the base update after pooling: still refused
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(
+        ValueError, match=r"argument `features` to be finite, but got NaN or Inf in 1 of 6 rows"
+    ):
         metric(bad, target[:8])
     # ... and the state accumulated before is put back, with torchmetrics' sync settings
     assert metric.class_statistics().total == int(keep.sum()), f"seed {seed}"

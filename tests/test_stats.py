@@ -284,6 +284,7 @@ def test_update_performs_no_k_by_d_work_on_absent_classes() -> None:
     assert stats.shift[0].tolist() == [1.0, 2.0]  # and then stays
 
 
+# Each message names the argument, what was expected and what was received, as a whole.
 @pytest.mark.parametrize(
     ("features", "target", "error", "match"),
     [
@@ -291,23 +292,78 @@ def test_update_performs_no_k_by_d_work_on_absent_classes() -> None:
             torch.zeros(3, 2, 2),
             torch.zeros(3, dtype=torch.long),
             ValueError,
-            "`features` to be a 2-D",
+            r"^Expected argument `features` to be a 2-D tensor of shape \(num_samples,"
+            r" num_features\), but got shape \(3, 2, 2\)\.$",
         ),
-        (torch.zeros(3, 2, dtype=torch.long), torch.zeros(3), TypeError, "floating point"),
-        (torch.zeros(3, 2), torch.zeros(3), TypeError, "`target` to be an integer"),
+        (
+            torch.zeros(3, 2, dtype=torch.long),
+            torch.zeros(3),
+            TypeError,
+            r"^Expected argument `features` to be a floating point tensor, but got dtype"
+            r" torch\.int64\.$",
+        ),
+        (
+            torch.zeros(3, 2),
+            torch.zeros(3),
+            TypeError,
+            r"^Expected argument `target` to be an integer tensor of class indices, but got dtype"
+            r" torch\.float32\.$",
+        ),
         (
             torch.zeros(3, 2),
             torch.zeros(3, 1, dtype=torch.long),
             ValueError,
-            "`target` to be a 1-D",
+            r"^Expected argument `target` to be a 1-D tensor of class indices, but got shape"
+            r" \(3, 1\)\.$",
         ),
-        (torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), ValueError, "same number of samples"),
-        (torch.zeros(3, 2), torch.tensor([0, 1, 5]), ValueError, r"\[0, 2\].*\[0, 5\]"),
-        (torch.zeros(3, 2), torch.tensor([0, -1, 1]), ValueError, r"\[0, 2\]"),
-        (torch.tensor([[0.0, float("nan")], [1, 1]]), torch.tensor([0, 1]), ValueError, "finite"),
-        (torch.zeros(3, 5), torch.tensor([0, 1, 1]), ValueError, "2 features"),
-        ([[0.0, 1.0]], torch.tensor([0]), TypeError, "`features` to be a torch.Tensor"),
-        (torch.zeros(3, 0), torch.tensor([0, 1, 1]), ValueError, "`features` to have at least one"),
+        (
+            torch.zeros(3, 2),
+            torch.zeros(4, dtype=torch.long),
+            ValueError,
+            r"^Expected arguments `features` and `target` to have the same number of samples, but"
+            r" got 3 and 4\.$",
+        ),
+        (
+            torch.zeros(3, 2),
+            torch.tensor([0, 1, 5]),
+            ValueError,
+            r"^Expected argument `target` to hold class indices in \[0, 2\] \(num_classes=3\),"
+            r" but got values in \[0, 5\]\.$",
+        ),
+        (
+            torch.zeros(3, 2),
+            torch.tensor([0, -1, 1]),
+            ValueError,
+            r"^Expected argument `target` to hold class indices in \[0, 2\] \(num_classes=3\),"
+            r" but got values in \[-1, 1\]\.$",
+        ),
+        (
+            torch.tensor([[0.0, float("nan")], [1, 1]]),
+            torch.tensor([0, 1]),
+            ValueError,
+            r"^Expected argument `features` to be finite, but got NaN or Inf in 1 of 2 rows\."
+            r" Pass `validate_args=False` to skip this check\.$",
+        ),
+        (
+            torch.zeros(3, 5),
+            torch.tensor([0, 1, 1]),
+            ValueError,
+            r"^Expected argument `features` to have 2 features \(columns\), but got shape"
+            r" \(3, 5\)\.$",
+        ),
+        (
+            [[0.0, 1.0]],
+            torch.tensor([0]),
+            TypeError,
+            r"^Expected argument `features` to be a torch\.Tensor, but got <class 'list'>\.$",
+        ),
+        (
+            torch.zeros(3, 0),
+            torch.tensor([0, 1, 1]),
+            ValueError,
+            r"^Expected argument `features` to have at least one feature \(column\), but got"
+            r" shape \(3, 0\)\.$",
+        ),
     ],
 )
 def test_update_errors(features: object, target: object, error: type, match: str) -> None:
