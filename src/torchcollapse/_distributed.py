@@ -10,8 +10,7 @@ through these helpers, so that a quantity means the same on one process or many:
   gradient flowing into its own slice, so that after ``DistributedDataParallel`` averages parameter
   gradients over ``W`` ranks, a loss computed identically on every rank from the gathered tensor
   gets exactly the single-process gradient on the concatenated batch.
-- :func:`all_reduce_sum` / :func:`all_reduce_mean`: in-place reductions of detached tensors
-  (running statistics, counts).
+- :func:`all_reduce_sum`: in-place sum of detached tensors (running statistics, counts).
 
 Without an initialised process group every helper is the identity.
 """
@@ -26,7 +25,6 @@ from torch import Tensor, nn
 
 __all__ = [
     "DropsProcessGroupWhenPickled",
-    "all_reduce_mean",
     "all_reduce_sum",
     "gather_with_grad",
     "is_distributed",
@@ -103,14 +101,6 @@ def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
     """Sum ``tensor`` over ranks in place (no autograd) and return it."""
     if is_distributed(group):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
-
-
-def all_reduce_mean(tensor: Tensor, group: Any = None) -> Tensor:
-    """Average ``tensor`` over ranks in place (no autograd) and return it."""
-    if is_distributed(group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        tensor.div_(dist.get_world_size(group))
     return tensor
 
 
