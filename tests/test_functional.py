@@ -770,11 +770,16 @@ def test_spherical_energy_optimal_reads_the_exponent_as_spherical_energy_does() 
     NaN, infinities, bools and strings are refused by name (they returned NaN, 0 or the value
     for 1); numpy scalars and 0-dim tensors are read. Reference: the simplex energy
     ``(2K / (K - 1))^(-s/2)`` in closed form."""
-    for bad in (float("nan"), float("inf"), True, "1"):
+    for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="`exponent` to be a finite number"):
-            spherical_energy_optimal(4, 5, bad)  # type: ignore[arg-type]
+            spherical_energy_optimal(4, 5, bad)
         with pytest.raises(ValueError, match="`exponent` to be a finite number"):
-            spherical_energy(torch.randn(4, 5), bad)  # type: ignore[arg-type]
+            spherical_energy(torch.randn(4, 5), bad)
+    for wrong in (True, "1", None):  # not numbers: a wrong type
+        with pytest.raises(TypeError, match="`exponent` to be a real number"):
+            spherical_energy_optimal(4, 5, wrong)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="`exponent` to be a real number"):
+            spherical_energy(torch.randn(4, 5), wrong)  # type: ignore[arg-type]
     s = float(torch.rand(()) * 3)
     expected = (2.0 * 4 / 3) ** (-s / 2)
     for exponent in (s, np.float64(s), torch.tensor(s, dtype=torch.float64)):

@@ -197,37 +197,45 @@ def test_nearest_simplex_etf_refuses_non_finite_points() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"eps": 0.0}, r"`eps` to be a finite number > 0, but got 0\.0"),
-        ({"eps": -1e-12}, "`eps` to be a finite number > 0"),
-        ({"eps": math.nan}, "`eps` to be a finite number > 0"),
-        ({"eps": "1e-12"}, "`eps` to be a finite number > 0, but got '1e-12'"),
-        ({"eps": True}, "`eps` to be a finite number > 0, but got True"),
-        ({"proximal": -5.0}, r"`proximal` to be a finite number >= 0, but got -5\.0"),
-        ({"proximal": math.nan}, "`proximal` to be a finite number >= 0, but got nan"),
-        ({"proximal": math.inf}, "`proximal` to be a finite number >= 0"),
-        ({"proximal": True}, "`proximal` to be a finite number >= 0, but got True"),
+        ({"eps": 0.0}, ValueError, r"`eps` to be a finite number > 0, but got 0\.0"),
+        ({"eps": -1e-12}, ValueError, "`eps` to be a finite number > 0"),
+        ({"eps": math.nan}, ValueError, "`eps` to be a finite number > 0"),
+        ({"eps": "1e-12"}, TypeError, "`eps` to be a real number, but got str"),
+        ({"eps": True}, TypeError, "`eps` to be a real number, but got bool"),
+        ({"proximal": -5.0}, ValueError, r"`proximal` to be a finite number >= 0, but got -5\.0"),
+        ({"proximal": math.nan}, ValueError, "`proximal` to be a finite number >= 0, but got nan"),
+        ({"proximal": math.inf}, ValueError, "`proximal` to be a finite number >= 0"),
+        ({"proximal": True}, TypeError, "`proximal` to be a real number, but got bool"),
         (
             {"proximal": 0.1, "previous": [[0.0]]},
+            TypeError,
             "`previous` to be a .* tensor or None, but got list",
         ),
         (
             {"proximal": 0.1, "previous": torch.zeros(3, 5)},
+            ValueError,
             r"`previous` .* \(4, 5\) .* shape \(3, 5\)",
         ),
-        ({"points": torch.ones(4, 5, dtype=torch.int64)}, "`points` .* but got dtype torch.int64"),
-        ({"points": torch.ones(4, 5, 1)}, r"`points` .* but got shape \(4, 5, 1\)"),
-        ({"points": [[1.0, 0.0]] * 4}, "`points` .* but got list"),
+        (
+            {"points": torch.ones(4, 5, dtype=torch.int64)},
+            TypeError,
+            "`points` .* but got dtype torch.int64",
+        ),
+        ({"points": torch.ones(4, 5, 1)}, ValueError, r"`points` .* but got shape \(4, 5, 1\)"),
+        ({"points": [[1.0, 0.0]] * 4}, TypeError, "`points` .* but got list"),
     ],
 )
 def test_nearest_simplex_etf_argument_errors_name_the_argument(
-    kwargs: dict[str, object], match: str
+    kwargs: dict[str, object], error: type[Exception], match: str
 ) -> None:
+    # a wrong type (not a tensor, not floating point, not a number) is a TypeError, a wrong
+    # shape or value a ValueError, each naming the argument
     points = torch.randn(4, 5, dtype=F64)
     points[2] = 0.0  # a class not seen yet: with eps = 0 it would be 0/0
     arguments: dict[str, object] = {"points": points, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         nearest_simplex_etf(**arguments)  # type: ignore[arg-type]
 
 
@@ -269,12 +277,17 @@ def test_nearest_head_learns_a_separable_problem() -> None:
 
 
 def test_nearest_head_errors() -> None:
-    for momentum in (0.0, 1.5, math.nan, True, "0.5", np.float64(-0.1), torch.tensor([0.1, 0.2])):
+    for momentum in (0.0, 1.5, math.nan, np.float64(-0.1)):
         with pytest.raises(ValueError, match=r"`momentum` to be in \(0, 1\]"):
-            NearestETFHead(8, 4, momentum=momentum)  # type: ignore[arg-type]
-    for proximal in (-1.0, math.nan, math.inf, False, "0", np.float32(-1.0)):
+            NearestETFHead(8, 4, momentum=momentum)
+    for proximal in (-1.0, math.nan, math.inf, np.float32(-1.0)):
         with pytest.raises(ValueError, match="`proximal` to be a finite float >= 0"):
-            NearestETFHead(8, 4, proximal=proximal)  # type: ignore[arg-type]
+            NearestETFHead(8, 4, proximal=proximal)
+    # not numbers: a wrong type, named
+    for bad in (True, "0.5", None, torch.tensor([0.1, 0.2])):
+        for name in ("momentum", "proximal"):
+            with pytest.raises(TypeError, match=f"`{name}` to be a real number, but got"):
+                NearestETFHead(8, 4, **{name: bad})
     # named as the head's argument, as SimplexETFHead does
     with pytest.raises(ValueError, match=r"`in_features` to be at least `num_classes - 1` = 3"):
         NearestETFHead(2, 4)

@@ -1165,13 +1165,20 @@ def test_documented_errors() -> None:
     with pytest.raises(ValueError, match="`target_mode`"):
         CollapseRegularizer(3, target_nc1=0.5, target_mode="hinge")  # type: ignore[arg-type]
     # a NaN or infinite weight would make every loss value NaN or inf
-    for bad in (math.nan, math.inf, -math.inf, True):
+    for bad in (math.nan, math.inf, -math.inf):
         for make in (WithinClassVariabilityLoss, SimplexGeometryLoss, SelfDualityLoss):
             with pytest.raises(ValueError, match="`weight` to be a finite number"):
                 make(3, bad)
         for name in ("nc1", "nc2", "nc3"):
             with pytest.raises(ValueError, match=f"`{name}` to be a finite number"):
                 CollapseRegularizer(3, **{name: bad})
+    # a flag is not a number: a TypeError, as for any other type
+    for make in (WithinClassVariabilityLoss, SimplexGeometryLoss, SelfDualityLoss):
+        with pytest.raises(TypeError, match="`weight` to be a real number, but got bool"):
+            make(3, True)
+    for name in ("nc1", "nc2", "nc3"):
+        with pytest.raises(TypeError, match=f"`{name}` to be a real number, but got bool"):
+            CollapseRegularizer(3, **{name: True})
 
 
 # every number argument of the losses' and norms' constructors: (build, argument name)
@@ -1201,12 +1208,26 @@ NUMBER_ARGUMENTS: list[tuple[Callable[[object], nn.Module], str]] = [
 
 
 @pytest.mark.parametrize(("build", "name"), NUMBER_ARGUMENTS)
-@pytest.mark.parametrize("bad", ["0.5", True, np.bool_(False), math.nan, 1 + 0j, [0.5]])
+@pytest.mark.parametrize("bad", ["0.5", None, True, np.bool_(False), 1 + 0j, [0.5]])
 def test_number_arguments_refuse_non_numbers_naming_the_argument(
     build: Callable[[object], nn.Module], name: str, bad: object
 ) -> None:
-    # strings, bools (a flag is not a number), NaN, complex numbers and lists: a ValueError that
-    # names the argument, not a comparison's TypeError nor a bool read as 1
+    # strings, None, bools (a flag is not a number), complex numbers and lists: a TypeError (a
+    # wrong type, as torch's nn.Linear("2", 3)) that names the argument and the type received,
+    # not a comparison's TypeError nor a bool read as 1
+    if bad is None and name in ("target_nc1", "momentum"):
+        return  # None is valid there: no target, a cumulative average
+    message = rf"Expected argument `{name}` to be a real number, but got {type(bad).__name__}\."
+    with pytest.raises(TypeError, match=message):
+        build(bad)
+
+
+@pytest.mark.parametrize(("build", "name"), NUMBER_ARGUMENTS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, np.float32(-math.inf), torch.tensor(math.nan)])
+def test_number_arguments_refuse_non_finite_numbers_naming_the_argument(
+    build: Callable[[object], nn.Module], name: str, bad: object
+) -> None:
+    # a number of the right type but a wrong value: a ValueError that names the argument
     with pytest.raises(ValueError, match=rf"Expected argument `{name}` to be .*, but got"):
         build(bad)
 
@@ -1686,9 +1707,11 @@ def test_functional_losses_validate_like_their_modules() -> None:
         RescaledMSELoss()([[1.0, 2.0]], torch.tensor([0]))  # type: ignore[arg-type]
     # the function checks its arguments as the module does (eps=0 gave NaN on a zero feature,
     # labels out of range a bare IndexError)
-    for eps in (0.0, -1e-8, math.nan, True):
+    for eps in (0.0, -1e-8, math.nan):
         with pytest.raises(ValueError, match="`eps` to be positive and finite"):
-            dot_regression_loss(h, y, frame, eps=eps)  # type: ignore[arg-type]
+            dot_regression_loss(h, y, frame, eps=eps)
+    with pytest.raises(TypeError, match="`eps` to be a real number, but got bool"):
+        dot_regression_loss(h, y, frame, eps=True)
     for labels in (torch.tensor([0, 5, 1, 2]), torch.tensor([0, -1, 1, 2])):
         with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 2\]"):
             dot_regression_loss(h, labels, frame)
@@ -2260,8 +2283,10 @@ def test_target_penalty_checks_value_and_target() -> None:
     for bad in (math.nan, math.inf, -math.inf):  # a NaN target gave a NaN penalty silently
         with pytest.raises(ValueError, match="`target` to be a finite number"):
             target_penalty(value, bad)
-    for bad in ("0.1", None, True):  # not numbers (the exception type follows read_number)
-        with pytest.raises((TypeError, ValueError), match="`target` to be a finite number"):
+    for bad in ("0.1", None, True):  # not numbers: a wrong type
+        with pytest.raises(
+            TypeError, match=rf"`target` to be a real number, but got {type(bad).__name__}"
+        ):
             target_penalty(value, bad)  # type: ignore[arg-type]
 
 
@@ -2295,11 +2320,14 @@ def test_class_weights_from_counts_check_counts_and_power() -> None:
             class_weights_from_counts(bad)
     with pytest.raises(ValueError, match="non-negative, finite counts, but got -2 for class 0"):
         class_weights_from_counts(torch.tensor([-2, 3]))
-    for power in (math.nan, math.inf, True):
+    for power in (math.nan, math.inf):
         with pytest.raises(ValueError, match="`power` to be a finite number"):
             class_weights_from_counts(counts, power)
-    with pytest.raises((TypeError, ValueError), match="`power` to be a finite number"):
-        class_weights_from_counts(counts, "0.5")  # type: ignore[arg-type]
+    for bad in ("0.5", True):  # not numbers: a wrong type
+        with pytest.raises(
+            TypeError, match=rf"`power` to be a real number, but got {type(bad).__name__}"
+        ):
+            class_weights_from_counts(counts, bad)  # type: ignore[arg-type]
     # without the value check the counts are not read (no host synchronisation)
     weights = class_weights_from_counts(counts.float(), 0.3, validate_args=False)
     torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)

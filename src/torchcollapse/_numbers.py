@@ -47,13 +47,23 @@ def as_finite_float(value: Any) -> float | None:
 def read_number(
     value: Any, name: str, expected: str, accept: Callable[[float], bool] | None = None
 ) -> float:
-    """``value`` as a finite Python float (see :func:`as_finite_float`) that ``accept`` takes.
+    """``value`` as a finite Python float (see :func:`as_real_float`) that ``accept`` takes.
 
-    Anything else (a string, a bool, NaN, a value ``accept`` refuses) raises a ``ValueError``
-    naming the argument: ``Expected argument `{name}` to be {expected}, but got {value!r}.``
+    Not a real number at all (a string, ``None``, a bool, a complex number, a tensor of several
+    numbers): a ``TypeError`` naming the type, ``Expected argument `{name}` to be a real
+    number, but got {type}.``, as PyTorch does for ``nn.Linear("2", 3)``; a real number that
+    is NaN, infinite or that ``accept`` refuses: a ``ValueError`` with the value, ``Expected
+    argument `{name}` to be {expected}, but got {value!r}.`` (the convention of
+    :func:`read_int`).
     """
-    number = as_finite_float(value)
-    if number is None or (accept is not None and not accept(number)):
+    number = as_real_float(value)
+    if number is None:
+        got = type(value).__name__
+        shape = getattr(value, "shape", None)
+        if isinstance(value, torch.Tensor) or shape:  # of several numbers, bools or complex
+            got += f" of shape {tuple(value.shape)} and dtype {value.dtype}"
+        raise TypeError(f"Expected argument `{name}` to be a real number, but got {got}.")
+    if not math.isfinite(number) or (accept is not None and not accept(number)):
         raise ValueError(f"Expected argument `{name}` to be {expected}, but got {value!r}.")
     return number
 

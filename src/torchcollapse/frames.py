@@ -241,10 +241,12 @@ def nearest_simplex_etf(
         computed in at least float32.
 
     Raises:
-        ValueError: when ``points`` is not a 2-D floating-point tensor, ``d < K - 1``, ``proximal``
-            is negative or not finite, ``eps`` is not positive and finite, ``previous`` is not a
-            tensor of ``points``' shape when ``proximal > 0``, or ``points`` (or ``previous``,
-            when used) holds NaN or infinite values.
+        TypeError: when ``points`` is not a floating-point tensor, ``previous`` neither a tensor
+            nor ``None``, or ``proximal`` or ``eps`` not a real number.
+        ValueError: when ``points`` is not 2-D, ``d < K - 1``, ``proximal`` is negative or not
+            finite, ``eps`` is not positive and finite, ``previous`` is not of ``points``' shape
+            when ``proximal > 0``, or ``points`` (or ``previous``, when used) holds NaN or
+            infinite values.
 
     Example:
         >>> etf = simplex_etf(4, 6, dtype=torch.float64)
@@ -256,12 +258,12 @@ def nearest_simplex_etf(
         True
     """
     if not isinstance(points, Tensor):
-        raise ValueError(
+        raise TypeError(
             "Expected argument `points` to be a 2-D floating-point (num_classes, dim) tensor, "
             f"but got {type(points).__name__}."
         )
     if not points.is_floating_point():
-        raise ValueError(
+        raise TypeError(
             "Expected argument `points` to be a 2-D floating-point (num_classes, dim) tensor, "
             f"but got dtype {points.dtype}."
         )
@@ -278,7 +280,7 @@ def nearest_simplex_etf(
     proximal_value = read_number(proximal, "proximal", "a finite number >= 0", lambda v: v >= 0)
     eps_value = read_number(eps, "eps", "a finite number > 0", lambda value: value > 0)
     if previous is not None and not isinstance(previous, Tensor):
-        raise ValueError(
+        raise TypeError(
             "Expected argument `previous` to be a (num_classes, dim) tensor or None, "
             f"but got {type(previous).__name__}."
         )

@@ -134,9 +134,9 @@ def neural_collapse_compute(
 
     Raises:
         ValueError: fewer than two present classes, a weight of the wrong shape, an exponent
-            that is not a finite number, or ``keys`` naming an unknown key or one whose input
+            that is NaN or infinite, or ``keys`` naming an unknown key or one whose input
             (``weight``, ``nc4_counts``, ``exponent >= 0``) is missing.
-        TypeError: ``keys`` is a string or not iterable.
+        TypeError: ``keys`` is a string or not iterable, or ``exponent`` not a real number.
     """
     _check_statistics(statistics)
     _check_global_mean(global_mean)

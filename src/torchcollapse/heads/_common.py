@@ -34,7 +34,9 @@ def resolve_scale(scale: object, num_classes: int, normalize_features: bool) -> 
         return scale_for_loss_floor(DEFAULT_LOSS_FLOOR, num_classes) if normalize_features else 1.0
     value = as_real_float(scale)
     if value is None:
-        raise TypeError(f"Expected argument `scale` to be a float, but got {type(scale).__name__}.")
+        raise TypeError(
+            f"Expected argument `scale` to be a real number, but got {type(scale).__name__}."
+        )
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"Expected argument `scale` to be a finite number > 0, but got {scale}.")
     return value

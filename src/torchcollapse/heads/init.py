@@ -44,9 +44,9 @@ def etf_init_(
 
     Raises:
         ValueError: when ``in_features < num_classes - 1`` (no simplex ETF fits), or ``gain`` is
-            not a finite number.
+            NaN or infinite.
         TypeError: when ``target`` is neither a tensor nor a module with a ``weight`` parameter
-            or buffer.
+            or buffer, or ``gain`` is not a real number.
 
     Example:
         >>> fc = etf_init_(torch.nn.Linear(16, 5))

@@ -51,8 +51,8 @@ def target_penalty(
             that acts only below it (at most this much collapse).
 
     Raises:
-        TypeError: ``value`` is not a floating-point tensor.
-        ValueError: ``target`` is not a finite real number, or ``mode`` is unknown.
+        TypeError: ``value`` is not a floating-point tensor, or ``target`` not a real number.
+        ValueError: ``target`` is NaN or infinite, or ``mode`` is unknown.
 
     Example:
         >>> import torch

@@ -99,9 +99,9 @@ def class_weights_from_counts(
         The ``(K,)`` weights in at least float32.
 
     Raises:
-        TypeError: ``counts`` is not a real tensor.
+        TypeError: ``counts`` is not a real tensor, or ``power`` not a real number.
         ValueError: ``counts`` is not 1-D or, with ``validate_args``, holds a negative, NaN or
-            infinite count; ``power`` is not a finite number.
+            infinite count; ``power`` is NaN or infinite.
 
     Example:
         >>> class_weights_from_counts(torch.tensor([100.0, 25.0, 0.0]))   # n_mean = 62.5
