@@ -1715,8 +1715,16 @@ def test_functional_losses_validate_like_their_modules() -> None:
     for labels in (torch.tensor([0, 5, 1, 2]), torch.tensor([0, -1, 1, 2])):
         with pytest.raises(ValueError, match=r"`target` to hold labels in \[0, 2\]"):
             dot_regression_loss(h, labels, frame)
-    for weight in (torch.ones(2), torch.ones(3, dtype=torch.bool), torch.ones(3, 1), [1, 1, 1]):
+    for weight in (torch.ones(2), torch.ones(3, 1)):  # a wrong shape
         with pytest.raises(ValueError, match=r"`class_weight` to be a real .* tensor of 3"):
+            dot_regression_loss(h, y, frame, class_weight=weight)
+    # a wrong type: not a tensor, or not real
+    for weight in (
+        torch.ones(3, dtype=torch.bool),
+        torch.ones(3, dtype=torch.complex64),
+        [1, 1, 1],
+    ):
+        with pytest.raises(TypeError, match=r"`class_weight` to be a real .* tensor of 3"):
             dot_regression_loss(h, y, frame, class_weight=weight)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`frame` to have 3 columns"):
         dot_regression_loss(h, y, torch.randn(3, 4))

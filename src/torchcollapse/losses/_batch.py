@@ -55,6 +55,7 @@ __all__ = [
     "count_classes",
     "global_sum",
     "label_range_error",
+    "read_counts",
     "resolve_weight",
     "where_valid",
 ]
@@ -177,6 +178,27 @@ def check_float_dtype(dtype: Any, name: str = "dtype") -> None:
     bool or complex dtype, not a string), as the frames and heads require."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"Expected argument `{name}` to be a floating dtype, but got {dtype!r}.")
+
+
+def read_counts(counts: Any, name: str = "class_counts") -> Tensor:
+    """``counts`` (a tensor, array or sequence of real numbers) as a float64 CPU tensor, on the
+    host also inside a meta-device context (counts are data). Anything else (``None``, a
+    string, a dict, a sequence of strings, bools or complex numbers) is a ``TypeError`` naming
+    the argument; the caller checks the shape and the values."""
+    got = type(counts).__name__
+    if not isinstance(counts, (str, bytes, dict)):
+        try:  # the inferred dtype shows bools and complex numbers, which float64 would hide
+            values = torch.as_tensor(counts, device="cpu")
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            values = None
+        if values is not None:
+            if values.dtype != torch.bool and not values.is_complex():
+                # read again as float64: a list of floats was inferred in the default dtype
+                return torch.as_tensor(counts, dtype=torch.float64, device="cpu")
+            got += f" of dtype {values.dtype}"
+    raise TypeError(
+        f"Expected argument `{name}` to be a sequence or tensor of real counts, but got {got}."
+    )
 
 
 def check_device(device: Any, name: str = "device") -> torch.device | None:

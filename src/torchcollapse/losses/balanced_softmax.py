@@ -28,7 +28,12 @@ from torchcollapse._autograd import no_autocast
 from torchcollapse._buffers import apply_keeping_dtypes, restore_constant
 from torchcollapse._labels import check_label_range
 from torchcollapse._numbers import as_int, read_number
-from torchcollapse.losses._batch import check_features_target, check_reduction, compute_dtype
+from torchcollapse.losses._batch import (
+    check_features_target,
+    check_reduction,
+    compute_dtype,
+    read_counts,
+)
 
 __all__ = ["BalancedSoftmaxLoss"]
 
@@ -99,7 +104,7 @@ class BalancedSoftmaxLoss(nn.Module):
         super().__init__()
         check_reduction(reduction)
         # validated on the host (also inside a meta-device context: counts are data)
-        counts = torch.as_tensor(class_counts, dtype=torch.float64, device="cpu")
+        counts = read_counts(class_counts)
         valid = bool(((counts > 0) & counts.isfinite()).all()) if counts.ndim == 1 else False
         if counts.numel() < 2 or not valid:
             raise ValueError(

@@ -64,6 +64,7 @@ from torchcollapse.losses._batch import (
     count_classes,
     global_sum,
     label_range_error,
+    read_counts,
     resolve_weight,
 )
 from torchcollapse.losses._fused import (
@@ -177,6 +178,12 @@ def dot_regression_loss(
     Returns:
         The loss in at least float32.
 
+    Raises:
+        TypeError: an argument of a wrong type: ``features``, ``target``, ``frame`` or
+            ``class_weight`` not a tensor or of a wrong dtype, ``eps`` not a real number.
+        ValueError: a wrong shape or value: shapes that do not match, ``eps`` not positive and
+            finite, or, with ``validate_args``, a label out of range.
+
     Example:
         >>> import torch.nn.functional as F
         >>> frame = torch.eye(2)
@@ -193,12 +200,16 @@ def dot_regression_loss(
         or class_weight.is_complex()
         or tuple(class_weight.shape) != (weight.shape[0],)
     ):
+        # not a real tensor: a wrong type; a real tensor of the wrong shape: a wrong value
+        is_real = isinstance(class_weight, Tensor) and not (
+            class_weight.dtype == torch.bool or class_weight.is_complex()
+        )
         got = (
             f"{class_weight.dtype} of shape {tuple(class_weight.shape)}"
             if isinstance(class_weight, Tensor)
-            else repr(class_weight)
+            else type(class_weight).__name__
         )
-        raise ValueError(
+        raise (ValueError if is_real else TypeError)(
             f"Expected argument `class_weight` to be a real (floating or integer) tensor of "
             f"{weight.shape[0]} entries (rows of `frame`), but got {got}."
         )
@@ -451,7 +462,7 @@ class DotRegressionLoss(DropsProcessGroupWhenPickled):
         counts: Tensor | None = None
         if class_counts is not None and not isinstance(class_counts, str):
             # validated on the host (also inside a meta-device context: counts are data)
-            counts = torch.as_tensor(class_counts, dtype=torch.float64, device="cpu")
+            counts = read_counts(class_counts)
             valid = counts.ndim == 1 and bool(((counts >= 0) & counts.isfinite()).all())
             if counts.numel() == 0 or not valid:
                 raise ValueError(
