@@ -98,6 +98,22 @@ def _check_vectors(vectors: Any, name: str = "vectors") -> Tensor:
     return v
 
 
+def _check_real_tensor(value: Any, name: str, shape: tuple[int, ...]) -> None:
+    """Raise unless ``value`` is ``None`` or a real (not bool, not complex) tensor of ``shape``:
+    a ``TypeError`` for a wrong type or dtype, a ``ValueError`` for a wrong shape."""
+    if value is None:
+        return
+    if not isinstance(value, Tensor) or value.dtype == torch.bool or value.is_complex():
+        got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(
+            f"Expected argument `{name}` to be a real tensor of shape {shape}, but got {got}."
+        )
+    if tuple(value.shape) != shape:
+        raise ValueError(
+            f"Expected argument `{name}` to have shape {shape}, but got {tuple(value.shape)}."
+        )
+
+
 def _row_norms(v: Tensor, name: str) -> Tensor:
     norms: Tensor = torch.linalg.vector_norm(v, dim=1)
     zero = torch.nonzero(norms == 0).squeeze(1)
@@ -225,14 +241,23 @@ def pairwise_geometry(
             normalized variance ``mean_{c<c'} (s_c + s_c') / (2 ||v_c - v_c'||^2)`` is returned
             as ``"cdnv"`` (Galanti et al., 2022).
         exponent: ``s`` of the Riesz energy.
-        block_elements: elements per block of the pairwise matrix (default: ``2**21`` on CPU,
-            ``2**26`` on accelerators).
+        block_elements: elements per block of the pairwise matrix, a positive integer (default:
+            ``2**21`` on CPU, ``2**26`` on accelerators).
         gram: optional precomputed smaller Gram matrix of ``vectors`` in float64 (``V V^T`` when
             ``K <= d``, else ``V^T V``), to save its computation.
 
     Returns:
         float64 0-d tensors ``equinorm``, ``equiangularity``, ``max_angle``, ``etf_distance``,
         ``min_angle``, ``spherical_energy`` (and ``cdnv``).
+
+    Raises:
+        TypeError: an argument of a wrong type: ``vectors`` not a floating-point tensor,
+            ``variances`` or ``gram`` not a real tensor, ``exponent`` not a real number,
+            ``block_elements`` not an integer.
+        ValueError: a wrong shape or value: ``vectors`` not 2-D with at least 2 rows, or with
+            NaN, infinite or zero rows; ``variances`` not of shape ``(K,)``; ``gram`` not of
+            shape ``(min(K, d), min(K, d))``; ``exponent`` NaN or infinite; ``block_elements``
+            below 1.
 
     The standard deviation of the cosines is accumulated about their exact mean
     ``(||sum_c u_c||^2 - K) / (K (K-1))``, so no cancellation occurs; every other sum is of
@@ -249,7 +274,11 @@ def pairwise_geometry(
     """
     read_number(exponent, "exponent", "a finite number")
     v = _check_vectors(vectors)
-    num, _ = v.shape
+    num, dim = v.shape
+    _check_real_tensor(variances, "variances", (num,))
+    _check_real_tensor(gram, "gram", (min(num, dim),) * 2)
+    if block_elements is not None:
+        block_elements = read_int(block_elements, "block_elements")
     device = v.device
     power = _power_of_two_scale(v)  # every quantity is scale-free (cdnv: with the variances)
     v = v * power
@@ -258,11 +287,6 @@ def pairwise_geometry(
     squared = norms.square()
     var: Tensor | None = None
     if variances is not None:
-        if not isinstance(variances, Tensor) or tuple(variances.shape) != (num,):
-            shape = tuple(variances.shape) if isinstance(variances, Tensor) else type(variances)
-            raise ValueError(
-                f"Expected argument `variances` to have shape ({num},), but got {shape}."
-            )
         var = variances.detach().to(device=device, dtype=torch.float64) * power * power
     small = _small_gram(v) if gram is None else gram.to(device=device, dtype=torch.float64)
     if gram is not None:

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchcollapse._numbers import as_finite_float, read_number
+from torchcollapse._numbers import as_finite_float, as_real_float, read_number
 from torchcollapse._warnings import user_stacklevel
 from torchcollapse.functional.duality import _check_bias, _check_weight, _nc3, _nc3_cosine
 from torchcollapse.functional.geometry import (
@@ -114,8 +115,9 @@ def neural_collapse_compute(
         statistics: accumulated class statistics (at least two classes with samples).
         weight: optional ``(K, d)`` classifier weight for the ``nc2_weight_*``, ``nc3`` keys.
         global_mean: ``"classes"`` (mean of class means, default) or ``"samples"``.
-        nc4_counts: optional ``(mismatches, samples)`` accumulated against reference means; gives
-            ``nc4`` when ``samples > 0``.
+        nc4_counts: optional ``(mismatches, samples)`` accumulated against reference means
+            (real numbers or one-element tensors, ``0 <= mismatches <= samples``); gives ``nc4``
+            when ``samples > 0``.
         keys: compute only these keys (default: every key the inputs allow); any iterable of
             names (a list, a set, a generator; not a plain string) from :data:`MEAN_KEYS`,
             :data:`WEIGHT_KEYS` (which need ``weight``), ``"nc2_min_angle_optimal"``,
@@ -134,13 +136,16 @@ def neural_collapse_compute(
 
     Raises:
         ValueError: fewer than two present classes, a weight of the wrong shape, an exponent
-            that is NaN or infinite, or ``keys`` naming an unknown key or one whose input
-            (``weight``, ``nc4_counts``, ``exponent >= 0``) is missing.
-        TypeError: ``keys`` is a string or not iterable, or ``exponent`` not a real number.
+            that is NaN or infinite, ``nc4_counts`` out of range (``mismatches < 0``,
+            ``mismatches > samples`` or not finite), or ``keys`` naming an unknown key or one
+            whose input (``weight``, ``nc4_counts``, ``exponent >= 0``) is missing.
+        TypeError: ``keys`` is a string or not iterable, ``exponent`` not a real number, or
+            ``nc4_counts`` not a pair of real numbers.
     """
     _check_statistics(statistics)
     _check_global_mean(global_mean)
     power = read_number(exponent, "exponent", "a finite number")
+    counts = _read_nc4_counts(nc4_counts)
     wanted = (
         None
         if keys is None
@@ -262,10 +267,12 @@ def neural_collapse_compute(
             _warn_left_out(
                 f"the means of classes {at_centre} equal the global mean", "nc3_cosine key"
             )
-    if nc4_counts is not None and want("nc4"):
-        mismatches, samples = nc4_counts
-        if float(samples) > 0:
-            out["nc4"] = (mismatches / samples).to(device=centred.device, dtype=torch.float64)
+    if counts is not None and want("nc4"):
+        mismatches, samples = counts
+        if samples > 0:
+            out["nc4"] = torch.tensor(
+                mismatches / samples, dtype=torch.float64, device=centred.device
+            )
     if want("num_classes_present"):
         out["num_classes_present"] = torch.tensor(num_present, device=centred.device)
     return out
@@ -273,6 +280,36 @@ def neural_collapse_compute(
 
 _OPTIMAL_KEYS = ("nc2_min_angle_optimal", "nc2_spherical_energy_optimal")
 _ALL_KEYS = (*MEAN_KEYS, *WEIGHT_KEYS, *_OPTIMAL_KEYS, "nc4")
+
+
+def _read_nc4_counts(nc4_counts: Any) -> tuple[float, float] | None:
+    """``(mismatches, samples)`` as Python floats (each a real number or a one-element real
+    tensor, a host read), with ``0 <= mismatches <= samples``; ``None`` stays ``None``."""
+    if nc4_counts is None:
+        return None
+    if not isinstance(nc4_counts, (tuple, list)):
+        raise TypeError(
+            "Expected argument `nc4_counts` to be a pair (mismatches, samples) of counts, but got"
+            f" {type(nc4_counts).__name__}."
+        )
+    if len(nc4_counts) != 2:
+        raise ValueError(
+            "Expected argument `nc4_counts` to be a pair (mismatches, samples) of counts, but got"
+            f" {len(nc4_counts)} values."
+        )
+    mismatches, samples = (as_real_float(count) for count in nc4_counts)
+    if mismatches is None or samples is None:
+        got = ", ".join(type(count).__name__ for count in nc4_counts)
+        raise TypeError(
+            "Expected argument `nc4_counts` to be a pair (mismatches, samples) of real numbers"
+            f" or one-element real tensors, but got ({got})."
+        )
+    if not (math.isfinite(samples) and 0 <= mismatches <= samples):
+        raise ValueError(
+            "Expected argument `nc4_counts` to be finite counts with 0 <= mismatches <= samples,"
+            f" but got ({mismatches}, {samples})."
+        )
+    return mismatches, samples
 
 
 def _check_keys(
