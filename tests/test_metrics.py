@@ -795,8 +795,14 @@ def test_construction_errors() -> None:
     layer.bias = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match=r"`classifier.bias` to have shape \(num_classes,\)"):
         NeuralCollapse(3, classifier=layer)
-    with pytest.raises(ValueError, match="`classifier` to be a module with a `weight`"):
+    # a wrong type (a module without a weight, a list) is a TypeError naming the type given, a
+    # weight of the wrong shape a ValueError
+    with pytest.raises(TypeError, match=r"`classifier` to be a module with a `weight`.*ReLU"):
         NeuralCollapse(3, classifier=torch.nn.ReLU())
+    with pytest.raises(TypeError, match=r"or such a tensor, but got list\."):
+        NeuralCollapse(3, classifier=[[1.0, 0.0]] * 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"but got weight of shape \(3,\)"):
+        NeuralCollapse(3, classifier=torch.ones(3))
     with pytest.raises(ValueError, match=r"shape \(3, 6\) for num_features=6"):
         NeuralCollapse(3, classifier=torch.nn.Linear(4, 3), num_features=6)
     with pytest.raises(ValueError, match=r"`classifier` .* for NeuralCollapseNC3, but got None"):

@@ -101,12 +101,18 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
+def _check_dtype(dtype: object) -> None:
+    """Raise unless ``dtype`` is ``None`` or a floating ``torch.dtype`` (a string such as
+    ``"float32"`` is not one): checked on entry, before any frame is computed."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype!r}.")
+
+
 def _finish(frame: Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> Tensor:
     """Cast the float64 CPU frame to the requested dtype and device (always a fresh tensor);
     ``None`` means torch's defaults, as for a factory function (``torch.randn``)."""
+    _check_dtype(dtype)
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    if not dtype.is_floating_point:
-        raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype}.")
     device = torch.get_default_device() if device is None else device
     return frame.to(device=device, dtype=dtype, copy=True)
 
@@ -162,6 +168,7 @@ def simplex_etf(
         Tensor of shape ``(num_classes, dim)`` with unit-norm rows summing to zero.
 
     Raises:
+        TypeError: when a size is not an integer or ``dtype`` not a floating ``torch.dtype``.
         ValueError: when ``dim < num_classes - 1`` (use :func:`spherical_code` then).
 
     Example:
@@ -175,6 +182,7 @@ def simplex_etf(
     """
     k = read_int(num_classes, "num_classes", 2)
     d = read_int(dim, "dim", 1)
+    _check_dtype(dtype)
     if d < k - 1:
         advice = (
             f"use `spherical_code({k}, {d})` for maximally separated directions instead"
@@ -343,6 +351,7 @@ def orthogonal_frame(
     """
     k = read_int(num_classes, "num_classes", 1)
     d = read_int(dim, "dim", 1)
+    _check_dtype(dtype)
     if d < k:
         raise ValueError(
             f"Expected argument `dim` to be at least `num_classes` = {k} for an orthogonal frame, "
@@ -533,6 +542,7 @@ def spherical_code(
     k = read_int(num_classes, "num_classes", 2)
     d = read_int(dim, "dim", 1)
     steps = read_int(steps, "steps", 1)
+    _check_dtype(dtype)
     if d == 1 and k > 2:
         raise ValueError(
             f"Expected argument `dim` to be at least 2 for {k} classes: a line holds only 2 "
@@ -838,7 +848,11 @@ def hierarchy_frame(
         Tensor of shape ``(K, dim)`` with unit-norm rows.
 
     Raises:
-        ValueError: when ``dim`` is smaller than the rank of the projected Gram matrix.
+        TypeError: when ``similarity`` is not a floating-point tensor, ``max_iter`` or ``dim``
+            not an integer, ``tol`` not a real number, or ``dtype`` not a floating dtype.
+        ValueError: when ``similarity`` is not square with ``K >= 2`` or holds NaN or infinite
+            values, ``tol`` is negative or NaN, or ``dim`` is smaller than the rank of the
+            projected Gram matrix.
 
     Example:
         >>> # two super-classes of two classes: siblings at cosine 0.5, cousins at -0.5
@@ -863,9 +877,18 @@ def hierarchy_frame(
             "Expected argument `similarity` to be a square (K, K) tensor with K >= 2, "
             f"but got shape {tuple(similarity.shape)}."
         )
-    if not similarity.is_floating_point() or not bool(torch.isfinite(similarity).all()):
-        raise ValueError("Expected argument `similarity` to be a finite floating-point tensor.")
+    if not similarity.is_floating_point():
+        raise TypeError(
+            "Expected argument `similarity` to be a floating-point tensor, but got "
+            f"{similarity.dtype}."
+        )
+    if not bool(torch.isfinite(similarity).all()):
+        raise ValueError(
+            "Expected argument `similarity` to be a finite floating-point tensor, but it holds "
+            "NaN or infinity."
+        )
     max_iter = read_int(max_iter, "max_iter", 1)
+    _check_dtype(dtype)
     tol_value = as_real_float(tol)
     if tol_value is None:
         raise TypeError(

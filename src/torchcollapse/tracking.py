@@ -392,10 +392,15 @@ class CollapseTracker:
     def _pooled(self, name: str, output: Any) -> Tensor:
         """``output`` pooled to a 2-D tensor (not yet detached)."""
         pooled = self.pool(output) if callable(self.pool) else pool_features(output, self.pool)
-        if not isinstance(pooled, Tensor) or pooled.ndim != 2:
+        if not isinstance(pooled, Tensor):  # a wrong type; a wrong shape below
+            raise TypeError(
+                f"Expected the pooled output of layer {name!r} to be a 2-D tensor, but got "
+                f"{type(pooled).__name__}."
+            )
+        if pooled.ndim != 2:
             raise ValueError(
                 f"Expected the pooled output of layer {name!r} to be a 2-D tensor, but got "
-                f"{getattr(pooled, 'shape', type(pooled).__name__)}."
+                f"shape {tuple(pooled.shape)}."
             )
         return pooled
 
@@ -432,10 +437,15 @@ class CollapseTracker:
     @contextlib.contextmanager
     def targets(self, target: Tensor) -> Iterator[CollapseTracker]:
         """Record the forward passes run inside the block, labelled with ``target`` ``(N,)``."""
-        if not isinstance(target, Tensor) or target.ndim != 1:
-            raise ValueError(
+        if not isinstance(target, Tensor):  # a wrong type; a wrong shape below
+            raise TypeError(
                 "Expected argument `target` to be a 1-D tensor of labels, but got "
-                f"{tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__}."
+                f"{type(target).__name__}."
+            )
+        if target.ndim != 1:
+            raise ValueError(
+                "Expected argument `target` to be a 1-D tensor of labels, but got shape "
+                f"{tuple(target.shape)}."
             )
         if self.num_hooks == 0:
             raise RuntimeError(

@@ -133,11 +133,16 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
                 "Expected argument `frame` to be a 2-D tensor (num_classes, in_features) with at "
                 f"least 2 rows, but got shape {tuple(frame.shape)}."
             )
+        if not frame.is_floating_point():
+            raise TypeError(
+                f"Expected argument `frame` to be a floating-point tensor, but got {frame.dtype}."
+            )
         # (a frame on the meta device, for deferred initialisation, has no values to check)
-        if not frame.is_floating_point() or (
-            not frame.is_meta and not bool(torch.isfinite(frame).all())
-        ):
-            raise ValueError("Expected argument `frame` to be a finite floating-point tensor.")
+        if not frame.is_meta and not bool(torch.isfinite(frame).all()):
+            raise ValueError(
+                "Expected argument `frame` to be a finite floating-point tensor, but it holds NaN"
+                " or infinity."
+            )
         eps_value = read_number(eps, "eps", "> 0", lambda value: value > 0)
         self.num_classes, self.in_features = int(frame.shape[0]), int(frame.shape[1])
         self.normalize_features = bool(normalize_features)
@@ -146,7 +151,7 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         self._scale = resolve_scale(scale, self.num_classes, self.normalize_features)
         dtype = frame.dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype}.")
+            raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype!r}.")
         device = frame.device if device is None else device
         self.register_buffer(
             "frame", frame.detach().to(device=device, dtype=dtype, copy=True), persistent=True

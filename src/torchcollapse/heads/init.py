@@ -43,10 +43,11 @@ def etf_init_(
         ``target``.
 
     Raises:
-        ValueError: when ``in_features < num_classes - 1`` (no simplex ETF fits), or ``gain`` is
-            NaN or infinite.
+        ValueError: when ``target`` (or the module's ``weight``) is not 2-D,
+            ``in_features < num_classes - 1`` (no simplex ETF fits), or ``gain`` is NaN or
+            infinite.
         TypeError: when ``target`` is neither a tensor nor a module with a ``weight`` parameter
-            or buffer, or ``gain`` is not a real number.
+            or buffer, is not floating point, or ``gain`` is not a real number.
 
     Example:
         >>> fc = etf_init_(torch.nn.Linear(16, 5))
@@ -91,7 +92,8 @@ def etf_init_(
             f"{type(target).__name__}."
         )
     if target.ndim != 2 or not target.is_floating_point():
-        raise ValueError(
+        error = ValueError if target.ndim != 2 else TypeError  # a wrong shape, else a wrong dtype
+        raise error(
             "Expected argument `target` to be a 2-D floating-point (num_classes, in_features) "
             f"tensor, but got shape {tuple(target.shape)} and dtype {target.dtype}."
         )

@@ -215,7 +215,7 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
             distilled models: replace ``head`` and ``head_dist`` yourself), the classifier is
             a lazy module (:class:`torch.nn.LazyLinear`) not initialised yet (run one forward
             pass first), or the model is inside ``DistributedDataParallel``.
-        TypeError: when ``factory`` does not return an ``nn.Module``.
+        TypeError: when ``factory`` is not callable or does not return an ``nn.Module``.
 
     Example:
         >>> import torch
@@ -227,6 +227,11 @@ def replace_head(model: nn.Module, factory: Callable[[int, int], nn.Module]) -> 
         >>> type(model[1]).__name__, model(torch.randn(2, 8)).shape
         ('SimplexETFHead', torch.Size([2, 5]))
     """
+    if not callable(factory):
+        raise TypeError(
+            "Expected argument `factory` to be a callable (in_features, num_classes) -> nn.Module,"
+            f" but got {type(factory).__name__}."
+        )
     if _inside_ddp(model):
         raise ValueError(
             f"Expected a model not wrapped in DistributedDataParallel, but got one around "

@@ -156,11 +156,19 @@ def _classifier_tensors(
         if getattr(classifier, "normalize_features", False) is True:
             eps = getattr(classifier, "eps", _DEFAULT_FEATURE_EPS)
             feature_eps = float(eps) if isinstance(eps, (int, float)) else _DEFAULT_FEATURE_EPS
-    if not isinstance(weight, Tensor) or weight.ndim != 2:
-        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+    if not isinstance(weight, Tensor):  # a wrong type: neither a tensor nor such a module
+        got = type(classifier).__name__
+        if isinstance(classifier, nn.Module):
+            got += " (no `weight` tensor)"
+        raise TypeError(
+            "Expected argument `classifier` to be a module with a `weight` of shape (num_classes,"
+            f" num_features) (num_classes={num_classes}), or such a tensor, but got {got}."
+        )
+    if weight.ndim != 2:
         raise ValueError(
             "Expected argument `classifier` to be a module with a `weight` of shape (num_classes,"
-            f" num_features) (num_classes={num_classes}), or such a tensor, but got weight {got}."
+            f" num_features) (num_classes={num_classes}), or such a tensor, but got weight of"
+            f" shape {tuple(weight.shape)}."
         )
     if weight.shape[0] != num_classes:
         raise ValueError(

@@ -149,8 +149,10 @@ class NeuralCollapse(CollapseStatisticsMetric):
 
     Raises:
         ValueError: at ``compute`` when fewer than two classes have samples; at construction for a
-            classifier of the wrong shape; at ``update`` for invalid inputs (see
-            :class:`~torchcollapse.stats.ClassStatistics`).
+            classifier of the wrong shape; at ``update`` for inputs of a wrong shape or value
+            (see :class:`~torchcollapse.stats.ClassStatistics`).
+        TypeError: at construction for a classifier that is neither a tensor nor a module with a
+            ``weight`` tensor, or not floating point; at ``update`` for inputs of a wrong type.
 
     Example:
         >>> import torch
