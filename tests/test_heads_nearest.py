@@ -454,7 +454,10 @@ def test_running_means_stay_float32_when_the_head_is_cast(dtype: torch.dtype) ->
         atol=1e-6,
         msg=lambda m: f"seed {seed}: {m}",
     )
-    assert float((head.running_means - before).abs().max()) > 0.05  # it moved
+    # it moved: by 0.03 or more over these 150 steps (median 0.066 over 300 seeds); frozen 16-bit
+    # means (updates below half an ulp) would not move at all
+    moved = float((head.running_means - before).abs().max())
+    assert moved > 0.01, f"seed {seed}: the running means moved by {moved} only"
     assert NearestETFHead(d, k, dtype=dtype).running_means.dtype == torch.float32
     with torch.device("meta"):
         deferred = NearestETFHead(d, k)
