@@ -1,4 +1,5 @@
-"""Reading a user's number argument: any real scalar (Python, numpy, 0-dim tensor), never a bool."""
+"""Reading a user's number argument: any real scalar (Python, numpy, 0-dim tensor), never a bool;
+and checking a ``dtype`` argument."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["as_finite_float", "as_int", "as_real_float", "read_int", "read_number"]
+__all__ = [
+    "as_finite_float",
+    "as_int",
+    "as_real_float",
+    "check_float_dtype",
+    "read_int",
+    "read_number",
+]
 
 
 def as_real_float(value: Any) -> float | None:
@@ -101,3 +109,10 @@ def read_int(value: Any, name: str, minimum: int = 1, when: str = "") -> int:
         expected = "a positive integer" if minimum == 1 else f"at least {minimum}"
         raise ValueError(f"Expected argument `{name}` to be {expected}{when}, but got {number}.")
     return number
+
+
+def check_float_dtype(dtype: Any, name: str = "dtype") -> None:
+    """Raise a ``TypeError`` unless ``dtype`` is ``None`` or a real floating ``torch.dtype`` (not
+    an integer, bool or complex dtype, not a string such as ``"float32"``)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"Expected argument `{name}` to be a floating dtype, but got {dtype!r}.")

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from torchcollapse._autograd import no_autocast
-from torchcollapse._numbers import as_real_float, read_int, read_number
+from torchcollapse._numbers import as_real_float, check_float_dtype, read_int, read_number
 
 __all__ = [
     "DEFAULT_SEED",
@@ -101,17 +101,10 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def _check_dtype(dtype: object) -> None:
-    """Raise unless ``dtype`` is ``None`` or a floating ``torch.dtype`` (a string such as
-    ``"float32"`` is not one): checked on entry, before any frame is computed."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype!r}.")
-
-
 def _finish(frame: Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> Tensor:
     """Cast the float64 CPU frame to the requested dtype and device (always a fresh tensor);
     ``None`` means torch's defaults, as for a factory function (``torch.randn``)."""
-    _check_dtype(dtype)
+    check_float_dtype(dtype)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     device = torch.get_default_device() if device is None else device
     return frame.to(device=device, dtype=dtype, copy=True)
@@ -182,7 +175,7 @@ def simplex_etf(
     """
     k = read_int(num_classes, "num_classes", 2)
     d = read_int(dim, "dim", 1)
-    _check_dtype(dtype)
+    check_float_dtype(dtype)
     if d < k - 1:
         advice = (
             f"use `spherical_code({k}, {d})` for maximally separated directions instead"
@@ -351,7 +344,7 @@ def orthogonal_frame(
     """
     k = read_int(num_classes, "num_classes", 1)
     d = read_int(dim, "dim", 1)
-    _check_dtype(dtype)
+    check_float_dtype(dtype)
     if d < k:
         raise ValueError(
             f"Expected argument `dim` to be at least `num_classes` = {k} for an orthogonal frame, "
@@ -542,7 +535,7 @@ def spherical_code(
     k = read_int(num_classes, "num_classes", 2)
     d = read_int(dim, "dim", 1)
     steps = read_int(steps, "steps", 1)
-    _check_dtype(dtype)
+    check_float_dtype(dtype)
     if d == 1 and k > 2:
         raise ValueError(
             f"Expected argument `dim` to be at least 2 for {k} classes: a line holds only 2 "
@@ -888,7 +881,7 @@ def hierarchy_frame(
             "NaN or infinity."
         )
     max_iter = read_int(max_iter, "max_iter", 1)
-    _check_dtype(dtype)
+    check_float_dtype(dtype)
     tol_value = as_real_float(tol)
     if tol_value is None:
         raise TypeError(

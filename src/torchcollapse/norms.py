@@ -42,8 +42,7 @@ from torchcollapse._distributed import (
     is_distributed,
 )
 from torchcollapse._fx import check_traceable_group, is_proxy
-from torchcollapse._numbers import read_int, read_number
-from torchcollapse.losses._batch import check_float_dtype
+from torchcollapse._numbers import check_float_dtype, read_int, read_number
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchcollapse._fx import is_proxy
-from torchcollapse._numbers import read_int, read_number
+from torchcollapse._numbers import check_float_dtype, read_int, read_number
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
     check_features,
@@ -43,7 +43,6 @@ from torchcollapse.heads._common import (
     note_training_call,
     resolve_scale,
 )
-from torchcollapse.losses._batch import check_float_dtype
 
 __all__ = ["CosineHead"]
 

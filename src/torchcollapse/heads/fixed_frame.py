@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcollapse._numbers import read_int, read_number
+from torchcollapse._numbers import check_float_dtype, read_int, read_number
 from torchcollapse.frames import orthogonal_frame, simplex_etf, spherical_code
 from torchcollapse.heads._common import (
     ScaledHeadMixin,
@@ -150,8 +150,7 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
         self.eps = eps_value
         self._scale = resolve_scale(scale, self.num_classes, self.normalize_features)
         dtype = frame.dtype if dtype is None else dtype
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"Expected argument `dtype` to be a floating dtype, but got {dtype!r}.")
+        check_float_dtype(dtype)
         device = frame.device if device is None else device
         self.register_buffer(
             "frame", frame.detach().to(device=device, dtype=dtype, copy=True), persistent=True

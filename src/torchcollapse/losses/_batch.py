@@ -46,7 +46,6 @@ __all__ = [
     "check_classifier_shape",
     "check_device",
     "check_features_target",
-    "check_float_dtype",
     "check_num_classes",
     "check_reduction",
     "check_stats",
@@ -171,13 +170,6 @@ def check_stats(stats: Any) -> None:
             "Expected argument `stats` to be the BatchClassStatistics of "
             f"`batch_class_statistics`, but got {type(stats).__name__}."
         )
-
-
-def check_float_dtype(dtype: Any, name: str = "dtype") -> None:
-    """Raise unless ``dtype`` is ``None`` or a real floating ``torch.dtype`` (not an integer,
-    bool or complex dtype, not a string), as the frames and heads require."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"Expected argument `{name}` to be a floating dtype, but got {dtype!r}.")
 
 
 def read_counts(counts: Any, name: str = "class_counts") -> Tensor:

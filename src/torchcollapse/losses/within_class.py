@@ -41,12 +41,11 @@ from torchcollapse._distributed import (
     all_reduce_sum,
     is_distributed,
 )
-from torchcollapse._numbers import read_int, read_number
+from torchcollapse._numbers import check_float_dtype, read_int, read_number
 from torchcollapse.losses._batch import (
     BatchClassStatistics,
     check_device,
     check_features_target,
-    check_float_dtype,
     check_num_classes,
     check_stats,
     check_weight,
