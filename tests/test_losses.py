@@ -1369,7 +1369,7 @@ def test_closed_form_gradients_equal_autograd_of_the_composable_functions(
             nc3=float(config.get("nc3", 0.0)),  # type: ignore[arg-type]
             nc1_form=config.get("form", "bounded"),  # type: ignore[arg-type]
             target_nc1=config.get("target_nc1"),  # type: ignore[arg-type]
-            target_mode=config.get("target_mode"),  # type: ignore[arg-type]
+            target_mode=config.get("target_mode", "squared"),  # type: ignore[arg-type]
         )
         value = reg(h1, target, w1)
         grads = torch.autograd.grad(value, [h1, w1], allow_unused=True)
@@ -2296,9 +2296,27 @@ def test_target_penalty_checks_value_and_target() -> None:
             TypeError, match=rf"`target` to be a real number, but got {type(bad).__name__}"
         ):
             target_penalty(value, bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`target` to be a real number or a floating-point tensor"):
+        target_penalty(value, torch.tensor(1))
+    # a tensor target is used as it is: per element, and with its gradient (a learned level)
+    levels = torch.rand(4, dtype=torch.float64, generator=fresh_generator()).requires_grad_()
+    penalty = target_penalty(value, levels, "squared")
+    torch.testing.assert_close(penalty, (value - levels.detach()) ** 2, rtol=0.0, atol=0.0)
+    (grad,) = torch.autograd.grad(penalty.sum(), levels)
+    torch.testing.assert_close(grad, 2.0 * (levels.detach() - value), rtol=0.0, atol=0.0)
 
 
-def test_class_weights_from_counts_check_counts_and_power() -> None:
+def test_target_penalty_compiles_with_a_tensor_target() -> None:
+    """A scheduled level kept in a 0-dim tensor: one graph, no recompilation as it changes."""
+    value = torch.rand(6, dtype=torch.float64, generator=fresh_generator())
+    compiled = torch.compile(target_penalty, fullgraph=True, dynamic=False)
+    for level in (0.2, 0.7):
+        for mode in ("squared", "at_most", "at_least"):
+            got = compiled(value, torch.tensor(level, dtype=torch.float64), mode)
+            torch.testing.assert_close(got, target_penalty(value, level, mode))  # type: ignore[arg-type]
+
+
+def test_class_weights_from_counts_check_counts_and_power(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative counts were taken for absent classes, NaN counts or power gave NaN weights, 2-D
     counts gave 2-D weights, a list an AttributeError."""
     counts = torch.tensor([5, 2, 0, 9])
@@ -2336,9 +2354,31 @@ def test_class_weights_from_counts_check_counts_and_power() -> None:
             TypeError, match=rf"`power` to be a real number, but got {type(bad).__name__}"
         ):
             class_weights_from_counts(counts, bad)  # type: ignore[arg-type]
-    # without the value check the counts are not read (no host synchronisation)
-    weights = class_weights_from_counts(counts.float(), 0.3, validate_args=False)
+
+    # without the value check the counts are not read (no host synchronisation): reading a
+    # tensor's value on the host raises here
+    def no_host_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a value was read on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, no_host_read)
+        weights = class_weights_from_counts(counts.float(), 0.3, validate_args=False)
+        unchecked = class_weights_from_counts(torch.tensor([-1.0, 2.0, 4.0]), validate_args=False)
     torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)
+    assert unchecked.shape == (3,)  # a negative count is not refused without the check
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "__bool__", no_host_read)
+        with pytest.raises(AssertionError, match="read on the host"):
+            class_weights_from_counts(counts.float(), 0.3)  # the check reads the counts
+
+
+def test_class_weights_from_counts_compiles_with_its_checks_on() -> None:
+    """The value check reads the counts on the host; under torch.compile it is skipped, as the
+    label checks are, so that the default call compiles into one graph."""
+    counts = torch.randint(0, 50, (7,), generator=fresh_generator()).double()
+    compiled = torch.compile(class_weights_from_counts, fullgraph=True)
+    torch.testing.assert_close(compiled(counts, 0.5), class_weights_from_counts(counts, 0.5))
 
 
 @pytest.mark.parametrize("module_dtype", [torch.float32, torch.float64])
@@ -2419,20 +2459,28 @@ def test_regularizer_constructor_arguments_are_checked_whatever_the_form(form: s
 
 
 def test_target_mode_needs_target_nc1() -> None:
-    """``target_mode`` without ``target_nc1`` was accepted and ignored (plain NC1)."""
+    """A hinge ``target_mode`` without ``target_nc1`` was accepted and ignored (plain NC1); the
+    default ``"squared"``, given explicitly (as a saved config of the defaults does), is not an
+    error."""
     g = fresh_generator()
     features, target = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.arange(12) % 3
-    for mode in ("squared", "at_most", "at_least"):
+    for mode in ("at_most", "at_least"):
         with pytest.raises(ValueError, match=f"`target_nc1` with `target_mode='{mode}'`"):
-            CollapseRegularizer(3, target_mode=mode)  # type: ignore[arg-type]
+            CollapseRegularizer(3, target_mode=mode)
     with pytest.raises(ValueError, match="`target_mode` to be one of"):
         CollapseRegularizer(3, target_mode="hinge")  # type: ignore[arg-type]
-    # the default (None) is the squared penalty
-    default = CollapseRegularizer(3, target_nc1=0.2)
-    assert default.target_mode == "squared"
-    assert "target_mode='squared'" in repr(default)
     nc1 = ref_nc1(features.numpy(), target.numpy(), 3, "bounded")
-    assert default(features, target).item() == pytest.approx((nc1 - 0.2) ** 2, rel=RTOL64)
+    plain = CollapseRegularizer(3, target_mode="squared")  # the default, explicitly
+    assert plain.target_mode == "squared"
+    assert plain(features, target).item() == pytest.approx(nc1, rel=RTOL64)
+    rebuilt = CollapseRegularizer(  # from its own attributes
+        plain.num_classes, nc1=plain.nc1, target_nc1=plain.target_nc1, target_mode=plain.target_mode
+    )
+    assert rebuilt(features, target).item() == plain(features, target).item()
+    aimed = CollapseRegularizer(3, target_nc1=0.2)
+    assert aimed.target_mode == "squared"
+    assert "target_mode='squared'" in repr(aimed)
+    assert aimed(features, target).item() == pytest.approx((nc1 - 0.2) ** 2, rel=RTOL64)
 
 
 def test_regularizers_refuse_features_without_columns_and_name_what_is_missing() -> None:

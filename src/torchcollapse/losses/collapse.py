@@ -38,21 +38,26 @@ _TARGET_MODES = ("squared", "at_most", "at_least")
 
 
 def target_penalty(
-    value: Tensor, target: float, mode: Literal["squared", "at_most", "at_least"] = "squared"
+    value: Tensor,
+    target: float | Tensor,
+    mode: Literal["squared", "at_most", "at_least"] = "squared",
 ) -> Tensor:
     """Penalty on the distance of ``value`` to a ``target`` level.
 
     Args:
         value: the measured quantity (e.g. NC1).
-        target: the level to aim at.
+        target: the level to aim at: a finite real number, or a floating-point tensor that
+            broadcasts with ``value`` (a scheduled level kept in a tensor, which
+            ``torch.compile`` does not specialise on; used as it is, gradient included).
         mode: ``"squared"``: ``(value - target)^2``, holds the value at the target from both
             sides; ``"at_most"``: ``relu(value - target)``, a hinge that acts only above the
             target (at least this much collapse); ``"at_least"``: ``relu(target - value)``, a hinge
             that acts only below it (at most this much collapse).
 
     Raises:
-        TypeError: ``value`` is not a floating-point tensor, or ``target`` not a real number.
-        ValueError: ``target`` is NaN or infinite, or ``mode`` is unknown.
+        TypeError: ``value`` is not a floating-point tensor, or ``target`` neither a real
+            number nor a floating-point tensor.
+        ValueError: a number ``target`` is NaN or infinite, or ``mode`` is unknown.
 
     Example:
         >>> import torch
@@ -69,7 +74,16 @@ def target_penalty(
         raise TypeError(
             f"Expected argument `value` to be a floating-point tensor, but got {received}."
         )
-    level = read_number(target, "target", "a finite number")
+    level: float | Tensor
+    if isinstance(target, Tensor):
+        if not target.is_floating_point():
+            raise TypeError(
+                "Expected argument `target` to be a real number or a floating-point tensor, but"
+                f" got dtype {target.dtype}."
+            )
+        level = target
+    else:
+        level = read_number(target, "target", "a finite number")
     if mode == "squared":
         return (value - level).pow(2)
     if mode == "at_most":
@@ -116,9 +130,8 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
         nc3: signed weight of the NC3 term (needs ``classifier`` in ``forward``).
         target_nc1: level of NC1 to aim at instead of zero (``nc1`` must then be positive); in the
             scale of ``nc1_form`` (``[0, 1]`` for the bounded form).
-        target_mode: ``"squared"``, ``"at_most"`` or ``"at_least"``; see above. Only with
-            ``target_nc1`` (a ``ValueError`` without it); ``None`` (default) means
-            ``"squared"``.
+        target_mode: ``"squared"`` (default), ``"at_most"`` or ``"at_least"``; see above. The
+            hinges need ``target_nc1`` (a ``ValueError`` without it: they would have no effect).
         nc1_form: ``"bounded"`` or ``"ratio"``.
         sync_dist: compute over the global batch when ``torch.distributed`` is initialised.
         process_group: process group for ``sync_dist`` (default: the world; copies and
@@ -151,7 +164,7 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
         nc2: float = 0.0,
         nc3: float = 0.0,
         target_nc1: float | None = None,
-        target_mode: Literal["squared", "at_most", "at_least"] | None = None,
+        target_mode: Literal["squared", "at_most", "at_least"] = "squared",
         nc1_form: Literal["bounded", "ratio"] = "bounded",
         sync_dist: bool = True,
         process_group: Any = None,
@@ -166,13 +179,13 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
             raise ValueError(
                 f"Expected argument `nc1_form` to be 'bounded' or 'ratio', but got {nc1_form!r}."
             )
-        if target_mode is not None and target_mode not in _TARGET_MODES:
+        if target_mode not in _TARGET_MODES:
             raise ValueError(
                 f"Expected argument `target_mode` to be one of {_TARGET_MODES}, but got "
                 f"{target_mode!r}."
             )
-        if target_mode is not None and target_nc1 is None:
-            # the mode would be ignored: plain NC1 is pushed to zero
+        if target_mode != "squared" and target_nc1 is None:
+            # a hinge without a level would be ignored: plain NC1 is pushed to zero
             raise ValueError(
                 f"Expected argument `target_nc1` with `target_mode={target_mode!r}` (the mode "
                 "shapes the penalty around that level), but got None."
@@ -201,7 +214,7 @@ class CollapseRegularizer(DropsProcessGroupWhenPickled):
         self.nc2 = float(nc2)
         self.nc3 = float(nc3)
         self.target_nc1 = None if target_nc1 is None else float(target_nc1)
-        self.target_mode: Literal["squared", "at_most", "at_least"] = target_mode or "squared"
+        self.target_mode: Literal["squared", "at_most", "at_least"] = target_mode
         self.nc1_form = nc1_form
         self.sync_dist = sync_dist
         self.process_group = process_group

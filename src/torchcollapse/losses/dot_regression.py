@@ -93,8 +93,9 @@ def class_weights_from_counts(
             non-negative, finite values.
         power: the exponent ``p``, a finite real number.
         validate_args: check that the counts are non-negative and finite; this reads them on the
-            host (one synchronisation when they live on an accelerator). Their type and shape,
-            and ``power``, are always checked.
+            host (one synchronisation when they live on an accelerator; skipped under
+            ``torch.compile``, as the label checks are). Their type and shape, and ``power``,
+            are always checked.
 
     Returns:
         The ``(K,)`` weights in at least float32.
@@ -120,7 +121,7 @@ def class_weights_from_counts(
             f"{tuple(counts.shape)}."
         )
     exponent = read_number(power, "power", "a finite number")
-    if validate_args:
+    if validate_args and not torch.compiler.is_compiling():
         bad = counts < 0
         if counts.is_floating_point():
             bad |= ~counts.isfinite()
