@@ -97,6 +97,13 @@ WRONG_TYPES: list[tuple[str, Callable[[], object], str]] = [
         lambda: nearest_simplex_etf(torch.randn(K, D), previous=LIST, proximal=0.1),
         "`previous` .* but got list",
     ),
+    (
+        "previous integer",
+        lambda: nearest_simplex_etf(
+            torch.randn(K, D), previous=torch.ones(K, D, dtype=torch.long), proximal=0.1
+        ),
+        "`previous` to be a floating-point .* but got dtype torch.int64",
+    ),
     ("loss classifier list", lambda: SelfDualityLoss(K)(*_batch(), LIST), "`classifier`"),
     (
         "metric classifier list",
@@ -182,11 +189,6 @@ WRONG_TYPES: list[tuple[str, Callable[[], object], str]] = [
         "nc4 counts not numbers",
         lambda: F.neural_collapse_compute(_statistics(), nc4_counts=(1.0, "10")),
         r"`nc4_counts` .* but got \(float, str\)",
-    ),
-    (
-        "nc4 counts not a pair",
-        lambda: F.neural_collapse_compute(_statistics(), nc4_counts=torch.tensor([1.0, 10.0])),
-        "`nc4_counts` to be a pair",
     ),
     (
         "block_elements str",
@@ -276,6 +278,12 @@ WRONG_VALUES: list[tuple[str, Callable[[], object], str]] = [
         "0 <= mismatches <= samples",
     ),
     (
+        "nc4 counts tensor not of two values",
+        lambda: F.neural_collapse_compute(_statistics(), nc4_counts=torch.tensor([1.0, 2.0, 10.0])),
+        r"`nc4_counts` to be a pair \(mismatches, samples\) of counts, but got a tensor of"
+        r" shape \(3,\)",
+    ),
+    (
         "nc4 three values",
         lambda: F.neural_collapse_compute(_statistics(), nc4_counts=(1.0, 2.0, 3.0)),
         "`nc4_counts` to be a pair .* but got 3 values",
@@ -316,6 +324,10 @@ def test_nc4_counts_may_be_python_numbers() -> None:
     )
     assert torch.equal(as_numbers["nc4"], expected)
     assert torch.equal(as_tensors["nc4"], expected)
+    as_one_tensor = F.neural_collapse_compute(
+        stats, nc4_counts=torch.tensor([mismatches, samples], dtype=torch.float64)
+    )
+    assert torch.equal(as_one_tensor["nc4"], expected)
     assert "nc4" not in F.neural_collapse_compute(stats, nc4_counts=(0, 0))
 
 

@@ -280,10 +280,13 @@ def nearest_simplex_etf(
         )
     proximal_value = read_number(proximal, "proximal", "a finite number >= 0", lambda v: v >= 0)
     eps_value = read_number(eps, "eps", "a finite number > 0", lambda value: value > 0)
-    if previous is not None and not isinstance(previous, Tensor):
+    if previous is not None and (
+        not isinstance(previous, Tensor) or not previous.is_floating_point()
+    ):
+        got = f"dtype {previous.dtype}" if isinstance(previous, Tensor) else type(previous).__name__
         raise TypeError(
-            "Expected argument `previous` to be a (num_classes, dim) tensor or None, "
-            f"but got {type(previous).__name__}."
+            "Expected argument `previous` to be a floating-point (num_classes, dim) tensor or None,"
+            f" but got {got}."
         )
     if proximal_value and (previous is None or previous.shape != points.shape):
         got = "None" if previous is None else f"shape {tuple(previous.shape)}"

@@ -283,10 +283,18 @@ _ALL_KEYS = (*MEAN_KEYS, *WEIGHT_KEYS, *_OPTIMAL_KEYS, "nc4")
 
 
 def _read_nc4_counts(nc4_counts: Any) -> tuple[float, float] | None:
-    """``(mismatches, samples)`` as Python floats (each a real number or a one-element real
-    tensor, a host read), with ``0 <= mismatches <= samples``; ``None`` stays ``None``."""
+    """``(mismatches, samples)`` as Python floats (a pair of real numbers or one-element real
+    tensors, or one tensor of two values; a host read), with ``0 <= mismatches <= samples``;
+    ``None`` stays ``None``."""
     if nc4_counts is None:
         return None
+    if isinstance(nc4_counts, Tensor):
+        if nc4_counts.shape != (2,):
+            raise ValueError(
+                "Expected argument `nc4_counts` to be a pair (mismatches, samples) of counts, but"
+                f" got a tensor of shape {tuple(nc4_counts.shape)}."
+            )
+        nc4_counts = tuple(nc4_counts)
     if not isinstance(nc4_counts, (tuple, list)):
         raise TypeError(
             "Expected argument `nc4_counts` to be a pair (mismatches, samples) of counts, but got"
