@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -805,3 +806,78 @@ def test_a_copied_tracker_records_its_copied_model_into_its_own_metrics() -> Non
     removed = copy.deepcopy(tracker)  # a copy of a removed tracker has no hooks either
     assert removed.num_hooks == 0
     assert not any(m._forward_hooks for m in removed.model)
+
+
+# Run twice, each time in a new process: "save" hooks a model (a user hook on each tracked layer,
+# one of them taking kwargs) and saves a tracker of it; "load" loads the tracker and records.
+_TRACKER_IN_A_NEW_PROCESS = """
+import sys
+import torch
+from torchcollapse.tracking import CollapseTracker
+
+class PlainHook:
+    calls = 0
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+
+class KwargsHook:
+    calls = 0
+    def __call__(self, module, args, kwargs, output):
+        self.calls += 1
+
+mode, folder = sys.argv[1], sys.argv[2]
+x, y = torch.load(folder + "/data.pt")
+if mode == "save":
+    model = torch.load(folder + "/model.pt", weights_only=False)
+    model[0].register_forward_hook(PlainHook())
+    model[4].register_forward_hook(KwargsHook(), with_kwargs=True)
+    tracker = CollapseTracker(model, ["0", "4"], 4)
+    tracker.update(x[:48], y[:48])
+    torch.save(tracker, folder + "/tracker.pt")
+else:
+    tracker = torch.load(folder + "/tracker.pt", weights_only=False)
+    tracker.update(x[48:], y[48:])
+    model = tracker.model
+    every = [hook for layer in (0, 4) for hook in model[layer]._forward_hooks.values()]
+    hooks = [type(hook).__name__ for hook in every]
+    calls = [hook.calls for hook in every if hasattr(hook, "calls")]
+    torch.save({"hooks": hooks, "calls": calls, "results": tracker.compute(),
+                "state": model.state_dict()}, folder + "/loaded.pt")
+"""
+
+
+def test_a_tracker_loaded_in_a_new_process_keeps_the_other_hooks_of_its_layers(
+    tmp_path: Path,
+) -> None:
+    """A tracker saved whole and loaded in a new process (whose hook counter starts again at 0)
+    hooks its layers under new ids: the other forward hooks of those layers (one with kwargs)
+    stay and run, and the tracker records the batches of both processes."""
+    import os
+    import subprocess
+    import sys
+
+    import torchcollapse
+
+    model = _model()
+    x, y = _fresh_data()
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((x, y), tmp_path / "data.pt")
+    src = str(Path(torchcollapse.__file__).resolve().parents[1])  # the checkout under test
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    for mode in ("save", "load"):
+        command = [sys.executable, "-c", _TRACKER_IN_A_NEW_PROCESS, mode, str(tmp_path)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert loaded["hooks"] == ["PlainHook", "_TrackerHook", "KwargsHook", "_TrackerHook"]
+    assert loaded["calls"] == [2, 2]  # the user's hooks ran in both processes (counts saved)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded["state"][name], tensor, rtol=0, atol=0)
+    by_hand = _by_hand(model, x)
+    for name in ("0", "4"):  # the first half recorded before saving, the second after loading
+        expected = neural_collapse(by_hand[name], y, num_classes=NUM_CLASSES)
+        for key in ("nc1", "cdnv", "nc2_etf_distance"):
+            # float64 features, exact streaming merge: agreement to float64 rounding
+            torch.testing.assert_close(
+                loaded["results"][name][key].double(), expected[key].double(), rtol=1e-9, atol=1e-12
+            )

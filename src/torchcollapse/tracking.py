@@ -218,7 +218,11 @@ class CollapseTracker:
     what they recorded, and hooks the copied model's layers into the copy in place of the inert
     hooks: the copy records its own model into its own metrics, the original is untouched (a
     copy of a tracker whose hooks were removed has none either; a copy made inside a
-    ``targets()`` block is outside it). ``copy.copy(tracker)`` is refused.
+    ``targets()`` block is outside it). The copy's hooks run after the other forward hooks of
+    their layers, which stay as they were, also when the tracker is loaded in a new process.
+    On a compiled model (the copied model is compiled too) the copy calls
+    ``torch.compiler.reset()``, as making a tracker does: process-wide, every compiled function
+    compiles again at its next call. ``copy.copy(tracker)`` is refused.
 
     Args:
         model: the network to watch.
@@ -335,6 +339,9 @@ class CollapseTracker:
         self.__dict__.update(state)
         self._handles = []
         if hook_ids:  # none when the original's hooks were removed: neither has any then
+            # in a new process torch's hook counter starts again at 0: the new hooks must not
+            # take the id of a hook the loaded model carries (it would replace that hook)
+            _advance_hook_ids(self.model, *self.modules.values())
             for (name, module), hook_id in zip(self.modules.items(), hook_ids, strict=True):
                 copied = module._forward_hooks.get(hook_id)
                 if isinstance(copied, _TrackerHook) and copied.tracker is None:
@@ -559,6 +566,22 @@ class _TrackerHook:
     def __repr__(self) -> str:
         state = "inert" if self.tracker is None else "live"
         return f"{type(self).__name__}(layer={self.name!r}, {state})"
+
+
+def _advance_hook_ids(*roots: nn.Module) -> None:
+    """Raise torch's hook counter (``RemovableHandle.next_id``, one per process) past the id of
+    every hook that ``roots`` and their submodules hold, as unpickling a ``RemovableHandle``
+    does: hooks unpickled with a module keep their ids, which a new process may hand out again,
+    and a hook registered under an id already in use replaces the hook that has it."""
+    highest = -1
+    for root in roots:
+        for module in root.modules():
+            for attribute, value in vars(module).items():
+                if "hook" in attribute and isinstance(value, dict):
+                    for key in value:
+                        if isinstance(key, int) and key > highest:
+                            highest = key
+    RemovableHandle.next_id = max(RemovableHandle.next_id, highest + 1)
 
 
 def _remove_handles(handles: list[RemovableHandle]) -> None:
