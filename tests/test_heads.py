@@ -993,6 +993,9 @@ def test_heads_trace_symbolically_and_match_the_module(kind: str) -> None:
     # ("Expected argument `features` to be a Tensor, but got Proxy"). The graph must compute
     # what the head computes, bit for bit (it calls the same functions on the same tensors):
     # outputs, gradients and the frame of NearestETFHead over labelled and unlabelled calls.
+    # It must also refuse what the head refuses, with the same error, before the frame moves
+    # (the checks ran only while tracing, on proxies: the graph took features of another width,
+    # or float labels, which it truncated).
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
     factory, d, k = _fx_case(kind)
     x = features(9, d, seed=seed)
@@ -1000,8 +1003,22 @@ def test_heads_trace_symbolically_and_match_the_module(kind: str) -> None:
     takes_target = kind in ("cosine", "cosface", "arcface", "arcface_easy", "nearest")
     # traced at the root, the graph takes `target` as an input that may be left out
     calls = [(x,), (x, y), (x * 2.0, y), (x,)] if takes_target else [(x,), (x * 2.0,)]
+    refused: list[tuple[torch.Tensor, ...]] = [(features(9, d + 1, seed=seed),), (x.long(),)]
+    out_of_range = y.clone()
+    out_of_range[int(torch.randint(0, 9, ()))] = k
+    nan = x.clone()
+    nan[int(torch.randint(0, 9, ())), int(torch.randint(0, d, ()))] = float("nan")
+    # labels the head reads (CosineHead always, NearestETFHead in training): floats, a label out
+    # of range, one label too few; NearestETFHead's update also refuses NaN features
+    bad_labels = [(x, y.float() + 0.5), (x, out_of_range), (x, y[:-1])]
     try:
-        check_symbolic_trace(factory, calls)
+        if kind == "nearest":
+            check_symbolic_trace(factory, calls, refused=refused)
+            check_symbolic_trace(factory, calls, modes=(True,), refused=[*bad_labels, (nan, y)])
+        else:
+            check_symbolic_trace(
+                factory, calls, refused=refused + (bad_labels if takes_target else [])
+            )
     except AssertionError as error:
         raise AssertionError(f"{kind}, seed {seed}: {error}") from error
 

@@ -12,8 +12,9 @@ affine=False)`` (``torch.nn.SyncBatchNorm`` across processes): it is not re-impl
 
 Both layers trace with ``torch.fx.symbolic_trace`` (torchvision's ``create_feature_extractor``,
 FX graph-mode quantization), ``torch.export``, ``torch.jit.trace`` and ``torch.compile``; the FX
-graph computes what the layer computes, bit for bit, and updates the running mean in training
-mode. ``torch.jit.script`` is not supported.
+graph checks its input as the layer does (the same errors, raised before the running mean
+changes), computes what the layer computes, bit for bit, and updates the running mean in
+training mode. ``torch.jit.script`` is not supported.
 
 References:
     Y. Yang, S. Chen, X. Li, L. Xie, Z. Lin, D. Tao, "Inducing neural collapse in imbalanced
@@ -41,7 +42,7 @@ from torchcollapse._distributed import (
     all_reduce_sum,
     is_distributed,
 )
-from torchcollapse._fx import check_traceable_group, is_proxy
+from torchcollapse._fx import check_traceable_group, is_proxy, record_call
 from torchcollapse._numbers import check_float_dtype, read_int, read_number
 
 __all__ = ["FeatureCenter", "FeatureNorm"]
@@ -137,9 +138,7 @@ class FeatureNorm(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """Normalize ``features`` along ``dim`` to norm ``scale``; same shape and dtype."""
-        _check_floating(features)
-        if not is_proxy(features):
-            _check_dim(features, self.dim)
+        features = _check_norm_features(features, self.dim)
         return _normalize(features, self.log_scale, self.dim, self.eps)
 
 
@@ -250,17 +249,11 @@ class FeatureCenter(DropsProcessGroupWhenPickled):
 
     def forward(self, features: Tensor) -> Tensor:
         """``features`` (``(..., d)``) minus the running mean; same shape and dtype."""
-        _check_floating(features)
-        if is_proxy(features):
-            if self.training and self.sync_dist:
-                check_traceable_group(self, self.process_group)
-        elif features.ndim < 1 or features.shape[-1] != self.num_features:
-            raise ValueError(
-                f"Expected argument `features` to have last dimension {self.num_features}, but "
-                f"got shape {tuple(features.shape)}."
-            )
+        features = _check_center_features(features, self.num_features)
         mean = self.running_mean
         if self.training:
+            if self.sync_dist and is_proxy(features):
+                check_traceable_group(self, self.process_group)
             # the updated running mean (the buffer itself): what the output depends on, also
             # in a torch.fx graph, where the update is one call
             mean = _update_running_mean(
@@ -286,17 +279,37 @@ def _check_dim(features: Tensor, dim: int) -> None:
 
 
 def _check_floating(features: object) -> None:
-    """Raise unless ``features`` is a floating-point tensor (or a ``torch.fx`` proxy: symbolic
-    tracing, no dtype to check)."""
-    if isinstance(features, Tensor):
-        if features.is_floating_point():
-            return
-    elif is_proxy(features):
-        return
-    raise TypeError(
-        "Expected argument `features` to be a floating-point tensor, but got "
-        f"{getattr(features, 'dtype', type(features).__name__)}."
-    )
+    """Raise unless ``features`` is a floating-point tensor."""
+    if not (isinstance(features, Tensor) and features.is_floating_point()):
+        raise TypeError(
+            "Expected argument `features` to be a floating-point tensor, but got "
+            f"{getattr(features, 'dtype', type(features).__name__)}."
+        )
+
+
+def _check_norm_features(features: Tensor, dim: int) -> Tensor:
+    """``features``, checked for :class:`FeatureNorm`: a floating-point tensor with a dimension
+    ``dim``. For a ``torch.fx`` proxy, the check as a call of the graph, run when it runs."""
+    if is_proxy(features):
+        return record_call(_check_norm_features, features, dim)
+    _check_floating(features)
+    _check_dim(features, dim)
+    return features
+
+
+def _check_center_features(features: Tensor, num_features: int) -> Tensor:
+    """``features``, checked for :class:`FeatureCenter`: a floating-point tensor with last
+    dimension ``num_features``. For a ``torch.fx`` proxy, the check as a call of the graph, run
+    when it runs (before the running mean is updated)."""
+    if is_proxy(features):
+        return record_call(_check_center_features, features, num_features)
+    _check_floating(features)
+    if features.ndim < 1 or features.shape[-1] != num_features:
+        raise ValueError(
+            f"Expected argument `features` to have last dimension {num_features}, but "
+            f"got shape {tuple(features.shape)}."
+        )
+    return features
 
 
 @torch.fx.wrap  # one call in a torch.fx graph: it reads dtypes and devices when it runs

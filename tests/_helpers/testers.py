@@ -9,7 +9,8 @@ In the spirit of torchmetrics' ``tests/unittests/_helpers/testers.py``, smaller:
   fresh, differently seeded instance, ``.to(dtype)``, deepcopy/pickle, float64 ``gradcheck`` (inputs
   and parameters) and ``torch.compile``.
 - :func:`check_symbolic_trace` compares the ``torch.fx.symbolic_trace`` graph of a module with the
-  module, bit for bit, over several calls in training and evaluation mode.
+  module, bit for bit, over several calls in training and evaluation mode, and checks that the
+  graph refuses the inputs the module refuses, with the same error, before any buffer changes.
 
 Every failed check raises :class:`AssertionError` whose message names the check (and, for metrics,
 the dtype and the output key), so that ``pytest.raises(AssertionError, match=...)`` can tell which
@@ -974,6 +975,7 @@ def check_symbolic_trace(
     *,
     modes: Sequence[bool] = (False, True),
     pickled: bool = False,
+    refused: Sequence[Sequence[Any]] = (),
 ) -> None:
     """Check that ``torch.fx.symbolic_trace`` of a module computes what the module computes.
 
@@ -989,6 +991,11 @@ def check_symbolic_trace(
     a pickled graph must also give the same outputs in evaluation mode (torch 2.13 cannot pickle
     a graph whose root ``forward`` has string annotations, ``from __future__ import
     annotations``: pytorch/pytorch#167117).
+
+    ``refused`` are calls the module refuses (in every mode of ``modes``, after ``calls``): the
+    graph must raise the same exception, type and message, and neither the module nor the graph
+    may change a buffer (running statistics) on the way. The graph, traced once, is also traced
+    again (as a tool given an already traced model traces its code), and must refuse them too.
 
     Raises:
         AssertionError: naming the check (``symbolic_trace``), the mode and the call.
@@ -1043,3 +1050,33 @@ def check_symbolic_trace(
                     f"symbolic_trace[{mode}] pickled graph vs the module",
                     exact=True,
                 )
+        if refused:
+            retraced = torch.fx.symbolic_trace(traced)  # shares the buffers of `source`
+            for step, call in enumerate(refused):
+                where = f"symbolic_trace[{mode}] refused call {step}"
+                expected = _refusal(eager, eager, call, f"{where}: the module")
+                for model, what in ((traced, "graph"), (retraced, "graph traced again")):
+                    error = _refusal(model, source, call, f"{where}: the {what}")
+                    if (type(error), str(error)) != (type(expected), str(expected)):
+                        raise AssertionError(
+                            f"check_module {where}: the {what} raised {type(error).__name__}:"
+                            f" {error}, the module {type(expected).__name__}: {expected}"
+                        )
+
+
+def _refusal(model: nn.Module, owner: nn.Module, call: Sequence[Any], where: str) -> Exception:
+    """The exception ``model(*call)`` raises, checked to leave the buffers of ``owner`` as they
+    were, bit for bit."""
+    before = [b.detach().clone() for _, b in sorted(owner.named_buffers())]
+    try:
+        model(*call)
+    except Exception as error:
+        after = [b.detach() for _, b in sorted(owner.named_buffers())]
+        if not all(
+            a.shape == b.shape
+            and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+            for a, b in zip(after, before, strict=True)
+        ):
+            raise AssertionError(f"check_module {where} changed a buffer before raising") from error
+        return error
+    raise AssertionError(f"check_module {where} raised nothing")

@@ -20,9 +20,11 @@ round-trips and ``torch.compile``.
 Export and tracing: the heads, as the layers of :mod:`torchcollapse.norms`, go through
 ``torch.compile(fullgraph=True)``, ``torch.export``, ``torch.jit.trace`` and
 ``torch.fx.symbolic_trace`` (which torchvision's ``create_feature_extractor`` and FX graph-mode
-quantization use). The FX graph keeps each step that depends on dtypes or values (the normalized
-product, a margin, the frame update of :class:`NearestETFHead`) as one call, and computes what
-the module computes, bit for bit, in training mode too. A head traced as the root takes
+quantization use). The FX graph checks its inputs as the module does (features, and labels
+where the module reads them: the same errors, raised before any buffer changes), keeps each
+step that depends on dtypes or values (the normalized product, a margin, the frame update of
+:class:`NearestETFHead`) as one call, and computes what the module computes, bit for bit, in
+training mode too. A head traced as the root takes
 ``target`` as an input that may be left out when the graph is called. The graph holds a fixed
 scale as a constant (as an exported program does), and a training-mode update that synchronises
 over a ``process_group`` cannot be traced (trace in eval mode, or make the head a leaf module).

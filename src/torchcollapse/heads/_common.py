@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from torchcollapse._autograd import double_backward, transforms_active
-from torchcollapse._fx import is_proxy
+from torchcollapse._fx import is_proxy, record_call
 from torchcollapse._labels import check_label_range
 from torchcollapse._numbers import as_finite_float, as_real_float
 from torchcollapse._warnings import user_stacklevel
@@ -67,12 +67,13 @@ def note_training_call(head: nn.Module, target: Tensor | None, message: str) -> 
     )
 
 
-def check_features(features: object, in_features: int) -> None:
-    """Raise when ``features`` is no floating tensor with last dimension ``in_features``; a
-    ``torch.fx`` proxy (symbolic tracing: no values to check) passes."""
+def check_features(features: Any, in_features: int) -> Tensor:
+    """``features``; raise when it is no floating tensor with last dimension ``in_features``.
+    For a ``torch.fx`` proxy (symbolic tracing: no values to check), the check as a call of the
+    graph, which runs it when it runs: the caller goes on with the returned proxy."""
     if not isinstance(features, Tensor):
         if is_proxy(features):
-            return
+            return record_call(check_features, features, in_features)
         raise TypeError(
             f"Expected argument `features` to be a Tensor, but got {type(features).__name__}."
         )
@@ -85,16 +86,17 @@ def check_features(features: object, in_features: int) -> None:
         raise TypeError(
             f"Expected argument `features` to be floating point, but got {features.dtype}."
         )
+    return features
 
 
-def check_target(target: object, features: Tensor, num_classes: int) -> None:
-    """Raise when ``target`` is no ``(N,)`` integer tensor of labels in ``[0, num_classes)`` for
-    ``(N, d)`` features; ``torch.fx`` proxies (symbolic tracing) pass."""
-    if is_proxy(features):
-        return
+def check_target(target: Any, features: Tensor, num_classes: int) -> Tensor:
+    """``target``; raise when it is no ``(N,)`` integer tensor of labels in ``[0, num_classes)``
+    for ``(N, d)`` features. For ``torch.fx`` proxies (symbolic tracing), the check as a call of
+    the graph, which runs it when it runs (with :func:`check_optional_target`: a graph traced
+    with a ``target`` input may be called without it)."""
+    if is_proxy(features) or is_proxy(target):
+        return record_call(check_optional_target, target, features, num_classes)
     if not isinstance(target, Tensor):
-        if is_proxy(target):
-            return
         raise TypeError(
             f"Expected argument `target` to be a Tensor, but got {type(target).__name__}."
         )
@@ -106,6 +108,12 @@ def check_target(target: object, features: Tensor, num_classes: int) -> None:
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"Expected argument `target` to hold integers, but got {target.dtype}.")
     check_label_range(target, num_classes)
+    return target
+
+
+def check_optional_target(target: Any, features: Tensor, num_classes: int) -> Tensor | None:
+    """:func:`check_target`, where ``None`` (no labels) passes."""
+    return None if target is None else check_target(target, features, num_classes)
 
 
 # the key of a module's extra state in its state_dict (torch's _EXTRA_STATE_KEY_SUFFIX)

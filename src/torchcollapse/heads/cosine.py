@@ -167,7 +167,7 @@ class CosineHead(ScaledHeadMixin, nn.Module):
         Returns:
             ``scale * cos(theta)``, with the target entries replaced by the margin's logit.
         """
-        check_features(features, self.in_features)
+        features = check_features(features, self.in_features)
         if (
             self.margin != 0.0
             and self.training
@@ -183,7 +183,7 @@ class CosineHead(ScaledHeadMixin, nn.Module):
                 " gives plain scaled cosines, without the margin.",
             )
         if target is not None:
-            check_target(target, features, self.num_classes)
+            target = check_target(target, features, self.num_classes)
         return _cosine_logits(
             features,
             self.weight,

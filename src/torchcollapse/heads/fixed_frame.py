@@ -198,7 +198,7 @@ class FixedFrameHead(ScaledHeadMixin, nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits of shape ``(*, num_classes)`` for ``features`` of shape ``(*, in_features)``."""
-        check_features(features, self.in_features)
+        features = check_features(features, self.in_features)
         return self._logits(features, self.frame)
 
     def _logits(self, features: Tensor, frame: Tensor) -> Tensor:

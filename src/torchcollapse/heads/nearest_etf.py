@@ -216,9 +216,16 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
             ValueError: when ``features`` holds NaN or infinite values (not under
                 ``torch.compile``).
         """
-        check_features(features, self.in_features)
-        check_target(target, features, self.num_classes)
-        if is_proxy(features) and self.sync_dist:
+        features = check_features(features, self.in_features)
+        target = check_target(target, features, self.num_classes)
+        return self._step(features, target)
+
+    def _step(self, features: Tensor, target: Tensor | None) -> Tensor:
+        """The frame for the logits of ``features`` (see :func:`_frame_step`): with ``target``,
+        the step of :meth:`update` on checked inputs; without (only in a ``torch.fx`` graph),
+        the frame as it is."""
+        synced = self.sync_dist and target is not None
+        if synced and is_proxy(features):
             check_traceable_group(self, self.process_group)
         return _frame_step(
             features,
@@ -230,7 +237,7 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
             self.proximal,
             self.eps,
             self.sync_dist,
-            self.process_group if self.sync_dist else None,
+            self.process_group if synced else None,
         )
 
     @property
@@ -253,7 +260,7 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
             features: ``(*, in_features)``; ``(N, in_features)`` when ``target`` is given.
             target: optional ``(N,)`` class indices of the batch.
         """
-        check_features(features, self.in_features)
+        features = check_features(features, self.in_features)
         traced = is_proxy(features)
         if self.training and not torch.compiler.is_compiling() and not traced:
             note_training_call(
@@ -266,23 +273,12 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
             )
         if traced:
             # torch.fx: one call in the graph, which takes the branch below when it runs (a graph
-            # traced with a `target` input may be called without it)
+            # traced with a `target` input may be called without it); the labels are checked
+            # when the graph runs, as update checks them (in eval mode they are not read)
             step_target = target if self.training else None
-            if step_target is not None and self.sync_dist:
-                check_traceable_group(self, self.process_group)
-            frame = _frame_step(
-                features,
-                step_target,
-                self.frame,
-                self.running_means,
-                self.class_seen,
-                self.momentum,
-                self.proximal,
-                self.eps,
-                self.sync_dist,
-                self.process_group if step_target is not None and self.sync_dist else None,
-            )
-            return self._logits(features, frame)
+            if step_target is not None:
+                step_target = check_target(step_target, features, self.num_classes)
+            return self._logits(features, self._step(features, step_target))
         if target is not None and self.training:
             # A fresh tensor, not the buffer, enters the graph: updating the buffer in a later
             # step cannot invalidate this step's backward pass.
