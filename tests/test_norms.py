@@ -547,6 +547,41 @@ def test_norms_trace_symbolically_and_match_the_module(kind: str, dtype: torch.d
         raise AssertionError(f"{kind}, {dtype}, seed {seed}: {error}") from error
 
 
+def test_center_exports_in_training_with_a_dynamic_batch_and_matches_the_layer() -> None:
+    # the batch count was a Python float of the batch size, which torch.export specialised
+    # ("Constraints violated (batch)"), where nn.BatchNorm1d exports. The exported program must
+    # update the running mean as the layer does, bit for bit, for batches of any size.
+    import copy
+
+    from torch.export import Dim
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    generator = torch.Generator().manual_seed(seed)
+    center = FeatureCenter(6, momentum=0.3).train()
+    exported = torch.export.export(
+        copy.deepcopy(center),
+        (torch.randn(8, 6, generator=generator),),
+        dynamic_shapes={"features": {0: Dim("batch")}},
+    ).module()
+    sizes = torch.randint(2, 40, (3,), generator=generator).tolist()
+    batches = [torch.randn(n, 6, generator=generator, dtype=torch.float64) for n in sizes]
+    reference = torch.zeros(6, dtype=torch.float64)
+    for step, batch in enumerate(batches):
+        out = exported(batch.float())
+        expected = center(batch.float())
+        where = f"seed {seed}, sizes {sizes}, step {step}"
+        assert torch.equal(out, expected), where
+        assert torch.equal(exported.running_mean, center.running_mean), where
+        assert int(exported.num_batches_tracked) == step + 1, where
+        # the running mean in float64: the first batch's mean, then the momentum update
+        mean = batch.mean(0)
+        reference = mean if step == 0 else reference + 0.3 * (mean - reference)
+        # float32 batches and sums of up to 40 rows: agreement to a few float32 ulps
+        torch.testing.assert_close(
+            exported.running_mean.double(), reference, rtol=1e-5, atol=1e-6, msg=where
+        )
+
+
 def test_tracing_the_center_update_refuses_a_process_group() -> None:
     # a graph cannot hold a process group: tracing the training update with one is refused by
     # name; in evaluation mode, or without sync_dist, the group does not enter the graph

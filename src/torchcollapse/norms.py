@@ -343,7 +343,8 @@ def _update_running_mean(
         )
         with no_autocast(features.device.type):
             flat = features.reshape(-1, running_mean.shape[0]).to(dtype)
-            packed = torch.cat([flat.sum(0), flat.new_full((1,), float(flat.shape[0]))])
+            # the count from the batch size as it is (a symbolic size under torch.export)
+            packed = torch.cat([flat.sum(0), flat.new_full((1,), flat.shape[0])])
             if sync_dist and is_distributed(process_group):
                 all_reduce_sum(packed, process_group)
             count = packed[-1]
