@@ -596,6 +596,29 @@ def test_a_deep_copy_of_a_model_measures_the_copys_head(metric_first: bool) -> N
     ), f"seed {seed}"  # the heads differ enough for the test to tell them apart
 
 
+@pytest.mark.parametrize("call", ["update", "forward"])
+def test_a_deep_copy_lets_the_original_go_at_its_first_update(call: str) -> None:
+    # the copied metric kept the deep copy's memo (every object of the original) until its
+    # classifier was first read, which `update` does only when it counts NC4: a model replaced
+    # by its copy stayed in memory. The first update (or forward) binds the copy and lets go.
+    import gc
+    import weakref
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, head = _case(40, 6, 4, seed=seed)
+    model = _ModelWithMetric(head, metric_first=True)  # the copy reaches the metric first
+    original = weakref.ref(model.head.weight)
+    copied = copy.deepcopy(model)
+    del model, head
+    getattr(copied.metric, call)(features, target)
+    gc.collect()
+    assert original() is None, f"seed {seed}: the original head is still alive"
+    assert copied.metric.classifier is copied.head, f"seed {seed}"
+    expected = _nc3_reference(features, target, copied.head)
+    actual = float(copied.metric.compute()["nc3"])
+    assert actual == pytest.approx(expected, rel=RTOL, abs=ATOL), f"seed {seed}"
+
+
 def test_a_pickled_deep_copy_keeps_its_binding() -> None:
     # a copy pickled (torch.save) before its first use still reads its own head, and a metric
     # copied alone, then pickled alone, carries a copy of the head as any pickle does

@@ -90,8 +90,11 @@ class _SharedClassifier:
     Which of the two a deep copy is can be told only once the whole copy is made: the model may
     hold the metric before its classifier, which is then copied after the metric. The copy
     therefore keeps the copy's ``memo`` and looks the classifier up in it at its first use
-    (:attr:`module`, pickling or another copy): the classifier's copy when the same deep copy
-    made one, else the classifier itself.
+    (:attr:`module`, pickling or another copy; the metric reads it at the start of every
+    ``update`` and ``forward``): the classifier's copy when the same deep copy made one, else
+    the classifier itself. The ``memo`` holds every object the deep copy reached in the
+    original, so the original stays alive until then: at most until the copied metric's first
+    ``update``, ``forward`` or ``compute``.
     """
 
     def __init__(self, module: nn.Module | Tensor, memo: dict[int, Any] | None = None) -> None:
@@ -345,6 +348,7 @@ class CollapseStatisticsMetric(Metric):
         is kept as it was. A subclass that overrides ``update`` (taking other inputs) validates
         them there; if its ``update`` raises, the accumulated state is put back as it was.
         """
+        self._bind_classifier()
         if type(self).update is CollapseStatisticsMetric.update:
             try:
                 batch = _BATCH.bind(*args, **kwargs)
@@ -434,6 +438,13 @@ class CollapseStatisticsMetric(Metric):
         return torch.tensor(float("nan"), dtype=torch.float64, device=self.nc4_samples.device)
 
     # ------------------------------------------------------------------ classifier and reference
+    def _bind_classifier(self) -> None:
+        """Bind a deep copy to its classifier now (see :class:`_SharedClassifier`), letting go of
+        the copy's ``memo`` and with it the original model; an attribute read once bound."""
+        shared = self._classifier
+        if shared is not None and shared._memo is not None:
+            _ = shared.module  # the read binds
+
     @property
     def classifier(self) -> nn.Module | Tensor | None:
         """The classifier read for the classifier quantities (not a submodule of the metric)."""
@@ -589,6 +600,7 @@ class CollapseStatisticsMetric(Metric):
         A batch refused (wrong shapes; with ``validate_args``, labels out of range or features
         that are not finite) raises before anything is written.
         """
+        self._bind_classifier()
         _check_features(features)
         # inside forward the batch was validated already (_check_batch), the classifier read
         validate = self.validate_args and not self._batch_checked
