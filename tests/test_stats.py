@@ -389,6 +389,66 @@ def test_constructor_and_merge_errors() -> None:
         ClassStatistics.zeros(2, 3).merge("x")  # type: ignore[arg-type]
 
 
+_PRECISION_SCRIPT = """
+import sys, torch
+from torchcollapse.stats import ClassStatistics
+setup = sys.argv[1]
+if setup == "global":
+    torch.backends.fp32_precision = "tf32"  # torch's per-backend settings, inherited
+elif setup == "cuda":
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+elif setup == "legacy":
+    torch.backends.cuda.matmul.allow_tf32 = True
+def settings():
+    return [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision]
+before = settings()
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+features = torch.randn(300, 8, generator=g) + 3.0
+target = torch.arange(300) % 4
+fast = ClassStatistics.zeros(4, 8).update(features, target, product_dtype=torch.float32)
+exact = ClassStatistics.from_features(features.double(), target, 4)
+reference = exact.within_class_scatter()
+error = float((fast.within_class_scatter() - reference).abs().max() / reference.abs().max())
+assert error < 2e-5, error  # float32 sums of 300 products; bf16 or TF32 passes: ~1e-3
+assert settings() == before, (settings(), before)
+if setup == "global":  # still inherited: a later change of the global setting reaches them
+    torch.backends.fp32_precision = "ieee"
+    assert settings() == ["ieee", "ieee"], settings()
+if setup == "legacy":
+    assert torch.backends.cuda.matmul.allow_tf32 is True  # the legacy reading still works
+print("ok", setup)
+"""
+
+
+@pytest.mark.parametrize("setup", ["default", "global", "cuda", "legacy"])
+def test_float32_products_keep_torch_precision_settings(setup: str) -> None:
+    """The float32 product runs in IEEE precision whatever the process's matmul settings, set
+    by torch's per-backend API (``torch.backends.fp32_precision``, ``.cuda.matmul`` and
+    ``.mkldnn.matmul``) or its legacy one, and leaves them as they were: a per-backend setting
+    inherited from the global one stays inherited. (The legacy reading, which the update used,
+    raised once the new API was in use.) Settings are process-wide: each case runs in a
+    process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch without per-backend fp32_precision settings")
+    src = os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    seed = str(int(torch.randint(0, 2**31, ())))
+    result = subprocess.run(
+        [sys.executable, "-c", _PRECISION_SCRIPT, setup, seed],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"seed {seed}: {result.stderr[-2000:]}"
+    assert result.stdout.strip() == f"ok {setup}"
+
+
 def test_float32_products_are_close_and_ignore_global_low_precision_settings() -> None:
     features, target = _data(n=800, d=16, k=5, spread=0.3, offset=5.0, seed=6)
     exact = ClassStatistics.from_features(features.float(), target, 5)

@@ -719,13 +719,36 @@ def _merge_packed(stacked: Tensor, num_classes: int) -> Tensor:
 
 @contextlib.contextmanager
 def _full_precision_matmul() -> Iterator[None]:
-    """Float32 matrix products in full IEEE precision (no TF32 or bfloat16 passes) inside."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """Float32 matrix products in full IEEE precision (no TF32 or bfloat16 passes) inside, the
+    process's settings as they were after.
+
+    With torch's per-backend settings (``torch.backends.cuda.matmul.fp32_precision`` and
+    ``torch.backends.mkldnn.matmul.fp32_precision``, torch >= 2.9), only a backend set to a
+    reduced precision is switched to ``"ieee"``, and put back as it was: ``"none"`` (inherit
+    ``torch.backends.fp32_precision``) when it read the inherited value. The legacy
+    ``torch.get_float32_matmul_precision`` is not read there: it raises once the new settings are
+    in use. Older torch: the legacy setting, ``"highest"`` inside."""
+    backends = [getattr(torch.backends, name).matmul for name in ("cuda", "mkldnn")]
+    if not all(hasattr(backend, "fp32_precision") for backend in backends):  # torch < 2.9
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    inherited = torch.backends.fp32_precision  # type: ignore[attr-defined]
+    restore = []
+    for backend in backends:
+        current = backend.fp32_precision
+        if current not in ("none", "ieee"):  # a reduced precision: full precision inside
+            restore.append((backend, "none" if current == inherited else current))
+            backend.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        for backend, value in restore:
+            backend.fp32_precision = value
 
 
 _SCRATCH = threading.local()
