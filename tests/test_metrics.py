@@ -23,7 +23,12 @@ from torchmetrics import MetricCollection
 
 from tests._helpers.cases import collapse_case
 from tests._helpers.ddp import run_distributed
-from tests._helpers.reference import reference_class_means, reference_neural_collapse
+from tests._helpers.device_tensors import CopiesFromCpu, OnDevice
+from tests._helpers.reference import (
+    reference_class_means,
+    reference_nc4,
+    reference_neural_collapse,
+)
 from tests._helpers.testers import check_deferred_init, check_metric
 from torchcollapse.functional import neural_collapse
 from torchcollapse.heads import (
@@ -40,6 +45,7 @@ from torchcollapse.metrics import (
     NeuralCollapseNC3,
     NeuralCollapseNC4,
 )
+from torchcollapse.metrics._state import _check_holds_float64
 from torchcollapse.stats import ClassStatistics
 
 RTOL, ATOL = 1e-6, 1e-12
@@ -548,6 +554,89 @@ def test_classifier_is_read_live_and_not_a_submodule() -> None:
     assert NeuralCollapse(3, classifier=classifier, compute_with_cache=True).compute_with_cache
     assert list(metric.parameters()) == []
     assert not any("weight" in k for k in metric.state_dict())
+
+
+@pytest.mark.parametrize("factory", [NeuralCollapse, NeuralCollapseNC1])
+def test_a_move_to_a_device_without_float64_names_the_workaround(factory: Any) -> None:
+    # Apple's MPS has no float64, which the statistics accumulate in: the move is refused with
+    # the workaround (the metric on the CPU, fed features.cpu()) before anything moves, in
+    # place of torch's failure deep inside the move. The move here sends tensors to a stand-in
+    # that claims the "mps" device and refuses float64, as MPS does.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, _ = _case(60, 4, 3, seed=seed)
+    metric = factory(3)
+    metric.update(features, target)
+    before = {key: value.clone() for key, value in metric.metric_state.items()}
+    with pytest.raises(TypeError, match=r"supports float64.*mps.*features\.cpu\(\)"):
+        metric._apply(lambda tensor: OnDevice(tensor, "mps"))
+    with pytest.raises(TypeError, match=r"features\.cpu\(\)"):
+        _check_holds_float64(torch.device("mps"), "NeuralCollapse")
+    _check_holds_float64(torch.device("cuda"), "NeuralCollapse")  # float64 there: no error
+    assert metric.device == torch.device("cpu")
+    for key, value in metric.metric_state.items():  # nothing moved, nothing changed
+        assert type(value) is Tensor, key
+        assert torch.equal(value, before[key]), key
+    metric.update(features, target)  # and the metric goes on where it is
+    assert metric.compute() is not None
+
+
+@pytest.mark.parametrize("kind", ["tensor", "module"])
+def test_a_classifier_on_the_cpu_is_copied_to_the_device_once_until_it_changes(kind: str) -> None:
+    # Features on a device (meta stands in), the classifier on the CPU: NC4 needs it on the
+    # device, and a host-to-device copy synchronises. It is copied at the first update, not at
+    # the next ones, and again after an in-place change (an optimizer step).
+    k, d = 5, 16
+    head = nn.Linear(d, k)
+    classifier: nn.Module | Tensor = torch.randn(k, d) if kind == "tensor" else head
+    metric = NeuralCollapse(k, classifier=classifier, validate_args=False)
+    metric.set_class_means(torch.randn(k, d, dtype=torch.float64))
+    metric.to("meta")
+    copied = []
+    for step in range(5):
+        if step == 3:
+            with torch.no_grad():
+                (classifier if isinstance(classifier, Tensor) else head.weight).mul_(2)
+        with CopiesFromCpu() as copies:
+            metric.update(
+                torch.randn(12, d, device="meta"), torch.randint(0, k, (12,), device="meta")
+            )
+        copied.append(copies.count)
+    tensors = 1 if kind == "tensor" else 2  # the weight, and the module's bias
+    assert copied == [tensors, 0, 0, 1, 0]  # only the changed weight again
+
+
+@pytest.mark.parametrize("validate_args", [False, True])
+def test_nc4_with_a_classifier_on_another_device_sees_its_changes(validate_args: bool) -> None:
+    # The classifier on another device (a tensor that claims one, holding its values on the
+    # CPU): its float64 copy on the features' device is made once and again when the classifier
+    # changes in place or is replaced. NC4 of three stretches of updates, each with the
+    # classifier then current, equals the float64 brute force.
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    features, target, head = _case(240, 6, 4, spread=1.5, seed=seed)
+    means = torch.from_numpy(reference_class_means(features, target, 4))
+    weight = OnDevice(head.weight.detach().clone(), "cuda", float64=True)
+    metric = NeuralCollapse(4, classifier=weight, validate_args=validate_args)
+    metric.set_class_means(means)
+    OnDevice.copies_to_cpu = 0
+    mismatches = 0
+    for stretch, rows in enumerate(features.split(80)):
+        if stretch == 1:  # in place, as an optimizer step
+            with torch.no_grad():
+                weight.add_(OnDevice(torch.randn(weight.shape), "cuda", float64=True))
+        elif stretch == 2:  # replaced (the classifier read is the metric's: give it the new one)
+            weight = OnDevice(torch.randn(weight.shape), "cuda", float64=True)
+            metric._classifier = type(metric._classifier)(weight)  # type: ignore[call-arg]
+        labels = target[80 * stretch : 80 * (stretch + 1)]
+        for i, (batch, batch_labels) in enumerate(zip(rows.split(20), labels.split(20))):
+            metric.update(batch, batch_labels) if i % 2 else metric(batch, batch_labels)
+        wrong, _ = reference_nc4(rows, weight.held, None, means.numpy())
+        mismatches += wrong
+    # once per classifier, not per batch; and forward's value of its batch, computed (a host
+    # read anyway) from the classifier as it is, once per forward
+    assert OnDevice.copies_to_cpu == 3 + 6, f"seed {seed}"
+    assert float(metric.compute()["nc4"]) == pytest.approx(mismatches / 240, abs=1e-12), (
+        f"seed {seed}"
+    )
 
 
 class _ModelWithMetric(nn.Module):

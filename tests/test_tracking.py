@@ -11,9 +11,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from tests._helpers.ddp import run_distributed
+from tests._helpers.device_tensors import OnDevice
 from torchcollapse.functional import neural_collapse
 from torchcollapse.metrics import NeuralCollapse
-from torchcollapse.tracking import CollapseTracker, pool_features
+from torchcollapse.tracking import CollapseTracker, _holds_float64, pool_features
 
 NUM_CLASSES = 4
 
@@ -233,6 +234,40 @@ def test_half_precision_outputs_are_pooled_in_float32_and_classifier_reaches_met
     # the tracker saw the same bfloat16 values, widened to float32 before the metric
     assert float(results["4"]["nc1"]) == pytest.approx(float(reference["nc1"]), rel=1e-6)
     assert float(results["4"]["nc3"]) == pytest.approx(float(reference["nc3"]), rel=1e-6)
+
+
+def test_on_a_device_without_float64_the_metrics_stay_on_the_cpu() -> None:
+    # Apple's MPS has no float64, which the metrics accumulate in: the tracker keeps them on the
+    # CPU and feeds them copies of the features. Here the pooled features and the targets are
+    # tensors that claim the "mps" device and refuse float64 (their values stay on the CPU).
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs, reported on failure
+    model = _model().float()
+    x, y = _data(seed=seed)
+    x = x.float()
+    seen: list[Tensor] = []
+
+    def pool_on_mps(output: Tensor) -> Tensor:
+        pooled = pool_features(output)
+        seen.append(pooled)
+        return OnDevice(pooled, "mps")
+
+    with CollapseTracker(model, ["2", "4"], NUM_CLASSES, pool=pool_on_mps) as tracker:
+        OnDevice.copies_to_cpu = 0
+        for chunk in torch.arange(len(y)).split(40):
+            tracker.update(x[chunk], OnDevice(y[chunk], "mps"))
+        assert OnDevice.copies_to_cpu == 2 * 3 * 2  # features and targets, per batch and layer
+        results = tracker.compute()
+    for index, name in enumerate(["2", "4"]):
+        metric = tracker.metrics[name]
+        assert metric.device == torch.device("cpu"), f"seed {seed}"
+        expected = _nc1_brute_force(torch.cat(seen[index::2]).double(), y)
+        # the same float32 features in float64 statistics: agreement to float64 rounding
+        assert float(results[name]["nc1"]) == pytest.approx(expected, rel=1e-9), f"seed {seed}"
+
+
+def test_only_mps_is_taken_for_a_device_without_float64() -> None:
+    for device, holds in (("cpu", True), ("cuda", True), ("meta", True), ("mps", False)):
+        assert _holds_float64(torch.device(device)) is holds, device
 
 
 def _tracked_in_ddp(rank: int, world_size: int, x: Tensor, y: Tensor) -> dict[str, Tensor]:

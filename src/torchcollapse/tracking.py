@@ -34,6 +34,7 @@ from torchcollapse._numbers import read_int
 from torchcollapse._warnings import user_stacklevel
 from torchcollapse._wrappers import is_compiled, wrapper_chain
 from torchcollapse.metrics import CollapseStatisticsMetric, NeuralCollapse
+from torchcollapse.metrics._state import _holds_float64
 
 __all__ = ["CollapseTracker", "pool_features"]
 
@@ -193,6 +194,13 @@ class CollapseTracker:
     records its own samples and :meth:`compute` reduces the statistics over processes, as
     torchmetrics does. ``nn.DataParallel`` over several devices is refused (its replicas run the
     hooks in threads on slices of the batch); use ``DistributedDataParallel``.
+
+    Devices: each metric goes where its layer's features are, at their first update (the
+    tracker moves it), and accumulates there. The metrics of this package hold float64
+    statistics, which a device without float64 (Apple's MPS) cannot hold: there the tracker
+    keeps them on the CPU and updates them with a copy of each pooled batch (``features.to("cpu")``,
+    a copy and a synchronisation per batch and layer), while the model runs on the device.
+    Other metrics (from ``metric_factory``) always go to the features' device.
 
     Works on a model compiled with ``torch.compile`` (the hooks sit on the inner model's
     layers) without breaking its graph: the compiled hooks only pool each layer's output and
@@ -422,9 +430,12 @@ class CollapseTracker:
         if features.dtype in (torch.float16, torch.bfloat16):
             features = features.float()
         metric = self.metrics[name]
-        if metric.device != features.device:
-            metric.to(features.device)
-        metric.update(features, target.to(features.device))
+        device = features.device
+        if isinstance(metric, CollapseStatisticsMetric) and not _holds_float64(device):
+            device = torch.device("cpu")  # float64 statistics: fed copies of the features
+        if metric.device != device:
+            metric.to(device)
+        metric.update(features.to(device), target.to(device))
         self._recorded.add(name)
 
     def _flush(self) -> None:

@@ -37,6 +37,7 @@ from torchcollapse.functional.duality import _check_bias, _check_weight
 from torchcollapse.functional.means import UndefinedCollapse, _check_global_mean
 from torchcollapse.functional.nearest_class_center import (
     _check_class_means,
+    _DeviceCopy,
     _nc4_counts,
     _prepare_reference,
 )
@@ -121,6 +122,25 @@ class _SharedClassifier:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._module, self._memo = state["module"], None
+
+
+def _holds_float64(device: torch.device) -> bool:
+    """Whether tensors of ``device`` can be float64: not on Apple's MPS, which has no float64."""
+    return device.type != "mps"
+
+
+def _check_holds_float64(device: torch.device, name: str) -> None:
+    """A ``TypeError`` naming the workaround when metric ``name`` is moved to a device without
+    float64 (where torch would fail deep inside the move)."""
+    if not _holds_float64(device):
+        raise TypeError(
+            f"Expected {name} to be moved to a device that supports float64 (its statistics"
+            f" accumulate in float64 on the metric's device), but got {device}, which has no"
+            " float64. Keep the metric on the CPU (not inside a model moved there) and update it"
+            " with `features.cpu()` and `target.cpu()` (a copy per batch); CollapseTracker does"
+            f" so by itself. Heads, losses, regularizers and norms run on {device.type}, and"
+            " ClassStatistics.zeros(..., dtype=torch.float32) accumulates there."
+        )
 
 
 _DEFAULT_FEATURE_EPS = 1e-12
@@ -265,6 +285,8 @@ class CollapseStatisticsMetric(Metric):
             self.add_state("nc4_samples", default=zero.clone(), dist_reduce_fx="sum")
         self._batch_checked = False  # inside forward, once the batch is validated (see there)
         self._checked_classifier: tuple[Tensor, Tensor | None, float | None] | None = None
+        # the classifier's float64 copies on the features' device, when it is on another one
+        self._weight_copy, self._bias_copy = _DeviceCopy(), _DeviceCopy()
         if self.dist_sync_fn is None:
             self.dist_sync_fn = _gather_statistics
         self._nc4_centre: Tensor | None
@@ -290,7 +312,15 @@ class CollapseStatisticsMetric(Metric):
         never uninitialised memory: the metric comes out reset. Reference class means set on the
         meta device hold no values and are cleared (set them again for NC4). ``recurse``
         (``Module.to_empty`` passes it; torchmetrics' ``_apply`` takes no such argument) has no
-        effect: the metric has no submodules (its classifier is not one)."""
+        effect: the metric has no submodules (its classifier is not one).
+
+        A move to a device without float64 (Apple's MPS) raises a ``TypeError`` before anything
+        moves: keep the metric on the CPU and update it with ``features.cpu()``."""
+        # where fn sends tensors, learnt from an empty float32 tensor (the float64 states
+        # themselves would fail deep inside torch on such a device)
+        target = fn(torch.empty(0, dtype=torch.float32, device=self.nc4_samples.device))
+        if isinstance(target, Tensor):
+            _check_holds_float64(target.device, type(self).__name__)
 
         def device_only(tensor: Tensor) -> Tensor:
             if tensor.is_meta:
@@ -418,7 +448,15 @@ class CollapseStatisticsMetric(Metric):
                 f"Expected argument `features` to have {self._nc4_means.shape[1]} features like"
                 f" the reference class means, but got shape {tuple(features.shape)}."
             )
-        return self._classifier_weight_bias(finite=finite)
+        classifier = self._classifier_weight_bias(finite=finite, detach=False)
+        if classifier is None:
+            return None
+        # a classifier on another device (on the CPU, features on an accelerator) is copied to
+        # the features' device once, and again only when it changes (see _DeviceCopy)
+        weight, bias, feature_eps = classifier
+        device = features.device
+        bias = None if bias is None else self._bias_copy(bias, device)
+        return self._weight_copy(weight, device), bias, feature_eps
 
     def _take_batch_undefined(self) -> str | None:
         reason, self._batch_undefined = self._batch_undefined, None
@@ -451,12 +489,12 @@ class CollapseStatisticsMetric(Metric):
         return None if self._classifier is None else self._classifier.module
 
     def _classifier_weight_bias(
-        self, *, finite: bool
+        self, *, finite: bool, detach: bool = True
     ) -> tuple[Tensor, Tensor | None, float | None] | None:
-        """The classifier's detached weight (the one applied) and bias, and the ``eps`` of its
-        feature normalization (``None`` without one; see :func:`_classifier_tensors`);
-        ``finite``: NaN or Inf raise (a host read, at compute; in ``update`` only with
-        ``validate_args``)."""
+        """The classifier's weight (the one applied) and bias, detached unless ``detach=False``,
+        and the ``eps`` of its feature normalization (``None`` without one; see
+        :func:`_classifier_tensors`); ``finite``: NaN or Inf raise (a host read, at compute; in
+        ``update`` only with ``validate_args``)."""
         if self._classifier is None:
             return None
         weight, bias, feature_eps = _classifier_tensors(
@@ -467,6 +505,8 @@ class CollapseStatisticsMetric(Metric):
                 f"Expected argument `classifier` to have a `weight` of shape ({self.num_classes},"
                 f" {self.num_features}), but got {tuple(weight.shape)}."
             )
+        if not detach:
+            return weight, bias, feature_eps
         return weight.detach(), None if bias is None else bias.detach(), feature_eps
 
     @property

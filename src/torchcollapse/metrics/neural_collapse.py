@@ -103,13 +103,22 @@ class NeuralCollapse(CollapseStatisticsMetric):
     default), independent of the number of samples; ``update`` costs about one float64 ``d x d``
     product of the batch (on CPU plus reused scratch buffers of a few batch sizes), no ``K x K``
     matrix is formed beyond ``K <= d`` (where ``K x K`` is at most ``d x d``), and with
-    ``validate_args=False`` ``update`` never synchronises host and device. Under DDP the
+    ``validate_args=False`` ``update`` never synchronises host and device (but for copying a
+    classifier kept on another device, once until it changes: see ``classifier``). Under DDP the
     statistics of the processes are merged exactly in ``compute`` (see
     :mod:`torchcollapse.metrics._state`). In a ``MetricCollection``, the compute groups share
     this state with the single-quantity metrics (:class:`NeuralCollapseNC1`, ...) for
     ``collection.update``: one update for all of them. The collection's ``forward``
     (``collection(features, y)``) updates each metric's own state (torchmetrics forms the groups
     in ``update`` only): the same numbers, at one ``d x d`` product per metric.
+
+    **Devices.** The states are float64 tensors on the metric's device (``metric.to(device)``),
+    and ``update`` accumulates there, whatever the dtype of the features. A device without
+    float64 (Apple's MPS) cannot hold them, and moving the metric there raises a ``TypeError``:
+    keep the metric on the CPU and update it with ``features.cpu()`` and ``target.cpu()`` (a
+    copy, which waits for the device, per batch). :class:`~torchcollapse.tracking.CollapseTracker`
+    does so by itself on MPS. The heads, losses, regularizers and norms of this package run on
+    MPS, and so does ``ClassStatistics.zeros(..., dtype=torch.float32)``.
 
     Args:
         num_classes: number of classes ``K``.
@@ -124,7 +133,15 @@ class NeuralCollapse(CollapseStatisticsMetric):
             is not a submodule of the metric (not moved by ``.to``, not in its ``state_dict``).
             A copy of the metric alone (``clone()``, ``copy.deepcopy(metric)``) reads the same
             classifier; a deep copy or pickle of a model that holds both the metric and its
-            classifier (an EMA or teacher copy) reads the copy's classifier.
+            classifier (an EMA or teacher copy) reads the copy's classifier. A classifier on
+            another device than the features (a CPU tensor, features on a GPU) is copied to
+            the features' device, in float64, at the first update that counts NC4, and again
+            only when it changes: in place (an optimizer step, ``mul_``, ``copy_``; torch's
+            version counter tells) or for another tensor (``param.data = ...``, a head's new
+            ``effective_weight``). Changes through ``tensor.data`` (``weight.data.mul_(2)``)
+            are not counted by torch and are not seen; an inference tensor, which has no
+            version counter, is copied at every such update.
+            Keep the classifier on the features' device to avoid the copy altogether.
             Since it may change between two ``compute`` calls without an ``update``, a metric
             with a classifier does not cache its result (torchmetrics' ``compute_with_cache``
             defaults to ``False`` then; pass ``compute_with_cache=True`` to cache).
@@ -144,7 +161,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
             ~1e-7 to a few 1e-6 on typical features, 1e-3 when some within-class directions are
             1e-3 of the others' scale; data-centre GPUs (A100, H100, H200) run float64 at the
             float32 rate and need no change. Float32 products also need features whose squares
-            stay in the float32 range (scales within ~1e+-18).
+            stay in the float32 range (scales within ~1e+-18). The statistics stay float64
+            either way: this does not make the metric usable on a device without float64
+            (MPS; see **Devices** above).
         kwargs: torchmetrics ``Metric`` options (``sync_on_compute``, ``process_group``, ...).
 
     Raises:

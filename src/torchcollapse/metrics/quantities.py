@@ -1,15 +1,15 @@
 """Single-quantity neural collapse metrics that share ``NeuralCollapse``'s state.
 
-Each metric here returns one 0-d tensor: NC1 (Papyan, Han & Donoho, 2020), the CDNV (Galanti,
-Gyorgy & Hutter, 2022), the simplex-ETF distance of the centred class means (NC2), NC3 and NC4. They
-hold exactly the states of :class:`~torchcollapse.metrics.NeuralCollapse`, so in a
-``MetricCollection`` (with ``compute_groups=True``, the default) ``collection.update(...)`` updates
-them once for all, and each ``compute`` evaluates only its own quantity. Conventions are those of
-``NeuralCollapse``. The sharing is for ``update`` (and ``compute``), where torchmetrics forms the
-compute groups: the collection's ``forward`` (``collection(features, y)``, as Lightning's
-``training_step`` often logs) updates every metric's own state, for the same numbers at the cost
-of one ``d x d`` product per metric. Where only the epoch value is logged, call
-``collection.update(features, y)`` and log the collection.
+Each metric here returns one 0-d tensor: NC1 (Papyan, Han & Donoho, 2020), the CDNV (Galanti, Gyorgy
+& Hutter, 2022), the simplex-ETF distance of the centred class means (NC2), NC3 and NC4. They hold
+exactly the states of :class:`~torchcollapse.metrics.NeuralCollapse`, so in a ``MetricCollection``
+(with ``compute_groups=True``, the default) ``collection.update(...)`` updates them once for all,
+and each ``compute`` evaluates only its own quantity. Conventions are those of ``NeuralCollapse``
+(devices included: float64 states; see its **Devices**). The sharing is for ``update`` (and
+``compute``), where torchmetrics forms the compute groups: the collection's ``forward``
+(``collection(features, y)``, as Lightning's ``training_step`` often logs) updates every metric's
+own state, for the same numbers at the cost of one ``d x d`` product per metric. Where only the
+epoch value is logged, call ``collection.update(features, y)`` and log the collection.
 
 Metrics share their state when it is equal after the collection's first update, and from then on
 only the first metric of each group is updated. So give them the same ``classifier`` and reference
