@@ -177,7 +177,9 @@ class ClassStatistics:
     The statistics of features ``h_i`` (``d``-dimensional) with labels ``y_i`` in
     ``{0, ..., K-1}``, accumulated about a per-class shift ``s_c`` (one of the class's samples)
     so that they stay exact whatever the features' offset; see the module
-    docstring. All tensors share one dtype (float64 by default) and one device.
+    docstring. All tensors share one dtype (float64 by default) and one device; on a device
+    without float64 (Apple's MPS) make them in float32 (``zeros(..., dtype=torch.float32)``) or
+    keep them on the CPU.
 
     Args:
         counts: ``(K,)`` number of samples per class (stored as floats).
