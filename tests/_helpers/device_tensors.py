@@ -7,9 +7,6 @@ values. ``float64=False`` refuses float64 results, as Apple's MPS does ("Cannot 
 Tensor to float64 dtype"). Only tensors can be made so: a factory call naming the device
 (``torch.zeros(..., device="mps")``) still needs the real device. ``OnDevice.copies_to_cpu``
 counts the copies to the CPU.
-
-``CopiesFromCpu`` counts the copies from the CPU to another device (the meta device standing in
-for an accelerator): the host-to-device copies that synchronise on an accelerator.
 """
 
 from __future__ import annotations
@@ -19,10 +16,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["CopiesFromCpu", "OnDevice"]
+__all__ = ["OnDevice"]
 
 
 class OnDevice(Tensor):
@@ -81,29 +77,3 @@ def _held(value: Any) -> Any:
 
 def _plain(value: Any) -> bool:
     return isinstance(value, Tensor) and not isinstance(value, OnDevice)
-
-
-class CopiesFromCpu(TorchDispatchMode):
-    """Counts (``count``) the copies of CPU tensors with elements to another device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        from_cpu = any(t.device.type == "cpu" and t.numel() > 1 for t in tensors)
-        if func is torch.ops.aten._to_copy.default:
-            target = kwargs.get("device")
-            if from_cpu and target is not None and torch.device(target).type != "cpu":
-                self.count += 1
-        elif func is torch.ops.aten.copy_.default and from_cpu and args[0].device.type != "cpu":
-            self.count += 1
-        return func(*args, **kwargs)

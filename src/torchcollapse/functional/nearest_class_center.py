@@ -84,58 +84,6 @@ def _prepare_reference(class_means: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return centre, centred, offsets
 
 
-class _DeviceCopy:
-    """A detached float64 copy of a tensor on another device, made once until the tensor changes.
-
-    NC4 casts the classifier to float64 on the features' device at every update: on the same
-    device a cast there, but from another device (a classifier kept on the CPU, features on an
-    accelerator) a copy across devices, which synchronises host and device. This holds the last
-    copy and hands it out again while the tensor is the same object (held here, so that its
-    memory is not reused) with the same data pointer, shape, strides, dtype, device and version
-    counter: an in-place change (``mul_``, an optimizer step, ``copy_``) bumps the version and
-    the next call copies again, as does a new tensor (a new ``effective_weight``, ``param.data =
-    ...``). Changes made through ``tensor.data`` (``tensor.data.mul_(2)``) are not counted by
-    torch's version counter and are not seen; nor can an inference tensor, which has no version
-    counter, be cached: it is copied every time. A copy of the holder starts empty.
-    """
-
-    def __init__(self) -> None:
-        # (the tensor copied, its key, the copy)
-        self._cached: tuple[Tensor, tuple[Any, ...], Tensor] | None = None
-
-    def __call__(self, tensor: Tensor, device: torch.device) -> Tensor:
-        """``tensor`` detached on ``device``: itself where it is on ``device`` already (cast later
-        where needed), else the float64 copy there, made again only when ``tensor`` changed."""
-        if tensor.device == device:
-            return tensor.detach()
-        key = _copy_key(tensor, device)
-        cached = self._cached
-        if key is not None and cached is not None and cached[0] is tensor and cached[1] == key:
-            return cached[2]
-        copied = tensor.detach().to(device=device, dtype=torch.float64)
-        self._cached = None if key is None else (tensor, key, copied)
-        return copied
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _DeviceCopy:
-        return _DeviceCopy()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_cached": None}
-
-
-def _copy_key(tensor: Tensor, device: torch.device) -> tuple[Any, ...] | None:
-    """What :class:`_DeviceCopy` compares; ``None`` for a tensor without a version counter."""
-    try:
-        version = tensor._version
-    except RuntimeError:  # an inference tensor
-        return None
-    try:
-        pointer: int | None = tensor.data_ptr()
-    except RuntimeError:  # a tensor subclass without storage: the version and identity decide
-        pointer = None
-    return (version, pointer, tensor.shape, tensor.stride(), tensor.dtype, tensor.device, device)
-
-
 def _nc4_counts(
     features: Tensor,
     weight: Tensor,

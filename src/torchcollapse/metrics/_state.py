@@ -37,7 +37,6 @@ from torchcollapse.functional.duality import _check_bias, _check_weight
 from torchcollapse.functional.means import UndefinedCollapse, _check_global_mean
 from torchcollapse.functional.nearest_class_center import (
     _check_class_means,
-    _DeviceCopy,
     _nc4_counts,
     _prepare_reference,
 )
@@ -285,8 +284,6 @@ class CollapseStatisticsMetric(Metric):
             self.add_state("nc4_samples", default=zero.clone(), dist_reduce_fx="sum")
         self._batch_checked = False  # inside forward, once the batch is validated (see there)
         self._checked_classifier: tuple[Tensor, Tensor | None, float | None] | None = None
-        # the classifier's float64 copies on the features' device, when it is on another one
-        self._weight_copy, self._bias_copy = _DeviceCopy(), _DeviceCopy()
         if self.dist_sync_fn is None:
             self.dist_sync_fn = _gather_statistics
         self._nc4_centre: Tensor | None
@@ -448,15 +445,7 @@ class CollapseStatisticsMetric(Metric):
                 f"Expected argument `features` to have {self._nc4_means.shape[1]} features like"
                 f" the reference class means, but got shape {tuple(features.shape)}."
             )
-        classifier = self._classifier_weight_bias(finite=finite, detach=False)
-        if classifier is None:
-            return None
-        # a classifier on another device (on the CPU, features on an accelerator) is copied to
-        # the features' device once, and again only when it changes (see _DeviceCopy)
-        weight, bias, feature_eps = classifier
-        device = features.device
-        bias = None if bias is None else self._bias_copy(bias, device)
-        return self._weight_copy(weight, device), bias, feature_eps
+        return self._classifier_weight_bias(finite=finite)
 
     def _take_batch_undefined(self) -> str | None:
         reason, self._batch_undefined = self._batch_undefined, None
@@ -489,12 +478,12 @@ class CollapseStatisticsMetric(Metric):
         return None if self._classifier is None else self._classifier.module
 
     def _classifier_weight_bias(
-        self, *, finite: bool, detach: bool = True
+        self, *, finite: bool
     ) -> tuple[Tensor, Tensor | None, float | None] | None:
-        """The classifier's weight (the one applied) and bias, detached unless ``detach=False``,
-        and the ``eps`` of its feature normalization (``None`` without one; see
-        :func:`_classifier_tensors`); ``finite``: NaN or Inf raise (a host read, at compute; in
-        ``update`` only with ``validate_args``)."""
+        """The classifier's detached weight (the one applied) and bias, and the ``eps`` of its
+        feature normalization (``None`` without one; see :func:`_classifier_tensors`);
+        ``finite``: NaN or Inf raise (a host read, at compute; in ``update`` only with
+        ``validate_args``)."""
         if self._classifier is None:
             return None
         weight, bias, feature_eps = _classifier_tensors(
@@ -505,8 +494,6 @@ class CollapseStatisticsMetric(Metric):
                 f"Expected argument `classifier` to have a `weight` of shape ({self.num_classes},"
                 f" {self.num_features}), but got {tuple(weight.shape)}."
             )
-        if not detach:
-            return weight, bias, feature_eps
         return weight.detach(), None if bias is None else bias.detach(), feature_eps
 
     @property

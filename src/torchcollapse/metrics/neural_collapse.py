@@ -104,7 +104,7 @@ class NeuralCollapse(CollapseStatisticsMetric):
     product of the batch (on CPU plus reused scratch buffers of a few batch sizes), no ``K x K``
     matrix is formed beyond ``K <= d`` (where ``K x K`` is at most ``d x d``), and with
     ``validate_args=False`` ``update`` never synchronises host and device (but for copying a
-    classifier kept on another device, once until it changes: see ``classifier``). Under DDP the
+    classifier kept on another device: see ``classifier``). Under DDP the
     statistics of the processes are merged exactly in ``compute`` (see
     :mod:`torchcollapse.metrics._state`). In a ``MetricCollection``, the compute groups share
     this state with the single-quantity metrics (:class:`NeuralCollapseNC1`, ...) for
@@ -135,12 +135,9 @@ class NeuralCollapse(CollapseStatisticsMetric):
             classifier; a deep copy or pickle of a model that holds both the metric and its
             classifier (an EMA or teacher copy) reads the copy's classifier. A classifier on
             another device than the features (a CPU tensor, features on a GPU) is copied to
-            the features' device, in float64, at the first update that counts NC4, and again
-            only when it changes: in place (an optimizer step, ``mul_``, ``copy_``; torch's
-            version counter tells) or for another tensor (``param.data = ...``, a head's new
-            ``effective_weight``). Changes through ``tensor.data`` (``weight.data.mul_(2)``)
-            are not counted by torch and are not seen; an inference tensor, which has no
-            version counter, is copied at every such update.
+            the features' device at every update that counts NC4, a copy that waits for the
+            device (a cached copy could not tell every change: fused optimizers and collectives
+            change a parameter without torch's version counter).
             Keep the classifier on the features' device to avoid the copy altogether.
             Since it may change between two ``compute`` calls without an ``update``, a metric
             with a classifier does not cache its result (torchmetrics' ``compute_with_cache``
