@@ -787,6 +787,49 @@ def test_a_model_saved_or_copied_under_a_live_tracker_carries_inert_hooks() -> N
     assert not any(m._forward_hooks for m in model)
 
 
+class _HoldsItsTracker(nn.Module):
+    """A model that keeps its own tracker as an attribute (as a LightningModule may)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _model()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.body(x)
+        return out
+
+
+def test_a_model_holding_its_own_tracker_copies_and_pickles() -> None:
+    """The model holds the tracker and the tracker the model: ``pickle`` and ``copy.deepcopy``
+    build the tracker's copy before the model's (an AttributeError on the half-built model);
+    the copy's tracker records the copied model into its own metrics, as the reference says."""
+    import copy
+    import pickle
+
+    model = _HoldsItsTracker()
+    x, y = _fresh_data()
+    model.tracker = CollapseTracker(model, ["body.0", "body.4"], NUM_CLASSES)
+    model.tracker.update(x[:48], y[:48])
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        tracker = copied.tracker
+        assert tracker.model is copied
+        assert tracker is not model.tracker
+        assert tracker.num_hooks == 2
+        tracker.update(x[48:], y[48:])
+        results = tracker.compute()
+        body = copied.body
+        pooled = _by_hand(body, x)
+        for name in ("0", "4"):
+            expected = neural_collapse(pooled[name], y, num_classes=NUM_CLASSES)
+            torch.testing.assert_close(
+                results["body." + name]["nc1"].double(),
+                expected["nc1"].double(),
+                rtol=1e-9,
+                atol=1e-12,
+            )
+    assert model.tracker.metrics["body.0"].update_count == 1  # the original is untouched
+
+
 def test_a_copied_tracker_records_its_copied_model_into_its_own_metrics() -> None:
     """``copy.deepcopy(tracker)`` and ``pickle`` copy the model and the metrics and hook the copied
     layers into the copy (in place of the copied inert hooks): the copy records its own model's

@@ -333,10 +333,13 @@ class CollapseTracker:
         """What ``pickle`` and ``copy.deepcopy`` copy: the model, the metrics (with what the
         compiled hooks queued so far, as :meth:`compute` takes it) and the settings; the copy is
         outside any ``targets()`` block. The hook handles are replaced by their ids, which let
-        the copy find the (inert) copies of the hooks on the copied model."""
+        the copy find the (inert) copies of the hooks on the copied model; whether the model is
+        compiled is noted here, since the copy's model may not be built yet when the copy is
+        (a model that holds its own tracker is copied around it)."""
         self._flush()
         state = self.__dict__.copy()
         state["_handles"] = [handle.id for handle in self._handles]
+        state["_compiled"] = any(is_compiled(module) for _, module in wrapper_chain(self.model))
         state.update(_target=None, _recorded=set(), _recording=False, _pending=[])
         return state
 
@@ -344,19 +347,22 @@ class CollapseTracker:
         """Hook the copied model into the copy: the copied layers' inert hooks are swapped for
         live ones that record into the copy's metrics (none if the original's were removed)."""
         hook_ids: list[int] = state.pop("_handles")
+        compiled: bool = state.pop("_compiled", False)
         self.__dict__.update(state)
         self._handles = []
         if hook_ids:  # none when the original's hooks were removed: neither has any then
             # in a new process torch's hook counter starts again at 0: the new hooks must not
-            # take the id of a hook the loaded model carries (it would replace that hook)
-            _advance_hook_ids(self.model, *self.modules.values())
+            # take the id of a hook the tracked layers carry (it would replace that hook); the
+            # layers, not the model, which may not be built yet (it holds this tracker)
+            _advance_hook_ids(*self.modules.values())
             for (name, module), hook_id in zip(self.modules.items(), hook_ids, strict=True):
                 copied = module._forward_hooks.get(hook_id)
                 if isinstance(copied, _TrackerHook) and copied.tracker is None:
                     del module._forward_hooks[hook_id]  # the inert copy of the original's hook
                 hook = _TrackerHook(weakref.ref(self), name)
                 self._handles.append(module.register_forward_hook(hook))
-            _reset_if_compiled(self.model)
+            if compiled:  # as _reset_if_compiled, from the original's model
+                torch.compiler.reset()
         weakref.finalize(self, _remove_handles, self._handles)
 
     def __copy__(self) -> CollapseTracker:
