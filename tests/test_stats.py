@@ -400,9 +400,19 @@ elif setup == "cuda":
     torch.backends.mkldnn.matmul.fp32_precision = "bf16"
 elif setup == "legacy":
     torch.backends.cuda.matmul.allow_tf32 = True
+elif setup == "old torch":  # torch < 2.9: no per-backend settings (no mkldnn.matmul at all)
+    import types
+    torch.backends.mkldnn = types.SimpleNamespace()
+    torch.set_float32_matmul_precision("medium")
 def settings():
+    if setup == "old torch":
+        return [torch.get_float32_matmul_precision()]
     return [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision]
 before = settings()
+from torchcollapse.stats import _full_precision_matmul
+with _full_precision_matmul():  # full precision inside, whatever the setting outside
+    inside = settings()
+assert all(value in ("none", "ieee", "highest") for value in inside), inside
 g = torch.Generator().manual_seed(int(sys.argv[2]))
 features = torch.randn(300, 8, generator=g) + 3.0
 target = torch.arange(300) % 4
@@ -421,7 +431,7 @@ print("ok", setup)
 """
 
 
-@pytest.mark.parametrize("setup", ["default", "global", "cuda", "legacy"])
+@pytest.mark.parametrize("setup", ["default", "global", "cuda", "legacy", "old torch"])
 def test_float32_products_keep_torch_precision_settings(setup: str) -> None:
     """The float32 product runs in IEEE precision whatever the process's matmul settings, set
     by torch's per-backend API (``torch.backends.fp32_precision``, ``.cuda.matmul`` and

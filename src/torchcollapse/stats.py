@@ -719,6 +719,9 @@ def _merge_packed(stacked: Tensor, num_classes: int) -> Tensor:
     return ClassStatistics.merge_all(parts).pack()
 
 
+_BACKENDS = ("cuda", "mkldnn")
+
+
 @contextlib.contextmanager
 def _full_precision_matmul() -> Iterator[None]:
     """Float32 matrix products in full IEEE precision (no TF32 or bfloat16 passes) inside, the
@@ -727,10 +730,14 @@ def _full_precision_matmul() -> Iterator[None]:
     With torch's per-backend settings (``torch.backends.cuda.matmul.fp32_precision`` and
     ``torch.backends.mkldnn.matmul.fp32_precision``, torch >= 2.9), only a backend set to a
     reduced precision is switched to ``"ieee"``, and put back as it was: ``"none"`` (inherit
-    ``torch.backends.fp32_precision``) when it read the inherited value. The legacy
+    ``torch.backends.fp32_precision``) when it read the inherited value (torch reads the
+    inherited value, so a backend set explicitly to the global value comes back inheriting it:
+    the same precision, until the global setting changes). The legacy
     ``torch.get_float32_matmul_precision`` is not read there: it raises once the new settings are
     in use. Older torch: the legacy setting, ``"highest"`` inside."""
-    backends = [getattr(torch.backends, name).matmul for name in ("cuda", "mkldnn")]
+    backends: list[Any] = [
+        getattr(getattr(torch.backends, name, None), "matmul", None) for name in _BACKENDS
+    ]
     if not all(hasattr(backend, "fp32_precision") for backend in backends):  # torch < 2.9
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
