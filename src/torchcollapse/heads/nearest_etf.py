@@ -249,9 +249,8 @@ class NearestETFHead(DropsProcessGroupWhenPickled, FixedFrameHead):
         return self._frame_for_graph() * self.scale
 
     def _frame_for_graph(self) -> Tensor:
-        """The frame as it is now; a copy while autograd records, so that the in-place move of a
-        labelled call later in the step cannot invalidate a backward pass through it."""
-        return self.frame.clone() if torch.is_grad_enabled() else self.frame
+        """The frame as it is now (see :func:`_frame_in_graph`)."""
+        return _frame_in_graph(self.frame)
 
     def forward(self, features: Tensor, target: Tensor | None = None) -> Tensor:
         """Logits ``(*, num_classes)``; in training mode with ``target``, update the frame first.
@@ -307,10 +306,9 @@ def _frame_step(
     """The frame the logits of :class:`NearestETFHead` use. With ``target``: the step of
     :meth:`NearestETFHead.update`, which updates the buffers ``frame``, ``running_means`` and
     ``class_seen`` in place and returns the new frame (a fresh tensor). Without (only a graph
-    traced by ``torch.fx`` gets here): the frame, copied while autograd records, as
-    ``NearestETFHead._frame_for_graph``."""
+    traced by ``torch.fx`` gets here): the frame, as :func:`_frame_in_graph` hands it out."""
     if target is None:
-        return frame.clone() if torch.is_grad_enabled() else frame
+        return _frame_in_graph(frame)
     with torch.no_grad():
         work = torch.promote_types(features.dtype, torch.float32)
         unit = features.detach().to(work)
@@ -346,3 +344,9 @@ def _frame_step(
         class_seen.logical_or_(present)
         frame.copy_(new_frame)
         return new_frame
+
+
+def _frame_in_graph(frame: Tensor) -> Tensor:
+    """The frame as it is now; a copy while autograd records, so that the in-place move of a
+    labelled call later in the step cannot invalidate a backward pass through it."""
+    return frame.clone() if torch.is_grad_enabled() else frame
