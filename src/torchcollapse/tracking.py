@@ -109,8 +109,13 @@ def _reset_if_compiled(model: nn.Module) -> None:
     """``torch.compiler.reset()`` when ``model`` is, or wraps, a compiled module: graphs
     compiled before hooks were added do not call them (dynamo does not guard on hooks), so they
     must be compiled again. The reset is process-wide (every compiled function recompiles)."""
-    if any(is_compiled(module) for _, module in wrapper_chain(model)):
+    if _wraps_compiled(model):
         torch.compiler.reset()
+
+
+def _wraps_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is, or wraps, a compiled module."""
+    return any(is_compiled(module) for _, module in wrapper_chain(model))
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -339,7 +344,7 @@ class CollapseTracker:
         self._flush()
         state = self.__dict__.copy()
         state["_handles"] = [handle.id for handle in self._handles]
-        state["_compiled"] = any(is_compiled(module) for _, module in wrapper_chain(self.model))
+        state["_compiled"] = _wraps_compiled(self.model)
         state.update(_target=None, _recorded=set(), _recording=False, _pending=[])
         return state
 
